@@ -1,0 +1,153 @@
+"""Each package imports only what it declares (ARCHITECTURE.md's dependency direction), checked statically.
+
+- Another bridge package may be imported only if declared in ``[project].dependencies``.
+- Any other third-party import must be installed by the declared dependencies (their transitive closure), so
+  "install only this package" works. Test files may also use the workspace's dev tools (pytest).
+- Optional extras (``transformer_engine``, ``liger_kernel``, ``wandb``, ...) must be imported under a
+  ``try`` whose handler catches ``Exception`` (a broken Transformer Engine raises RuntimeError/OSError,
+  not ImportError), and only by a package that declares that extra.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = sorted(p for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
+DEV_TOOLS = {"pytest", "_pytest", "nox"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _req_name(req: str) -> str:
+    return _norm(re.split(r"[\s\[<>=!~;(]", req.strip(), maxsplit=1)[0])
+
+
+def _project(pkg: Path) -> dict:
+    return tomllib.loads((pkg / "pyproject.toml").read_text())["project"]
+
+
+@cache
+def _module_to_dists() -> dict[str, set[str]]:
+    return {mod: {_norm(d) for d in dists} for mod, dists in metadata.packages_distributions().items()}
+
+
+@cache
+def _closure(dist: str) -> frozenset[str]:
+    """The distribution and everything it requires (markers and extras ignored: an over-approximation)."""
+    seen, todo = set(), [dist]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo.extend(_req_name(r) for r in reqs if "extra ==" not in r)
+    return frozenset(seen)
+
+
+def _imports(path: Path):
+    """Yield (top-level module, line, guarded_by) for every absolute import in ``path``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    parents: dict[ast.AST, ast.AST] = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+
+    def guard(node: ast.AST) -> set[str]:
+        caught: set[str] = set()
+        while node in parents:
+            parent = parents[node]
+            if isinstance(parent, ast.Try) and node in parent.body:
+                for handler in parent.handlers:
+                    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+                    caught |= {"BaseException" if n is None else getattr(n, "id", "") for n in names}
+            node = parent
+        return caught
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name.split(".")[0], node.lineno, guard(node)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0], node.lineno, guard(node)
+
+
+def _problems(pkg: Path) -> list[str]:
+    project = _project(pkg)
+    own = _norm(project["name"])
+    declared = {_req_name(r) for r in project.get("dependencies", [])}
+    extras = {_req_name(r) for reqs in project.get("optional-dependencies", {}).values() for r in reqs}
+    installed = set().union(*(_closure(d) for d in declared | {own}))
+    bridge_dists = {_norm(_project(p)["name"]) for p in PACKAGES}
+    problems = []
+    for path in sorted(pkg.rglob("*.py")):
+        if any(part in {".venv", "build", "dist"} for part in path.parts):
+            continue
+        is_test = "tests" in path.relative_to(pkg).parts
+        for module, line, caught in _imports(path):
+            if module in sys.stdlib_module_names or module == "__future__":
+                continue
+            where = f"{path.relative_to(pkg.parent)}:{line}"
+            dists = _module_to_dists().get(module, set())
+            if _norm(module) in bridge_dists or (not dists and _norm(module) in extras):
+                dists = {_norm(module)}
+            if not dists:
+                if not (is_test and module in DEV_TOOLS) and not (path.parent / f"{module}.py").exists():
+                    problems.append(f"{where}: imports {module!r}, which no installed distribution provides")
+                continue
+            if is_test and module in DEV_TOOLS:
+                continue
+            if dists & {own}:
+                continue
+            if dists & bridge_dists:
+                if not dists & declared:
+                    problems.append(f"{where}: imports {module!r} but {own} does not declare {sorted(dists)}")
+                continue
+            if dists & extras and not dists & installed:
+                ok = "Exception" in caught or "BaseException" in caught
+                if module != "transformer_engine":
+                    ok = ok or "ImportError" in caught or "ModuleNotFoundError" in caught
+                if not ok:
+                    problems.append(f"{where}: optional {module!r} imported without try/except Exception")
+                continue
+            if not dists & installed:
+                problems.append(f"{where}: imports {module!r} ({sorted(dists)}), not installed by {own}'s "
+                                f"declared dependencies {sorted(declared)}")
+    return problems
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_package_imports_only_declared_dependencies(pkg):
+    problems = _problems(pkg)
+    assert not problems, "\n".join(problems)
+
+
+def test_checker_catches_undeclared_bridge_import_and_unguarded_te(tmp_path):
+    pkg = tmp_path / "bridge-data"
+    (pkg / "src" / "bridge_data").mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text(
+        '[project]\nname = "bridge-data"\ndependencies = ["torch"]\n'
+        '[project.optional-dependencies]\nte = ["transformer-engine"]\n')
+    (pkg / "src" / "bridge_data" / "bad.py").write_text(
+        "import bridge_convert\nimport transformer_engine\n"
+        "try:\n    import transformer_engine.pytorch\nexcept ImportError:\n    pass\n"
+        "try:\n    import transformer_engine\nexcept Exception:\n    pass\n")
+    problems = "\n".join(_problems(pkg))
+    assert "bad.py:1: imports 'bridge_convert' but bridge-data does not declare" in problems
+    assert "bad.py:2: optional 'transformer_engine' imported without try/except Exception" in problems
+    assert "bad.py:4:" in problems  # ImportError alone does not catch a broken TE
+    assert "bad.py:8" not in problems
