@@ -22,3 +22,13 @@ def tiny_hf_checkpoint(tmp_path_factory):
         return save_tiny_hf_checkpoint(path, family, dtype=dtype, **overrides)
 
     return make
+
+
+FAMILIES = ("llama", "llama31", "llama32", "qwen2", "qwen3", "mistral")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """One random tiny fp32 checkpoint per family (Llama 3 / 3.1 / 3.2, Qwen2, Qwen3, Mistral), 2+ shards each."""
+    root = tmp_path_factory.mktemp("hf-families")
+    return {family: save_tiny_hf_checkpoint(root / family, family, seed=i) for i, family in enumerate(FAMILIES)}

@@ -99,9 +99,15 @@ class GPTModelProvider(TransformerConfig):
     attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        # Deliberately empty: TransformerConfig's validation and derived fields run in finalize(), after the
-        # user's edits (e.g. a new tensor_model_parallel_size) are in.
+        # TransformerConfig's validation and derived fields run in finalize(), after the user's edits (e.g. a new
+        # tensor_model_parallel_size) are in.
         self._finalized = False
+        self._pre_wrap_hooks: list[Callable[[list], list]] = []
+
+    def register_pre_wrap_hook(self, hook: Callable[[list], list | None]) -> None:
+        """Run ``hook(model_chunks)`` in provide_distributed_model after building, before Float16/DDP wrapping
+        (loading weights, applying PEFT); it may return replacement chunks."""
+        self._pre_wrap_hooks.append(hook)
 
     # ----------------------------------------------------------------------------------------- phases
     def finalize(self) -> GPTModelProvider:
@@ -259,7 +265,7 @@ class GPTModelProvider(TransformerConfig):
                 tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
             if not state.on_cpu:
                 model.cuda(torch.cuda.current_device())
-        for hook in pre_wrap_hooks:
+        for hook in (*self._pre_wrap_hooks, *pre_wrap_hooks):
             chunks = hook(chunks) or chunks
         if self.fp16 or self.bf16:
             chunks = [Float16Module(self, m) for m in chunks]

@@ -1,0 +1,297 @@
+"""AutoBridge: the user-facing entry point for HF <-> Megatron conversion."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import model_bridge as engine
+from .hf_config import dtype_to_hf, load_hf_config, parse_dtype
+from .megatron_ckpt import (
+    HF_ASSET_FILES,
+    HF_ASSETS_DIR,
+    load_model_state,
+    read_checkpoint_metadata,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
+from .provider import GPTModelProvider
+from .registry import get_bridge, supported_architectures
+from .runtime import get_parallel_state, log_rank0
+from .safetensors_io import LazyHFCheckpoint, ShardedSafetensorsWriter, SourceLayout, atomic_output_dir
+
+__all__ = ["AutoBridge"]
+
+
+def _resolve_hf_path(path: str | os.PathLike) -> Path:
+    local = Path(path)
+    if local.is_dir():
+        return local
+    text = str(path)
+    if local.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+        raise FileNotFoundError(f"HF model directory not found: {path}")
+    try:  # a hub id such as "meta-llama/Llama-3.2-1B"
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                            "*.jinja"]))
+    except Exception as exc:
+        raise FileNotFoundError(f"{path!r} is not a local directory and could not be fetched from the HF hub "
+                                f"({type(exc).__name__}: {exc}); pass a local model directory") from exc
+
+
+def _apply_overrides(provider: GPTModelProvider, overrides: dict[str, Any]) -> None:
+    fields = set(provider.__dataclass_fields__)
+    for key, value in overrides.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"GPTModelProvider has no field {key!r}{hint}")
+        setattr(provider, key, parse_dtype(value) if key in ("params_dtype", "pipeline_dtype") else value)
+
+
+class AutoBridge:
+    """Convert between an HF causal LM (config + weights) and megatron-core GPT models.
+
+    ```python
+    bridge = AutoBridge.from_hf_pretrained("/models/Llama-3.2-1B")
+    model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, tensor_model_parallel_size=2)
+    bridge.save_hf_pretrained(model, "/out/llama-hf")
+    ```
+    """
+
+    def __init__(self, hf_config: dict[str, Any], hf_path: str | os.PathLike | None = None) -> None:
+        architectures = hf_config.get("architectures") or []
+        if not architectures:
+            raise ValueError(f"HF config has no 'architectures' entry; supported: {supported_architectures()}")
+        self.model_bridge = get_bridge(architectures[0])
+        self.hf_config = dict(hf_config)
+        self.hf_path = Path(hf_path) if hf_path is not None else None
+        self._source_layout: SourceLayout | None = None
+
+    # ------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_hf_pretrained(cls, path: str | os.PathLike) -> AutoBridge:
+        """A bridge for the HF model at ``path`` (a local directory, or a hub id when the hub is reachable)."""
+        local = _resolve_hf_path(path)
+        return cls(load_hf_config(local), local)
+
+    @classmethod
+    def from_hf_config(cls, config) -> AutoBridge:
+        """A bridge from a config alone (a dict or a transformers ``PretrainedConfig``); no weights to load."""
+        raw = config if isinstance(config, dict) else config.to_dict()
+        return cls(raw)
+
+    @classmethod
+    def list_supported_models(cls) -> list[str]:
+        """HF architecture names this package converts."""
+        return supported_architectures()
+
+    @classmethod
+    def supports(cls, config) -> bool:
+        raw = config if isinstance(config, dict) else config.to_dict()
+        return bool(raw.get("architectures")) and raw["architectures"][0] in supported_architectures()
+
+    def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
+        """A ``GPTModelProvider`` for this model; with ``load_weights`` its models come with the HF weights."""
+        provider = GPTModelProvider(**self.model_bridge.config_to_provider(self.hf_config))
+        if self.hf_path is not None and (self.hf_path / "generation_config.json").exists():
+            provider.generation_config = json.loads((self.hf_path / "generation_config.json").read_text())
+        if load_weights:
+            if self.hf_path is None:
+                raise ValueError("this bridge was made from a config alone; there are no weights to load")
+            provider.register_pre_wrap_hook(lambda chunks: self.load_hf_weights(chunks) or chunks)
+        return provider
+
+    def to_megatron_model(self, load_weights: bool = True, wrap_with_ddp: bool = False,
+                          **provider_overrides: Any) -> list:
+        """Build the model on this rank (its TP/PP slice), optionally with the HF weights.
+
+        ``provider_overrides`` are GPTModelProvider fields (``tensor_model_parallel_size=2``,
+        ``params_dtype=torch.float32``, ``transformer_impl="local"``, ...).
+        """
+        provider = self.to_megatron_provider(load_weights=load_weights)
+        _apply_overrides(provider, provider_overrides)
+        return provider.provide_distributed_model(wrap_with_ddp=wrap_with_ddp)
+
+    # ----------------------------------------------------------------------------------------- I/O
+    @staticmethod
+    def _provider_of(model: list) -> GPTModelProvider:
+        from megatron.core.utils import unwrap_model
+
+        config = unwrap_model(model[0]).config
+        if not isinstance(config, GPTModelProvider):
+            raise TypeError(f"model config is a {type(config).__name__}, not a GPTModelProvider; build the model "
+                            "with AutoBridge.to_megatron_model or a GPTModelProvider")
+        return config
+
+    def load_hf_weights(self, model: list, hf_path: str | os.PathLike | None = None) -> None:
+        """Copy HF weights (default: this bridge's checkpoint) into an already built model, on every rank."""
+        path = Path(hf_path) if hf_path is not None else self.hf_path
+        if path is None:
+            raise ValueError("no HF checkpoint to load: pass hf_path")
+        reader = LazyHFCheckpoint(path)
+        try:
+            engine.load_hf_weights(self.model_bridge, self._provider_of(model), model, reader, get_parallel_state(),
+                                   progress=True)
+        finally:
+            reader.close()
+
+    def export_hf_weights(self, model: list, cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream ``(hf_name, full tensor)`` for the whole model. Every rank must consume the whole stream."""
+        return engine.export_hf_weights(self.model_bridge, self._provider_of(model), model, get_parallel_state(),
+                                        cpu=cpu)
+
+    def hf_config_for(self, model_or_provider) -> dict[str, Any]:
+        """The HF config dict that describes ``model_or_provider``, keeping this bridge's source config keys."""
+        provider = model_or_provider if isinstance(model_or_provider, GPTModelProvider) else \
+            self._provider_of(model_or_provider)
+        return self.model_bridge.provider_to_config(provider, self.hf_config)
+
+    def save_hf_pretrained(self, model: list, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                           max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:
+        """Write the model as an HF checkpoint: config, generation config, tokenizer files, safetensors shards.
+
+        When this bridge knows the source HF checkpoint's layout (it was made from that checkpoint, or from a
+        Megatron checkpoint imported from it) and the tensor names match, every tensor returns to its source
+        shard file in its source dtype and the index is reproduced. Otherwise, or when ``dtype`` is given, shards
+        are cut at ``max_shard_size`` in ``dtype`` (default: the model's params dtype). All ranks call this;
+        rank 0 writes. The directory appears only when complete: a failure leaves no partial output behind.
+        """
+        state = get_parallel_state()
+        provider = self._provider_of(model)
+        config = self.hf_config_for(provider)
+        layout = self._matching_source_layout(model, provider) if dtype is None else None
+        target_dtype = parse_dtype(dtype) if dtype is not None else provider.params_dtype
+        if layout is None:
+            key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+            config[key] = dtype_to_hf(target_dtype)
+        else:  # tensors keep their source dtypes, and so does the config
+            for key in ("dtype", "torch_dtype"):
+                if key in self.hf_config:
+                    config[key] = self.hf_config[key]
+        stream = self.export_hf_weights(model)
+        if state.rank != 0:
+            for _ in stream:
+                pass
+            state.barrier()
+            return
+        from tqdm.auto import tqdm
+
+        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, layout=layout.weight_map if layout else None,
+                                              max_shard_size=max_shard_size,
+                                              write_index=layout.has_index if layout else None)
+            aliases = layout.aliases if layout else {}
+            for name, tensor in tqdm(stream, desc="Exporting HF weights", unit="tensor"):
+                writer.add(name, tensor.to(layout.dtypes[name] if layout else target_dtype))
+                for alias in aliases.get(name, ()):
+                    writer.add(alias, tensor.to(layout.dtypes[alias]).clone())
+            writer.close()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            self._write_assets(tmp, provider)
+        state.barrier()
+        log_rank0("saved HF checkpoint to %s", path)
+
+    def source_layout(self) -> SourceLayout | None:
+        """Shard files, dtypes and index of the HF checkpoint this bridge came from (None if unknown)."""
+        if self._source_layout is None and self.hf_path is not None:
+            self._source_layout = SourceLayout.from_checkpoint(self.hf_path)
+        return self._source_layout
+
+    def _matching_source_layout(self, model: list, provider: GPTModelProvider) -> SourceLayout | None:
+        """The source layout when the export produces exactly its tensors (tied aliases included)."""
+        layout = self.source_layout()
+        if layout is None:
+            return None
+        mappings = self.model_bridge.mappings_for(provider)
+        exported = set()
+        for task in engine.megatron_param_tasks(self.model_bridge, provider, model, get_parallel_state()):
+            mapping, layer = self.model_bridge.find(mappings, task.name)
+            if mapping.export:
+                exported.update(mapping.hf_names(layer))
+        aliases: dict[str, list[str]] = {}
+        if provider.share_embeddings_and_output_weights:
+            for alias, target in self.model_bridge.tied_aliases.items():
+                if alias in layout.weight_map and target in exported:
+                    aliases.setdefault(target, []).append(alias)
+        wanted = exported | {a for names in aliases.values() for a in names}
+        present = {n for n in layout.weight_map if not self.model_bridge.is_ignored(n)}
+        if wanted != present:
+            log_rank0("the exported tensors differ from the source checkpoint's; sharding by size instead")
+            return None
+        return SourceLayout({n: layout.weight_map[n] for n in wanted}, {n: layout.dtypes[n] for n in wanted},
+                            layout.has_index, aliases)
+
+    def _write_assets(self, out: Path, provider: GPTModelProvider) -> None:
+        copied = False
+        if self.hf_path is not None:
+            for name in HF_ASSET_FILES:
+                src = self.hf_path / name
+                if src.exists():
+                    shutil.copy2(src, out / name)
+                    copied |= name == "generation_config.json"
+        if not copied and provider.generation_config:
+            (out / "generation_config.json").write_text(json.dumps(provider.generation_config, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------ Megatron checkpoints
+    def save_megatron_checkpoint(self, model: list, path: str | os.PathLike, *, iteration: int = 0,
+                                 extra_state: dict[str, Any] | None = None,
+                                 extra_metadata: dict[str, Any] | None = None) -> Path:
+        """Save ``model`` in the shared Megatron checkpoint format (see :mod:`bridge_convert.megatron_ckpt`)."""
+        provider = self._provider_of(model)
+        metadata = {
+            "architecture": self.model_bridge.hf_architecture,
+            "hf_config": self.hf_config_for(provider),
+            "params_dtype": str(provider.params_dtype).removeprefix("torch."),
+            "saved_layout": {"tensor_model_parallel_size": provider.tensor_model_parallel_size,
+                             "pipeline_model_parallel_size": provider.pipeline_model_parallel_size,
+                             "virtual_pipeline_model_parallel_size": provider.virtual_pipeline_model_parallel_size},
+            **(extra_metadata or {}),
+        }
+        layout = self.source_layout()
+        if layout is not None:
+            metadata["hf_source_layout"] = layout.to_json()
+        return save_checkpoint(model, path, iteration=iteration, metadata=metadata, extra_state=extra_state,
+                               hf_assets_from=self.hf_path)
+
+    @classmethod
+    def from_megatron_checkpoint(cls, path: str | os.PathLike) -> AutoBridge:
+        """A bridge for the model stored in a Megatron checkpoint (its HF config and assets)."""
+        directory = resolve_checkpoint_dir(path)
+        meta = read_checkpoint_metadata(directory)
+        assets = directory / HF_ASSETS_DIR
+        bridge = cls(meta["hf_config"], assets if assets.is_dir() else None)
+        if "hf_source_layout" in meta:
+            bridge._source_layout = SourceLayout.from_json(meta["hf_source_layout"])
+        return bridge
+
+    def load_megatron_checkpoint(self, model: list, path: str | os.PathLike) -> None:
+        """Load a Megatron checkpoint's weights into ``model``, whatever layout it was saved with."""
+        load_model_state(model, path)
+
+    @classmethod
+    def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike,
+                    **provider_overrides: Any) -> Path:
+        """HF checkpoint -> Megatron checkpoint (at the layout in ``provider_overrides``, e.g. TP=2)."""
+        bridge = cls.from_hf_pretrained(hf_path)
+        model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **provider_overrides)
+        return bridge.save_megatron_checkpoint(model, megatron_path)
+
+    @classmethod
+    def export_ckpt(cls, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
+                    dtype: torch.dtype | str | None = None, **provider_overrides: Any) -> None:
+        """Megatron checkpoint -> HF checkpoint, loading at the layout in ``provider_overrides`` (default 1x1)."""
+        bridge = cls.from_megatron_checkpoint(megatron_path)
+        meta = read_checkpoint_metadata(megatron_path)
+        overrides = {"params_dtype": meta.get("params_dtype", "float32"), **provider_overrides}
+        model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
+        bridge.load_megatron_checkpoint(model, megatron_path)
+        bridge.save_hf_pretrained(model, hf_path, dtype=dtype)

@@ -1,0 +1,222 @@
+"""``bridge-convert``: HF <-> Megatron conversion from the command line.
+
+Single process for TP = PP = 1; for larger layouts launch with torchrun, e.g.
+``torchrun --nproc-per-node=2 -m bridge_convert.cli import /models/llama /ckpt/llama --tp 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _layout_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    parser.add_argument("--vp", type=int, default=None, help="virtual pipeline stages per PP rank")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                        default=None, help="parameter dtype of the Megatron model (default: the checkpoint's)")
+    parser.add_argument("--impl", choices=["auto", "native", "local", "transformer_engine"], default="auto",
+                        help="layer implementation (default auto: Transformer Engine on a GPU with TE, else native)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge-convert", description="Convert checkpoints between Hugging Face and megatron-core.",
+        epilog="TP/PP > 1 need one process per rank: torchrun --nproc-per-node=N -m bridge_convert.cli ...")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("list", help="list the supported HF architectures")
+
+    p = sub.add_parser("import", help="HF checkpoint -> Megatron (dist-checkpoint) checkpoint")
+    p.add_argument("hf_path", help="HF model directory (config.json + safetensors)")
+    p.add_argument("megatron_path", help="output Megatron checkpoint directory")
+    _layout_args(p)
+
+    p = sub.add_parser("export", help="Megatron checkpoint -> HF checkpoint")
+    p.add_argument("megatron_path", help="Megatron checkpoint (root with a tracker file, or an iter_* directory)")
+    p.add_argument("hf_path", help="output HF model directory")
+    p.add_argument("--max-shard-size", default="5GB", help="shard size when not reproducing a source layout")
+    p.add_argument("--no-overwrite", action="store_true", help="fail if the output directory is not empty")
+    _layout_args(p)
+
+    p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF in memory, then verify every tensor is identical")
+    p.add_argument("hf_path", help="HF model directory")
+    p.add_argument("out_path", help="where to write the exported HF checkpoint")
+    _layout_args(p)
+
+    p = sub.add_parser("compare", help="HF transformers vs Megatron logits on the same input")
+    p.add_argument("hf_path", help="HF model directory")
+    p.add_argument("--megatron-path", default=None,
+                   help="take the Megatron weights from this checkpoint instead of converting hf_path's")
+    p.add_argument("--prompt", default=None, help="text to encode with the model's tokenizer")
+    p.add_argument("--seq-len", type=int, default=32, help="random-input length when no --prompt (default 32)")
+    p.add_argument("--batch", type=int, default=2, help="random-input batch size when no --prompt (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    _layout_args(p)
+    return parser
+
+
+def _overrides(args) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    needed = args.tp * args.pp
+    if world % needed:
+        raise ValueError(f"--tp {args.tp} x --pp {args.pp} needs a multiple of {needed} processes, this run has "
+                         f"{world}; launch with: torchrun --nproc-per-node={needed} -m bridge_convert.cli ...")
+    out = {"tensor_model_parallel_size": args.tp, "pipeline_model_parallel_size": args.pp,
+           "transformer_impl": args.impl}
+    if args.vp:
+        out["virtual_pipeline_model_parallel_size"] = args.vp
+    if args.dtype:
+        out["params_dtype"] = args.dtype
+    return out
+
+
+def _print0(*args) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def _cmd_list(args) -> int:
+    from .registry import supported_architectures
+
+    for name in supported_architectures():
+        print(name)
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from .auto_bridge import AutoBridge
+
+    out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, **_overrides(args))
+    _print0(f"imported {args.hf_path} -> {out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .auto_bridge import AutoBridge
+
+    overrides = _overrides(args)
+    dtype = overrides.pop("params_dtype", None)
+    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
+    from .megatron_ckpt import read_checkpoint_metadata
+
+    overrides["params_dtype"] = read_checkpoint_metadata(args.megatron_path).get("params_dtype", "float32")
+    model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
+    bridge.load_megatron_checkpoint(model, args.megatron_path)
+    bridge.save_hf_pretrained(model, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
+                              overwrite=not args.no_overwrite)
+    _print0(f"exported {args.megatron_path} -> {args.hf_path}")
+    return 0
+
+
+def _cmd_roundtrip(args) -> int:
+    import torch
+
+    from .auto_bridge import AutoBridge
+    from .safetensors_io import LazyHFCheckpoint
+
+    bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **_overrides(args))
+    bridge.save_hf_pretrained(model, args.out_path)
+    import torch.distributed as dist
+
+    if dist.get_rank() != 0:
+        return 0
+    src, out = LazyHFCheckpoint(args.hf_path), LazyHFCheckpoint(args.out_path)
+    ignored = {n for n in src.keys() if bridge.model_bridge.is_ignored(n)}
+    missing = sorted(set(src.keys()) - set(out.keys()) - ignored)
+    extra = sorted(set(out.keys()) - set(src.keys()))
+    differ = []
+    for name in sorted(set(src.keys()) & set(out.keys())):
+        a, b = src.get(name), out.get(name)
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            diff = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else float("nan")
+            differ.append(f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}, max |diff| {diff:.3g}")
+    total = len(set(src.keys()) - ignored)
+    print(f"round trip {args.hf_path} -> Megatron (TP={args.tp}, PP={args.pp}) -> {args.out_path}")
+    print(f"  identical tensors: {total - len(missing) - len(differ)}/{total}")
+    for label, items in (("missing", missing), ("unexpected", extra), ("different", differ)):
+        for item in items:
+            print(f"  {label}: {item}")
+    ok = not (missing or extra or differ)
+    print("  result: " + ("bit-exact" if ok else "MISMATCH"))
+    return 0 if ok else 1
+
+
+def _cmd_compare(args) -> int:
+    import torch
+
+    from .auto_bridge import AutoBridge
+    from .forward import forward_logits
+    from .hf_config import parse_dtype
+
+    bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    overrides = _overrides(args)
+    dtype = parse_dtype(overrides.get("params_dtype", bridge.to_megatron_provider(load_weights=False).params_dtype))
+    overrides["params_dtype"] = dtype
+    if args.megatron_path:
+        model = bridge.to_megatron_model(load_weights=False, **overrides)
+        bridge.load_megatron_checkpoint(model, args.megatron_path)
+    else:
+        model = bridge.to_megatron_model(load_weights=True, **overrides)
+    if args.prompt is not None:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(args.hf_path)(args.prompt, return_tensors="pt").input_ids
+    else:
+        vocab = bridge.hf_config["vocab_size"]
+        ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+    megatron = forward_logits(model, ids)
+    import torch.distributed as dist
+
+    if dist.get_rank() != 0:
+        return 0
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_model = AutoModelForCausalLM.from_pretrained(args.hf_path, dtype=dtype).to(device).eval()
+    with torch.no_grad():
+        hf = hf_model(ids.to(device)).logits.float().cpu()
+    diff = (megatron - hf).abs()
+    cosine = torch.nn.functional.cosine_similarity(megatron.flatten(0, 1), hf.flatten(0, 1), dim=-1)
+    match = (megatron.argmax(-1) == hf.argmax(-1)).float().mean().item()
+    print(f"HF vs Megatron logits ({tuple(ids.shape)} tokens, {dtype}, TP={args.tp}, PP={args.pp}):")
+    print(f"  max |diff|        {diff.max().item():.6g}")
+    print(f"  mean |diff|       {diff.mean().item():.6g}")
+    print(f"  cosine (min/mean) {cosine.min().item():.6f} / {cosine.mean().item():.6f}")
+    print(f"  next-token match  {match * 100:.2f}%")
+    return 0
+
+
+_COMMANDS = {"list": _cmd_list, "import": _cmd_import, "export": _cmd_export, "roundtrip": _cmd_roundtrip,
+             "compare": _cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bridge-convert`` console script; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:
+        if args.debug:
+            raise
+        print(f"bridge-convert {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.command != "list":
+            from .runtime import destroy_parallel
+
+            destroy_parallel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Reading and writing HF ``config.json`` dicts: RoPE settings in both hub layouts, dtypes.
+
+The model bridges translate plain dicts (what ``config.json`` holds), not ``PretrainedConfig`` objects, so the
+translation is a pure function that works the same across transformers versions, and an export can keep the
+source file's own layout (e.g. the legacy ``rope_scaling`` + ``rope_theta`` keys of Llama 3.1/3.2 on the hub).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["RopeSettings", "dtype_from_hf", "dtype_to_hf", "load_hf_config", "read_rope", "write_rope"]
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of an HF model directory as a dict.
+
+    Raises:
+        FileNotFoundError: if the directory or its config.json is missing.
+        ValueError: if config.json is not valid JSON.
+    """
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"no config.json in {path}: is this an HF model directory?")
+    try:
+        return json.loads(file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+
+
+def dtype_from_hf(raw: dict[str, Any], default: torch.dtype = torch.float32) -> torch.dtype:
+    name = raw.get("dtype", raw.get("torch_dtype"))
+    if name is None:
+        return default
+    return parse_dtype(name)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (float types only)."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.").lower()
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {name!r}; use one of float32, bfloat16, float16")
+    return _DTYPE_NAMES[key]
+
+
+def dtype_to_hf(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, slots=True)
+class RopeSettings:
+    theta: float
+    rope_type: str = "default"
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    legacy_layout: bool = False
+    """True when the source config used ``rope_scaling`` + top-level ``rope_theta`` (hub layout before v5)."""
+
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def read_rope(raw: dict[str, Any], default_theta: float = 10000.0) -> RopeSettings:
+    """RoPE settings from either layout: ``rope_parameters`` (transformers 5) or ``rope_scaling`` + ``rope_theta``.
+
+    Raises:
+        ValueError: for a RoPE type megatron-core cannot compute exactly (yarn, dynamic, longrope, ...).
+    """
+    params = raw.get("rope_parameters")
+    legacy = params is None
+    if legacy:
+        params = dict(raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {list(SUPPORTED_ROPE_TYPES)}); "
+                         "converting it would build a model that computes different positions")
+    if rope_type == "llama3":
+        return RopeSettings(theta=float(theta), rope_type="llama3", factor=float(params.get("factor", 8.0)),
+                            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+                            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+                            original_max_position_embeddings=int(params.get("original_max_position_embeddings",
+                                                                            8192)),
+                            legacy_layout=legacy)
+    if rope_type == "linear":
+        return RopeSettings(theta=float(theta), rope_type="linear", factor=float(params["factor"]),
+                            legacy_layout=legacy)
+    return RopeSettings(theta=float(theta), legacy_layout=legacy)
+
+
+def write_rope(raw: dict[str, Any], rope: RopeSettings) -> None:
+    """Write ``rope`` into an HF config dict in the layout ``rope.legacy_layout`` says (in place)."""
+    for key in ("rope_parameters", "rope_scaling", "rope_theta"):
+        raw.pop(key, None)
+    params: dict[str, Any] = {"rope_type": rope.rope_type}
+    if rope.rope_type == "llama3":
+        params.update(factor=rope.factor, low_freq_factor=rope.low_freq_factor,
+                      high_freq_factor=rope.high_freq_factor,
+                      original_max_position_embeddings=rope.original_max_position_embeddings)
+    elif rope.rope_type == "linear":
+        params.update(factor=rope.factor)
+    if rope.legacy_layout:
+        raw["rope_theta"] = rope.theta
+        raw["rope_scaling"] = None if rope.rope_type == "default" else params
+    else:
+        params["rope_theta"] = rope.theta
+        raw["rope_parameters"] = params

@@ -1,0 +1,212 @@
+"""The on-disk Megatron checkpoint format shared by bridge-convert and bridge-train.
+
+```
+<root>/
+  latest_checkpointed_iteration.txt     # the iteration of the newest complete checkpoint, written last
+  iter_0000000/                          # one directory per saved iteration (renamed into place when complete)
+    .metadata, __*_*.distcp, common.pt, metadata.json   # megatron-core dist-checkpointing (torch_dist)
+    bridge.json                          # format version, HF architecture + config, iteration, saved layout
+    hf_assets/                           # tokenizer and generation config of the source HF model, if any
+```
+The dist-checkpoint holds ``{"model": chunk.sharded_state_dict()}`` (``model0``, ``model1``, ... with virtual
+pipeline stages, as megatron-LM names them); bridge-train adds ``optimizer``, scheduler, RNG and data-loader state
+to the same save. Tensors are keyed by global names, so a checkpoint saved at one TP/PP/VP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = [
+    "FORMAT_VERSION",
+    "TRACKER_FILE",
+    "checkpoint_iteration_dir",
+    "load_model_state",
+    "read_checkpoint_metadata",
+    "resolve_checkpoint_dir",
+    "save_checkpoint",
+    "sharded_model_state",
+]
+
+FORMAT_VERSION = 1
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+METADATA_FILE = "bridge.json"
+HF_ASSETS_DIR = "hf_assets"
+HF_ASSET_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def checkpoint_iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """An iteration directory from either a checkpoint root (via its tracker) or the iteration directory itself.
+
+    Raises:
+        FileNotFoundError: if neither a tracker nor a complete iteration directory is found.
+    """
+    path = Path(path)
+    if (path / METADATA_FILE).exists():
+        return path
+    tracker = path / TRACKER_FILE
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise ValueError(f"{tracker} should hold an iteration number, found {text!r}")
+        resolved = checkpoint_iteration_dir(path, int(text))
+        if not (resolved / METADATA_FILE).exists():
+            raise FileNotFoundError(f"{tracker} points at iteration {text}, but {resolved} is not a complete checkpoint")
+        return resolved
+    raise FileNotFoundError(f"no Megatron checkpoint at {path} (expected {TRACKER_FILE} or {METADATA_FILE})")
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``bridge.json`` of a checkpoint (root or iteration directory)."""
+    meta = json.loads((resolve_checkpoint_dir(path) / METADATA_FILE).read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {meta['format_version']} is newer than this bridge-convert "
+                         f"understands ({FORMAT_VERSION}); upgrade bridge-convert")
+    return meta
+
+
+def sharded_model_state(chunks: list) -> dict[str, Any]:
+    """``{"model": ...}`` or ``{"model0": ..., "model1": ...}``: the sharded state dicts of the model chunks."""
+    from megatron.core.utils import unwrap_model
+
+    modules = unwrap_model(chunks)
+    if len(modules) == 1:
+        return {"model": modules[0].sharded_state_dict()}
+    from megatron.core import parallel_state
+
+    out = {}
+    for i, module in enumerate(modules):
+        parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+        out[f"model{i}"] = module.sharded_state_dict()
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+    return out
+
+
+@contextmanager
+def _in_process_write_results():
+    """Collect writer results on a thread queue for a synchronous save.
+
+    megatron-core's writer otherwise creates a multiprocessing Manager queue with the 'spawn' method, which costs
+    ~5 s per process and re-imports the launching script (which then needs an ``if __name__ == "__main__"``
+    guard). A synchronous save writes from threads of this process, so a thread queue carries the results.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(
+    chunks: list,
+    root: str | os.PathLike,
+    *,
+    iteration: int,
+    metadata: dict[str, Any],
+    extra_state: dict[str, Any] | None = None,
+    hf_assets_from: str | os.PathLike | None = None,
+) -> Path:
+    """Save the model chunks (plus ``extra_state``, e.g. optimizer state) as one iteration of a checkpoint.
+
+    Every rank calls this. The iteration is written into a temporary directory, renamed into place once
+    complete, and only then is the tracker updated (atomically), so an interrupted save leaves the previous
+    checkpoint as the latest one.
+
+    Args:
+        chunks: this rank's model chunks (wrapped or not).
+        root: checkpoint root directory.
+        iteration: training iteration (0 for a converted model).
+        metadata: JSON-serialisable facts stored in ``bridge.json`` (HF config, architecture, ...).
+        extra_state: more entries of the sharded state dict (``{"optimizer": ..., ...}``).
+        hf_assets_from: an HF model directory whose tokenizer / generation config files are copied along.
+
+    Returns:
+        The iteration directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = checkpoint_iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    state = sharded_model_state(chunks)
+    state.update(extra_state or {})
+    with _in_process_write_results():
+        dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
+    if _rank() == 0:
+        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **metadata}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if hf_assets_from is not None:
+            assets = tmp / HF_ASSETS_DIR
+            assets.mkdir()
+            for name in HF_ASSET_FILES:
+                src = Path(hf_assets_from) / name
+                if src.exists():
+                    shutil.copy2(src, assets / name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = root / (TRACKER_FILE + ".tmp")
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, root / TRACKER_FILE)
+    _barrier()
+    return final
+
+
+def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict[str, Any] | None = None,
+                     strict: bool = True) -> dict[str, Any]:
+    """Load a checkpoint's model weights into ``chunks`` (any TP/PP layout) and return the loaded extras.
+
+    Raises:
+        FileNotFoundError / ValueError: for a missing or incompatible checkpoint; with ``strict`` a parameter that
+            the checkpoint lacks is an error naming it.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.utils import unwrap_model
+
+    directory = resolve_checkpoint_dir(path)
+    request = sharded_model_state(chunks)
+    request.update(extra_state or {})
+    # Unexpected entries are fine (a training checkpoint also holds optimizer state); missing ones are not.
+    loaded, missing, _ = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)
+    if missing and strict:
+        raise ValueError(f"checkpoint {directory} lacks {len(missing)} entries this model needs: "
+                         f"{sorted(missing)[:20]}")
+    modules = unwrap_model(chunks)
+    keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
+    for module, key in zip(modules, keys):
+        module.load_state_dict(loaded.pop(key), strict=strict)
+    return loaded
