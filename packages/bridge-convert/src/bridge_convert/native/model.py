@@ -1,0 +1,55 @@
+"""``NativeGPTModel``: megatron-core's ``GPTModel`` whose training loss never materialises the full logits.
+
+Only the loss step changes. When ``labels`` are given on the last pipeline stage of a plain training or
+evaluation forward, the output projection and the cross entropy run together through
+:func:`.cross_entropy.fused_linear_cross_entropy` (per-token fp32 loss ``[b, s]``, the same contract as
+``GPTModel.compute_language_model_loss``). Pass ``loss_mask`` to the forward (megatron's own ``pretrain_gpt``
+does) and the gradients are computed during that forward; without it they are recomputed in backward.
+Everything else (logits without labels, inference, multi-token prediction, MuP logit scaling, custom output
+processors, fp16 cross entropy) is ``GPTModel``'s own code path.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+
+from .cross_entropy import fused_linear_cross_entropy
+
+__all__ = ["NativeGPTModel"]
+
+
+class NativeGPTModel(GPTModel):
+    """``GPTModel`` with the memory-lean fused output-projection + cross-entropy loss; same parameters."""
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        if not self._lean_loss_applies(labels, kwargs):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            weight = self.output_layer.weight
+        return fused_linear_cross_entropy(
+            hidden_states, weight, labels, loss_weights=kwargs.get("loss_mask"), tp_group=self.tp_group,
+            sequence_parallel=bool(self.output_layer.sequence_parallel),
+        )
+
+    def _lean_loss_applies(self, labels, kwargs: dict) -> bool:
+        from megatron.core.config_logger import has_config_logger_enabled
+        from megatron.core.inference.utils import InferenceMode
+
+        config = self.config
+        return (
+            self.post_process
+            and labels is not None
+            and not kwargs.get("mtp_in_postprocess")
+            and not config.mtp_num_layers
+            and kwargs.get("output_processor") is None
+            and kwargs.get("inference_context") is None
+            and kwargs.get("inference_params") is None
+            and not InferenceMode.is_active()
+            and not getattr(config, "use_mup", False)
+            and not self.fp16_lm_cross_entropy
+            and not getattr(config, "defer_embedding_wgrad_compute", False)
+            and getattr(self.output_layer, "bias", None) is None
+            and not has_config_logger_enabled(config)
+        )

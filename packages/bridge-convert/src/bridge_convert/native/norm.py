@@ -1,0 +1,74 @@
+"""RMSNorm / LayerNorm for the native spec: one fused kernel per call instead of the unfused reference chain.
+
+The module keeps ``torch.nn.RMSNorm``'s parameter (``weight``, shape ``[hidden]``) and numerics, so a state
+dict of the local spec (whose ``WrappedTorchNorm`` *is* ``torch.nn.RMSNorm``) loads unchanged. What changes is
+the kernel: on a GPU with liger-kernel importable, liger's Triton RMSNorm (fp32 statistics, one read and one
+write per pass); otherwise ``torch.rms_norm``, which torch dispatches to its fused CUDA kernel on GPUs and to
+its reference implementation on CPU. Unlike ``WrappedTorchNorm`` it supports sequence parallelism: the weight
+is marked ``sequence_parallel`` so megatron-core all-reduces its gradient across the TP group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["NativeNorm", "liger_rms_norm_function"]
+
+
+def liger_rms_norm_function():
+    """liger-kernel's RMSNorm autograd function, or None when liger (or its Triton) is not importable."""
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    except Exception:
+        return None
+    return LigerRMSNormFunction
+
+
+class NativeNorm(torch.nn.Module):
+    """RMSNorm or LayerNorm over the last dimension, with megatron-core's norm-builder signature.
+
+    Args:
+        config: the TransformerConfig; ``config.normalization`` picks ``RMSNorm`` or ``LayerNorm``.
+        hidden_size: size of the normalised (last) dimension.
+        eps: epsilon added to the variance.
+        use_liger: use liger-kernel's RMSNorm on CUDA tensors when it imports (False: always ``torch.rms_norm``).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str | None = None,
+                 use_liger: bool = True) -> None:
+        super().__init__()
+        if getattr(config, "layernorm_zero_centered_gamma", False) or zero_centered_gamma:
+            raise ValueError("the native spec's norm does not implement layernorm_zero_centered_gamma; "
+                             "set it to False or use transformer_impl='transformer_engine'")
+        kind = normalization or config.normalization
+        if kind not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"normalization must be 'RMSNorm' or 'LayerNorm' for the native spec, got {kind!r}")
+        self.rms = kind == "RMSNorm"
+        self.eps = eps
+        self.normalized_shape = (hidden_size,)
+        # Default dtype and device, like torch.nn.RMSNorm in the local spec; Float16Module casts for bf16 runs.
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size))
+        sequence_parallel = bool(getattr(config, "sequence_parallel", False))
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.sequence_parallel = sequence_parallel
+        self._liger = liger_rms_norm_function() if self.rms and use_liger else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.rms:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if self._liger is not None and x.is_cuda and x.dtype == self.weight.dtype:
+            # "gemma" casting: statistics, scaling and the weight product all in fp32, one cast at the end,
+            # which is what torch.rms_norm computes; in_place=False keeps autograd's grad buffers untouched.
+            shape = x.shape
+            out = self._liger.apply(x.reshape(-1, shape[-1]), self.weight, self.eps, 0.0, "gemma", False)
+            return out.view(shape)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        kind = "RMSNorm" if self.rms else "LayerNorm"
+        return f"{kind}({self.normalized_shape[0]}, eps={self.eps}, liger={self._liger is not None})"

@@ -1,0 +1,73 @@
+"""The native layer spec: megatron-core's local layer with torch-native fast kernels swapped in.
+
+The module tree, parameter names, TP sharding and dist-checkpoint keys are exactly those of
+``get_gpt_layer_local_spec(qk_layernorm=..., normalization=...)``: megatron-core's ``ColumnParallelLinear`` /
+``RowParallelLinear`` for every projection, megatron's ``MLP`` (SwiGLU through its torch.compile'd
+``bias_activation_fusion`` when the config asks for it), the same ``sharded_state_dict_keys_map``. Replaced are
+the pieces that make the local spec slow and memory hungry: core attention (:class:`NativeDotProductAttention`,
+SDPA / FlexAttention), the RoPE application (:class:`NativeSelfAttention`) and the norms (:class:`NativeNorm`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from .attention import NativeDotProductAttention, NativeSelfAttention
+from .norm import NativeNorm
+
+__all__ = ["NativeTransformerLayer", "get_native_layer_spec"]
+
+
+class NativeTransformerLayer(TransformerLayer):
+    """megatron-core's ``TransformerLayer``, compiled with ``torch.compile`` when ``config.compile_layers``.
+
+    Compiling per layer (rather than the whole model) keeps compile time to one layer's graph, which every
+    layer of the same shape reuses, and leaves megatron's pipeline schedules and DDP hooks outside the graph.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs) -> None:
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+        if getattr(config, "compile_layers", False):
+            self.compile()
+
+
+def get_native_layer_spec(config) -> ModuleSpec:
+    """The ``TransformerLayer`` spec of the native implementation for ``config`` (a TransformerConfig).
+
+    Starts from megatron-core's own local submodules (so the MLP, bias-dropout-add, linear layers and the
+    checkpoint key map are whatever this megatron-core version builds for the local spec) and swaps in the
+    native norm, self-attention and core attention. Reads ``qk_layernorm`` / ``qk_l2_norm`` (Qwen3-style q/k
+    norms) and ``normalization`` from the config.
+
+    Raises:
+        ValueError: for a mixture-of-experts or multi-latent-attention config (not covered by this spec).
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+
+    if getattr(config, "num_moe_experts", None):
+        raise ValueError("the native spec covers dense models only (num_moe_experts is set); "
+                         "use transformer_impl='local' or 'transformer_engine'")
+    if getattr(config, "multi_latent_attention", False):
+        raise ValueError("the native spec has no multi-latent attention; use transformer_impl='local'")
+    qk_layernorm = bool(getattr(config, "qk_layernorm", False))
+    qk_l2_norm = bool(getattr(config, "qk_l2_norm", False))
+    local = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm, normalization=config.normalization,
+                                           qk_l2_norm=qk_l2_norm)
+    attention = local.self_attention
+    attention_submodules = dataclasses.replace(
+        attention.submodules,
+        core_attention=NativeDotProductAttention,
+        q_layernorm=NativeNorm if qk_layernorm and not qk_l2_norm else attention.submodules.q_layernorm,
+        k_layernorm=NativeNorm if qk_layernorm and not qk_l2_norm else attention.submodules.k_layernorm,
+    )
+    submodules = dataclasses.replace(
+        local,
+        input_layernorm=NativeNorm,
+        pre_mlp_layernorm=NativeNorm,
+        self_attention=ModuleSpec(module=NativeSelfAttention, params=dict(attention.params),
+                                  submodules=attention_submodules),
+    )
+    return ModuleSpec(module=NativeTransformerLayer, submodules=submodules)
