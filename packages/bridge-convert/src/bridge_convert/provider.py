@@ -180,12 +180,15 @@ class GPTModelProvider(TransformerConfig):
         from megatron.core.models.gpt import GPTModel
 
         self.finalize()
+        model_cls = GPTModel
+        if self.transformer_impl == "native":
+            from .native import NativeGPTModel as model_cls  # same parameters, memory-lean fused loss
         if pre_process is None:
             pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         if post_process is None:
             post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         with _quiet_deprecation():
-            model = GPTModel(
+            model = model_cls(
                 config=self,
                 transformer_layer_spec=layer_spec(self, vp_stage=vp_stage),
                 vocab_size=self.padded_vocab_size,
