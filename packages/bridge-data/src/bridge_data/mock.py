@@ -1,0 +1,50 @@
+"""Mock pretraining data: deterministic random token documents, sampled by megatron-core's GPTDataset machinery.
+
+megatron-core's own ``MockGPTDataset`` writes ``1, 2, 3, ...`` into every document; here each document holds
+uniform random ids (never the eod id) followed by eod, drawn from a generator seeded by ``(seed, document)``, so
+the same seed always gives the same samples and no file is read or written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset, MockGPTLowLevelDataset
+
+
+class RandomDocuments(MockGPTLowLevelDataset):
+    """A fixed set of random-token documents of random lengths in ``[1, 2 * seq_length]``.
+
+    Args:
+        vocab_size: Ids are drawn from ``[0, vocab_size)`` minus ``eod``.
+        eod: Id ending every document.
+        seed: Seed of the document lengths and contents.
+        seq_length: Sample length; documents are up to twice as long, so samples cross document boundaries.
+        num_documents: How many distinct documents exist (megatron-core repeats them in epochs as needed).
+    """
+
+    def __init__(self, *, vocab_size: int, eod: int, seed: int, seq_length: int,
+                 num_documents: int = 100_000) -> None:
+        self.vocab_size = int(vocab_size)
+        self.eod_token = int(eod)
+        self.seed = int(seed)
+        self.size = int(num_documents)
+        self.max_sequence_length = 2 * int(seq_length)
+        rng = np.random.default_rng(self.seed)
+        self.sequence_lengths = rng.integers(1, self.max_sequence_length + 1, size=self.size, dtype=np.int32)
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        length = int(self.sequence_lengths[idx])
+        rng = np.random.default_rng((self.seed, int(idx)))
+        body = rng.integers(0, self.vocab_size - 1, size=length - 1, dtype=np.int64)
+        body[body >= self.eod_token] += 1  # skip the eod id, keep the rest uniform
+        return np.concatenate([body, np.array([self.eod_token], dtype=np.int64)])
+
+
+class RandomMockGPTDataset(MockGPTDataset):
+    """megatron-core's ``MockGPTDataset`` over :class:`RandomDocuments` instead of counting sequences."""
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str | None, config: GPTDatasetConfig) -> RandomDocuments:
+        """Build the random documents for ``config`` (``dataset_path`` is always None for mock data)."""
+        return RandomDocuments(vocab_size=config.tokenizer.vocab_size, eod=config.tokenizer.eod,
+                               seed=config.random_seed, seq_length=config.sequence_length)

@@ -1,0 +1,201 @@
+"""Pretraining datasets: indexed ``.bin/.idx`` data (one prefix or a weighted blend) or mock data, split into
+train/valid/test and sampled by megatron-core's ``BlendedMegatronDatasetBuilder`` and ``GPTDataset``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bridge_data.samples import to_sample
+from bridge_data.tokenizers import Tokenizer
+
+_IDX_HEADER = b"MMIDIDX\x00\x00"
+
+
+@dataclass(kw_only=True, slots=True)
+class PretrainDataConfig:
+    """Pretraining data: indexed datasets (or mock data) cut into ``seq_length`` samples."""
+
+    seq_length: int
+    """Tokens per sample."""
+
+    paths: list[str] = field(default_factory=list)
+    """Indexed dataset prefixes (``PREFIX.bin`` + ``PREFIX.idx``, as written by ``bridge-data preprocess``).
+    Empty: mock data."""
+
+    weights: list[float] | None = None
+    """Blend weights, one per path (normalized). None: weight by dataset size."""
+
+    split: str = "98,1,1"
+    """Train/valid/test proportions of the documents of every path (ignored for mock data)."""
+
+    seed: int = 1234
+    """Seed of megatron-core's document and sample shuffling (and of the mock documents)."""
+
+    cache_dir: str | None = None
+    """Where megatron-core caches its sample indices. None: ``<prefix dir>/cache`` for real data, none for mock."""
+
+    mock: bool = False
+    """Use deterministic random-token data and read no files. Set by :meth:`finalize` when ``paths`` is empty."""
+
+    eod_mask_loss: bool = False
+    """Do not train on predicting the token after an eod (loss mask 0 at eod inputs)."""
+
+    reset_position_ids: bool = False
+    """Restart position ids after every eod."""
+
+    document_attention: bool = False
+    """Keep attention within documents: samples carry ``cu_seqlens`` at eod boundaries and positions restart."""
+
+    num_dataset_builder_threads: int = 1
+    """Threads megatron-core uses to build the per-prefix datasets of a blend."""
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 1:
+            raise ValueError(f"seq_length must be >= 1, got {self.seq_length}")
+
+    def finalize(self) -> None:
+        """Derive ``mock`` and check the fields together; raise one ValueError listing every problem."""
+        problems = []
+        if not self.paths:
+            self.mock = True
+        elif self.mock:
+            warnings.warn(f"PretrainDataConfig.mock is True: ignoring paths {self.paths}", stacklevel=2)
+        if self.weights is not None and not self.mock:
+            if len(self.weights) != len(self.paths):
+                problems.append(f"weights has {len(self.weights)} entries for {len(self.paths)} paths")
+            if any(w <= 0 for w in self.weights):
+                problems.append(f"weights must all be > 0, got {self.weights}")
+        try:
+            parts = [float(x) for x in self.split.split(",")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+            problems.append(f"split must be up to 3 comma-separated non-negative numbers like '98,1,1', "
+                            f"got {self.split!r}")
+        if problems:
+            raise ValueError("Invalid PretrainDataConfig: " + "; ".join(problems))
+
+    def build(self, tokenizer: Tokenizer, *, train_samples: int | None, valid_samples: int | None,
+              test_samples: int | None) -> tuple[PretrainDataset | None, PretrainDataset | None,
+                                                 PretrainDataset | None]:
+        """Build the train, valid and test datasets through megatron-core's builder.
+
+        Args:
+            tokenizer: Supplies ``vocab_size``, ``eod`` and ``pad``.
+            train_samples: Samples the trainer will draw (datasets repeat epochs to reach it). None: one epoch
+                (not allowed with ``weights``).
+            valid_samples: Likewise for validation.
+            test_samples: Likewise for test.
+
+        Returns:
+            ``(train, valid, test)``; a split with no share in ``split`` is None.
+
+        Raises:
+            FileNotFoundError: If a ``.bin``/``.idx`` file is missing.
+            ValueError: On an invalid config, an empty or corrupt index, or weights without sample counts.
+        """
+        self.finalize()
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        from bridge_data.mock import RandomMockGPTDataset
+
+        sizes = [train_samples, valid_samples, test_samples]
+        if not self.mock:
+            for prefix in self.paths:
+                check_indexed_dataset(prefix)
+            if self.weights is not None and None in sizes:
+                raise ValueError("PretrainDataConfig.weights needs train_samples, valid_samples and test_samples; "
+                                 f"got {sizes}")
+        config = GPTDatasetConfig(
+            random_seed=self.seed,
+            sequence_length=self.seq_length,
+            blend=None if self.mock else (list(self.paths), self.weights),
+            split=None if self.mock else self.split,
+            path_to_cache=self.cache_dir,
+            tokenizer=_MegatronTokenizerView(tokenizer),
+            reset_position_ids=self.reset_position_ids,
+            reset_attention_mask=False,
+            eod_mask_loss=self.eod_mask_loss,
+            create_attention_mask=False,
+            inter_document_masking=self.document_attention,
+            num_dataset_builder_threads=self.num_dataset_builder_threads,
+        )
+        cls = RandomMockGPTDataset if self.mock else GPTDataset
+        datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+        return tuple(None if d is None else PretrainDataset(d, self.seq_length) for d in datasets)
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """A megatron-core GPT (or blended) dataset returning contract samples (see :mod:`bridge_data.samples`).
+
+    Args:
+        megatron_dataset: A ``GPTDataset``, ``MockGPTDataset`` or ``BlendedDataset`` built without attention
+            masks.
+        seq_length: The sample length.
+    """
+
+    def __init__(self, megatron_dataset: Any, seq_length: int) -> None:
+        self.megatron_dataset = megatron_dataset
+        """The wrapped megatron-core dataset."""
+        self.seq_length = seq_length
+
+    def __len__(self) -> int:
+        return len(self.megatron_dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        item = self.megatron_dataset[idx]
+        cu_seqlens = None
+        if "cu_seqlens" in item:
+            # megatron-core pads cu_seqlens to seq_length + 1 entries with seq_length; keep up to the first.
+            cu = np.asarray(item["cu_seqlens"])
+            cu_seqlens = cu[: int(np.argmax(cu == self.seq_length)) + 1]
+        return to_sample(item["tokens"], item["labels"], item["loss_mask"], item["position_ids"], cu_seqlens)
+
+
+def check_indexed_dataset(prefix: str) -> int:
+    """Check that ``prefix.bin``/``prefix.idx`` exist and hold documents; return the document count.
+
+    Raises:
+        FileNotFoundError: Naming the missing file(s).
+        ValueError: If the index is not a megatron-core index, or holds no documents.
+    """
+    missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"Indexed dataset {prefix!r} is incomplete: missing {missing}; write it with "
+                                "`bridge-data preprocess --output-prefix PREFIX` (paths are given without .bin/.idx)")
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(9 + 8 + 1 + 8 + 8)
+    if len(head) < 34 or head[:9] != _IDX_HEADER:
+        raise ValueError(f"{prefix}.idx is not a megatron-core index file (bad header)")
+    sequences, document_bounds = struct.unpack("<QQ", head[18:34])
+    if sequences == 0 or document_bounds <= 1:
+        raise ValueError(f"Indexed dataset {prefix!r} holds no documents")
+    return document_bounds - 1
+
+
+class _MegatronTokenizerView:
+    """What megatron-core's GPT datasets read from a tokenizer.
+
+    ``pad`` is reported only when it is a distinct token: megatron-core masks and zeroes pad ids, which must
+    not hit real eod tokens. Otherwise it is -1 (megatron-core's "no pad" value).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod
+        self.pad = -1 if tokenizer.pad == tokenizer.eod else tokenizer.pad
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        return self._tokenizer.unique_identifiers

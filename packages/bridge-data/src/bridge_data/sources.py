@@ -1,0 +1,158 @@
+"""Read rows from JSONL files, Parquet files and local HF ``datasets`` directories (``save_to_disk`` output).
+
+Every row comes with a ``where`` string ("data.jsonl:7", "data.parquet row 6") so that errors about a row can
+name the file and the row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+SourceFormat = Literal["jsonl", "parquet", "hf"]
+
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def detect_format(path: str) -> SourceFormat:
+    """Say how to read ``path``: a JSONL file, a Parquet file, or an HF ``datasets`` directory.
+
+    Args:
+        path: A file or directory.
+
+    Returns:
+        ``"jsonl"``, ``"parquet"`` or ``"hf"``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If ``path`` is neither a known file type nor an HF ``datasets`` directory.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Input {path!r} does not exist")
+    if os.path.isdir(path):
+        markers = ("dataset_dict.json", "state.json", "dataset_info.json")
+        if any(os.path.exists(os.path.join(path, m)) for m in markers):
+            return "hf"
+        raise ValueError(
+            f"Directory {path!r} is not an HF datasets directory (no dataset_dict.json or state.json); "
+            "pass a .jsonl/.parquet file or the output of Dataset.save_to_disk"
+        )
+    lower = path.lower()
+    if lower.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if lower.endswith((".parquet", ".pq")):
+        return "parquet"
+    raise ValueError(f"Cannot tell the format of {path!r}: expected .jsonl/.json/.ndjson, .parquet or an "
+                     "HF datasets directory")
+
+
+def count_rows(path: str, *, split: str = "train") -> int | None:
+    """Number of rows in ``path`` when it is cheap to know (Parquet metadata, HF datasets), else None."""
+    fmt = detect_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt == "hf":
+        return len(_load_hf(path, split))
+    return None
+
+
+def iter_rows(path: str, *, columns: list[str] | None = None, split: str = "train") -> Iterator[tuple[str, dict]]:
+    """Yield ``(where, row)`` for every row of ``path``, in order.
+
+    Args:
+        path: A JSONL file, a Parquet file or an HF ``datasets`` directory.
+        columns: Columns to read (Parquet and HF datasets check that they exist up front; JSONL rows are
+            checked by the caller, row by row). None reads every column.
+        split: The split to read when ``path`` holds a ``DatasetDict``.
+
+    Yields:
+        ``where`` names the file and row (``"file.jsonl:7"`` is line 7; ``"file.parquet row 6"`` is 0-based),
+        ``row`` is a dict of column values.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: On malformed JSON, a non-object JSON line, a missing column or a missing split.
+    """
+    fmt = detect_format(path)
+    if fmt == "jsonl":
+        yield from _iter_jsonl(path)
+    elif fmt == "parquet":
+        yield from _iter_parquet(path, columns)
+    else:
+        dataset = _load_hf(path, split)
+        _check_columns(path, dataset.column_names, columns)
+        if columns is not None:
+            dataset = dataset.select_columns(columns)
+        for i, row in enumerate(dataset):
+            yield f"{path} row {i}", row
+
+
+def read_rows(path: str, *, columns: list[str] | None = None, split: str = "train") -> list[tuple[str, dict]]:
+    """All rows of ``path`` as a list (see :func:`iter_rows`); raises ValueError if there are none."""
+    rows = list(iter_rows(path, columns=columns, split=split))
+    if not rows:
+        raise ValueError(f"Input {path!r} holds no rows")
+    return rows
+
+
+def get_field(row: dict, key: str, where: str, *, kind: type | tuple[type, ...] = str) -> Any:
+    """``row[key]``, checked to exist and to be of ``kind``.
+
+    Raises:
+        ValueError: Naming ``where``, the key and the row's keys, if the key is missing or has another type.
+    """
+    if key not in row:
+        raise ValueError(f"{where}: no key {key!r}; the row has keys {sorted(row)}")
+    value = row[key]
+    if not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ValueError(f"{where}: key {key!r} holds {type(value).__name__}, expected {expected}")
+    return value
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+            yield where, row
+
+
+def _iter_parquet(path: str, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    _check_columns(path, parquet.schema_arrow.names, columns)
+    i = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+        for row in batch.to_pylist():
+            yield f"{path} row {i}", row
+            i += 1
+
+
+def _load_hf(path: str, split: str):
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(path)
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{path!r} has splits {sorted(dataset)}, not {split!r}; choose one of them")
+        dataset = dataset[split]
+    return dataset
+
+
+def _check_columns(path: str, available: list[str], wanted: list[str] | None) -> None:
+    missing = [c for c in wanted or [] if c not in available]
+    if missing:
+        raise ValueError(f"{path!r} has no column(s) {missing}; its columns are {sorted(available)}")
