@@ -41,8 +41,9 @@ class PackedLayout:
     def __init__(self, cu_seqlens: Tensor, total: int) -> None:
         tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int64)
         bounds = cu_seqlens.to(torch.int64)
-        # searchsorted(right=True) on the starts gives 1 + the index of the document a token belongs to.
-        doc = torch.searchsorted(bounds[:-1].contiguous(), tokens, right=True) - 1
+        # Every boundary starts a document (the last one starts the tail padding, if any): searchsorted with
+        # right=True gives 1 + the index of the document a token belongs to.
+        doc = torch.searchsorted(bounds.contiguous(), tokens, right=True) - 1
         self.doc_ids = doc.to(torch.int32)
         self.positions = tokens - bounds.index_select(0, doc)
         self.cu_seqlens = cu_seqlens

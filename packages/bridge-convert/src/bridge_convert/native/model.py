@@ -7,19 +7,38 @@ evaluation forward, the output projection and the cross entropy run together thr
 does) and the gradients are computed during that forward; without it they are recomputed in backward.
 Everything else (logits without labels, inference, multi-token prediction, MuP logit scaling, custom output
 processors, fp16 cross entropy) is ``GPTModel``'s own code path.
+
+Given a layer spec, ``GPTModel`` builds the decoder's final norm from megatron-core's module-global default
+(``WrappedTorchNorm`` without TE / apex, which refuses sequence parallelism); ``NativeGPTModel`` builds it as a
+:class:`.norm.NativeNorm` instead, same parameter ``decoder.final_layernorm.weight``.
 """
 
 from __future__ import annotations
 
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
 from .cross_entropy import fused_linear_cross_entropy
+from .norm import NativeNorm
 
 __all__ = ["NativeGPTModel"]
 
 
 class NativeGPTModel(GPTModel):
     """``GPTModel`` with the memory-lean fused output-projection + cross-entropy loss; same parameters."""
+
+    def __init__(self, config, transformer_layer_spec, *args, **kwargs) -> None:
+        if isinstance(transformer_layer_spec, ModuleSpec) and issubclass(transformer_layer_spec.module,
+                                                                         BaseTransformerLayer):
+            # What TransformerBlock would build from a layer spec, with the native final norm.
+            pg_collection = kwargs.get("pg_collection")
+            pp_rank = pg_collection.pp.rank() if getattr(pg_collection, "pp", None) is not None else None
+            layers = get_num_layers_to_build(config, kwargs.get("vp_stage"), pp_rank)
+            transformer_layer_spec = TransformerBlockSubmodules(layer_specs=[transformer_layer_spec] * layers,
+                                                                layer_norm=NativeNorm)
+        super().__init__(config, transformer_layer_spec, *args, **kwargs)
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         if not self._lean_loss_applies(labels, kwargs):
