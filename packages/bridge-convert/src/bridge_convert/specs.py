@@ -45,7 +45,7 @@ def resolve_transformer_impl(requested: str) -> str:
         ValueError: for an unknown name, or ``transformer_engine`` without TE or without a GPU.
     """
     if requested == "auto":
-        return "transformer_engine" if te_available() else "local"
+        return "transformer_engine" if te_available() else "native"
     if requested not in TRANSFORMER_IMPLS:
         raise ValueError(f"transformer_impl must be one of {('auto', *TRANSFORMER_IMPLS)}, got {requested!r}")
     if requested == "transformer_engine" and not te_available():
