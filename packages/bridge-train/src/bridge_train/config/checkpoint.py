@@ -1,0 +1,71 @@
+"""Where and how often checkpoints are written, and what is loaded at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .field_checks import at_least, type_problems
+
+__all__ = ["CheckpointConfig"]
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Saving (dist-checkpointing, keep-last-N, async, optional HF export) and loading (resume or fine-tune)."""
+
+    save: str | None = None
+    """Directory for checkpoints (``iter_0000010/`` folders and a ``latest`` tracker); None: never save."""
+    save_interval: int | None = None
+    """Save every this many iterations (and at exit); None: save only at the end and on exit signals."""
+    keep_last_n: int | None = None
+    """Delete older checkpoints so that this many remain; None: keep all."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues."""
+    format: Literal["torch_dist"] = "torch_dist"
+    """On-disk format: megatron-core dist-checkpointing (loadable at a different TP/PP)."""
+    fully_parallel_save: bool = True
+    """Spread the writing of replicated tensors over the data-parallel ranks."""
+    save_optim: bool = True
+    """Include the optimizer state (and its scheduler) in checkpoints."""
+    save_rng: bool = True
+    """Include the RNG states in checkpoints (needed for bitwise-exact resume)."""
+    save_hf: bool = False
+    """Also export a Hugging Face checkpoint (via bridge-convert) next to each saved checkpoint."""
+    load: str | None = None
+    """Directory to resume from (its ``latest`` complete checkpoint); None: start fresh."""
+    load_optim: bool = True
+    """Restore the optimizer and scheduler state when resuming."""
+    load_rng: bool = True
+    """Restore the RNG states when resuming."""
+    exit_on_missing_checkpoint: bool = False
+    """If ``load`` holds no checkpoint: raise instead of starting from scratch."""
+    finetune: bool = False
+    """Start from ``pretrained_checkpoint``'s model weights only, at iteration 0, with a fresh optimizer."""
+    pretrained_checkpoint: str | None = None
+    """Megatron or HF checkpoint directory with the weights to fine-tune (used when ``load`` has none)."""
+
+    def check(self, prefix: str = "checkpoint") -> list[str]:
+        """Problems with this config alone."""
+        problems = type_problems(self, prefix)
+        if problems:
+            return problems
+        for message in (at_least(f"{prefix}.save_interval", self.save_interval, 1, optional=True),
+                        at_least(f"{prefix}.keep_last_n", self.keep_last_n, 1, optional=True)):
+            if message:
+                problems.append(message)
+        if self.save is None:
+            for name in ("save_interval", "keep_last_n"):
+                if getattr(self, name) is not None:
+                    problems.append(f"{prefix}.{name} is set but {prefix}.save is not; set {prefix}.save to a "
+                                    f"directory, or {prefix}.{name}=null")
+            for name in ("async_save", "save_hf"):
+                if getattr(self, name):
+                    problems.append(f"{prefix}.{name} is true but {prefix}.save is not set; set {prefix}.save to "
+                                    f"a directory, or {prefix}.{name}=false")
+        if self.finetune and not self.pretrained_checkpoint and not self.load:
+            problems.append(f"{prefix}.finetune is true but neither {prefix}.pretrained_checkpoint nor "
+                            f"{prefix}.load is set; point {prefix}.pretrained_checkpoint at the weights to fine-tune")
+        if self.exit_on_missing_checkpoint and not self.load:
+            problems.append(f"{prefix}.exit_on_missing_checkpoint is true but {prefix}.load is not set")
+        return problems

@@ -1,0 +1,226 @@
+"""Rules that relate sub-configs to each other (STYLE §4: the container checks only how sub-configs relate).
+
+Each function returns messages that name the dotted fields involved, their values and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .field_checks import at_least, type_problems
+from .mixed_precision import MixedPrecisionConfig, quantization_support_problems
+
+__all__ = [
+    "batch_problems",
+    "data_parallel_size",
+    "model_layout_problems",
+    "optimizer_ddp_problems",
+    "precision_problems",
+    "run_problems",
+    "schedule_problems",
+]
+
+_MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length", "vocab_size",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                 "context_parallel_size", "expert_model_parallel_size", "sequence_parallel", "kv_channels",
+                 "bf16", "fp16", "params_dtype", "num_moe_experts")
+
+
+def data_parallel_size(model: Any, world_size: int | None) -> int:
+    """``world_size / (TP x PP x CP)``; 1 when the world size is not known yet."""
+    if world_size is None:
+        return 1
+    model_parallel = model.tensor_model_parallel_size * model.pipeline_model_parallel_size \
+        * model.context_parallel_size
+    return max(world_size // model_parallel, 1)
+
+
+def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
+    """Shape and parallel layout of the model: heads, KV groups, layers, sequence length against TP/PP/VP/CP."""
+    problems = type_problems(model, "model", _MODEL_FIELDS)
+    if problems:
+        return problems
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "tensor_model_parallel_size",
+                 "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
+        message = at_least(f"model.{name}", getattr(model, name), 1)
+        if message:
+            problems.append(message)
+    if model.vocab_size is None or model.vocab_size < 1:
+        problems.append(f"model.vocab_size must be a positive integer, got {model.vocab_size!r}; set it from the "
+                        "tokenizer (the bridge does this when importing an HF model)")
+    if problems:
+        return problems
+    tp, pp, cp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size, model.context_parallel_size
+    vp = model.virtual_pipeline_model_parallel_size
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    if heads % tp:
+        problems.append(f"model.num_attention_heads ({heads}) must be divisible by model.tensor_model_parallel_size "
+                        f"({tp}); choose a TP that divides it ({_divisors(heads)})")
+    if groups % tp:
+        problems.append(f"model.num_query_groups ({groups}) must be divisible by model.tensor_model_parallel_size "
+                        f"({tp}) so each TP rank holds whole KV groups; choose a TP in {_divisors(groups)}")
+    if heads % groups:
+        problems.append(f"model.num_attention_heads ({heads}) must be a multiple of model.num_query_groups ({groups})")
+    if model.kv_channels is None and model.hidden_size % heads:
+        problems.append(f"model.hidden_size ({model.hidden_size}) must be divisible by model.num_attention_heads "
+                        f"({heads}), or set model.kv_channels")
+    if vp is not None and vp < 1:
+        problems.append(f"model.virtual_pipeline_model_parallel_size must be >= 1 or null, got {vp}")
+    elif vp is not None and vp > 1 and pp == 1:
+        problems.append(f"model.virtual_pipeline_model_parallel_size ({vp}) needs "
+                        "model.pipeline_model_parallel_size > 1; set it to null")
+    stages = pp * (vp or 1)
+    if model.num_layers % stages and getattr(model, "pipeline_model_parallel_layout", None) is None:
+        problems.append(f"model.num_layers ({model.num_layers}) must be divisible by "
+                        f"model.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size ({pp} x {vp or 1}"
+                        f" = {stages}); choose PP x VP in {_divisors(model.num_layers)}")
+    if cp > 1 and model.seq_length % (2 * cp):
+        problems.append(f"model.seq_length ({model.seq_length}) must be divisible by 2 x "
+                        f"model.context_parallel_size (2 x {cp} = {2 * cp}) for load-balanced context parallelism; "
+                        f"set it to a multiple of {2 * cp}")
+    if model.sequence_parallel and tp == 1:
+        problems.append("model.sequence_parallel needs model.tensor_model_parallel_size > 1; set "
+                        "model.sequence_parallel=false or raise TP")
+    experts, ep = model.num_moe_experts, model.expert_model_parallel_size
+    if ep > 1 and (not experts or experts % ep):
+        problems.append(f"model.expert_model_parallel_size ({ep}) must divide model.num_moe_experts ({experts})")
+    if world_size is not None:
+        model_parallel = tp * pp * cp
+        if world_size % model_parallel:
+            problems.append(f"world size {world_size} must be divisible by model.tensor_model_parallel_size x "
+                            f"pipeline_model_parallel_size x context_parallel_size ({tp} x {pp} x {cp} = "
+                            f"{model_parallel}); change the parallel sizes or the number of processes")
+    impl = getattr(model, "transformer_impl", "auto")
+    if impl not in ("auto", "native", "local", "transformer_engine"):
+        problems.append(f"model.transformer_impl must be one of auto, native, local, transformer_engine; got {impl!r}")
+    return problems
+
+
+def batch_problems(train: Any, model: Any, world_size: int | None) -> list[str]:
+    """The global batch must split into whole micro-batches on every data-parallel rank."""
+    dp = data_parallel_size(model, world_size)
+    gbs, mbs = train.global_batch_size, train.micro_batch_size
+    if gbs is None or gbs % (mbs * dp) == 0:
+        return []
+    unknown = "" if world_size is not None else " (data-parallel size 1: the world size is not known yet)"
+    return [f"train.global_batch_size ({gbs}) must be divisible by train.micro_batch_size x data-parallel size "
+            f"({mbs} x {dp}){unknown}; set it to a multiple of {mbs * dp}"]
+
+
+def precision_problems(model: Any, optimizer: Any, ddp: Any, mixed_precision: MixedPrecisionConfig | None) -> list[str]:
+    """bf16/fp16/params dtype agree across model and optimizer; FP8/FP4 param gather agrees with DDP; FP8/FP4 can
+    run here (Transformer Engine, GPU generation)."""
+    fix = ("set mixed_precision (e.g. bf16_mixed), which sets model, optimizer and ddp together"
+           if mixed_precision is None else f"do not edit the fields {mixed_precision.label} sets")
+    problems = []
+    if model.bf16 and model.fp16:
+        problems.append("model.bf16 and model.fp16 are both true; pick one (" + fix + ")")
+    model_bf16 = model.bf16 or model.params_dtype == torch.bfloat16
+    model_fp16 = model.fp16 or model.params_dtype == torch.float16
+    expected = torch.bfloat16 if model.bf16 else torch.float16 if model.fp16 else None
+    if expected is not None and model.params_dtype != expected:
+        problems.append(f"model.params_dtype ({_name(model.params_dtype)}) does not match model.bf16={model.bf16}, "
+                        f"model.fp16={model.fp16}; set model.params_dtype={_name(expected)}, or {fix}")
+    for flag, model_value in (("bf16", model_bf16), ("fp16", model_fp16)):
+        if bool(getattr(optimizer, flag)) != model_value:
+            problems.append(f"optimizer.{flag} ({getattr(optimizer, flag)}) does not match the model (bf16/fp16 from "
+                            f"model.{flag}={getattr(model, flag)}, model.params_dtype={_name(model.params_dtype)}); "
+                            f"{fix}, or set optimizer.{flag}={str(model_value).lower()}")
+    if optimizer.params_dtype != model.params_dtype:
+        problems.append(f"optimizer.params_dtype ({_name(optimizer.params_dtype)}) differs from model.params_dtype "
+                        f"({_name(model.params_dtype)}); {fix}")
+    if model.fp8 and model.fp4:
+        problems.append(f"model.fp8 ({model.fp8!r}) and model.fp4 ({model.fp4!r}) are both set; choose one")
+    for kind in ("fp8", "fp4"):
+        if bool(getattr(model, f"{kind}_param")) != bool(getattr(ddp, f"{kind}_param_gather")):
+            problems.append(f"model.{kind}_param ({getattr(model, f'{kind}_param')}) and ddp.{kind}_param_gather "
+                            f"({getattr(ddp, f'{kind}_param_gather')}) must be equal; {fix}")
+        if getattr(model, f"{kind}_param") and not getattr(model, kind):
+            problems.append(f"model.{kind}_param needs model.{kind} to be set")
+    if model.fp8 or model.fp4:
+        source = mixed_precision.label if mixed_precision is not None else f"model.{'fp8' if model.fp8 else 'fp4'}"
+        problems += quantization_support_problems(model.fp8, model.fp8_recipe, model.fp4, model.fp4_recipe, source)
+        impl = getattr(model, "transformer_impl", "auto")
+        if impl in ("native", "local"):
+            problems.append(f"model.transformer_impl={impl!r} has no FP8/FP4 kernels; set "
+                            "model.transformer_impl=transformer_engine (or auto)")
+    return problems
+
+
+def optimizer_ddp_problems(optimizer: Any, ddp: Any) -> list[str]:
+    """The distributed optimizer and its parameter all-gather are set on both configs alike."""
+    problems = []
+    for name in ("use_distributed_optimizer", "overlap_param_gather"):
+        if bool(getattr(optimizer, name)) != bool(getattr(ddp, name)):
+            problems.append(f"optimizer.{name} ({getattr(optimizer, name)}) and ddp.{name} "
+                            f"({getattr(ddp, name)}) must be equal; set both to the same value")
+    return problems
+
+
+def schedule_problems(scheduler: Any, optimizer: Any, train: Any) -> list[str]:
+    """Warmup fits inside the decay, the schedule's learning rates fit optimizer.lr, weight decay grows."""
+    problems = []
+    decay = scheduler.lr_decay_iters or train.train_iters
+    warmup = scheduler.lr_warmup_iters
+    if scheduler.lr_warmup_fraction is not None:
+        warmup = int(scheduler.lr_warmup_fraction * decay)
+    if warmup >= decay:
+        problems.append(f"scheduler.lr_warmup_iters ({warmup}) must be < the decay length ({decay}, "
+                        "scheduler.lr_decay_iters or train.train_iters); shorten the warmup")
+    if scheduler.lr_decay_style == "WSD" and scheduler.lr_wsd_decay_iters and scheduler.lr_wsd_decay_iters > decay:
+        problems.append(f"scheduler.lr_wsd_decay_iters ({scheduler.lr_wsd_decay_iters}) must be <= the decay length "
+                        f"({decay})")
+    if optimizer.lr is not None and scheduler.lr_warmup_init > optimizer.lr:
+        problems.append(f"scheduler.lr_warmup_init ({scheduler.lr_warmup_init}) must be <= optimizer.lr "
+                        f"({optimizer.lr})")
+    start = scheduler.start_weight_decay if scheduler.start_weight_decay is not None else optimizer.weight_decay
+    end = scheduler.end_weight_decay if scheduler.end_weight_decay is not None else optimizer.weight_decay
+    if end < start:
+        problems.append(f"scheduler.end_weight_decay ({end}) must be >= scheduler.start_weight_decay ({start}) "
+                        "(unset values default to optimizer.weight_decay)")
+    elif scheduler.weight_decay_incr_style == "constant" and start != end:
+        problems.append(f"scheduler.weight_decay_incr_style=constant but the weight decay goes from {start} to {end} "
+                        "(unset values default to optimizer.weight_decay); choose linear or cosine")
+    return problems
+
+
+def run_problems(cfg: Any, world_size: int | None) -> list[str]:
+    """Dataset, PEFT, profiling and checkpoint settings against the rest of the run."""
+    problems = []
+    if cfg.dataset is None:
+        problems.append("dataset is not set; assign a dataset config (e.g. bridge-data's mock, pretrain or SFT "
+                        "config) to cfg.dataset")
+    elif not callable(getattr(cfg.dataset, "build", None)):
+        problems.append(f"dataset ({type(cfg.dataset).__name__}) has no build(tokenizer, ...) method; use a "
+                        "bridge-data dataset config")
+    else:
+        data_seq = getattr(cfg.dataset, "seq_length", None)
+        if isinstance(data_seq, int) and data_seq > cfg.model.seq_length:
+            problems.append(f"dataset.seq_length ({data_seq}) exceeds model.seq_length ({cfg.model.seq_length}); "
+                            "lower dataset.seq_length or raise model.seq_length")
+    if cfg.peft is not None and not callable(cfg.peft):
+        problems.append(f"peft ({type(cfg.peft).__name__}) must be callable as peft(model, training) -> model")
+    prof = cfg.profiling
+    if prof.use_pytorch_profiler:
+        if prof.profile_dir is None and cfg.logger.tensorboard_dir is None:
+            problems.append("profiling.use_pytorch_profiler needs profiling.profile_dir or logger.tensorboard_dir "
+                            "for the trace")
+        if prof.profile_step_end > cfg.train.train_iters:
+            problems.append(f"profiling.profile_step_end ({prof.profile_step_end}) is beyond train.train_iters "
+                            f"({cfg.train.train_iters}); the trace would never be written")
+    if (prof.use_pytorch_profiler or prof.record_memory_history) and world_size is not None:
+        outside = [r for r in prof.profile_ranks if r >= world_size]
+        if outside:
+            problems.append(f"profiling.profile_ranks {outside} do not exist in a world of {world_size} ranks")
+    return problems
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0] if 0 < n <= 4096 else []
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,115 @@
+"""What the training loop itself reads: batch sizes and lengths, seeds, and what to do when things go wrong."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Literal
+
+from .field_checks import at_least, type_problems
+
+__all__ = ["RNGConfig", "RobustnessConfig", "TrainConfig"]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Batch sizes, run length, evaluation cadence and exit conditions of the loop."""
+
+    train_iters: int
+    """Optimizer steps to run in total (a resumed run continues up to this count)."""
+    micro_batch_size: int = 1
+    """Samples in one forward/backward pass on one data-parallel rank."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all data-parallel ranks; None: micro_batch_size x DP (no accumulation)."""
+    eval_interval: int | None = None
+    """Evaluate every this many iterations (and after the last one); None: never evaluate."""
+    eval_iters: int = 10
+    """Micro-batch groups (global batches) per evaluation."""
+    exit_interval: int | None = None
+    """Save (if checkpointing is on) and exit when the iteration is a multiple of this; None: off."""
+    exit_duration_in_mins: float | None = None
+    """Save and exit once the run has taken this many minutes; None: no time limit."""
+    manual_gc: bool = False
+    """Disable Python's automatic garbage collector and collect every ``manual_gc_interval`` iterations on all
+    ranks together (avoids stragglers from uncoordinated GC pauses)."""
+    manual_gc_interval: int = 0
+    """Iterations between manual collections; 0: collect only at checkpoints and evaluation."""
+    manual_gc_eval: bool = True
+    """With manual_gc, also collect before and after each evaluation."""
+    empty_unused_memory_level: Literal[0, 1, 2] = 0
+    """Call torch.cuda.empty_cache(): 0 never, 1 after each optimizer step, 2 also after each evaluation."""
+
+    def check(self, prefix: str = "train") -> list[str]:
+        """Problems with this config alone (batch divisibility by DP is the container's check)."""
+        problems = type_problems(self, prefix)
+        if problems:
+            return problems
+        problems += [m for m in (
+            at_least(f"{prefix}.train_iters", self.train_iters, 1),
+            at_least(f"{prefix}.micro_batch_size", self.micro_batch_size, 1),
+            at_least(f"{prefix}.global_batch_size", self.global_batch_size, 1, optional=True),
+            at_least(f"{prefix}.eval_interval", self.eval_interval, 1, optional=True),
+            at_least(f"{prefix}.eval_iters", self.eval_iters, 0),
+            at_least(f"{prefix}.exit_interval", self.exit_interval, 1, optional=True),
+            at_least(f"{prefix}.manual_gc_interval", self.manual_gc_interval, 0),
+        ) if m]
+        if self.eval_interval is not None and self.eval_iters == 0:
+            problems.append(f"{prefix}.eval_iters is 0 but {prefix}.eval_interval is {self.eval_interval}: "
+                            f"set {prefix}.eval_iters >= 1, or {prefix}.eval_interval=null to turn evaluation off")
+        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
+            problems.append(f"{prefix}.exit_duration_in_mins must be > 0, got {self.exit_duration_in_mins}; "
+                            "set it to null for no time limit")
+        if self.manual_gc_interval and not self.manual_gc:
+            problems.append(f"{prefix}.manual_gc_interval={self.manual_gc_interval} has no effect while "
+                            f"{prefix}.manual_gc is false; set {prefix}.manual_gc=true or the interval to 0")
+        return problems
+
+
+@dataclass(kw_only=True, slots=True)
+class RNGConfig:
+    """Seeds for weight initialisation, dropout and data order."""
+
+    seed: int = 1234
+    """Base seed; megatron-core derives the per-TP/PP-rank seeds from it."""
+    data_parallel_random_init: bool = False
+    """Let data-parallel replicas start from different random weights (else rank 0's are broadcast)."""
+
+    def check(self, prefix: str = "rng") -> list[str]:
+        """Problems with this config alone."""
+        problems = type_problems(self, prefix)
+        if not problems and not 0 <= self.seed < 2**63:
+            problems.append(f"{prefix}.seed must be in [0, 2**63), got {self.seed}")
+        return problems
+
+
+@dataclass(kw_only=True, slots=True)
+class RobustnessConfig:
+    """What the loop does on a non-finite loss or gradient norm, and on a termination signal."""
+
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/Inf loss or grad norm: "stop" raises with the iteration number; "skip" drops that step's update
+    (the optimizer step is not applied) and goes on."""
+    max_consecutive_skips: int | None = 10
+    """With nan_policy="skip", stop anyway after this many non-finite iterations in a row; None: never."""
+    exit_signal_handler: bool = True
+    """Catch ``exit_signals``: finish the current iteration, save a checkpoint (if saving is on) and exit cleanly."""
+    exit_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    """Signal names the handler catches."""
+
+    def check(self, prefix: str = "robustness") -> list[str]:
+        """Problems with this config alone."""
+        problems = type_problems(self, prefix)
+        if problems:
+            return problems
+        message = at_least(f"{prefix}.max_consecutive_skips", self.max_consecutive_skips, 1, optional=True)
+        if message:
+            problems.append(message)
+        valid = set(signal.Signals.__members__)
+        unknown = [name for name in self.exit_signals if name not in valid]
+        if unknown:
+            problems.append(f"{prefix}.exit_signals has unknown signal names {unknown}; use names such as "
+                            "SIGTERM, SIGUSR1, SIGINT")
+        if self.exit_signal_handler and not self.exit_signals:
+            problems.append(f"{prefix}.exit_signals is empty while {prefix}.exit_signal_handler is true; "
+                            "name at least one signal or turn the handler off")
+        return problems
