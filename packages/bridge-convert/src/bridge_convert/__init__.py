@@ -6,14 +6,26 @@ bridge = AutoBridge.from_hf_pretrained("/models/Llama-3.2-1B")
 model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False)
 bridge.save_hf_pretrained(model, "/out/llama-hf")
 ```
+Names are imported lazily: ``import bridge_convert`` does not import megatron-core until one is used.
 """
 
-from .auto_bridge import AutoBridge
-from .mappings import QKV, Direct, GatedMLP, Mapping, VocabParallel
-from .model_bridge import ModelBridge
-from .provider import GPTModelProvider
-from .registry import get_bridge, supported_architectures
-from .runtime import ParallelLayout, initialize_parallel
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "AutoBridge": ".auto_bridge",
+    "GPTModelProvider": ".provider",
+    "ModelBridge": ".model_bridge",
+    "Mapping": ".mappings",
+    "Direct": ".mappings",
+    "QKV": ".mappings",
+    "GatedMLP": ".mappings",
+    "VocabParallel": ".mappings",
+    "get_bridge": ".registry",
+    "supported_architectures": ".registry",
+    "ParallelLayout": ".runtime",
+    "initialize_parallel": ".runtime",
+}
 
 __all__ = [
     "QKV",
@@ -29,3 +41,20 @@ __all__ = [
     "initialize_parallel",
     "supported_architectures",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bridge_convert' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .auto_bridge import AutoBridge
+    from .mappings import QKV, Direct, GatedMLP, Mapping, VocabParallel
+    from .model_bridge import ModelBridge
+    from .provider import GPTModelProvider
+    from .registry import get_bridge, supported_architectures
+    from .runtime import ParallelLayout, initialize_parallel

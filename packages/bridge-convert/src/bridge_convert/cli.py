@@ -203,7 +203,11 @@ _COMMANDS = {"list": _cmd_list, "import": _cmd_import, "export": _cmd_export, "r
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bridge-convert`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .runtime.warnings_filter import silence_known_warnings
+
+    silence_known_warnings()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("bridge").setLevel(logging.INFO)
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:

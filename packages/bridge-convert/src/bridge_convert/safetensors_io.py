@@ -92,10 +92,10 @@ class LazyHFCheckpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"HF checkpoint directory not found: {self.path}")
-        self.format, self.weight_map, self.index_metadata = self._discover()
         self._handles: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
         self._bin_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.format, self.weight_map, self.index_metadata = self._discover()
         for file in sorted(set(self.weight_map.values())):
             if not (self.path / file).exists():
                 raise FileNotFoundError(f"{self.path / file} is listed in the checkpoint index but missing")

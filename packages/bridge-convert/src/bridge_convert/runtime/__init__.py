@@ -12,6 +12,7 @@ from .parallel import (
     initialize_parallel,
     log_rank0,
 )
+from .warnings_filter import silence_known_warnings
 
 __all__ = [
     "CPU_PATCHES",
@@ -23,4 +24,5 @@ __all__ = [
     "get_parallel_state",
     "initialize_parallel",
     "log_rank0",
+    "silence_known_warnings",
 ]

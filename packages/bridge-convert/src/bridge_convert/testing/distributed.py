@@ -1,6 +1,6 @@
 """Run a test body in N processes joined by a gloo (CPU) or NCCL (GPU) process group.
 
-``run_multiprocess(body, 2, arg)`` spawns two fresh interpreters (torch.multiprocessing, spawn context),
+``run_multiprocess(body, 2, arg)`` starts two fresh processes (torch.multiprocessing, forkserver context),
 sets the torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port)
 and calls ``body(*args)`` in each. The body is found again in the children by its source file and qualified
 name, so any module-level function of a test file works whatever pytest's import mode. Each rank's return
@@ -70,6 +70,22 @@ def _child(rank: int, world_size: int, port: int, target: tuple[str, str, str], 
             destroy_parallel()
 
 
+_PRELOAD = ["torch", "megatron.core", "megatron.core.pipeline_parallel", "megatron.core.distributed",
+            "megatron.core.optimizer", "megatron.core.dist_checkpointing", "transformers", "bridge_convert.runtime"]
+
+
+def _context():
+    """A forkserver context whose server has imported torch and megatron-core once.
+
+    Every rank is forked from that server, so a multi-process test pays megatron-core's ~6 s import once per
+    test session instead of once per rank and test. The server itself never initialises CUDA, OpenMP threads or
+    a process group, so forking from it is as clean as a spawn.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_multiprocess(
     body: Callable[..., Any],
     world_size: int,
@@ -94,7 +110,7 @@ def run_multiprocess(
     target = (os.path.abspath(inspect.getfile(body)), body.__qualname__, body.__module__)
     child_env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     child_env.update(env or {})
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = find_free_port()
     procs = [

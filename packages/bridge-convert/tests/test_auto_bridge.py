@@ -1,0 +1,109 @@
+"""AutoBridge's errors: each names what is wrong, and nothing is built or written half-way."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bridge_convert import AutoBridge, safetensors_io
+from bridge_convert.testing import save_tiny_hf_checkpoint
+
+
+def _rewrite_shard(path, drop=(), add=None):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    file = index["weight_map"]["model.embed_tokens.weight"]
+    tensors = load_file(str(path / file))
+    for name in drop:
+        tensors.pop(name)
+        index["weight_map"].pop(name)
+    for name, tensor in (add or {}).items():
+        tensors[name] = tensor
+        index["weight_map"][name] = file
+    save_file(tensors, str(path / file), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'; supported: \[.*'LlamaForCausalLM'"):
+        AutoBridge.from_hf_config({"architectures": ["GPT2LMHeadModel"]})
+    assert AutoBridge.list_supported_models() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                                  "Qwen3ForCausalLM"]
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path, runtime):
+    path = tmp_path / "hf"
+    save_tiny_hf_checkpoint(path, "llama")
+    _rewrite_shard(path, drop=["model.embed_tokens.weight"], add={"model.extra.weight": torch.ones(2)})
+    with pytest.raises(ValueError) as err:
+        AutoBridge.from_hf_pretrained(path).to_megatron_model(load_weights=True)
+    assert "missing tensors (1): model.embed_tokens.weight" in str(err.value)
+    assert "unexpected tensors (1): model.extra.weight" in str(err.value)
+
+
+def test_shape_mismatch_names_parameter_and_shapes(tmp_path, runtime):
+    path = tmp_path / "hf"
+    save_tiny_hf_checkpoint(path, "llama")
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"shape mismatch for decoder.layers.0.mlp.linear_fc1.weight .*expected "
+                                         r"\(192, 64\) for the full tensor, got \(256, 64\)"):
+        AutoBridge.from_hf_pretrained(path).to_megatron_model(load_weights=True)
+
+
+def test_heads_not_divisible_by_tp_fail_before_anything_is_built(hf_checkpoints, monkeypatch):
+    import bridge_convert.provider as provider_module
+
+    def no_runtime(*args, **kwargs):
+        raise AssertionError("the runtime must not be initialised for an impossible layout")
+
+    monkeypatch.setattr(provider_module, "initialize_parallel", no_runtime)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_model_parallel_size "
+                                         r"\(3\).*\n.*num_query_groups \(2\)"):
+        AutoBridge.from_hf_pretrained(hf_checkpoints["llama"]).to_megatron_model(tensor_model_parallel_size=3)
+
+
+def test_unknown_provider_override_suggests_a_field(hf_checkpoints):
+    with pytest.raises(ValueError, match="no field 'tensor_parallel_size'; did you mean 'tensor_model_parallel_size'"):
+        AutoBridge.from_hf_pretrained(hf_checkpoints["llama"]).to_megatron_model(tensor_parallel_size=2)
+
+
+def test_missing_directory_and_offline_hub_id(monkeypatch, tmp_path):
+    with pytest.raises(FileNotFoundError, match="HF model directory not found"):
+        AutoBridge.from_hf_pretrained(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="could not be fetched from the HF hub"):
+        AutoBridge.from_hf_pretrained("meta-llama/Llama-3.2-1B")
+
+
+def test_failed_export_leaves_no_output(hf_checkpoints, tmp_path, monkeypatch, runtime):
+    bridge = AutoBridge.from_hf_pretrained(hf_checkpoints["qwen3"])
+    model = bridge.to_megatron_model(load_weights=True)
+    original = safetensors_io.ShardedSafetensorsWriter.add
+    calls = []
+
+    def failing_add(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 8:
+            raise OSError("disk full")
+        original(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_io.ShardedSafetensorsWriter, "add", failing_add)
+    with pytest.raises(OSError, match="disk full"):
+        bridge.save_hf_pretrained(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_with_dtype_shards_by_size(hf_checkpoints, tmp_path, runtime):
+    bridge = AutoBridge.from_hf_pretrained(hf_checkpoints["llama"])
+    model = bridge.to_megatron_model(load_weights=True)
+    bridge.save_hf_pretrained(model, tmp_path / "out", dtype="bfloat16", max_shard_size="100KB")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.dtype == torch.bfloat16
+    source = AutoModelForCausalLM.from_pretrained(hf_checkpoints["llama"])
+    for (name, a), (_, b) in zip(source.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 2

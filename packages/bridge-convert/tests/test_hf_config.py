@@ -1,0 +1,88 @@
+"""HF config <-> provider translation as pure functions on literal config dicts."""
+
+import pytest
+import torch
+
+from bridge_convert.hf_config import RopeSettings, read_rope, write_rope
+from bridge_convert.models.llama import LLAMA
+from bridge_convert.models.mistral import MISTRAL
+from bridge_convert.models.qwen import QWEN2, QWEN3
+from bridge_convert.provider import GPTModelProvider
+
+LLAMA_32_1B = {  # the hub's config.json of Llama-3.2-1B (legacy rope layout)
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.45.0",
+    "use_cache": True, "vocab_size": 128256,
+}
+
+
+def test_llama32_1b_config_to_provider():
+    kw = LLAMA.config_to_provider(LLAMA_32_1B)
+    assert (kw["num_layers"], kw["hidden_size"], kw["ffn_hidden_size"]) == (16, 2048, 8192)
+    assert (kw["num_attention_heads"], kw["num_query_groups"], kw["kv_channels"]) == (32, 8, 64)
+    assert kw["vocab_size"] == 128256 and kw["seq_length"] == 131072 and kw["layernorm_epsilon"] == 1e-5
+    assert kw["rotary_base"] == 500000.0 and kw["rope_scaling"] and kw["rope_scaling_factor"] == 32.0
+    assert kw["rope_scaling_original_max_position_embeddings"] == 8192
+    assert kw["share_embeddings_and_output_weights"] and kw["params_dtype"] == torch.bfloat16
+
+
+def test_llama_config_roundtrips_through_provider():
+    provider = GPTModelProvider(**LLAMA.config_to_provider(LLAMA_32_1B))
+    back = LLAMA.provider_to_config(provider, LLAMA_32_1B)
+    assert back == LLAMA_32_1B
+
+
+def test_provider_without_source_writes_a_complete_config():
+    provider = GPTModelProvider(**LLAMA.config_to_provider(LLAMA_32_1B))
+    raw = LLAMA.provider_to_config(provider, None)
+    again = LLAMA.config_to_provider(raw)
+    assert again == LLAMA.config_to_provider(LLAMA_32_1B)
+
+
+def test_qwen2_has_qkv_bias_and_qwen3_has_qk_norm():
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 100, "hidden_act": "silu"}
+    assert QWEN2.config_to_provider({**base, "architectures": ["Qwen2ForCausalLM"]})["add_qkv_bias"]
+    q3 = QWEN3.config_to_provider({**base, "architectures": ["Qwen3ForCausalLM"], "head_dim": 32})
+    assert q3["qk_layernorm"] and q3["kv_channels"] == 32 and not q3["add_qkv_bias"]
+
+
+def test_mistral_sliding_window_maps_to_megatron_window():
+    base = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+            "sliding_window": 4096}
+    kw = MISTRAL.config_to_provider(base)
+    assert kw["window_size"] == (4095, 0)
+    assert MISTRAL.provider_to_config(GPTModelProvider(**kw), base)["sliding_window"] == 4096
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"attention_bias": True}, "attention_bias or mlp_bias is not supported"),
+])
+def test_unsupported_settings_are_refused(raw, message):
+    with pytest.raises(ValueError, match=message):
+        LLAMA.config_to_provider({**LLAMA_32_1B, **raw})
+
+
+def test_read_rope_both_layouts():
+    legacy = read_rope({"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    new = read_rope({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}})
+    assert legacy.legacy_layout and not new.legacy_layout
+    assert (legacy.theta, legacy.factor, legacy.original_max_position_embeddings) == (5e5, 8.0, 8192)
+    assert (new.theta, new.factor, new.low_freq_factor, new.high_freq_factor) == (5e5, 8.0, 1.0, 4.0)
+    assert read_rope({}).theta == 10000.0 and read_rope({"rope_theta": 1e6}).rope_type == "default"
+
+
+def test_write_rope_keeps_the_requested_layout():
+    raw = {"rope_parameters": {"rope_theta": 1.0}}
+    write_rope(raw, RopeSettings(theta=5e5, legacy_layout=True))
+    assert raw == {"rope_theta": 5e5, "rope_scaling": None}
+    write_rope(raw, RopeSettings(theta=5e5, rope_type="linear", factor=2.0))
+    assert raw == {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}

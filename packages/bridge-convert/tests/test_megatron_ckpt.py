@@ -1,0 +1,46 @@
+"""The Megatron checkpoint format: import at one layout, export at another, bit-exactly."""
+
+import json
+
+import pytest
+from checkpoints import assert_same_checkpoint
+
+from bridge_convert import AutoBridge
+from bridge_convert.megatron_ckpt import TRACKER_FILE, read_checkpoint_metadata, resolve_checkpoint_dir
+from bridge_convert.runtime import initialize_parallel
+from bridge_convert.testing import run_multiprocess
+
+
+def _import_body(hf_path: str, megatron_path: str, tp: int, pp: int) -> None:
+    initialize_parallel()
+    AutoBridge.import_ckpt(hf_path, megatron_path, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+@pytest.mark.multiproc
+def test_import_at_tp2_export_at_tp1_is_bit_exact(hf_checkpoints, tmp_path, runtime):
+    run_multiprocess(_import_body, 2, hf_checkpoints["llama32"], str(tmp_path / "mcore"), 2, 1)
+    meta = read_checkpoint_metadata(tmp_path / "mcore")
+    assert meta["saved_layout"]["tensor_model_parallel_size"] == 2
+    assert meta["architecture"] == "LlamaForCausalLM" and meta["iteration"] == 0
+    AutoBridge.export_ckpt(tmp_path / "mcore", tmp_path / "hf")
+    assert_same_checkpoint(hf_checkpoints["llama32"], tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_import_export_world_size_one_keeps_assets(hf_checkpoints, tmp_path, runtime):
+    AutoBridge.import_ckpt(hf_checkpoints["qwen2"], tmp_path / "mcore")
+    assert (tmp_path / "mcore" / TRACKER_FILE).read_text().strip() == "0"
+    directory = resolve_checkpoint_dir(tmp_path / "mcore")
+    assert directory.name == "iter_0000000" and (directory / "hf_assets" / "generation_config.json").exists()
+    assert resolve_checkpoint_dir(directory) == directory
+    AutoBridge.export_ckpt(tmp_path / "mcore", tmp_path / "hf")
+    assert_same_checkpoint(hf_checkpoints["qwen2"], tmp_path / "hf")
+    assert (tmp_path / "hf" / "generation_config.json").exists()
+
+
+def test_resolve_reports_missing_and_incomplete_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Megatron checkpoint"):
+        resolve_checkpoint_dir(tmp_path)
+    (tmp_path / TRACKER_FILE).write_text("5\n")
+    with pytest.raises(FileNotFoundError, match="points at iteration 5, but .*iter_0000005 is not a complete"):
+        resolve_checkpoint_dir(tmp_path)
