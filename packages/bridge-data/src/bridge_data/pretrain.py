@@ -111,11 +111,11 @@ class PretrainDataConfig:
 
         sizes = [train_samples, valid_samples, test_samples]
         if not self.mock:
-            for prefix in self.paths:
-                check_indexed_dataset(prefix)
             if self.weights is not None and None in sizes:
                 raise ValueError("PretrainDataConfig.weights needs train_samples, valid_samples and test_samples; "
                                  f"got {sizes}")
+            for prefix in self.paths:
+                self._check_split_sizes(prefix, check_indexed_dataset(prefix))
         config = GPTDatasetConfig(
             random_seed=self.seed,
             sequence_length=self.seq_length,
@@ -133,6 +133,22 @@ class PretrainDataConfig:
         cls = RandomMockGPTDataset if self.mock else GPTDataset
         datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
         return tuple(None if d is None else PretrainDataset(d, self.seq_length) for d in datasets)
+
+
+    def _check_split_sizes(self, prefix: str, num_documents: int) -> None:
+        """Refuse splits that would get no documents (megatron-core would loop forever looking for tokens)."""
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix,
+            parse_and_normalize_split,
+        )
+
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.split))
+        for name, bounds in zip(("train", "valid", "test"), matrix):
+            if bounds is not None and round(bounds[1] * num_documents) == round(bounds[0] * num_documents):
+                raise ValueError(
+                    f"split={self.split!r} leaves the {name} split of {prefix!r} ({num_documents} documents) empty; "
+                    "use more documents, or a split that gives it none (e.g. '100,0,0')"
+                )
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -163,7 +179,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 def check_indexed_dataset(prefix: str) -> int:
-    """Check that ``prefix.bin``/``prefix.idx`` exist and hold documents; return the document count.
+    """Check that ``prefix.bin``/``prefix.idx`` exist and hold documents; return the number of sequences
+    (megatron-core splits GPT data by sequence; ``bridge-data preprocess`` writes one per document).
 
     Raises:
         FileNotFoundError: Naming the missing file(s).
@@ -180,7 +197,7 @@ def check_indexed_dataset(prefix: str) -> int:
     sequences, document_bounds = struct.unpack("<QQ", head[18:34])
     if sequences == 0 or document_bounds <= 1:
         raise ValueError(f"Indexed dataset {prefix!r} holds no documents")
-    return document_bounds - 1
+    return sequences
 
 
 class _MegatronTokenizerView:

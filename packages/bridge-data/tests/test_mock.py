@@ -1,0 +1,23 @@
+import numpy as np
+
+from bridge_data.mock import RandomDocuments
+
+
+def test_random_documents_end_in_eod_only_and_repeat_exactly():
+    docs = RandomDocuments(vocab_size=50, eod=7, seed=3, seq_length=8, num_documents=200)
+    again = RandomDocuments(vocab_size=50, eod=7, seed=3, seq_length=8, num_documents=200)
+    for i in range(200):
+        doc = docs[i]
+        assert len(doc) == docs.sequence_lengths[i] and 1 <= len(doc) <= 16
+        assert doc[-1] == 7 and 7 not in doc[:-1].tolist()
+        assert doc.min() >= 0 and doc.max() < 50
+        assert np.array_equal(doc, again[i])
+    assert np.array_equal(docs.get(5, offset=1, length=2), docs[5][1:3])
+
+
+def test_random_documents_cover_the_vocabulary_uniformly():
+    docs = RandomDocuments(vocab_size=20, eod=19, seed=0, seq_length=64, num_documents=100)
+    ids = np.concatenate([docs[i][:-1] for i in range(100)])
+    counts = np.bincount(ids, minlength=20)
+    assert counts[19] == 0
+    assert counts[:19].min() > 0.7 * counts[:19].mean()
