@@ -54,7 +54,7 @@ def _package_session(short: str, pkg: Path):
         session.run("python", "-c", "import importlib.util, sys; present = [m for m in sys.argv[1:] if "
                     "importlib.util.find_spec(m)]; sys.exit(f'not isolated, found {present}' if present else 0)",
                     *absent, silent=True)
-        session.run(*PYTEST, str(pkg / "tests"), *session.posargs)
+        session.run(*PYTEST, str(pkg / "tests"), "-m", "not gpu", *session.posargs)
 
     run.__doc__ = f"{dist} alone in a fresh venv: its tests"
     return run

@@ -51,6 +51,13 @@ def test_roundtrip_and_logits_world_size_one(family, hf_checkpoints, tmp_path, r
     assert_same_checkpoint(hf_checkpoints[family], tmp_path / "out")
 
 
+@pytest.mark.parametrize("family", ["llama32", "qwen2", "qwen3"])
+def test_roundtrip_and_logits_local_spec(family, hf_checkpoints, tmp_path, runtime):
+    # megatron-core's own reference modules: same parameter names, same numbers.
+    assert _convert(hf_checkpoints[family], tmp_path / "out", transformer_impl="local") <= 1e-4
+    assert_same_checkpoint(hf_checkpoints[family], tmp_path / "out")
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_roundtrip_and_logits_two_ranks(tp, pp, hf_checkpoints, tmp_path):

@@ -1,0 +1,64 @@
+"""The conversion tests on CUDA (lent GPU machines, `-m gpu`): NCCL at TP=2 / PP=2, bf16, and the TE spec."""
+
+import pytest
+import torch
+from checkpoints import assert_same_checkpoint
+from conftest import FAMILIES
+
+from bridge_convert import AutoBridge
+from bridge_convert.forward import forward_logits
+from bridge_convert.runtime import initialize_parallel
+from bridge_convert.specs import te_available
+from bridge_convert.testing import run_multiprocess
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SEQ = 20
+
+
+def _input_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(11))
+
+
+def _hf_logits(path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        return model(_input_ids().cuda()).logits.float().cpu()
+
+
+def _convert_on_gpu(paths: dict[str, str], out_root: str, overrides: dict) -> dict[str, float]:
+    initialize_parallel()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    diffs = {}
+    for family, path in paths.items():
+        bridge = AutoBridge.from_hf_pretrained(path)
+        model = bridge.to_megatron_model(load_weights=True, **overrides)
+        diffs[family] = (forward_logits(model, _input_ids()) - _hf_logits(path)).abs().max().item()
+        bridge.save_hf_pretrained(model, f"{out_root}/{family}")
+    return diffs
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_roundtrip_on_two_gpus_with_nccl(tp, pp, hf_checkpoints, tmp_path):
+    results = run_multiprocess(_convert_on_gpu, 2, hf_checkpoints, str(tmp_path),
+                               {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp})
+    for diffs in results:
+        for family, diff in diffs.items():
+            assert diff <= 1e-4, f"{family}: {diff}"
+    for family in FAMILIES:
+        assert_same_checkpoint(hf_checkpoints[family], tmp_path / family)
+
+
+@pytest.mark.parametrize("impl", ["native", "local", "transformer_engine"])
+def test_roundtrip_on_one_gpu_per_spec(impl, hf_checkpoints, tmp_path):
+    if impl == "transformer_engine" and not te_available():
+        pytest.skip("Transformer Engine is not importable here")
+    results = run_multiprocess(_convert_on_gpu, 1, hf_checkpoints, str(tmp_path), {"transformer_impl": impl})
+    for family, diff in results[0].items():
+        assert diff <= 1e-4, f"{family} ({impl}): {diff}"
+    for family in FAMILIES:
+        assert_same_checkpoint(hf_checkpoints[family], tmp_path / family)
