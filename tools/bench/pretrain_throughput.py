@@ -1,0 +1,362 @@
+"""Pretraining throughput of one Llama-3.2-1B-shaped model on one GPU: megatron-core specs vs HF transformers.
+
+Every row is a full training step (forward, backward, optimizer step) on random tokens, bf16:
+
+* ``native``          megatron-core GPTModel, bridge-convert's native spec (SDPA, fused norm/RoPE, fused chunked loss)
+* ``native-compile``  the same with ``compile_layers=True`` (``torch.compile`` of each transformer layer)
+* ``local``           megatron-core GPTModel, megatron-core's local spec
+* ``te``              megatron-core GPTModel, megatron-core's Transformer Engine spec (only when TE imports)
+* ``hf``              HF transformers ``LlamaForCausalLM`` with SDPA attention
+* ``hf-liger``        the same after ``liger_kernel.transformers.apply_liger_kernel_to_llama``
+
+megatron-core rows train the way megatron-core trains: bf16 params inside ``Float16Module``, megatron's
+``DistributedDataParallel`` with fp32 main grads, ``get_megatron_optimizer`` (fp32 main params, AdamW, grad
+clipping) and the no-pipelining schedule from ``get_forward_backward_func``. HF rows train as HF users do:
+bf16 params and ``torch.optim.AdamW(fused=True)``. Each row runs in its own subprocess (liger patches HF
+classes globally; GPU memory is fully returned between rows) and sweeps the micro-batches, stopping at the
+first out-of-memory.
+
+MFU = (6 * N * tokens + 12 * L * H * S * tokens) / time / peak, N = parameters (tied embedding counted once),
+L = layers, H = hidden size, S = sequence length; peak = dense bf16 tensor-core peak of the card (H100 SXM /
+H200: 989 TFLOP/s, H100 PCIe: 756, A100: 312; ``--peak-tflops`` overrides).
+
+Run on one GPU (repo code and megatron-core / liger wheels on PYTHONPATH)::
+
+    PYTHONPATH=packages/bridge-convert/src:<site> python tools/bench/pretrain_throughput.py --seq 4096 --out r.md
+
+``--tiny`` runs a tiny shape that finishes on a CPU in about a minute (a check of the script, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROWS = ("native", "native-compile", "local", "te", "hf", "hf-liger")
+MEGATRON_ROWS = {"native": "native", "native-compile": "native", "local": "local", "te": "transformer_engine"}
+RESULT_TAG = "BENCH_RESULT "
+
+LLAMA_32_1B = dict(layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192, vocab=128256, rope_theta=500000.0,
+                   rope_factor=32.0, rope_original_max=8192, eps=1e-5)
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512, rope_theta=500000.0, rope_factor=32.0,
+            rope_original_max=64, eps=1e-5)
+
+
+def parameter_count(shape: dict) -> int:
+    """Parameters of the tied-embedding Llama shape (the embedding counted once)."""
+    h, head_dim = shape["hidden"], shape["hidden"] // shape["heads"]
+    attention = 2 * h * h + 2 * h * shape["kv_heads"] * head_dim
+    per_layer = attention + 3 * h * shape["ffn"] + 2 * h
+    return shape["vocab"] * h + shape["layers"] * per_layer + h
+
+
+def flops_per_token(shape: dict, seq: int) -> float:
+    return 6.0 * parameter_count(shape) + 12.0 * shape["layers"] * shape["hidden"] * seq
+
+
+def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    name = device_name.upper()
+    if "H100" in name and "PCIE" in name:
+        return 756e12
+    if "H100" in name or "H200" in name or "GH200" in name:
+        return 989e12
+    if "A100" in name:
+        return 312e12
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+def _batch(args, shape: dict, micro_batch: int, device):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    ids = torch.randint(0, shape["vocab"], (micro_batch, args.seq), generator=g).to(device)
+    labels = torch.randint(0, shape["vocab"], (micro_batch, args.seq), generator=g).to(device)
+    return ids, labels
+
+
+def _megatron_trainer(row: str, args, shape: dict):
+    """Build a megatron-core GPTModel the way bridge-train does; returns (model, step(ids, labels) -> loss)."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from bridge_convert.provider import GPTModelProvider
+
+    impl = MEGATRON_ROWS[row]
+    fusions = dict(bias_activation_fusion=True, bias_dropout_fusion=True)
+    if impl == "local":
+        # megatron-core's own torch-native fused cross entropy (torch.compile'd), the best the local spec gets.
+        fusions.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
+    if impl == "transformer_engine":
+        fusions.update(apply_rope_fusion=True, cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
+    provider = GPTModelProvider(
+        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+        num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"], kv_channels=shape["hidden"] // shape["heads"],
+        vocab_size=shape["vocab"], seq_length=args.seq, share_embeddings_and_output_weights=True,
+        rotary_base=shape["rope_theta"], rope_scaling=True, rope_scaling_factor=shape["rope_factor"],
+        rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
+        params_dtype=torch.bfloat16, transformer_impl=impl, compile_layers=row == "native-compile", **fusions,
+    )
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp_config)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                        clip_grad=1.0, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=False),
+        model,
+    )
+    provider.finalize_model_grads_func = finalize_model_grads
+    provider.grad_scale_func = optimizer.scale_loss
+    schedule = get_forward_backward_func()
+
+    def step(ids, labels):
+        micro_batch, seq = ids.shape
+        position_ids = torch.arange(seq, device=ids.device).unsqueeze(0).expand(micro_batch, seq)
+        loss_mask = torch.ones(micro_batch, seq, device=ids.device)
+
+        def forward_step(data_iterator, chunk):
+            tokens, targets = next(data_iterator)
+            output = chunk(tokens, position_ids, None, labels=targets, loss_mask=loss_mask)
+
+            def loss_func(per_token):
+                loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
+                return loss, {"lm loss": loss.detach()}
+
+            return output, loss_func
+
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = schedule(forward_step_func=forward_step, data_iterator=iter([(ids, labels)]), model=model,
+                          num_microbatches=1, seq_length=seq, micro_batch_size=micro_batch, forward_only=False)
+        optimizer.step()
+        return losses[0]["lm loss"] if losses else None
+
+    return model, step
+
+
+def _hf_trainer(row: str, args, shape: dict, device):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if row == "hf-liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    config = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        head_dim=shape["hidden"] // shape["heads"], max_position_embeddings=max(131072, args.seq),
+        rms_norm_eps=shape["eps"], tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": shape["rope_theta"], "factor": shape["rope_factor"],
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": shape["rope_original_max"]},
+        use_cache=False,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+
+    def step(ids, labels):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_worker(row: str, args) -> None:
+    """Build one row's model once and time it at each micro-batch; prints one result line per micro-batch."""
+    import torch
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    shape = TINY if args.tiny else LLAMA_32_1B
+    if row in ("hf-liger", "te", "native-compile") and device.type != "cuda":
+        _emit(row, None, status="skipped: needs a CUDA GPU")
+        return
+    if row == "te":
+        from bridge_convert.specs import te_available
+
+        if not te_available():
+            _emit(row, None, status="skipped: transformer_engine does not import")
+            return
+    if row in MEGATRON_ROWS:
+        _, step = _megatron_trainer(row, args, shape)
+    else:
+        _, step = _hf_trainer(row, args, shape, device)
+    for micro_batch in args.micro_batches:
+        try:
+            ids, labels = _batch(args, shape, micro_batch, device)
+            for _ in range(args.warmup):
+                loss = step(ids, labels)
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step(ids, labels)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        except torch.OutOfMemoryError:
+            _emit(row, micro_batch, status="OOM")
+            ids = labels = loss = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            return  # a larger micro-batch would not fit either
+        peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+        _emit(row, micro_batch, status="ok", seconds=elapsed, steps=args.steps,
+              tokens_per_s=micro_batch * args.seq * args.steps / elapsed, peak_gb=peak,
+              loss=float(loss) if loss is not None else None)
+
+
+def _emit(row: str, micro_batch: int | None, **fields) -> None:
+    print(RESULT_TAG + json.dumps({"row": row, "micro_batch": micro_batch, **fields}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ main side
+def _versions() -> dict:
+    code = ("import json, torch, transformers\n"
+            "from importlib.metadata import version\n"
+            "out = {'torch': torch.__version__, 'transformers': transformers.__version__,\n"
+            "       'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}\n"
+            "for name in ('megatron-core', 'liger-kernel', 'transformer-engine'):\n"
+            "    try:\n"
+            "        out[name] = version(name)\n"
+            "    except Exception:\n"
+            "        out[name] = 'absent'\n"
+            "print(json.dumps(out))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run_row(row: str, args) -> list[dict]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--seq", str(args.seq),
+           "--micro-batches", ",".join(map(str, args.micro_batches)), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+    print(f"[bench] {row}: running", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+    results = [json.loads(line[len(RESULT_TAG):]) for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        results.append({"row": row, "micro_batch": None, "status": f"error (exit {done.returncode}): {tail}"})
+        print(done.stderr[-4000:], file=sys.stderr)
+    for r in results:
+        print(f"[bench] {json.dumps(r)}", file=sys.stderr, flush=True)
+    return results
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render(results: list[dict], args, versions: dict) -> str:
+    shape = TINY if args.tiny else LLAMA_32_1B
+    per_token = flops_per_token(shape, args.seq)
+    peak = peak_flops(versions["device"], args.peak_tflops)
+    n = parameter_count(shape)
+    lines = [
+        f"## Pretraining throughput, {'tiny shape (CPU check)' if args.tiny else 'Llama-3.2-1B shape'}, "
+        f"seq {args.seq}",
+        "",
+        f"- date {datetime.date.today().isoformat()}, device {versions['device']}, torch {versions['torch']}, "
+        f"transformers {versions['transformers']}, megatron-core {versions['megatron-core']}, "
+        f"liger-kernel {versions['liger-kernel']}, transformer-engine {versions['transformer-engine']}",
+        f"- shape: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, {shape['kv_heads']} KV "
+        f"groups, FFN {shape['ffn']}, vocab {shape['vocab']}, tied embeddings; N = {n / 1e9:.4f}B parameters",
+        f"- step: forward + backward + AdamW, bf16; {args.warmup} warm-up + {args.steps} timed steps per micro-batch",
+        f"- MFU = (6*N + 12*L*H*S) * tokens/s / peak = {per_token / 1e9:.3f} GFLOP/token * tokens/s / "
+        f"{_fmt(peak and peak / 1e12, '.0f')} TFLOP/s; peak GB = torch.cuda.max_memory_allocated / 1e9",
+        "",
+        "| row | micro-batch | tokens/s | MFU | peak GB | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        tps = r.get("tokens_per_s")
+        mfu = tps * per_token / peak if tps and peak else None
+        lines.append(f"| {r['row']} | {_fmt(r['micro_batch'], 'd')} | {_fmt(tps, ',.0f')} | "
+                     f"{_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} | {_fmt(r.get('peak_gb'), '.1f')} | "
+                     f"{r['status']} |")
+    best = {}
+    for r in results:
+        if r.get("tokens_per_s") and r["tokens_per_s"] > best.get(r["row"], {}).get("tokens_per_s", 0):
+            best[r["row"]] = r
+    if best:
+        lines += ["", "Best micro-batch per row (ratios against the HF rows of this run):", "",
+                  "| row | micro-batch | tokens/s | vs hf | vs hf-liger |", "|---|---|---|---|---|"]
+        for row, r in best.items():
+            ratios = [_fmt(r["tokens_per_s"] / best[ref]["tokens_per_s"], ".2f") + "x" if ref in best else "n/a"
+                      for ref in ("hf", "hf-liger")]
+            lines.append(f"| {row} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 4096; 64 with --tiny)")
+    parser.add_argument("--micro-batches", default=None, help="comma-separated sweep (default 1,2,4,8; 1,2 tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per micro-batch (default 10; 2 tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; 1 with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shape that runs on CPU in seconds")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 dense peak")
+    parser.add_argument("--row-timeout", type=float, default=1800, help="seconds before a row is abandoned")
+    parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.seq = args.seq or (64 if args.tiny else 4096)
+    args.steps = args.steps or (2 if args.tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.micro_batches = [int(x) for x in (args.micro_batches or ("1,2" if args.tiny else "1,2,4,8")).split(",")]
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args.worker, args)
+        return 0
+    versions = _versions()
+    results = []
+    for row in args.rows:
+        try:
+            results += _run_row(row, args)
+        except subprocess.TimeoutExpired:
+            results.append({"row": row, "micro_batch": None, "status": f"timed out after {args.row_timeout:.0f}s"})
+    table = render(results, args, versions)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
