@@ -28,7 +28,7 @@ def randomise_norms(model, seed: int = 7) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.add_(0.1 * torch.randn(param.shape, generator=g))
+                param.add_(0.1 * torch.randn(param.shape, generator=g).to(param.device))
 
 
 def copy_weights(src, dst) -> None:
