@@ -352,7 +352,7 @@ def _coerce_tuple(value: Any, tp: Any, args: tuple, build: bool) -> tuple:
         return tuple(_item(coerce, v, args[0], build, i) for i, v in enumerate(value))
     if len(args) != len(value):
         raise CoercionError(f"expected {len(args)} items ({describe(tp)}), got {len(value)}")
-    return tuple(_item(coerce, v, a, build, i) for i, (v, a) in enumerate(zip(args, value)))
+    return tuple(_item(coerce, v, a, build, i) for i, (v, a) in enumerate(zip(value, args)))
 
 
 def build_dataclass(tp: Any, data: dict, path: str = "") -> Any:

@@ -1,0 +1,44 @@
+"""Stand-ins for other packages' configs and the tiny provider, importable by path (YAML ``_target_``).
+
+Kept out of conftest.py so that tests and YAML documents can name them as ``config_stubs.X``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bridge_convert.provider import GPTModelProvider
+
+
+@dataclass(kw_only=True, slots=True)
+class MockDataConfig:
+    """Stand-in for bridge-data's dataset configs: only the ``build(tokenizer, ...)`` interface matters."""
+
+    seq_length: int = 32
+    """Tokens per sample."""
+    seed: int = 0
+    """Data order seed."""
+
+    def build(self, tokenizer: Any, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("config tests never build datasets")
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizerStub:
+    """Stand-in for bridge-data's TokenizerConfig, with a finalize() that rejects a missing vocab size."""
+
+    vocab_size: int | None = 128
+    """Vocabulary size."""
+
+    def finalize(self) -> None:
+        if self.vocab_size is None:
+            raise ValueError("Invalid TokenizerConfig: tokenizer_type='null' needs vocab_size")
+
+
+def tiny_provider(**overrides: Any) -> GPTModelProvider:
+    """The tiny shape (2 layers, hidden 64, 4 heads, 2 KV groups, vocab 128, seq 32), unfinalized."""
+    values = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                  vocab_size=128, seq_length=32)
+    values.update(overrides)
+    return GPTModelProvider(**values)

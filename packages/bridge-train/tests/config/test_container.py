@@ -1,0 +1,223 @@
+"""ConfigContainer.validate() / finalize(): every invariant names its field; finalize derives and is atomic."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from config_stubs import MockDataConfig, TokenizerStub, tiny_provider
+
+from bridge_train.config import ConfigError, ProfilingConfig, TrainConfig, apply_overrides
+
+
+def _set(**changes):
+    """A mutation ``cfg -> None`` setting dotted attributes, e.g. ``_set(**{"model.sequence_parallel": True})``."""
+
+    def mutate(cfg):
+        for dotted, value in changes.items():
+            *parents, name = dotted.split(".")
+            obj = cfg
+            for part in parents:
+                obj = getattr(obj, part)
+            setattr(obj, name, value)
+
+    return mutate
+
+
+# (id, mutation, world size, text the error must contain)
+INVALID = [
+    ("batch_not_divisible_by_micro_x_dp",
+     _set(**{"train.global_batch_size": 10, "train.micro_batch_size": 4}), 2,
+     "train.global_batch_size (10) must be divisible by train.micro_batch_size x data-parallel size (4 x 2); "
+     "set it to a multiple of 8"),
+    ("heads_not_divisible_by_tp", _set(**{"model.tensor_model_parallel_size": 3}), 3,
+     "model.num_attention_heads (4) must be divisible by model.tensor_model_parallel_size (3)"),
+    ("kv_groups_not_divisible_by_tp",
+     _set(**{"model.num_attention_heads": 8, "model.tensor_model_parallel_size": 4}), 4,
+     "model.num_query_groups (2) must be divisible by model.tensor_model_parallel_size (4)"),
+    ("layers_not_divisible_by_pp_x_vp",
+     _set(**{"model.pipeline_model_parallel_size": 2, "model.virtual_pipeline_model_parallel_size": 2}), 2,
+     "model.num_layers (2) must be divisible by model.pipeline_model_parallel_size x "
+     "virtual_pipeline_model_parallel_size (2 x 2 = 4)"),
+    ("vp_without_pp", _set(**{"model.virtual_pipeline_model_parallel_size": 2}), 1,
+     "model.virtual_pipeline_model_parallel_size (2) needs model.pipeline_model_parallel_size > 1"),
+    ("seq_not_divisible_by_2cp",
+     _set(**{"model.context_parallel_size": 4, "model.seq_length": 36}), 4,
+     "model.seq_length (36) must be divisible by 2 x model.context_parallel_size (2 x 4 = 8)"),
+    ("sequence_parallel_without_tp", _set(**{"model.sequence_parallel": True}), 1,
+     "model.sequence_parallel needs model.tensor_model_parallel_size > 1"),
+    ("world_not_divisible_by_model_parallel", _set(**{"model.tensor_model_parallel_size": 2}), 3,
+     "world size 3 must be divisible by model.tensor_model_parallel_size x pipeline_model_parallel_size x "
+     "context_parallel_size (2 x 1 x 1 = 2)"),
+    ("vocab_missing", _set(**{"model.vocab_size": None}), 1, "model.vocab_size must be a positive integer"),
+    ("distributed_optimizer_mismatch", _set(**{"optimizer.use_distributed_optimizer": True}), 1,
+     "optimizer.use_distributed_optimizer (True) and ddp.use_distributed_optimizer (False) must be equal"),
+    ("overlap_param_gather_without_distributed_optimizer", _set(**{"ddp.overlap_param_gather": True}), 1,
+     "ddp.overlap_param_gather needs ddp.use_distributed_optimizer=true"),
+    ("bf16_model_fp32_optimizer",
+     _set(**{"model.bf16": True, "model.params_dtype": torch.bfloat16}), 1,
+     "optimizer.bf16 (False) does not match the model"),
+    ("bf16_flag_with_fp32_params", _set(**{"model.bf16": True, "optimizer.bf16": True}), 1,
+     "model.params_dtype (float32) does not match model.bf16=True"),
+    ("fp16_and_bf16", _set(**{"optimizer.fp16": True, "optimizer.bf16": True}), 1,
+     "optimizer.fp16 and optimizer.bf16 are both true"),
+    ("fp8_param_without_ddp_param_gather", _set(**{"model.fp8": "hybrid", "model.fp8_param": True}), 1,
+     "model.fp8_param (True) and ddp.fp8_param_gather (False) must be equal"),
+    ("eval_interval_without_eval_iters", _set(**{"train.eval_interval": 5, "train.eval_iters": 0}), 1,
+     "train.eval_iters is 0 but train.eval_interval is 5"),
+    ("zero_train_iters", _set(**{"train.train_iters": 0}), 1, "train.train_iters must be >= 1, got 0"),
+    ("train_iters_as_text", _set(**{"train.train_iters": "10"}), 1,
+     "train.train_iters must be int, got '10' (str)"),
+    ("save_interval_without_save", _set(**{"checkpoint.save_interval": 5}), 1,
+     "checkpoint.save_interval is set but checkpoint.save is not"),
+    ("async_save_without_save", _set(**{"checkpoint.async_save": True}), 1,
+     "checkpoint.async_save is true but checkpoint.save is not set"),
+    ("finetune_without_weights", _set(**{"checkpoint.finetune": True}), 1,
+     "checkpoint.finetune is true but neither checkpoint.pretrained_checkpoint nor checkpoint.load is set"),
+    ("lr_missing", _set(**{"optimizer.lr": None}), 1, "optimizer.lr is not set"),
+    ("min_lr_above_lr", _set(**{"optimizer.min_lr": 1e-3}), 1, "optimizer.min_lr (0.001) must be <= optimizer.lr"),
+    ("unknown_optimizer", _set(**{"optimizer.optimizer": "adamw"}), 1,
+     "optimizer.optimizer must be one of ['adam', 'sgd'], got 'adamw'"),
+    ("warmup_not_shorter_than_decay", _set(**{"scheduler.lr_warmup_iters": 10}), 1,
+     "scheduler.lr_warmup_iters (10) must be < the decay length (10"),
+    ("warmup_iters_and_fraction", _set(**{"scheduler.lr_warmup_iters": 2, "scheduler.lr_warmup_fraction": 0.1}), 1,
+     "scheduler.lr_warmup_iters (2) and scheduler.lr_warmup_fraction (0.1) are both set"),
+    ("wsd_without_decay_iters", _set(**{"scheduler.lr_decay_style": "WSD"}), 1,
+     "scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters >= 1"),
+    ("weight_decay_decreasing", _set(**{"scheduler.start_weight_decay": 0.1, "scheduler.end_weight_decay": 0.0}), 1,
+     "scheduler.end_weight_decay (0.0) must be >= scheduler.start_weight_decay (0.1)"),
+    ("dataset_missing", _set(dataset=None), 1, "dataset is not set"),
+    ("dataset_longer_than_model", _set(dataset=MockDataConfig(seq_length=64)), 1,
+     "dataset.seq_length (64) exceeds model.seq_length (32)"),
+    ("peft_not_callable", _set(peft=42), 1, "peft (int) must be callable"),
+    ("unknown_precision_recipe", _set(mixed_precision="bf17_mixed"), 1,
+     "mixed_precision: unknown mixed precision recipe 'bf17_mixed'; did you mean 'bf16_mixed'?"),
+    ("profiler_without_output_dir", _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_step_end=5)), 1,
+     "profiling.use_pytorch_profiler needs profiling.profile_dir or logger.tensorboard_dir"),
+    ("profiler_after_the_end",
+     _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_dir="/tmp/p", profile_step_end=50)), 1,
+     "profiling.profile_step_end (50) is beyond train.train_iters (10)"),
+    ("profile_rank_outside_world",
+     _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_dir="/tmp/p", profile_ranks=(0, 4))), 2,
+     "profiling.profile_ranks [4] do not exist in a world of 2 ranks"),
+    ("unknown_exit_signal", _set(**{"robustness.exit_signals": ("SIGTERM", "SIGNOPE")}), 1,
+     "robustness.exit_signals has unknown signal names ['SIGNOPE']"),
+    ("bad_nan_policy", _set(**{"robustness.nan_policy": "ignore"}), 1,
+     "robustness.nan_policy must be one of 'stop', 'skip'"),
+    ("tokenizer_finalize_error", _set(tokenizer=TokenizerStub(vocab_size=None)), 1,
+     "tokenizer: Invalid TokenizerConfig: tokenizer_type='null' needs vocab_size"),
+    ("megatron_transformer_config_error", _set(**{"model.fp8_output_proj": True}), 1,
+     "model: fp8_output_proj must be used together with fp8 mode"),
+    ("bad_world_size", _set(), 0, "world_size must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "world_size", "expected"), [case[1:] for case in INVALID],
+                         ids=[case[0] for case in INVALID])
+def test_validate_rejects_invalid_config_naming_the_field(make_cfg, mutate, world_size, expected):
+    cfg = make_cfg()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=world_size)
+    assert any(expected in problem for problem in info.value.problems), info.value
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("world_size", [None, 1, 2, 4])
+def test_validate_accepts_valid_config(make_cfg, world_size):
+    make_cfg().validate(world_size=world_size)
+
+
+def test_validate_reports_every_problem_at_once(make_cfg):
+    cfg = make_cfg()
+    _set(**{"train.train_iters": 0, "model.sequence_parallel": True, "optimizer.lr": None,
+            "checkpoint.save_interval": 3})(cfg)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    fields = ["train.train_iters", "model.sequence_parallel", "optimizer.lr", "checkpoint.save_interval"]
+    for name in fields:
+        assert any(name in p for p in info.value.problems), name
+    assert f"({len(info.value.problems)} problems)" in str(info.value)
+
+
+def test_validate_does_not_change_the_config(make_cfg):
+    cfg = make_cfg(mixed_precision="bf16_mixed", train=TrainConfig(train_iters=10))
+    cfg.validate(world_size=2)
+    assert cfg.mixed_precision == "bf16_mixed"
+    assert cfg.model.params_dtype == torch.float32 and not cfg.model.bf16
+    assert cfg.train.global_batch_size is None
+    assert cfg.scheduler.lr_decay_iters is None
+    assert not cfg.finalized
+
+
+def test_finalize_applies_precision_and_derives_fields(make_cfg):
+    cfg = make_cfg(mixed_precision="bf16-mixed", train=TrainConfig(train_iters=20, micro_batch_size=2))
+    cfg.scheduler.lr_warmup_fraction = 0.25
+    model = cfg.model
+    assert cfg.finalize(world_size=4) is cfg
+    assert cfg.model is model, "finalize changes the provider in place (callers keep their reference)"
+    assert cfg.mixed_precision.name == "bf16_mixed"
+    assert model.bf16 and model.params_dtype == torch.bfloat16 and model.pipeline_dtype == torch.bfloat16
+    assert cfg.optimizer.bf16 and cfg.optimizer.params_dtype == torch.bfloat16
+    assert cfg.ddp.grad_reduce_in_fp32
+    assert cfg.train.global_batch_size == 8  # micro 2 x DP 4
+    assert cfg.num_microbatches(4) == 1
+    assert cfg.scheduler.lr_decay_iters == 20 and cfg.scheduler.lr_warmup_iters == 5
+    assert cfg.scheduler.lr_warmup_fraction is None
+    assert cfg.scheduler.start_weight_decay == cfg.optimizer.weight_decay == cfg.scheduler.end_weight_decay
+    assert cfg.optimizer.min_lr == 0.0
+    assert model._finalized and model.kv_channels == 16  # the provider's own finalize ran
+    assert hasattr(cfg.optimizer, "use_precision_aware_optimizer_no_fp8_or_ds_fp8")  # megatron-core's __post_init__
+    assert cfg.finalized and cfg.finalize(world_size=4) is cfg
+
+
+def test_finalize_leaves_config_unchanged_when_invalid(make_cfg):
+    cfg = make_cfg(mixed_precision="bf16_mixed")
+    cfg.model.tensor_model_parallel_size = 3
+    with pytest.raises(ConfigError, match="model.num_attention_heads"):
+        cfg.finalize(world_size=3)
+    assert cfg.mixed_precision == "bf16_mixed" and not cfg.model.bf16 and not cfg.finalized
+
+
+def test_num_microbatches_counts_gradient_accumulation(make_cfg):
+    cfg = make_cfg()  # global 8, micro 2
+    assert cfg.data_parallel_size(2) == 2
+    assert cfg.num_microbatches(2) == 2
+    cfg.model.tensor_model_parallel_size = 2
+    assert cfg.data_parallel_size(2) == 1 and cfg.num_microbatches(2) == 4
+
+
+def test_finalize_rejects_provider_finalized_before_precision(make_cfg):
+    model = tiny_provider().finalize()
+    cfg = make_cfg(model=model, mixed_precision="bf16_mixed")
+    with pytest.raises(ConfigError, match="model was finalized before the container"):
+        cfg.validate()
+
+
+def test_overrides_after_finalize_are_rejected(make_cfg):
+    cfg = make_cfg().finalize()
+    with pytest.raises(ConfigError, match="apply overrides before finalize"):
+        apply_overrides(cfg, ["train.train_iters=5"])
+
+
+def test_scheduler_kwargs_are_accepted_by_megatron_scheduler(make_cfg):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    cfg = make_cfg(train=TrainConfig(train_iters=100, micro_batch_size=2, global_batch_size=8))
+    cfg.scheduler.lr_warmup_iters = 10
+    cfg.optimizer.min_lr = 3e-5
+    cfg.finalize()
+    optimizer = types.SimpleNamespace(param_groups=[{"params": []}])
+    scheduler = OptimizerParamScheduler(optimizer, **cfg.scheduler.param_scheduler_kwargs(cfg.optimizer, 100))
+    scheduler.step(10)  # end of warmup: the peak learning rate
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
+    scheduler.step(90)  # end of the cosine decay: the floor
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-5)
+    assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(cfg.optimizer.weight_decay)
+
+
+def test_scheduler_kwargs_need_finalized_config(make_cfg):
+    cfg = make_cfg()
+    with pytest.raises(ValueError, match="finalize"):
+        cfg.scheduler.param_scheduler_kwargs(cfg.optimizer, 10)

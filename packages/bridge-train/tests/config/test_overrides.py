@@ -1,0 +1,147 @@
+"""Dotted overrides and --config merging: type conversion, unknown keys, bad values, atomicity."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from config_stubs import MockDataConfig
+from megatron.core.transformer.enums import AttnBackend
+
+from bridge_train.config import ConfigError, apply_cli_args, apply_overrides, parse_cli_args
+
+
+def test_issue_example_overrides_apply_with_types(make_cfg):
+    cfg = make_cfg()
+    apply_overrides(cfg, ["train.train_iters=10", "model.tensor_model_parallel_size=2", "optimizer.lr=3e-4",
+                          "model.params_dtype=bfloat16", "scheduler.lr_decay_style=cosine",
+                          "+logger.wandb_project=x"])
+    assert cfg.train.train_iters == 10 and cfg.model.tensor_model_parallel_size == 2
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.model.params_dtype is torch.bfloat16
+    assert cfg.scheduler.lr_decay_style == "cosine" and cfg.logger.wandb_project == "x"
+
+
+OVERRIDES = [
+    ("int", "train.micro_batch_size=4", lambda c: c.train.micro_batch_size, 4),
+    ("float_from_int", "optimizer.weight_decay=0", lambda c: c.optimizer.weight_decay, 0.0),
+    ("float_inf", "optimizer.grad_norm_skip_threshold=inf", lambda c: c.optimizer.grad_norm_skip_threshold,
+     float("inf")),
+    ("bool", "train.manual_gc=true", lambda c: c.train.manual_gc, True),
+    ("str", "checkpoint.save=/tmp/ckpt", lambda c: c.checkpoint.save, "/tmp/ckpt"),
+    ("str_quoted_number", "checkpoint.save='123'", lambda c: c.checkpoint.save, "123"),
+    ("optional_null", "train.global_batch_size=null", lambda c: c.train.global_batch_size, None),
+    ("literal", "robustness.nan_policy=skip", lambda c: c.robustness.nan_policy, "skip"),
+    ("literal_int", "train.empty_unused_memory_level=2", lambda c: c.train.empty_unused_memory_level, 2),
+    ("tuple", "profiling.profile_ranks=[0,3]", lambda c: c.profiling.profile_ranks, (0, 3)),
+    ("tuple_of_str", "robustness.exit_signals=[SIGTERM]", lambda c: c.robustness.exit_signals, ("SIGTERM",)),
+    ("dtype_alias", "model.pipeline_dtype=fp16", lambda c: c.model.pipeline_dtype, torch.float16),
+    ("enum", "model.attention_backend=flash", lambda c: c.model.attention_backend, AttnBackend.flash),
+    ("callable", "model.activation_func=torch.nn.functional.gelu", lambda c: c.model.activation_func, F.gelu),
+    ("dict_merges", "model.generation_config.top_k=5", lambda c: c.model.generation_config,
+     {"top_p": 0.9, "top_k": 5}),
+    ("double_plus", "++rng.seed=7", lambda c: c.rng.seed, 7),
+    ("interpolation", "train.eval_interval=${train.train_iters}", lambda c: c.train.eval_interval, 10),
+    ("precision_name", "mixed_precision=bf16-mixed", lambda c: c.mixed_precision, "bf16-mixed"),
+]
+
+
+@pytest.mark.parametrize(("override", "read", "expected"), [c[1:] for c in OVERRIDES],
+                         ids=[c[0] for c in OVERRIDES])
+def test_override_converts_to_field_type(make_cfg, override, read, expected):
+    cfg = make_cfg()
+    cfg.model.generation_config = {"top_p": 0.9}
+    apply_overrides(cfg, [override])
+    value = read(cfg)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_override_edits_named_precision_recipe(make_cfg):
+    cfg = make_cfg()
+    apply_overrides(cfg, ["mixed_precision=bf16_with_fp8_current_scaling_mixed",
+                          "mixed_precision.num_layers_at_end_in_bf16=2"])
+    assert cfg.mixed_precision.name == "bf16_with_fp8_current_scaling_mixed"
+    assert cfg.mixed_precision.fp8 == "hybrid" and cfg.mixed_precision.num_layers_at_end_in_bf16 == 2
+
+
+BAD = [
+    ("unknown_key_sibling", "train.trian_iters=5",
+     "unknown key 'train.trian_iters'; did you mean 'train.train_iters'? (from override 'train.trian_iters=5')"),
+    ("unknown_key_other_section", "train.lr=3e-4", "unknown key 'train.lr'; did you mean 'optimizer.lr'?"),
+    ("unknown_model_key", "model.num_layrs=3", "unknown key 'model.num_layrs'; did you mean 'model.num_layers'?"),
+    ("unknown_section", "optimiser.lr=1", "unknown key 'optimiser'; did you mean 'optimizer'?"),
+    ("bad_int", "train.train_iters=ten",
+     "train.train_iters: cannot use 'ten': expected an int, got 'ten' (str) (from override 'train.train_iters=ten')"),
+    ("bad_float", "optimizer.lr=fast", "optimizer.lr: cannot use 'fast': expected float | null"),
+    ("bad_bool", "train.manual_gc=perhaps", "train.manual_gc: cannot use 'perhaps': expected a bool"),
+    ("bad_literal", "scheduler.lr_decay_style=cosin",
+     "scheduler.lr_decay_style: cannot use 'cosin': expected one of 'constant', 'linear', 'cosine'"),
+    ("bad_dtype", "model.params_dtype=bfloat17", "model.params_dtype: cannot use 'bfloat17': expected a torch dtype"),
+    ("bad_callable", "model.activation_func=torch.nn.functional.nope",
+     "model.activation_func: cannot use 'torch.nn.functional.nope'"),
+    ("null_for_required", "train.train_iters=null", "train.train_iters: cannot use None: expected int, got null"),
+    ("scalar_for_section", "model=3", "model: cannot use 3: expected a mapping for GPTModelProvider"),
+    ("scalar_for_tuple", "profiling.profile_ranks=0", "write it as [a, b]"),
+    ("not_key_value", "train.train_iters", "override 'train.train_iters' must look like key=value"),
+    ("delete", "~train.eval_interval", "deleting keys is not supported; set train.eval_interval=null instead"),
+    ("bad_key", "train..x=1", "'train..x' is not a dotted key"),
+    ("missing_interpolation", "train.eval_interval=${train.nope}",
+     "cannot resolve an interpolation: Interpolation key 'train.nope' not found"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_override_is_rejected_naming_key_value_and_type(make_cfg, override, expected):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(make_cfg(), [override])
+    assert any(expected in p for p in info.value.problems), info.value
+
+
+def test_bad_overrides_are_all_reported_and_nothing_is_applied(make_cfg):
+    cfg = make_cfg()
+    before = copy.deepcopy(cfg)
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(cfg, ["train.train_iters=99", "optimizer.lr=fast", "model.hidden_size=128",
+                              "logger.log_intervall=5", "mixed_precision=bf16_mixed"])
+    assert len(info.value.problems) == 2
+    assert cfg == before
+
+
+def test_config_file_then_overrides(make_cfg, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  train_iters: 50\n  eval_interval: 10\n"
+                    f"dataset:\n  _target_: {MockDataConfig.__module__}.MockDataConfig\n  seq_length: 16\n"
+                    "mixed_precision: bf16_mixed\n")
+    cfg = make_cfg(dataset=None)
+    apply_cli_args(cfg, ["--config", str(path), "train.train_iters=7", "scheduler.lr_warmup_iters=2"])
+    assert cfg.train.train_iters == 7 and cfg.train.eval_interval == 10
+    assert cfg.dataset == MockDataConfig(seq_length=16)
+    assert cfg.mixed_precision == "bf16_mixed" and cfg.scheduler.lr_warmup_iters == 2
+
+
+def test_config_file_errors_name_the_file(make_cfg, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  train_itres: 50\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'train.train_iters'\? \(from file '.*bad.yaml'\)"):
+        apply_cli_args(make_cfg(), [f"--config={path}"])
+
+
+def test_saved_yaml_merges_back_onto_config(make_cfg, tmp_path):
+    source = make_cfg()
+    source.train.train_iters = 123
+    source.model.tensor_model_parallel_size = 2
+    path = tmp_path / "saved.yaml"
+    source.to_yaml(path)
+    cfg = make_cfg()
+    apply_overrides(cfg, config_files=[path])
+    assert cfg == source
+
+
+def test_parse_cli_args_splits_files_and_overrides():
+    assert parse_cli_args(["--config", "a.yaml", "x.y=1", "--config=b.yaml"]) == (["a.yaml", "b.yaml"], ["x.y=1"])
+    with pytest.raises(ConfigError, match="unknown option '--cfg'"):
+        parse_cli_args(["--cfg", "a.yaml"])
+    with pytest.raises(ConfigError, match="--config needs a YAML file"):
+        parse_cli_args(["--config"])
