@@ -32,3 +32,5 @@ def assert_same_checkpoint(source, exported) -> None:
     assert index.exists() == out_index.exists()
     if index.exists():
         assert json.loads(out_index.read_text())["weight_map"] == json.loads(index.read_text())["weight_map"]
+    for file in Path(source).glob("*.safetensors"):  # headers and data: the very same bytes
+        assert (Path(exported) / file.name).read_bytes() == file.read_bytes(), f"{file.name} is not byte-identical"

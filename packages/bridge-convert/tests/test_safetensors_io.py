@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bridge_convert.safetensors_io import (
+    FilePlan,
     LazyHFCheckpoint,
     ShardedSafetensorsWriter,
+    SourceLayout,
     atomic_output_dir,
     parse_size,
 )
@@ -70,48 +72,59 @@ def test_reader_loads_bin_with_weights_only(tmp_path):
         LazyHFCheckpoint(tmp_path)
 
 
-def test_writer_reproduces_source_layout_whatever_the_order(tmp_path):
+def test_writer_reproduces_source_files_byte_for_byte_in_any_order(tmp_path):
     (tmp_path / "src").mkdir()
     tensors = _sharded(tmp_path / "src")
-    layout = LazyHFCheckpoint(tmp_path / "src").weight_map
+    layout = SourceLayout.from_checkpoint(tmp_path / "src")
     out = tmp_path / "out"
     out.mkdir()
-    writer = ShardedSafetensorsWriter(out, layout=layout, write_index=True)
+    writer = ShardedSafetensorsWriter.from_source(out, layout)
     writer.add("c", tensors["c"])
-    assert (out / "model-00002-of-00002.safetensors").exists()  # written as soon as complete
+    assert (out / "model-00002-of-00002.safetensors").exists()  # complete as soon as its tensors are in
     writer.add("b", tensors["b"])
-    assert not (out / "model-00001-of-00002.safetensors").exists()
     writer.add("a", tensors["a"])
-    assert writer.close() == layout
-    again = LazyHFCheckpoint(out)
-    assert again.weight_map == layout and all(torch.equal(again.get(n), t) for n, t in tensors.items())
+    assert writer.close() == layout.weight_map
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json"):
+        assert (out / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+    again = SourceLayout.from_json(json.loads(json.dumps(layout.to_json())))
+    assert again.weight_map == layout.weight_map and again.dtypes["c"] == torch.bfloat16
 
 
-def test_writer_rejects_incomplete_or_foreign_tensors(tmp_path):
-    writer = ShardedSafetensorsWriter(tmp_path, layout={"a": "f.safetensors", "b": "f.safetensors"})
+def test_writer_rejects_foreign_duplicate_misshapen_and_missing_tensors(tmp_path):
+    plan = FilePlan.build("f.safetensors", [("a", torch.float32, (2,)), ("b", torch.float32, (2,))], {})
+    writer = ShardedSafetensorsWriter(tmp_path, [plan], None)
     with pytest.raises(ValueError, match="'z' has no place"):
         writer.add("z", torch.ones(1))
-    writer.add("a", torch.ones(1))
+    with pytest.raises(ValueError, match=r"'a' is torch.bfloat16\(2,\), the layout expects torch.float32\(2,\)"):
+        writer.add("a", torch.ones(2, dtype=torch.bfloat16))
+    writer.add("a", torch.ones(2))
     with pytest.raises(ValueError, match="written twice"):
-        writer.add("a", torch.ones(1))
-    with pytest.raises(ValueError, match=r"missing 1 tensors of the source layout: \['b'\]"):
+        writer.add("a", torch.ones(2))
+    with pytest.raises(ValueError, match=r"missing 1 tensors of the planned layout: \['b'\]"):
         writer.close()
 
 
 def test_writer_shards_by_size_like_save_pretrained(tmp_path):
-    writer = ShardedSafetensorsWriter(tmp_path, max_shard_size=100)
-    for i in range(5):
-        writer.add(f"t{i}", torch.zeros(10))  # 40 bytes each: 2 per shard
+    specs = [(f"t{i}", torch.float32, (10,)) for i in range(5)]  # 40 bytes each: 2 per 100-byte shard
+    writer = ShardedSafetensorsWriter.by_size(tmp_path, specs, max_shard_size=100)
+    values = {name: torch.full((10,), float(i)) for i, (name, _, _) in enumerate(specs)}
+    for name in reversed(list(values)):
+        writer.add(name, values[name])
     weight_map = writer.close()
     assert sorted(set(weight_map.values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == weight_map and index["metadata"]["total_size"] == 200
+    for file in set(weight_map.values()):  # readable by safetensors itself
+        loaded = load_file(str(tmp_path / file))
+        assert all(torch.equal(loaded[n], values[n]) for n in loaded)
     single = tmp_path / "single"
     single.mkdir()
-    writer = ShardedSafetensorsWriter(single)
-    writer.add("t", torch.zeros(3))
+    writer = ShardedSafetensorsWriter.by_size(single, [("t", torch.bfloat16, (3,))])
+    writer.add("t", torch.zeros(3, dtype=torch.bfloat16))
     assert writer.close() == {"t": "model.safetensors"}
     assert not (single / "model.safetensors.index.json").exists()
+    assert torch.equal(load_file(str(single / "model.safetensors"))["t"], torch.zeros(3, dtype=torch.bfloat16))
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):

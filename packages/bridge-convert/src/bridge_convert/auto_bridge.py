@@ -160,15 +160,18 @@ class AutoBridge:
         """Write the model as an HF checkpoint: config, generation config, tokenizer files, safetensors shards.
 
         When this bridge knows the source HF checkpoint's layout (it was made from that checkpoint, or from a
-        Megatron checkpoint imported from it) and the tensor names match, every tensor returns to its source
-        shard file in its source dtype and the index is reproduced. Otherwise, or when ``dtype`` is given, shards
-        are cut at ``max_shard_size`` in ``dtype`` (default: the model's params dtype). All ranks call this;
-        rank 0 writes. The directory appears only when complete: a failure leaves no partial output behind.
+        Megatron checkpoint imported from it) and the tensor names and shapes match, every tensor returns to its
+        source file, offset and dtype, and the index is copied: unchanged weights give byte-identical files.
+        Otherwise, or when ``dtype`` is given, files are cut at ``max_shard_size`` in ``dtype`` (default: the
+        model's params dtype). Tensors are written to their final place as they stream in, so memory holds one
+        tensor at a time. All ranks call this; rank 0 writes. The directory appears only when complete: a failure
+        leaves no partial output behind.
         """
         state = get_parallel_state()
         provider = self._provider_of(model)
         config = self.hf_config_for(provider)
-        layout = self._matching_source_layout(model, provider) if dtype is None else None
+        shapes = engine.export_hf_shapes(self.model_bridge, provider, model, state)
+        layout, aliases = self._matching_source_layout(provider, shapes) if dtype is None else (None, {})
         target_dtype = parse_dtype(dtype) if dtype is not None else provider.params_dtype
         if layout is None:
             key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
@@ -186,14 +189,17 @@ class AutoBridge:
         from tqdm.auto import tqdm
 
         with atomic_output_dir(path, overwrite=overwrite) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, layout=layout.weight_map if layout else None,
-                                              max_shard_size=max_shard_size,
-                                              write_index=layout.has_index if layout else None)
-            aliases = layout.aliases if layout else {}
-            for name, tensor in tqdm(stream, desc="Exporting HF weights", unit="tensor"):
-                writer.add(name, tensor.to(layout.dtypes[name] if layout else target_dtype))
+            if layout is not None:
+                writer = ShardedSafetensorsWriter.from_source(tmp, layout)
+                dtypes = layout.dtypes
+            else:
+                writer = ShardedSafetensorsWriter.by_size(tmp, [(n, target_dtype, s) for n, s in shapes],
+                                                          max_shard_size=max_shard_size)
+                dtypes = dict.fromkeys((n for n, _ in shapes), target_dtype)
+            for name, tensor in tqdm(stream, total=len(shapes), desc="Exporting HF weights", unit="tensor"):
+                writer.add(name, tensor.to(dtypes[name]))
                 for alias in aliases.get(name, ()):
-                    writer.add(alias, tensor.to(layout.dtypes[alias]).clone())
+                    writer.add(alias, tensor.to(dtypes[alias]))
             writer.close()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             self._write_assets(tmp, provider)
@@ -201,34 +207,29 @@ class AutoBridge:
         log_rank0("saved HF checkpoint to %s", path)
 
     def source_layout(self) -> SourceLayout | None:
-        """Shard files, dtypes and index of the HF checkpoint this bridge came from (None if unknown)."""
+        """Files, byte layout and index of the HF checkpoint this bridge came from (None if unknown)."""
         if self._source_layout is None and self.hf_path is not None:
             self._source_layout = SourceLayout.from_checkpoint(self.hf_path)
         return self._source_layout
 
-    def _matching_source_layout(self, model: list, provider: GPTModelProvider) -> SourceLayout | None:
-        """The source layout when the export produces exactly its tensors (tied aliases included)."""
+    def _matching_source_layout(self, provider: GPTModelProvider, shapes: list[tuple[str, tuple[int, ...]]]
+                                ) -> tuple[SourceLayout | None, dict[str, list[str]]]:
+        """The source layout (and tied aliases to write) when the export yields exactly its tensors and shapes."""
         layout = self.source_layout()
         if layout is None:
-            return None
-        mappings = self.model_bridge.mappings_for(provider)
-        exported = set()
-        for task in engine.megatron_param_tasks(self.model_bridge, provider, model, get_parallel_state()):
-            mapping, layer = self.model_bridge.find(mappings, task.name)
-            if mapping.export:
-                exported.update(mapping.hf_names(layer))
+            return None, {}
+        source_shapes = {t: e[3] for plan in layout.plans() for t, e in plan.entries.items()}
+        exported = dict(shapes)
         aliases: dict[str, list[str]] = {}
         if provider.share_embeddings_and_output_weights:
             for alias, target in self.model_bridge.tied_aliases.items():
-                if alias in layout.weight_map and target in exported:
+                if alias in source_shapes and target in exported:
                     aliases.setdefault(target, []).append(alias)
-        wanted = exported | {a for names in aliases.values() for a in names}
-        present = {n for n in layout.weight_map if not self.model_bridge.is_ignored(n)}
-        if wanted != present:
+                    exported[alias] = exported[target]
+        if exported != source_shapes:
             log_rank0("the exported tensors differ from the source checkpoint's; sharding by size instead")
-            return None
-        return SourceLayout({n: layout.weight_map[n] for n in wanted}, {n: layout.dtypes[n] for n in wanted},
-                            layout.has_index, aliases)
+            return None, {}
+        return layout, aliases
 
     def _write_assets(self, out: Path, provider: GPTModelProvider) -> None:
         copied = False

@@ -238,6 +238,21 @@ def _check_checkpoint_names(bridge: ModelBridge, provider: GPTModelProvider, tas
 
 
 # ----------------------------------------------------------------------------------------- export
+def export_hf_shapes(bridge: ModelBridge, provider: GPTModelProvider, chunks: list, state
+                     ) -> list[tuple[str, tuple[int, ...]]]:
+    """``(hf_name, shape)`` of everything :func:`export_hf_weights` will yield, in the same order, computed on
+    meta tensors (no data, no communication beyond the task-list gather)."""
+    mappings = bridge.mappings_for(provider)
+    out = []
+    for task in megatron_param_tasks(bridge, provider, chunks, state):
+        mapping, layer = bridge.find(mappings, task.name)
+        if mapping.export:
+            full = torch.empty(task.full_shape(state.tp_size), dtype=task.dtype, device="meta")
+            ctx = mapping_context(provider, tuple(full.shape))
+            out += [(n, tuple(t.shape)) for n, t in zip(mapping.hf_names(layer), mapping.to_hf(full, ctx))]
+    return out
+
+
 def export_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: list, state, *,
                       cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, full tensor)`` pairs of the whole model; every rank must iterate to the end.

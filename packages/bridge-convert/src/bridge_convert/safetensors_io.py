@@ -14,15 +14,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "FilePlan",
     "LazyHFCheckpoint",
     "ShardedSafetensorsWriter",
     "SourceLayout",
@@ -55,8 +55,8 @@ def parse_size(size: int | str) -> int:
     return int(value * scale)
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header and check that the file holds every byte it declares."""
+def _read_safetensors_header(path: Path) -> tuple[dict, str]:
+    """Parse a safetensors header (returned with its raw text) and check the file holds every byte it declares."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -66,7 +66,8 @@ def _read_safetensors_header(path: Path) -> dict:
             header_len = int.from_bytes(raw_len, "little")
             if header_len > size - 8:
                 raise ValueError(f"header claims {header_len} bytes but the file has {size - 8}")
-            header = json.loads(f.read(header_len))
+            raw = f.read(header_len).decode()
+            header = json.loads(raw)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"unreadable safetensors file {path}: {exc}") from exc
     header.pop("__metadata__", None)
@@ -74,7 +75,7 @@ def _read_safetensors_header(path: Path) -> dict:
     if 8 + header_len + data_len > size:
         raise ValueError(f"truncated safetensors file {path}: tensors need {8 + header_len + data_len} bytes, "
                          f"the file has {size}")
-    return header
+    return header, raw
 
 
 class LazyHFCheckpoint:
@@ -94,13 +95,14 @@ class LazyHFCheckpoint:
             raise FileNotFoundError(f"HF checkpoint directory not found: {self.path}")
         self._handles: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
+        self.raw_headers: dict[str, str] = {}
         self._bin_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.format, self.weight_map, self.index_metadata = self._discover()
         for file in sorted(set(self.weight_map.values())):
             if not (self.path / file).exists():
                 raise FileNotFoundError(f"{self.path / file} is listed in the checkpoint index but missing")
             if self.format == "safetensors":
-                self._headers[file] = _read_safetensors_header(self.path / file)
+                self._headers[file], self.raw_headers[file] = _read_safetensors_header(self.path / file)
         if self.format == "safetensors":
             for name, file in self.weight_map.items():
                 if name not in self._headers[file]:
@@ -117,7 +119,7 @@ class LazyHFCheckpoint:
                     raise ValueError(f"unreadable checkpoint index {index}: {exc}") from exc
         single = self.path / SAFE_SINGLE
         if single.exists():
-            header = _read_safetensors_header(single)
+            header, _ = _read_safetensors_header(single)
             return "safetensors", {name: SAFE_SINGLE for name in header}, {}
         single_bin = self.path / BIN_SINGLE
         if single_bin.exists():
@@ -181,15 +183,58 @@ class LazyHFCheckpoint:
         self._bin_cache.clear()
 
 
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One safetensors file to write: its header bytes (length prefix included) and where each tensor goes."""
+
+    name: str
+    header: bytes
+    entries: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]
+    """tensor name -> (absolute start, end, dtype, shape) in the file."""
+
+    @property
+    def size(self) -> int:
+        return max((end for _, end, _, _ in self.entries.values()), default=len(self.header))
+
+    @classmethod
+    def from_header(cls, name: str, header_json: str) -> FilePlan:
+        """Plan a file with exactly this header (so equal tensors give a byte-identical file)."""
+        raw = header_json.encode()
+        prefix = len(raw).to_bytes(8, "little") + raw
+        entries = {}
+        for tensor, info in json.loads(header_json).items():
+            if tensor == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            entries[tensor] = (len(prefix) + begin, len(prefix) + end, _DTYPES[info["dtype"]], tuple(info["shape"]))
+        return cls(name, prefix, entries)
+
+    @classmethod
+    def build(cls, name: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+              metadata: dict[str, str]) -> FilePlan:
+        """Lay tensors out as safetensors does: larger elements first (keeps data aligned), then by name."""
+        header: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        for tensor, dtype, shape in sorted(tensors, key=lambda t: (-t[1].itemsize, t[0])):
+            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+            header[tensor] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":"))
+        text += " " * (-(len(text) + 8) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        return cls.from_header(name, text)
+
+
 @dataclass(frozen=True)
 class SourceLayout:
-    """Where each tensor of a source checkpoint lived, in which dtype, and whether it had an index file."""
+    """A source checkpoint's safetensors headers (hence files, dtypes, shapes and byte layout) and its index."""
 
-    weight_map: dict[str, str]
-    dtypes: dict[str, torch.dtype]
-    has_index: bool
-    aliases: dict[str, list[str]] = field(default_factory=dict)
-    """exported name -> extra names written with the same data (a tied ``lm_head.weight``)."""
+    headers: dict[str, str]
+    """file name -> raw JSON header of that file."""
+    index_text: str | None
+    """the raw ``model.safetensors.index.json``, or None for a single-file checkpoint."""
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> SourceLayout | None:
@@ -200,112 +245,117 @@ class SourceLayout:
             return None
         if reader.format != "safetensors":
             return None
-        return cls(dict(reader.weight_map), {n: reader.dtype_of(n) for n in reader.keys()},
-                   (Path(path) / SAFE_INDEX).exists())
+        index = Path(path) / SAFE_INDEX
+        return cls(dict(reader.raw_headers), index.read_text() if index.exists() else None)
+
+    def plans(self) -> list[FilePlan]:
+        return [FilePlan.from_header(name, text) for name, text in sorted(self.headers.items())]
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {t: plan.name for plan in self.plans() for t in plan.entries}
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {t: e[2] for plan in self.plans() for t, e in plan.entries.items()}
 
     def to_json(self) -> dict:
-        return {"weight_map": self.weight_map, "has_index": self.has_index,
-                "dtypes": {n: str(d).removeprefix("torch.") for n, d in self.dtypes.items()}}
+        return {"headers": self.headers, "index_text": self.index_text}
 
     @classmethod
     def from_json(cls, data: dict) -> SourceLayout:
-        return cls(dict(data["weight_map"]), {n: getattr(torch, d) for n, d in data["dtypes"].items()},
-                   bool(data["has_index"]))
+        return cls(dict(data["headers"]), data.get("index_text"))
 
 
 class ShardedSafetensorsWriter:
-    """Write tensors as they arrive into safetensors shards plus ``model.safetensors.index.json``.
+    """Write tensors, in any order, straight to their place in pre-planned safetensors files.
+
+    Every file's header is written first, so each arriving tensor is written at its final offset and then
+    dropped: memory holds one tensor at a time, not a shard. From a :class:`SourceLayout` the headers are the
+    source's own, so equal tensors reproduce the source files byte for byte (and its index verbatim).
 
     Args:
         out_dir: the (already existing, normally temporary) directory to write into.
-        layout: name -> file of a source checkpoint. Every tensor goes to its file, which is written once all of
-            its tensors arrived; the index reproduces the source's. Without it, shards are cut at ``max_shard_size``.
-        max_shard_size: shard size limit without a layout.
-        metadata: safetensors header metadata for every file (``{"format": "pt"}`` as transformers writes).
-        write_index: write ``model.safetensors.index.json``; default: when there is more than one file.
+        plans: the files to write.
+        index_text: the ``model.safetensors.index.json`` to write, or None for none.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, layout: dict[str, str] | None = None,
-                 max_shard_size: int | str = "5GB", metadata: dict[str, str] | None = None,
-                 write_index: bool | None = None) -> None:
-        self.write_index = write_index
+    def __init__(self, out_dir: str | os.PathLike, plans: list[FilePlan], index_text: str | None) -> None:
         self.out_dir = Path(out_dir)
-        self.layout = dict(layout) if layout else None
-        self.max_shard_size = parse_size(max_shard_size)
-        self.metadata = metadata or {"format": "pt"}
-        self._pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        self._remaining: dict[str, set[str]] = defaultdict(set)
-        if self.layout:
-            for name, file in self.layout.items():
-                self._remaining[file].add(name)
-        self._written: dict[str, str] = {}
-        self._sizes: dict[str, int] = {}
-        self._current: dict[str, torch.Tensor] = {}
-        self._current_bytes = 0
-        self._size_shards: list[str] = []
+        self.plans = {p.name: p for p in plans}
+        self.index_text = index_text
+        self._where = {t: p.name for p in plans for t in p.entries}
+        self._remaining = {p.name: set(p.entries) for p in plans}
+        self._handles: dict[str, object] = {}
+
+    @classmethod
+    def from_source(cls, out_dir: str | os.PathLike, layout: SourceLayout) -> ShardedSafetensorsWriter:
+        return cls(out_dir, layout.plans(), layout.index_text)
+
+    @classmethod
+    def by_size(cls, out_dir: str | os.PathLike, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
+                max_shard_size: int | str = "5GB", metadata: dict[str, str] | None = None
+                ) -> ShardedSafetensorsWriter:
+        """Fill files in the given order up to ``max_shard_size`` each, named as ``save_pretrained`` names them."""
+        limit = parse_size(max_shard_size)
+        groups: list[list] = [[]]
+        size = 0
+        for name, dtype, shape in tensors:
+            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+            if groups[-1] and size + nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, dtype, shape))
+            size += nbytes
+        metadata = metadata or {"format": "pt"}
+        if len(groups) == 1:
+            return cls(out_dir, [FilePlan.build(SAFE_SINGLE, groups[0], metadata)], None)
+        plans = [FilePlan.build(f"model-{i:05d}-of-{len(groups):05d}.safetensors", g, metadata)
+                 for i, g in enumerate(groups, start=1)]
+        total = sum(plan.size - len(plan.header) for plan in plans)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t: p.name for p in plans for t in sorted(p.entries)}}
+        return cls(out_dir, plans, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._written or any(name in p for p in self._pending.values()) or name in self._current:
+        file = self._where.get(name)
+        if file is None:
+            raise ValueError(f"tensor {name!r} has no place in the planned checkpoint layout")
+        if name not in self._remaining[file]:
             raise ValueError(f"tensor {name!r} was written twice")
-        tensor = tensor.detach().to("cpu").contiguous()
-        if self.layout is not None:
-            file = self.layout.get(name)
-            if file is None:
-                raise ValueError(f"tensor {name!r} has no place in the source checkpoint layout")
-            self._pending[file][name] = tensor
-            self._remaining[file].discard(name)
-            if not self._remaining[file]:
-                self._flush(file, self._pending.pop(file))
-            return
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._current and self._current_bytes + nbytes > self.max_shard_size:
-            self._flush_size_shard()
-        self._current[name] = tensor
-        self._current_bytes += nbytes
-
-    def _flush_size_shard(self) -> None:
-        file = f"model-{len(self._size_shards) + 1:05d}.safetensors.part"
-        self._size_shards.append(file)
-        self._flush(file, self._current)
-        self._current, self._current_bytes = {}, 0
-
-    def _flush(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(self.out_dir / file), metadata=self.metadata)
-        for name, t in tensors.items():
-            self._written[name] = file
-            self._sizes[name] = t.numel() * t.element_size()
+        start, end, dtype, shape = self.plans[file].entries[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, the layout expects "
+                             f"{dtype}{shape}")
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = open(self.out_dir / file, "wb")  # noqa: SIM115 (kept open until the file is complete)
+            handle.write(self.plans[file].header)
+            self._handles[file] = handle
+        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        handle.seek(start)
+        handle.write(memoryview(data))
+        self._remaining[file].discard(name)
+        if not self._remaining[file]:
+            handle.truncate(self.plans[file].size)
+            handle.close()
+            del self._handles[file]
 
     def close(self) -> dict[str, str]:
-        """Write what is left and the index; returns the weight map.
+        """Check completeness and write the index; returns the weight map.
 
         Raises:
-            ValueError: with a source layout, if some of its tensors never arrived (they are named).
+            ValueError: if some planned tensors never arrived (they are named).
         """
-        if self.layout is not None:
-            missing = sorted(n for names in self._remaining.values() for n in names)
-            if missing:
-                raise ValueError(f"export is missing {len(missing)} tensors of the source layout: {missing[:20]}")
-            weight_map = {name: self._written[name] for name in self.layout}
-            files = set(weight_map.values())
-        else:
-            if self._current or not self._size_shards:
-                self._flush_size_shard()
-            total = len(self._size_shards)
-            renames = {}
-            for i, part in enumerate(self._size_shards, start=1):
-                final = SAFE_SINGLE if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
-                os.replace(self.out_dir / part, self.out_dir / final)
-                renames[part] = final
-            weight_map = {name: renames[file] for name, file in self._written.items()}
-            files = set(weight_map.values())
-        write_index = self.write_index if self.write_index is not None else len(files) > 1
-        if write_index:
-            index = {"metadata": {"total_size": sum(self._sizes.values())},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return weight_map
+        missing = sorted(n for names in self._remaining.values() for n in names)
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+        if missing:
+            raise ValueError(f"export is missing {len(missing)} tensors of the planned layout: {missing[:20]}")
+        if self.index_text is not None:
+            (self.out_dir / SAFE_INDEX).write_text(self.index_text)
+        return dict(self._where)
 
 
 @contextmanager
