@@ -1,0 +1,209 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from bridge_data.sft import ResampledDataset, SFTDataConfig
+from bridge_data.tokenizers import NullTokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "what is the capital of france?"},
+    {"role": "assistant", "content": "paris."},
+    {"role": "user", "content": "and seven plus five?"},
+    {"role": "assistant", "content": "twelve!"},
+]
+
+
+def masked_spans(sample, tokenizer):
+    """Decoded runs of labels where the loss mask is 1."""
+    spans, current = [], []
+    for label, m in zip(sample["labels"].tolist(), sample["loss_mask"].tolist()):
+        if m:
+            current.append(label)
+        elif current:
+            spans.append(tokenizer.detokenize(current))
+            current = []
+    if current:
+        spans.append(tokenizer.detokenize(current))
+    return spans
+
+
+def _real_length(sample):
+    """Length of the sequence before padding: the last target position + 2."""
+    return int(torch.nonzero(sample["loss_mask"]).max()) + 2
+
+
+def test_chat_loss_mask_covers_exactly_the_assistant_turns(tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    [sample] = SFTDataConfig(path=path, seq_length=96).build(tokenizer)[0]
+    assert masked_spans(sample, tokenizer) == ["paris.<|end|>\n", "twelve!<|end|>\n"]
+    rendered = tokenizer.hf_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    n = _real_length(sample)
+    assert tokenizer.detokenize(sample["tokens"][:n].tolist()) == rendered
+    assert torch.equal(sample["labels"][: n - 1], sample["tokens"][1:n])
+    assert sample["tokens"][n:].eq(tokenizer.pad).all() and not sample["loss_mask"][n - 1 :].any()
+    assert sample["position_ids"].tolist() == list(range(96))
+
+
+def test_every_schema_masks_only_the_answer(tokenizer, tmp_path, write_jsonl):
+    rows = [{"prompt": "2+2?", "completion": "four"},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello world"}]},
+            {"context": "paris is in france.", "question": "where is paris?", "answers": {"text": ["france"]}},
+            {"question": "five plus seven?", "answer": "twelve"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    train, _, _ = SFTDataConfig(path=path, seq_length=64).build(tokenizer)
+    assert [masked_spans(train[i], tokenizer) for i in range(4)] == [
+        ["four<|end|>\n"], ["hello world<|end|>\n"], ["france<|end|>\n"], ["twelve<|end|>\n"]]
+
+
+def test_plain_mode_masks_completion_and_eod(plain_tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "what is the answer?", "completion": "twelve"}])
+    [sample] = SFTDataConfig(path=path, seq_length=32, use_chat_template=False).build(plain_tokenizer)[0]
+    n = _real_length(sample)
+    assert plain_tokenizer.detokenize(sample["tokens"][:n].tolist()) == (
+        "<|begin_of_text|>what is the answer?\ntwelve<|end_of_text|>")
+    assert masked_spans(sample, plain_tokenizer) == ["twelve<|end_of_text|>"]
+
+
+def test_answer_only_loss_off_trains_every_token(tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    [sample] = SFTDataConfig(path=path, seq_length=96, answer_only_loss=False).build(tokenizer)[0]
+    n = _real_length(sample)
+    assert sample["loss_mask"][: n - 1].eq(1).all() and n == len(tokenizer.tokenize(
+        tokenizer.hf_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)))
+
+
+def _long_rows(n_long):
+    short = {"prompt": "hi", "completion": "hello"}
+    long = {"prompt": "the quick brown fox", "completion": "jumps over the lazy dog " * 10}
+    return [short] * 3 + [long] * n_long
+
+
+def test_truncation_policies(tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "long.jsonl", _long_rows(2))
+    truncated, _, _ = SFTDataConfig(path=path, seq_length=48, truncation="truncate").build(tokenizer)
+    assert len(truncated) == 5 and all(truncated[i]["tokens"].shape == (48,) for i in range(5))
+    assert truncated[4]["loss_mask"][-1] == 0 and truncated[4]["loss_mask"].sum() > 0
+    dropped, _, _ = SFTDataConfig(path=path, seq_length=48, truncation="drop").build(tokenizer)
+    assert len(dropped) == 3
+    with pytest.raises(ValueError, match=r"long.jsonl:4: \d+ tokens, more than seq_length=48"):
+        SFTDataConfig(path=path, seq_length=48, truncation="fail").build(tokenizer)
+
+
+def test_all_rows_dropped_is_an_error(tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "long.jsonl", _long_rows(2)[3:])
+    with pytest.raises(ValueError, match="No usable train rows of .*long.jsonl"):
+        SFTDataConfig(path=path, seq_length=48, truncation="drop").build(tokenizer)
+
+
+def test_pad_to_multiple_without_seq_length_padding(tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "hi", "completion": "x" * n} for n in (1, 9, 20)])
+    train, _, _ = SFTDataConfig(path=path, seq_length=64, pad_to_seq_length=False, pad_to_multiple_of=8).build(
+        tokenizer)
+    lengths = [train[i]["tokens"].shape[0] for i in range(3)]
+    assert all(n % 8 == 0 for n in lengths) and len(set(lengths)) > 1
+    assert all(_real_length(train[i]) <= lengths[i] < _real_length(train[i]) + 8 for i in range(3))
+
+
+def test_chat_data_without_template_names_tokenizer_and_file(plain_tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    with pytest.raises(ValueError, match=r"plain-tokenizer.*has no chat template.*chat.jsonl"):
+        SFTDataConfig(path=path, seq_length=64).build(plain_tokenizer)
+
+
+def test_multi_turn_rows_need_a_chat_template(plain_tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: without a chat template"):
+        SFTDataConfig(path=path, seq_length=64, use_chat_template=False).build(plain_tokenizer)
+
+
+def test_conversation_without_assistant_is_rejected(tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: the conversation has no assistant message"):
+        SFTDataConfig(path=path, seq_length=64).build(tokenizer)
+
+
+def test_null_tokenizer_is_rejected(tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(ValueError, match="needs an HF tokenizer"):
+        SFTDataConfig(path=path, seq_length=64).build(NullTokenizer(10))
+
+
+def test_missing_and_empty_files_are_reported(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        SFTDataConfig(path=str(tmp_path / "absent.jsonl"), seq_length=64).build(tokenizer)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl.*no rows"):
+        SFTDataConfig(path=str(tmp_path / "empty.jsonl"), seq_length=64).build(tokenizer)
+
+
+def test_reads_hf_datasets_dict_and_parquet(tokenizer, tmp_path, write_jsonl):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"question": f"{i} plus {i}?", "answer": f"{2 * i}"} for i in range(6)]
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:2])}).save_to_disk(
+        str(tmp_path / "hf"))
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "d.parquet"))
+    ref, _, _ = SFTDataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), seq_length=32).build(tokenizer)
+    hf_train, _, hf_test = SFTDataConfig(path=str(tmp_path / "hf"), test_path=str(tmp_path / "hf"),
+                                         seq_length=32).build(tokenizer)
+    parquet, _, _ = SFTDataConfig(path=str(tmp_path / "d.parquet"), seq_length=32).build(tokenizer)
+    for i in range(6):
+        assert torch.equal(hf_train[i]["tokens"], ref[i]["tokens"])
+        assert torch.equal(parquet[i]["tokens"], ref[i]["tokens"])
+    assert len(hf_test) == 6  # the same directory's "train" split; hf_split picks another one
+    _, _, only_test = SFTDataConfig(path=str(tmp_path / "hf"), test_path=str(tmp_path / "hf"), seq_length=32,
+                                    hf_split="test").build(tokenizer)
+    assert len(only_test) == 2
+
+
+def test_split_carves_disjoint_valid_and_test_sets(tokenizer, tmp_path, write_jsonl):
+    rows = [{"prompt": f"row {i}", "completion": "ok"} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, valid, test = SFTDataConfig(path=path, seq_length=32, split="80,10,10").build(tokenizer)
+    assert (len(train), len(valid), len(test)) == (16, 2, 2)
+    seen = [tuple(d[i]["tokens"].tolist()) for d in (train, valid, test) for i in range(len(d))]
+    assert len(set(seen)) == 20
+
+
+def test_sample_counts_resample_shuffled_epochs(tokenizer, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"row {i}", "completion": "ok"} for i in range(5)])
+    train, valid, test = SFTDataConfig(path=path, seq_length=32).build(tokenizer, train_samples=12, valid_samples=3)
+    assert isinstance(train, ResampledDataset) and len(train) == 12 and valid is None and test is None
+    base = train.dataset
+    ids = [next(j for j in range(5) if torch.equal(train[i]["tokens"], base[j]["tokens"])) for i in range(12)]
+    assert sorted(ids[:5]) == sorted(ids[5:10]) == list(range(5))
+    assert ids[:5] != ids[5:10]
+    with pytest.raises(IndexError):
+        train[12]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"split": "1,1,1", "valid_path": "v.jsonl"}, "do not also set"), ({"split": "1,x"}, "split must be"),
+     ({"pad_to_multiple_of": 5}, "multiple of pad_to_multiple_of")],
+    ids=["split-and-valid-path", "bad-split", "seq-not-multiple"],
+)
+def test_finalize_rejects_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SFTDataConfig(path="d.jsonl", seq_length=64, **kwargs).finalize()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"truncation": "cut"}, "truncation"),
+                                                 ({"seq_length": 1}, "seq_length")], ids=["truncation", "seq"])
+def test_config_rejects_bad_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SFTDataConfig(**({"path": "d.jsonl", "seq_length": 64} | kwargs))
+
+
+def test_rows_truncated_before_the_answer_are_skipped(tokenizer, tmp_path, write_jsonl, caplog):
+    rows = [{"prompt": "the quick brown fox " * 10, "completion": "yes"}, {"prompt": "hi", "completion": "yo"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="bridge_data.sft"):
+        train, _, _ = SFTDataConfig(path=path, seq_length=16).build(tokenizer)
+    assert len(train) == 1 and "1 rows without answer tokens" in caplog.text
+    assert np.isclose(float(train[0]["loss_mask"].sum()), len(tokenizer.tokenize("yo")) + 2)
