@@ -221,3 +221,14 @@ def test_scheduler_kwargs_need_finalized_config(make_cfg):
     cfg = make_cfg()
     with pytest.raises(ValueError, match="finalize"):
         cfg.scheduler.param_scheduler_kwargs(cfg.optimizer, 10)
+
+
+def test_dry_run_copies_share_private_state_but_not_fields():
+    from bridge_train.config.container import section_copy
+
+    model = tiny_provider(generation_config={"top_p": 0.9})
+    model._weights_hook = [lambda chunks: chunks]  # e.g. a pre-wrap hook closing over loaded weights
+    clone = section_copy(model)
+    assert clone is not model and clone == model
+    assert clone._weights_hook is model._weights_hook
+    assert clone.generation_config is not model.generation_config

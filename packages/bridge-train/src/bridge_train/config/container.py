@@ -31,7 +31,7 @@ from .profiling import ProfilingConfig
 from .protocols import DatasetConfigLike, PeftLike, TokenizerConfigLike
 from .train import RNGConfig, RobustnessConfig, TrainConfig
 
-__all__ = ["ConfigContainer"]
+__all__ = ["ConfigContainer", "section_copy"]
 
 # Sub-configs with a check(prefix) method, in the order their problems are listed.
 _CHECKED_SECTIONS = {
@@ -156,7 +156,7 @@ class ConfigContainer:
     def _working_copy(self) -> ConfigContainer:
         clone = copy.copy(self)
         for name in _MUTABLE_SECTIONS:
-            setattr(clone, name, copy.deepcopy(getattr(self, name)))
+            setattr(clone, name, section_copy(getattr(self, name)))
         return clone
 
     def _resolve(self, world_size: int | None) -> list[str]:
@@ -228,6 +228,13 @@ class ConfigContainer:
         for name in ("model", "optimizer", "ddp", "dataset", "tokenizer"):
             problems += _finalize_section(name, getattr(self, name))
         return problems
+
+
+def section_copy(section: Any) -> Any:
+    """A deep copy of a sub-config that shares its private attributes (``_pre_wrap_hooks`` may hold closures over
+    loaded weights, which a dry run must not duplicate)."""
+    memo = {id(value): value for name, value in getattr(section, "__dict__", {}).items() if name.startswith("_")}
+    return copy.deepcopy(section, memo)
 
 
 def _finalize_section(name: str, section: Any) -> list[str]:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .coerce import REPR_KEY, TARGET_KEY, CoercionError, NotRestorable, coerce_field, field_type_hints
-from .container import ConfigContainer
+from .container import ConfigContainer, section_copy
 from .errors import ConfigError, ConfigWarning
 from .import_paths import import_object
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
@@ -146,7 +146,7 @@ def _working_copy(cfg: ConfigContainer) -> ConfigContainer:
     clone = copy.copy(cfg)
     for f in dataclasses.fields(cfg):
         if f.init and f.name != "peft":  # a PEFT object is only ever replaced, never edited
-            setattr(clone, f.name, copy.deepcopy(getattr(cfg, f.name)))
+            setattr(clone, f.name, section_copy(getattr(cfg, f.name)))
     return clone
 
 
