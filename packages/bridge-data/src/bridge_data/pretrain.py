@@ -41,7 +41,8 @@ class PretrainDataConfig:
     """Seed of megatron-core's document and sample shuffling (and of the mock documents)."""
 
     cache_dir: str | None = None
-    """Where megatron-core caches its sample indices. None: ``<prefix dir>/cache`` for real data, none for mock."""
+    """Where megatron-core caches its sample indices. None: ``PREFIX/cache/GPTDataset_indices`` (a directory
+    named after each prefix) for real data, no cache for mock data."""
 
     mock: bool = False
     """Use deterministic random-token data and read no files. Set by :meth:`finalize` when ``paths`` is empty."""
@@ -88,6 +89,9 @@ class PretrainDataConfig:
               test_samples: int | None) -> tuple[PretrainDataset | None, PretrainDataset | None,
                                                  PretrainDataset | None]:
         """Build the train, valid and test datasets through megatron-core's builder.
+
+        With ``torch.distributed`` initialized, call this on every rank: rank 0 builds (and caches) the indices
+        first, the others follow after a barrier.
 
         Args:
             tokenizer: Supplies ``vocab_size``, ``eod`` and ``pad``.
