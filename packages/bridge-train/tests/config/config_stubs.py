@@ -42,3 +42,14 @@ def tiny_provider(**overrides: Any) -> GPTModelProvider:
                   vocab_size=128, seq_length=32)
     values.update(overrides)
     return GPTModelProvider(**values)
+
+
+@dataclass
+class FakeLoRA:
+    """A PEFT method stand-in: ``peft(model, training) -> model``."""
+
+    dim: int = 8
+    """Adapter rank."""
+
+    def __call__(self, model: Any, training: bool = True) -> Any:
+        return model

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from config_stubs import MockDataConfig
+from config_stubs import FakeLoRA, MockDataConfig
 from megatron.core.transformer.enums import AttnBackend
 
-from bridge_train.config import ConfigError, apply_cli_args, apply_overrides, parse_cli_args
+from bridge_train.config import ConfigError, TrainConfig, apply_cli_args, apply_overrides, parse_cli_args
 
 
 def test_issue_example_overrides_apply_with_types(make_cfg):
@@ -145,3 +145,22 @@ def test_parse_cli_args_splits_files_and_overrides():
         parse_cli_args(["--cfg", "a.yaml"])
     with pytest.raises(ConfigError, match="--config needs a YAML file"):
         parse_cli_args(["--config"])
+
+
+def test_override_edits_dataclass_peft_without_touching_it_on_error(make_cfg):
+    cfg = make_cfg(peft=FakeLoRA(dim=8))
+    with pytest.raises(ConfigError):
+        apply_overrides(cfg, ["peft.dim=16", "train.train_iters=many"])
+    assert cfg.peft.dim == 8
+    apply_overrides(cfg, ["peft.dim=16"])
+    assert cfg.peft == FakeLoRA(dim=16)
+    apply_overrides(cfg, ["peft=null"])
+    assert cfg.peft is None
+
+
+def test_configs_are_slotted_so_typos_raise(make_cfg):
+    cfg = make_cfg()
+    with pytest.raises(AttributeError):
+        cfg.train.trian_iters = 5
+    with pytest.raises(AttributeError):
+        cfg.trian = TrainConfig(train_iters=1)

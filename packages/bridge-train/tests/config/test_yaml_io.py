@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from config_stubs import MockDataConfig, TokenizerStub, tiny_provider
+from config_stubs import FakeLoRA, MockDataConfig, TokenizerStub, tiny_provider
 
 from bridge_convert.provider import GPTModelProvider
 from bridge_train.config import (
@@ -115,20 +115,10 @@ def test_unserialisable_value_warns_naming_the_field(make_cfg):
     assert ConfigContainer.from_yaml(text).model.activation_func is F.silu  # the class default
 
 
-@dataclass
-class FakeLoRA:
-    """A PEFT method stand-in: ``peft(model, training) -> model``."""
-
-    dim: int = 8
-
-    def __call__(self, model, training=True):
-        return model
-
-
 def test_peft_is_saved_by_class_and_repr_only(make_cfg):
     cfg = make_cfg(peft=FakeLoRA())
     text = cfg.to_yaml()
-    assert f"peft:\n  _target_: {__name__}.FakeLoRA\n  _repr_: FakeLoRA(dim=8)\n" in text
+    assert "peft:\n  _target_: config_stubs.FakeLoRA\n  _repr_: FakeLoRA(dim=8)\n" in text
     with pytest.warns(ConfigWarning, match="peft .* is not restored; set cfg.peft in Python"):
         back = ConfigContainer.from_yaml(text)
     assert back.peft is None

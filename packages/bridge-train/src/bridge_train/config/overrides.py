@@ -145,8 +145,12 @@ def _parse_override(text: Any) -> DictConfig | str:
 def _working_copy(cfg: ConfigContainer) -> ConfigContainer:
     clone = copy.copy(cfg)
     for f in dataclasses.fields(cfg):
-        if f.init and f.name != "peft":  # a PEFT object is only ever replaced, never edited
+        if not f.init:
+            continue
+        try:
             setattr(clone, f.name, section_copy(getattr(cfg, f.name)))
+        except (TypeError, copy.Error, RecursionError):  # e.g. a PEFT object holding a lock: try it in place
+            continue
     return clone
 
 
