@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridge_data.preprocess import PreprocessConfig, preprocess
+from bridge_data.preprocessing import PreprocessConfig, preprocess
 from bridge_data.pretrain import PretrainDataConfig, check_indexed_dataset
 from bridge_data.tokenizers import NullTokenizer, TokenizerConfig
 

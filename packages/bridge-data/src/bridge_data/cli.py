@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bridge_data.preprocess import PreprocessConfig, preprocess
+from bridge_data.preprocessing import PreprocessConfig, preprocess
 from bridge_data.tokenizers import TokenizerConfig
 
 _EXAMPLE = """example:

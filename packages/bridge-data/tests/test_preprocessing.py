@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from bridge_data.preprocess import PreprocessConfig, preprocess
+from bridge_data.preprocessing import PreprocessConfig, preprocess
 from bridge_data.tokenizers import TokenizerConfig
 
 
