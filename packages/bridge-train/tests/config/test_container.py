@@ -232,3 +232,15 @@ def test_dry_run_copies_share_private_state_but_not_fields():
     assert clone is not model and clone == model
     assert clone._weights_hook is model._weights_hook
     assert clone.generation_config is not model.generation_config
+
+
+def test_wandb_project_without_wandb_installed_is_rejected(make_cfg, monkeypatch):
+    from bridge_train.config import logger as logger_module
+
+    real_find_spec = logger_module.importlib.util.find_spec
+    monkeypatch.setattr(logger_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    cfg = make_cfg()
+    cfg.logger.wandb_project = "demo"
+    with pytest.raises(ConfigError, match=r"logger.wandb_project is 'demo' but wandb is not installed"):
+        cfg.validate()
