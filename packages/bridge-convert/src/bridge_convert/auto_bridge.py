@@ -107,6 +107,7 @@ class AutoBridge:
         if load_weights:
             if self.hf_path is None:
                 raise ValueError("this bridge was made from a config alone; there are no weights to load")
+            provider.perform_initialization = False  # every weight is overwritten by the load (names are checked)
             provider.register_pre_wrap_hook(lambda chunks: self.load_hf_weights(chunks) or chunks)
         return provider
 
@@ -292,7 +293,8 @@ class AutoBridge:
         """Megatron checkpoint -> HF checkpoint, loading at the layout in ``provider_overrides`` (default 1x1)."""
         bridge = cls.from_megatron_checkpoint(megatron_path)
         meta = read_checkpoint_metadata(megatron_path)
-        overrides = {"params_dtype": meta.get("params_dtype", "float32"), **provider_overrides}
+        overrides = {"params_dtype": meta.get("params_dtype", "float32"), "perform_initialization": False,
+                     **provider_overrides}
         model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
         bridge.load_megatron_checkpoint(model, megatron_path)
         bridge.save_hf_pretrained(model, hf_path, dtype=dtype)

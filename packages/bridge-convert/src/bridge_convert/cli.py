@@ -109,7 +109,8 @@ def _cmd_export(args) -> int:
     from .megatron_ckpt import read_checkpoint_metadata
 
     overrides["params_dtype"] = read_checkpoint_metadata(args.megatron_path).get("params_dtype", "float32")
-    model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
+    model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, perform_initialization=False,
+                                     **overrides)
     bridge.load_megatron_checkpoint(model, args.megatron_path)
     bridge.save_hf_pretrained(model, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
                               overwrite=not args.no_overwrite)
