@@ -93,8 +93,8 @@ class LazyHFCheckpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"HF checkpoint directory not found: {self.path}")
-        self._handles: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
+        self._header_len: dict[str, int] = {}
         self.raw_headers: dict[str, str] = {}
         self._bin_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.format, self.weight_map, self.index_metadata = self._discover()
@@ -103,6 +103,7 @@ class LazyHFCheckpoint:
                 raise FileNotFoundError(f"{self.path / file} is listed in the checkpoint index but missing")
             if self.format == "safetensors":
                 self._headers[file], self.raw_headers[file] = _read_safetensors_header(self.path / file)
+                self._header_len[file] = len(self.raw_headers[file].encode())
         if self.format == "safetensors":
             for name, file in self.weight_map.items():
                 if name not in self._headers[file]:
@@ -164,22 +165,22 @@ class LazyHFCheckpoint:
         file = self.weight_map[name]
         if self.format == "bin":
             return self._load_bin(file)[name].clone()
-        handle = self._handles.get(file)
-        if handle is None:
-            from safetensors import safe_open
-
+        info = self._headers[file][name]
+        begin, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        if end > begin:
+            # Read straight into the tensor's memory: no mmap pages stay resident and no intermediate copy.
+            target = tensor.view(-1).view(torch.uint8).numpy()
             try:
-                handle = safe_open(str(self.path / file), framework="pt", device="cpu")
-            except Exception as exc:
-                raise ValueError(f"unreadable safetensors file {self.path / file}: {exc}") from exc
-            self._handles[file] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:
-            raise ValueError(f"cannot read {name!r} from {self.path / file}: {exc}") from exc
+                with open(self.path / file, "rb") as f:
+                    f.seek(8 + self._header_len[file] + begin)
+                    if f.readinto(memoryview(target)) != end - begin:
+                        raise ValueError("short read")
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read {name!r} from {self.path / file}: {exc}") from exc
+        return tensor
 
     def close(self) -> None:
-        self._handles.clear()
         self._bin_cache.clear()
 
 
