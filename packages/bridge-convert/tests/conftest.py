@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bridge_convert.runtime import initialize_parallel
-from bridge_convert.testing import save_tiny_hf_checkpoint
+from bridge_convert.testing import FAMILIES, save_tiny_hf_checkpoint
 
 
 @pytest.fixture
@@ -22,9 +22,6 @@ def tiny_hf_checkpoint(tmp_path_factory):
         return save_tiny_hf_checkpoint(path, family, dtype=dtype, **overrides)
 
     return make
-
-
-FAMILIES = ("llama", "llama31", "llama32", "qwen2", "qwen3", "mistral")
 
 
 @pytest.fixture(scope="session")

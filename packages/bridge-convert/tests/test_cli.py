@@ -4,9 +4,9 @@ import shutil
 import subprocess
 
 import pytest
-from checkpoints import assert_same_checkpoint
 
 from bridge_convert.cli import main
+from bridge_convert.testing import assert_same_checkpoint
 
 
 def test_console_script_help():

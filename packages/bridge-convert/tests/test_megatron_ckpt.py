@@ -3,12 +3,11 @@
 import json
 
 import pytest
-from checkpoints import assert_same_checkpoint
 
 from bridge_convert import AutoBridge
 from bridge_convert.megatron_ckpt import TRACKER_FILE, read_checkpoint_metadata, resolve_checkpoint_dir
 from bridge_convert.runtime import initialize_parallel
-from bridge_convert.testing import run_multiprocess
+from bridge_convert.testing import assert_same_checkpoint, run_multiprocess
 
 
 def _import_body(hf_path: str, megatron_path: str, tp: int, pp: int) -> None:

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import assert_same_checkpoint
-from conftest import FAMILIES
 
 from bridge_convert import AutoBridge
 from bridge_convert.forward import forward_logits
 from bridge_convert.runtime import initialize_parallel
-from bridge_convert.testing import run_multiprocess, save_tiny_hf_checkpoint
+from bridge_convert.testing import FAMILIES, assert_same_checkpoint, run_multiprocess, save_tiny_hf_checkpoint
 
 SEQ = 20
 

@@ -2,14 +2,12 @@
 
 import pytest
 import torch
-from checkpoints import assert_same_checkpoint
-from conftest import FAMILIES
 
 from bridge_convert import AutoBridge
 from bridge_convert.forward import forward_logits
 from bridge_convert.runtime import initialize_parallel
 from bridge_convert.specs import te_available
-from bridge_convert.testing import run_multiprocess
+from bridge_convert.testing import FAMILIES, assert_same_checkpoint, run_multiprocess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FAMILIES",
     "TINY_HF_CONFIGS",
     "build_tiny_gpt",
     "full_state_dict",
@@ -79,6 +80,10 @@ TINY_HF_CONFIGS: dict[str, dict[str, Any]] = {
         "eos_token_id": 2, "torch_dtype": "float32",
     },
 }
+
+
+#: The tiny checkpoints the conversion tests run for every supported family.
+FAMILIES = ("llama", "llama31", "llama32", "qwen2", "qwen3", "mistral")
 
 
 def tiny_hf_config(family: str = "llama", **overrides: Any):

@@ -1,4 +1,6 @@
-"""Assertions on HF checkpoints on disk, shared by the conversion tests."""
+"""Assertions on HF checkpoints on disk: the round-trip oracle of the conversion tests."""
+
+__all__ = ["assert_same_checkpoint", "read_tensors"]
 
 import json
 from pathlib import Path
