@@ -21,3 +21,12 @@ def test_random_documents_cover_the_vocabulary_uniformly():
     counts = np.bincount(ids, minlength=20)
     assert counts[19] == 0
     assert counts[:19].min() > 0.7 * counts[:19].mean()
+
+
+def test_random_documents_step_by_one_to_three_so_there_is_something_to_learn():
+    docs = RandomDocuments(vocab_size=20, eod=5, seed=1, seq_length=64, num_documents=50)
+    for i in range(50):
+        body = docs[i][:-1]
+        dense = np.where(body > 5, body - 1, body)  # undo the skip over eod
+        steps = np.diff(dense) % 19
+        assert set(steps.tolist()) <= {1, 2, 3}

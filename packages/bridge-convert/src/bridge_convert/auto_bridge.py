@@ -90,6 +90,22 @@ class AutoBridge:
         return cls(raw)
 
     @classmethod
+    def for_provider(cls, provider: GPTModelProvider) -> AutoBridge:
+        """The bridge of a provider: the one that made it (with its HF source), else one built from
+        ``provider.hf_architecture`` and the provider's own fields.
+
+        Raises:
+            ValueError: if the provider names no HF architecture.
+        """
+        bridge = getattr(provider, "_hf_bridge", None)
+        if bridge is not None:
+            return bridge
+        if not provider.hf_architecture:
+            raise ValueError("the model provider has no hf_architecture (e.g. 'LlamaForCausalLM'); set it to save "
+                             "or export HF checkpoints of this model")
+        return cls(get_bridge(provider.hf_architecture).provider_to_config(provider, None))
+
+    @classmethod
     def list_supported_models(cls) -> list[str]:
         """HF architecture names this package converts."""
         return supported_architectures()
@@ -101,7 +117,9 @@ class AutoBridge:
 
     def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
         """A ``GPTModelProvider`` for this model; with ``load_weights`` its models come with the HF weights."""
-        provider = GPTModelProvider(**self.model_bridge.config_to_provider(self.hf_config))
+        provider = GPTModelProvider(**self.model_bridge.config_to_provider(self.hf_config),
+                                    hf_architecture=self.model_bridge.hf_architecture)
+        provider._hf_bridge = self  # runtime link (not a config field) so trainers can export with the source assets
         if self.hf_path is not None and (self.hf_path / "generation_config.json").exists():
             provider.generation_config = json.loads((self.hf_path / "generation_config.json").read_text())
         if load_weights:
@@ -244,10 +262,8 @@ class AutoBridge:
             (out / "generation_config.json").write_text(json.dumps(provider.generation_config, indent=2) + "\n")
 
     # ------------------------------------------------------------------------ Megatron checkpoints
-    def save_megatron_checkpoint(self, model: list, path: str | os.PathLike, *, iteration: int = 0,
-                                 extra_state: dict[str, Any] | None = None,
-                                 extra_metadata: dict[str, Any] | None = None) -> Path:
-        """Save ``model`` in the shared Megatron checkpoint format (see :mod:`bridge_convert.megatron_ckpt`)."""
+    def checkpoint_metadata(self, model: list) -> dict[str, Any]:
+        """What a Megatron checkpoint of ``model`` records in ``bridge.json`` so it can be exported to HF later."""
         provider = self._provider_of(model)
         metadata = {
             "architecture": self.model_bridge.hf_architecture,
@@ -256,13 +272,17 @@ class AutoBridge:
             "saved_layout": {"tensor_model_parallel_size": provider.tensor_model_parallel_size,
                              "pipeline_model_parallel_size": provider.pipeline_model_parallel_size,
                              "virtual_pipeline_model_parallel_size": provider.virtual_pipeline_model_parallel_size},
-            **(extra_metadata or {}),
         }
         layout = self.source_layout()
         if layout is not None:
             metadata["hf_source_layout"] = layout.to_json()
-        return save_checkpoint(model, path, iteration=iteration, metadata=metadata, extra_state=extra_state,
-                               hf_assets_from=self.hf_path)
+        return metadata
+
+    def save_megatron_checkpoint(self, model: list, path: str | os.PathLike, *, iteration: int = 0,
+                                 extra_state: dict[str, Any] | None = None) -> Path:
+        """Save ``model`` in the shared Megatron checkpoint format (see :mod:`bridge_convert.megatron_ckpt`)."""
+        return save_checkpoint(model, path, iteration=iteration, metadata=self.checkpoint_metadata(model),
+                               extra_state=extra_state, hf_assets_from=self.hf_path)
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | os.PathLike) -> AutoBridge:

@@ -132,6 +132,8 @@ def save_checkpoint(
     metadata: dict[str, Any],
     extra_state: dict[str, Any] | None = None,
     hf_assets_from: str | os.PathLike | None = None,
+    model_state: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save the model chunks (plus ``extra_state``, e.g. optimizer state) as one iteration of a checkpoint.
 
@@ -146,6 +148,9 @@ def save_checkpoint(
         metadata: JSON-serialisable facts stored in ``bridge.json`` (HF config, architecture, ...).
         extra_state: more entries of the sharded state dict (``{"optimizer": ..., ...}``).
         hf_assets_from: an HF model directory whose tokenizer / generation config files are copied along.
+        model_state: the chunks' sharded state (:func:`sharded_model_state`) when the caller already built it
+            (an optimizer's sharded state refers to it).
+        extra_files: file name -> text written by rank 0 into the iteration directory (e.g. the run's config).
 
     Returns:
         The iteration directory.
@@ -161,13 +166,15 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    state = sharded_model_state(chunks)
+    state = dict(model_state) if model_state is not None else sharded_model_state(chunks)
     state.update(extra_state or {})
     with _in_process_write_results():
         dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
     if _rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **metadata}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if hf_assets_from is not None:
             assets = tmp / HF_ASSETS_DIR
             assets.mkdir()
@@ -186,7 +193,7 @@ def save_checkpoint(
 
 
 def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict[str, Any] | None = None,
-                     strict: bool = True) -> dict[str, Any]:
+                     strict: bool = True, model_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint's model weights into ``chunks`` (any TP/PP layout) and return the loaded extras.
 
     Raises:
@@ -198,7 +205,7 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
     from megatron.core.utils import unwrap_model
 
     directory = resolve_checkpoint_dir(path)
-    request = sharded_model_state(chunks)
+    request = dict(model_state) if model_state is not None else sharded_model_state(chunks)
     request.update(extra_state or {})
     # Unexpected entries are fine (a training checkpoint also holds optimizer state); a missing one makes the
     # underlying torch.distributed.checkpoint load fail. (The StrictHandling modes that list missing keys read

@@ -89,6 +89,9 @@ class GPTModelProvider(TransformerConfig):
     """``torch.compile`` each transformer layer (native spec only)."""
     generation_config: dict[str, Any] | None = field(default=None, repr=False)
     """HF generation settings carried along so an export writes them back."""
+    hf_architecture: str | None = None
+    """The HF architecture this model converts to (``LlamaForCausalLM``, ...); set by AutoBridge and recipes, it
+    lets checkpoints of this model be exported to HF."""
 
     # TransformerConfig field defaults that differ for decoder-only LLMs built here.
     normalization: str = "RMSNorm"

@@ -1,8 +1,11 @@
 """Mock pretraining data: deterministic random token documents, sampled by megatron-core's GPTDataset machinery.
 
-megatron-core's own ``MockGPTDataset`` writes ``1, 2, 3, ...`` into every document; here each document holds
-uniform random ids (never the eod id) followed by eod, drawn from a generator seeded by ``(seed, document)``, so
-the same seed always gives the same samples and no file is read or written.
+megatron-core's own ``MockGPTDataset`` writes ``1, 2, 3, ...`` into every document; here each document is a random
+walk over the vocabulary (never the eod id) followed by eod: a uniform random first id, then each id is the previous
+one plus a random step of 1, 2 or 3 (wrapping around). Every id is equally frequent, yet there is something to
+learn: a model's next-token loss can fall from ln(vocab) towards ln(3), which makes mock-data runs show real
+progress. Documents come from a generator seeded by ``(seed, document)``, so the same seed always gives the same
+samples and no file is read or written.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset,
 
 
 class RandomDocuments(MockGPTLowLevelDataset):
-    """A fixed set of random-token documents of random lengths in ``[1, 2 * seq_length]``.
+    """A fixed set of random-walk documents of random lengths in ``[1, 2 * seq_length]``.
 
     Args:
         vocab_size: Ids are drawn from ``[0, vocab_size)`` minus ``eod``.
@@ -35,8 +38,10 @@ class RandomDocuments(MockGPTLowLevelDataset):
     def __getitem__(self, idx: int) -> np.ndarray:
         length = int(self.sequence_lengths[idx])
         rng = np.random.default_rng((self.seed, int(idx)))
-        body = rng.integers(0, self.vocab_size - 1, size=length - 1, dtype=np.int64)
-        body[body >= self.eod_token] += 1  # skip the eod id, keep the rest uniform
+        ids = self.vocab_size - 1  # every id but eod
+        walk = rng.integers(0, ids) + np.cumsum(rng.integers(1, 4, size=length - 1, dtype=np.int64)) - 1
+        body = walk % ids
+        body[body >= self.eod_token] += 1  # skip the eod id
         return np.concatenate([body, np.array([self.eod_token], dtype=np.int64)])
 
 

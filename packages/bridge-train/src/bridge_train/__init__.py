@@ -17,6 +17,9 @@ from .config import (
     get_mixed_precision_config,
 )
 
+from .entrypoints import finetune, pretrain
+from .forward_step import gpt_forward_step
+
 __all__ = [
     "CheckpointConfig",
     "ConfigContainer",
@@ -31,5 +34,8 @@ __all__ = [
     "SchedulerConfig",
     "TrainConfig",
     "apply_overrides",
+    "finetune",
+    "gpt_forward_step",
     "get_mixed_precision_config",
+    "pretrain",
 ]

@@ -1,0 +1,70 @@
+"""The GPT forward step: one micro-batch through the model, and the masked next-token loss.
+
+``gpt_forward_step(data_iterator, model)`` has the signature megatron-core's pipeline schedules call, so it (or any
+function like it) is passed to ``pretrain`` / ``finetune`` as is. Batches follow bridge-data's sample contract
+(``tokens``, ``labels``, ``loss_mask``, ``position_ids`` and, for packed rows, ``cu_seqlens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+
+__all__ = ["batch_to_device", "gpt_forward_step", "masked_next_token_loss"]
+
+_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _stage_flags(model) -> tuple[bool, bool]:
+    from megatron.core.utils import unwrap_model
+
+    module = unwrap_model(model)
+    return bool(getattr(module, "pre_process", True)), bool(getattr(module, "post_process", True))
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a collated batch to ``device``; packed rows (with ``cu_seqlens``) become one ``[1, B*S]`` row."""
+    from bridge_data import packed_seq_params_from_batch
+
+    packed = packed_seq_params_from_batch(batch) if "cu_seqlens" in batch else None
+    out = {k: batch[k].to(device, non_blocking=True) for k in _KEYS}
+    if packed is not None:
+        out = {k: v.reshape(1, -1) for k, v in out.items()}
+        for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            value = getattr(packed, name, None)
+            if value is not None:
+                setattr(packed, name, value.to(device, non_blocking=True))
+    out["packed_seq_params"] = packed
+    return out
+
+
+def masked_next_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean loss over the tokens ``loss_mask`` selects, in the form megatron-core's schedules expect.
+
+    Returns:
+        ``(loss, {"lm loss": loss.detach()})``; the schedule divides by the number of micro-batches and DDP
+        averages over data-parallel ranks.
+    """
+    mask = loss_mask.reshape(-1).float()
+    losses = per_token_loss.reshape(-1).float()
+    tokens = mask.sum()
+    loss = (losses * mask).sum() / tokens.clamp(min=1.0)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def gpt_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model) -> tuple[torch.Tensor, Callable]:
+    """Run one micro-batch; megatron-core's schedules call it with this rank's data iterator and model chunk.
+
+    Every stage reads the batch, so all data iterators stay in step (one resumable position per run) and middle
+    stages get the packed-sequence boundaries their attention needs; the first stage feeds tokens and positions,
+    the last computes the loss.
+    """
+    from bridge_convert.runtime import get_parallel_state
+
+    first, last = _stage_flags(model)
+    batch = batch_to_device(next(data_iterator), get_parallel_state().device)
+    output = model(batch["tokens"] if first else None, batch["position_ids"] if first else None, None,
+                   labels=batch["labels"] if last else None, packed_seq_params=batch["packed_seq_params"])
+    return output, partial(masked_next_token_loss, batch["loss_mask"])

@@ -1,0 +1,168 @@
+"""Training metrics: the FLOP count behind TFLOP/s and MFU, and the console / TensorBoard / W&B writers.
+
+FLOPs of one training iteration (forward + backward = 3 x forward), per token:
+
+    6 * N  +  12 * L * H * S
+
+with N the parameters that take part in matrix multiplies (all transformer-layer weights plus the output
+projection, V x H, whether or not it is tied to the input embedding; the embedding lookup is not a matmul),
+L layers, H the hidden size and S the sequence length (the attention score and value products, counted for the
+full S x S square as PaLM's appendix B does). MFU divides the achieved FLOP/s per GPU by the card's dense bf16
+peak (H100/H200 SXM: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["MetricsLogger", "flops_per_token", "peak_flops_per_device"]
+
+logger = logging.getLogger("bridge")
+
+_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0,
+                     "A10G": 125.0, "L4": 121.0}
+
+
+def flops_per_token(provider, seq_length: int) -> float:
+    """Training FLOPs per token of ``provider``'s model at ``seq_length`` (see the module docstring)."""
+    h, layers = provider.hidden_size, provider.num_layers
+    heads = provider.num_attention_heads
+    groups = provider.num_query_groups or heads
+    kv = provider.kv_channels or h // heads
+    ffn = provider.ffn_hidden_size or 4 * h
+    attention = h * (heads + 2 * groups) * kv + heads * kv * h
+    mlp = (3 if provider.gated_linear_unit else 2) * h * ffn
+    vocab = getattr(provider, "padded_vocab_size", None) or provider.vocab_size
+    matmul_params = layers * (attention + mlp) + vocab * h
+    return 6.0 * matmul_params + 12.0 * layers * h * seq_length
+
+
+def peak_flops_per_device() -> float | None:
+    """Dense bf16 peak FLOP/s of this process's GPU, or None when unknown (CPU, unlisted card)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(_PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return _PEAK_BF16_TFLOPS[key] * 1e12
+    return None
+
+
+def _memory_gb() -> tuple[str, float]:
+    if torch.cuda.is_available():
+        return "max allocated", torch.cuda.max_memory_allocated() / 2**30
+    return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Writes one line per ``log_interval`` (rank 0), TensorBoard scalars and W&B when configured."""
+
+    def __init__(self, cfg, *, rank: int, world_size: int, flops_per_iteration: float, tokens_per_iteration: int,
+                 start_iteration: int) -> None:
+        self.cfg = cfg.logger
+        self.train_iters = cfg.train.train_iters
+        self.active = rank == 0
+        self.world_size = world_size
+        self.flops_per_iteration = flops_per_iteration
+        self.tokens_per_iteration = tokens_per_iteration
+        self.peak = peak_flops_per_device()
+        self._last_time = time.perf_counter()
+        self._last_iteration = start_iteration
+        self._tb = None
+        self._wandb = None
+        self._bar = None
+        if not self.active:
+            return
+        if self.cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=self.cfg.tensorboard_dir, max_queue=100)
+        if self.cfg.wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity,
+                                     name=self.cfg.wandb_exp_name, dir=self.cfg.wandb_save_dir,
+                                     config=cfg.to_dict())
+        show_bar = self.cfg.progress_bar if self.cfg.progress_bar is not None else sys.stderr.isatty()
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.train_iters, initial=start_iteration, desc="training", unit="it",
+                             dynamic_ncols=True)
+
+    def training(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Record one iteration; prints and writes every ``log_interval`` iterations."""
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{metrics.get('lm loss', float('nan')):.4f}")
+        if iteration % self.cfg.log_interval and iteration != self.train_iters:
+            return
+        now = time.perf_counter()
+        iters = max(iteration - self._last_iteration, 1)
+        seconds = (now - self._last_time) / iters
+        self._last_time, self._last_iteration = now, iteration
+        scalars = dict(metrics)
+        scalars["iteration time (s)"] = seconds
+        if self.cfg.log_throughput:
+            scalars["tokens/s"] = self.tokens_per_iteration / seconds
+            scalars["TFLOP/s per GPU"] = self.flops_per_iteration / seconds / self.world_size / 1e12
+            if self.peak:
+                scalars["MFU"] = self.flops_per_iteration / seconds / self.world_size / self.peak
+        if self.cfg.log_memory:
+            label, gb = _memory_gb()
+            scalars[f"memory {label} (GB)"] = gb
+        parts = [f"iteration {iteration:>{len(str(self.train_iters))}}/{self.train_iters}"]
+        for key, value in scalars.items():
+            if key == "MFU":
+                parts.append(f"MFU {value * 100:.1f}%")
+            elif key in ("lr",):
+                parts.append(f"lr {value:.3e}")
+            elif isinstance(value, float) and not math.isfinite(value):
+                parts.append(f"{key} {value}")
+            elif key in ("tokens/s",):
+                parts.append(f"{key} {value:,.0f}")
+            else:
+                parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        line = " | ".join(parts)
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+        self._write(scalars, iteration, prefix="train/")
+
+    def evaluation(self, iteration: int, name: str, loss: float) -> None:
+        if not self.active:
+            return
+        ppl = math.exp(min(loss, 20.0))
+        line = f"{name} at iteration {iteration} | lm loss {loss:.6g} | lm loss PPL {ppl:.6g}"
+        (self._bar.write if self._bar is not None else print)(line)
+        self._write({"lm loss": loss, "lm loss PPL": ppl}, iteration, prefix=f"{name}/")
+
+    def message(self, text: str) -> None:
+        if self.active:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def _write(self, scalars: dict[str, Any], iteration: int, prefix: str) -> None:
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(prefix + key, value, iteration)
+        if self._wandb is not None:
+            self._wandb.log({prefix + k: v for k, v in scalars.items()}, step=iteration)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

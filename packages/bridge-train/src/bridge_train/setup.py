@@ -1,0 +1,229 @@
+"""Everything a run needs, built in order: config check, runtime, tokenizer, model, optimizer, scheduler, data,
+and the resume from a checkpoint.
+
+The config is finalized (and so validated) before any process group or model exists, so a bad override fails in
+a second with the field named.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bridge_convert.runtime import ParallelLayout, ParallelState, initialize_parallel
+
+from .checkpointing import TrainState, find_resume_checkpoint, load_training_checkpoint
+from .config import ConfigContainer
+
+__all__ = ["TrainingRun", "setup_run"]
+
+logger = logging.getLogger("bridge")
+
+
+@dataclass
+class TrainingRun:
+    """The built pieces of a run; the loop and the checkpointing read them from here."""
+
+    cfg: ConfigContainer
+    parallel: ParallelState
+    model: list
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    bridge: Any
+    """bridge_convert AutoBridge of the model (None when the provider names no HF architecture)."""
+    train_state: TrainState
+    train_iterator: Any = None
+    valid_iterator: Any = None
+    schedule_seq_length: int = 0
+    schedule_micro_batch_size: int = 0
+    resumed_from: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _seed(seed: int, parallel: ParallelState, data_parallel_random_init: bool) -> None:
+    """megatron-LM's seeding: one stream per pipeline stage (and per DP rank when asked), TP ranks tracked apart."""
+    from megatron.core import tensor_parallel
+
+    seed = seed + 100 * parallel.pp_rank
+    if data_parallel_random_init:
+        seed += 10 * parallel.dp_rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def _build_tokenizer(cfg: ConfigContainer):
+    from bridge_data import TokenizerConfig, build_tokenizer
+
+    tok_cfg = cfg.tokenizer
+    if tok_cfg is None:
+        if cfg.model.vocab_size is None:
+            raise ValueError("model.vocab_size is not set and there is no tokenizer config to take it from; set "
+                             "tokenizer (e.g. TokenizerConfig(tokenizer_type='hf', path=...)) or model.vocab_size")
+        tok_cfg = TokenizerConfig(tokenizer_type="null", vocab_size=cfg.model.vocab_size)
+    tokenizer = build_tokenizer(tok_cfg)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                         f"{cfg.model.vocab_size}; token ids would fall outside the embedding")
+    return tokenizer
+
+
+def _pretrained_weights_hook(path: str):
+    """Pre-wrap hook: load a Megatron checkpoint's or an HF checkpoint's weights into the fresh model chunks."""
+    from pathlib import Path
+
+    def load(chunks: list) -> list:
+        from bridge_convert import AutoBridge
+        from bridge_convert.megatron_ckpt import load_model_state
+
+        if (Path(path) / "config.json").exists():
+            AutoBridge.from_hf_pretrained(path).load_hf_weights(chunks)
+        else:
+            load_model_state(chunks, path)
+        return chunks
+
+    return load
+
+
+def _peft_hook(peft):
+    def apply(chunks: list) -> list:
+        out = peft(chunks, training=True)
+        return out if out is not None else chunks
+
+    return apply
+
+
+def _model_bridge(provider):
+    from bridge_convert import AutoBridge
+
+    if getattr(provider, "_hf_bridge", None) is None and not provider.hf_architecture:
+        return None
+    return AutoBridge.for_provider(provider)
+
+
+def _dataset_sizes(cfg: ConfigContainer) -> tuple[int, int, int]:
+    gbs = cfg.train.global_batch_size
+    train = cfg.train.train_iters * gbs
+    if cfg.train.eval_interval:
+        evals = cfg.train.train_iters // cfg.train.eval_interval + 1
+        return train, evals * cfg.train.eval_iters * gbs, cfg.train.eval_iters * gbs
+    return train, 0, 0
+
+
+def _iterators(cfg: ConfigContainer, dataset, parallel: ParallelState, consumed: int, *, cycle: bool,
+               chunks: int):
+    """One resumable loader per model chunk (virtual pipeline stages each read the whole stream)."""
+    from bridge_data import build_dataloader
+
+    if dataset is None:
+        return None
+    loaders = [
+        build_dataloader(dataset, micro_batch_size=cfg.train.micro_batch_size, dp_rank=parallel.dp_rank,
+                         dp_size=parallel.dp_size, consumed_samples=consumed, cycle=cycle)
+        for _ in range(chunks)
+    ]
+    iterators = [iter(loader) for loader in loaders]
+    return iterators if chunks > 1 else iterators[0]
+
+
+def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
+    """Build a run from ``cfg``: every rank calls it (``torchrun`` or a plain ``python`` for one process).
+
+    Raises:
+        ConfigError: for any invalid setting, before anything is built.
+        ValueError / FileNotFoundError: for a missing pretrained or resume checkpoint.
+    """
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if cfg.peft is not None and not finetune:
+        raise ValueError("cfg.peft is set: use finetune(cfg, forward_step) for parameter-efficient fine-tuning")
+    world_size = _world_size()
+    if cfg.tokenizer is None and cfg.model.vocab_size is None:
+        _build_tokenizer(cfg)  # raises the explanatory error before the generic config check
+    cfg.finalize(world_size=world_size)
+    parallel = initialize_parallel(ParallelLayout.from_config(cfg.model), seed=cfg.rng.seed)
+    _seed(cfg.rng.seed, parallel, cfg.rng.data_parallel_random_init)
+    if parallel.rank == 0 and cfg.logger.print_config:
+        print("---- resolved config ----\n" + cfg.to_yaml() + "-------------------------", flush=True)
+    tokenizer = _build_tokenizer(cfg)
+
+    resume = find_resume_checkpoint(cfg.checkpoint.load)
+    if cfg.checkpoint.load and resume is None and cfg.checkpoint.exit_on_missing_checkpoint:
+        raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
+                                "checkpoint.exit_on_missing_checkpoint is set")
+    hooks = []
+    pretrained = cfg.checkpoint.pretrained_checkpoint
+    if finetune and resume is None and pretrained:
+        hooks.append(_pretrained_weights_hook(pretrained))
+    if finetune and cfg.peft is not None:
+        hooks.append(_peft_hook(cfg.peft))
+    model = cfg.model.provide_distributed_model(
+        wrap_with_ddp=True, ddp_config=cfg.ddp, pre_wrap_hooks=hooks, seed=cfg.rng.seed,
+        overlap_param_gather_with_optimizer_step=False,
+        data_parallel_random_init=cfg.rng.data_parallel_random_init)
+    optimizer = get_megatron_optimizer(cfg.optimizer, model)
+    scheduler = OptimizerParamScheduler(optimizer, **cfg.scheduler.param_scheduler_kwargs(
+        cfg.optimizer, cfg.train.train_iters))
+    _wire_model_config(model, optimizer, cfg)
+    cfg.model.finalize_model_grads_func = finalize_model_grads
+
+    run = TrainingRun(cfg=cfg, parallel=parallel, model=model, optimizer=optimizer, scheduler=scheduler,
+                      tokenizer=tokenizer, bridge=_model_bridge(cfg.model),
+                      train_state=TrainState(world_size=parallel.world_size))
+    if resume is not None:
+        saved = load_training_checkpoint(run, resume)
+        run.train_state = TrainState(**{**saved.__dict__, "world_size": parallel.world_size})
+        run.resumed_from = str(resume)
+        if parallel.rank == 0:
+            print(f"resumed from {resume} at iteration {saved.iteration}", flush=True)
+
+    train_samples, valid_samples, test_samples = _dataset_sizes(cfg)
+    train_ds, valid_ds, _ = cfg.dataset.build(tokenizer, train_samples=train_samples,
+                                              valid_samples=valid_samples or None, test_samples=test_samples or None)
+    if train_ds is None:
+        raise ValueError("the dataset config produced no training data")
+    chunks = len(model)
+    run.train_iterator = _iterators(cfg, train_ds, parallel, run.train_state.consumed_train_samples, cycle=False,
+                                    chunks=chunks)
+    if cfg.train.eval_interval and valid_ds is not None:
+        run.valid_iterator = _iterators(cfg, valid_ds, parallel, run.train_state.consumed_valid_samples, cycle=True,
+                                        chunks=chunks)
+    seq_length = getattr(cfg.dataset, "seq_length", None) or cfg.model.seq_length
+    packed = bool(getattr(cfg.dataset, "packed", False))
+    # Packed micro-batches are flattened into one [1, B*S] row; the pipeline sends activations of that shape.
+    run.schedule_seq_length = seq_length * cfg.train.micro_batch_size if packed else seq_length
+    run.schedule_micro_batch_size = 1 if packed else cfg.train.micro_batch_size
+    return run
+
+
+def _wire_model_config(model: list, optimizer, cfg: ConfigContainer) -> None:
+    """Hand megatron-core's schedules the hooks megatron-LM's training loop sets (loss scaling, grad sync)."""
+    config = cfg.model  # every chunk's TransformerConfig is the provider itself
+    config.grad_scale_func = optimizer.scale_loss
+    if cfg.ddp.overlap_grad_reduce:
+        sync = [m.no_sync for m in model]
+        config.no_sync_func = sync[0] if len(model) == 1 else sync
+        if getattr(cfg.ddp, "align_grad_reduce", True):
+            grad_sync = [m.start_grad_sync for m in model]
+            config.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
+    if cfg.ddp.overlap_param_gather and getattr(cfg.ddp, "align_param_gather", False):
+        param_sync = [m.start_param_sync for m in model]
+        config.param_sync_func = param_sync[0] if len(model) == 1 else param_sync

@@ -1,0 +1,54 @@
+"""Exit requests: signals (SIGTERM from a scheduler, SIGUSR1 before a preemption) and a wall-clock budget.
+
+A handler only records the request; the loop asks :meth:`ExitRequests.should_exit` once per iteration, which
+agrees across all ranks (one all-reduce), so every rank saves the same final checkpoint and stops together.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ExitRequests"]
+
+
+class ExitRequests:
+    """Installs handlers for ``signals`` until :meth:`close`; tracks the run's duration budget."""
+
+    def __init__(self, signals: tuple[str, ...], *, enabled: bool, exit_duration_in_mins: float | None,
+                 device: torch.device) -> None:
+        self.device = device
+        self.received: str | None = None
+        self.deadline = time.monotonic() + 60 * exit_duration_in_mins if exit_duration_in_mins else None
+        self._previous: dict[int, object] = {}
+        if enabled:
+            for name in signals:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(number).name
+
+    def should_exit(self) -> str | None:
+        """The reason to stop now (a signal name or "exit_duration"), identical on every rank, or None."""
+        local = 0
+        if self.received is not None:
+            local = 2
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
+            local = 1
+        flag = torch.tensor([local], dtype=torch.int32, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        value = int(flag.item())
+        if value == 2:
+            return self.received or "signal on another rank"
+        return "exit_duration" if value == 1 else None
+
+    def close(self) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
