@@ -151,3 +151,18 @@ def test_checker_catches_undeclared_bridge_import_and_unguarded_te(tmp_path):
     assert "bad.py:2: optional 'transformer_engine' imported without try/except Exception" in problems
     assert "bad.py:4:" in problems  # ImportError alone does not catch a broken TE
     assert "bad.py:8" not in problems
+
+
+def test_test_module_names_are_unique_across_packages():
+    # pytest's default (prepend) import mode imports test files by bare module name: two packages with a
+    # tests/test_cli.py could not run in one pytest process (the gpu session runs them all together).
+    seen: dict[str, Path] = {}
+    clashes = []
+    for pkg in PACKAGES:
+        for path in (pkg / "tests").rglob("*.py"):
+            if path.name in ("conftest.py", "__init__.py"):
+                continue
+            if path.name in seen:
+                clashes.append(f"{path.relative_to(ROOT)} and {seen[path.name].relative_to(ROOT)}")
+            seen[path.name] = path
+    assert not clashes, "rename one of each pair:\n" + "\n".join(clashes)

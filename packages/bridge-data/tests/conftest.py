@@ -3,59 +3,12 @@ with a chat template, and small generated corpora. Nothing is downloaded."""
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 
+from bridge_data.testing import make_texts as _make_texts
+from bridge_data.testing import save_tiny_tokenizer as _save_tokenizer
+from bridge_data.testing import write_jsonl as _write_jsonl
 from bridge_data.tokenizers import TokenizerConfig, build_tokenizer
-
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
-                  "<|end|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "answer", "question",
-         "context", "paris", "capital", "france", "seven", "plus", "five", "equals", "twelve", "hello", "world",
-         "model", "data", "token", "train", "loss"]
-
-
-def _make_texts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 20) -> list[str]:
-    """``n`` deterministic sentences of random words (with some punctuation and digits)."""
-    rng = random.Random(seed)
-    texts = []
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
-        texts.append(" ".join(words) + rng.choice([".", "?", "!", f" {i}."]))
-    return texts
-
-
-def _write_jsonl(path, rows: list[dict]) -> str:
-    """Write ``rows`` as JSON lines to ``path``; return the path as a string."""
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
-
-def _save_tokenizer(path, *, chat_template: str | None = CHAT_TEMPLATE, pad: bool = True) -> str:
-    """Train a byte-level BPE (vocab 320) on generated text and save it as an HF tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_make_texts(400, seed=1), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                 pad_token="<|pad|>" if pad else None)
-    if chat_template is not None:
-        hf.chat_template = chat_template
-    hf.save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="session")
