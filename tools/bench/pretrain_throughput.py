@@ -115,9 +115,14 @@ def _megatron_trainer(row: str, args, shape: dict):
                         clip_grad=1.0, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=False),
         model,
     )
+    if args.optimizer_kernels == "fused":
+        from bridge_convert.native.optimizer import use_fused_optimizer_kernels
+
+        print(f"[bench] {row}: fused optimizer kernels: {use_fused_optimizer_kernels(optimizer)}", file=sys.stderr)
     provider.finalize_model_grads_func = finalize_model_grads
     provider.grad_scale_func = optimizer.scale_loss
     schedule = get_forward_backward_func()
+    timer = _PhaseTimer()
 
     def step(ids, labels):
         micro_batch, seq = ids.shape
@@ -137,12 +142,15 @@ def _megatron_trainer(row: str, args, shape: dict):
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
+        timer.mark(0)
         losses = schedule(forward_step_func=forward_step, data_iterator=iter([(ids, labels)]), model=model,
                           num_microbatches=1, seq_length=seq, micro_batch_size=micro_batch, forward_only=False)
+        timer.mark(1)
         optimizer.step()
+        timer.mark(2)
         return losses[0]["lm loss"] if losses else None
 
-    return model, step
+    return timer, step
 
 
 def _hf_trainer(row: str, args, shape: dict, device):
@@ -169,16 +177,53 @@ def _hf_trainer(row: str, args, shape: dict, device):
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    timer = _PhaseTimer()
 
     def step(ids, labels):
+        timer.mark(0)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
+        timer.mark(1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        timer.mark(2)
         return loss.detach()
 
-    return model, step
+    return timer, step
+
+
+class _PhaseTimer:
+    """CUDA-event timestamps at the phase boundaries of each step (no host sync until read); no-op on CPU."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.enabled = torch.cuda.is_available()
+        self.events: list[list] = []
+
+    def mark(self, phase: int) -> None:
+        if not self.enabled:
+            return
+        import torch
+
+        if phase == 0:
+            self.events.append([])
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events[-1].append(event)
+
+    def reset(self) -> None:
+        self.events = []
+
+    def phase_ms(self) -> tuple[float | None, float | None]:
+        """Mean (forward + backward, optimizer) milliseconds over the steps since the last reset."""
+        steps = [e for e in self.events if len(e) == 3]
+        if not steps:
+            return None, None
+        fwd_bwd = sum(e[0].elapsed_time(e[1]) for e in steps) / len(steps)
+        optim = sum(e[1].elapsed_time(e[2]) for e in steps) / len(steps)
+        return fwd_bwd, optim
 
 
 def _sync(device) -> None:
@@ -204,9 +249,9 @@ def run_worker(row: str, args) -> None:
             _emit(row, None, status="skipped: transformer_engine does not import")
             return
     if row in MEGATRON_ROWS:
-        _, step = _megatron_trainer(row, args, shape)
+        timer, step = _megatron_trainer(row, args, shape)
     else:
-        _, step = _hf_trainer(row, args, shape, device)
+        timer, step = _hf_trainer(row, args, shape, device)
     for micro_batch in args.micro_batches:
         try:
             ids, labels = _batch(args, shape, micro_batch, device)
@@ -215,6 +260,7 @@ def run_worker(row: str, args) -> None:
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            timer.reset()
             start = time.perf_counter()
             for _ in range(args.steps):
                 loss = step(ids, labels)
@@ -227,9 +273,26 @@ def run_worker(row: str, args) -> None:
             torch.cuda.empty_cache()
             return  # a larger micro-batch would not fit either
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+        fwd_bwd_ms, optim_ms = timer.phase_ms()
+        if args.profile_dir and device.type == "cuda":
+            _profile_step(row, micro_batch, step, ids, labels, args.profile_dir)
         _emit(row, micro_batch, status="ok", seconds=elapsed, steps=args.steps,
               tokens_per_s=micro_batch * args.seq * args.steps / elapsed, peak_gb=peak,
-              loss=float(loss) if loss is not None else None)
+              fwd_bwd_ms=fwd_bwd_ms, optim_ms=optim_ms, loss=float(loss) if loss is not None else None)
+
+
+def _profile_step(row: str, micro_batch: int, step, ids, labels, out_dir: str) -> None:
+    """One extra step under torch.profiler; writes the top CUDA kernels to ``out_dir/<row>-mb<N>.txt``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(ids, labels)
+        torch.cuda.synchronize()
+    os.makedirs(out_dir, exist_ok=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with open(os.path.join(out_dir, f"{row}-mb{micro_batch}.txt"), "w") as f:
+        f.write(table)
 
 
 def _emit(row: str, micro_batch: int | None, **fields) -> None:
@@ -255,9 +318,14 @@ def _versions() -> dict:
 def _run_row(row: str, args) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--seq", str(args.seq),
            "--micro-batches", ",".join(map(str, args.micro_batches)), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+           "--warmup", str(args.warmup), "--optimizer-kernels", args.optimizer_kernels]
+    cmd += ["--profile-dir", args.profile_dir] if args.profile_dir else []
+    cmd += ["--tiny"] if args.tiny else []
+    env = dict(os.environ)
+    if args.alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     print(f"[bench] {row}: running", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env)
     results = [json.loads(line[len(RESULT_TAG):]) for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if done.returncode != 0:
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
@@ -286,19 +354,20 @@ def render(results: list[dict], args, versions: dict) -> str:
         f"liger-kernel {versions['liger-kernel']}, transformer-engine {versions['transformer-engine']}",
         f"- shape: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, {shape['kv_heads']} KV "
         f"groups, FFN {shape['ffn']}, vocab {shape['vocab']}, tied embeddings; N = {n / 1e9:.4f}B parameters",
-        f"- step: forward + backward + AdamW, bf16; {args.warmup} warm-up + {args.steps} timed steps per micro-batch",
+        f"- step: forward + backward + AdamW, bf16; {args.warmup} warm-up + {args.steps} timed steps per micro-batch; "
+        f"megatron optimizer kernels: {args.optimizer_kernels}; PYTORCH_CUDA_ALLOC_CONF={args.alloc_conf or 'unset'}",
         f"- MFU = (6*N + 12*L*H*S) * tokens/s / peak = {per_token / 1e9:.3f} GFLOP/token * tokens/s / "
         f"{_fmt(peak and peak / 1e12, '.0f')} TFLOP/s; peak GB = torch.cuda.max_memory_allocated / 1e9",
         "",
-        "| row | micro-batch | tokens/s | MFU | peak GB | status |",
-        "|---|---|---|---|---|---|",
+        "| row | micro-batch | tokens/s | MFU | peak GB | fwd+bwd ms | optim ms | status |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         tps = r.get("tokens_per_s")
         mfu = tps * per_token / peak if tps and peak else None
         lines.append(f"| {r['row']} | {_fmt(r['micro_batch'], 'd')} | {_fmt(tps, ',.0f')} | "
                      f"{_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} | {_fmt(r.get('peak_gb'), '.1f')} | "
-                     f"{r['status']} |")
+                     f"{_fmt(r.get('fwd_bwd_ms'), '.1f')} | {_fmt(r.get('optim_ms'), '.1f')} | {r['status']} |")
     best = {}
     for r in results:
         if r.get("tokens_per_s") and r["tokens_per_s"] > best.get(r["row"], {}).get("tokens_per_s", 0):
@@ -323,6 +392,13 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; 1 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny shape that runs on CPU in seconds")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 dense peak")
+    parser.add_argument("--optimizer-kernels", choices=("fused", "megatron"), default="fused",
+                        help="megatron rows without TE/apex: 'fused' = torch fused AdamW + foreach multi-tensor "
+                             "helpers (bridge_convert.native.optimizer); 'megatron' = megatron-core's own fallbacks")
+    parser.add_argument("--alloc-conf", default="expandable_segments:True",
+                        help="PYTORCH_CUDA_ALLOC_CONF for every row ('' leaves it unset)")
+    parser.add_argument("--profile-dir", default=None,
+                        help="after each timed micro-batch, profile one step and write its top kernels here")
     parser.add_argument("--row-timeout", type=float, default=1800, help="seconds before a row is abandoned")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -20,8 +20,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("overrides", [{}, {"qk_layernorm": True, "kv_channels": 32}, {"window_size": (31, 0)}],
                          ids=["llama", "qwen3", "sliding-window"])
 def test_cuda_native_matches_local(runtime, dtype, overrides):
-    local, native = pair(**overrides)
-    local, native = local.to(dtype), native.to(dtype)
+    local, native = (m.to(device="cuda", dtype=dtype) for m in pair(**overrides))
     ids = torch.randint(0, V, (B, S), device="cuda")
     pos = torch.arange(S, device="cuda").expand(B, S)
     mask = torch.ones(B, S, device="cuda")
@@ -38,7 +37,7 @@ def test_cuda_native_matches_local(runtime, dtype, overrides):
 
 
 def test_cuda_packed_rows_match_documents_alone(runtime):
-    local, native = pair()
+    local, native = (m.cuda() for m in pair())
     lengths = [100, 60, 96]
     docs = [torch.randint(0, V, (1, n), device="cuda") for n in lengths]
     cu = torch.tensor([0, 100, 160, 256], dtype=torch.int32, device="cuda")

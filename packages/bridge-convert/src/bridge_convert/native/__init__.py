@@ -15,6 +15,8 @@ RoPE                one ``torch.compile``'d kernel per q / k, per-document     m
 loss                chunked fused output projection + vocab-parallel CE        same, eager
                     (compiled elementwise), gradients in the forward pass
 whole layer         ``torch.compile`` per layer when ``compile_layers``        same (slow to compile)
+optimizer step      :func:`use_fused_optimizer_kernels`: torch fused AdamW,    foreach helpers
+                    ``torch._foreach`` grad-norm / param-copy helpers
 ==================  =========================================================  ===============================
 
 Packed sequences take megatron-core's ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=..., max_seqlen_q=...)``
@@ -27,6 +29,7 @@ from .cross_entropy import fused_linear_cross_entropy
 from .masks import PackedLayout, packed_layout
 from .model import NativeGPTModel
 from .norm import NativeNorm
+from .optimizer import use_fused_optimizer_kernels
 from .spec import NativeTransformerLayer, get_native_layer_spec
 
 __all__ = [
@@ -39,4 +42,5 @@ __all__ = [
     "fused_linear_cross_entropy",
     "get_native_layer_spec",
     "packed_layout",
+    "use_fused_optimizer_kernels",
 ]

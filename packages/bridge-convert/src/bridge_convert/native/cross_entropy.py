@@ -19,8 +19,9 @@ summed by megatron's own ``copy_to_tensor_model_parallel_region`` (or reduce-sca
 ``gather_from_sequence_parallel_region`` with sequence parallelism). Labels outside ``[0, V)`` behave as in
 megatron (no target logit; mask them out).
 
-On CUDA the elementwise parts of each chunk (max, sum-exp, target gather, softmax gradient) run as
-``torch.compile``'d kernels; on CPU they run eagerly with megatron's operation order.
+On CUDA the elementwise parts of each chunk run as ``torch.compile``'d kernels: one reduction (log-sum-exp and
+target logit; max, then sum-exp under TP, with megatron's operation order) and one pointwise pass for the
+softmax gradient. On CPU the same functions run eagerly.
 """
 
 from __future__ import annotations
@@ -42,31 +43,52 @@ def _row_max(logits: Tensor) -> Tensor:
 
 
 def _sumexp_and_target(logits: Tensor, row_max: Tensor, target: Tensor, in_range: Tensor) -> tuple[Tensor, Tensor]:
+    """Vocab-parallel statistics (before their all-reduce): sum of exp(x - max) and the target's x - max."""
     shifted = logits.float() - row_max.unsqueeze(-1)
     sum_exp = shifted.exp().sum(dim=-1)
     picked = shifted.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return sum_exp, torch.where(in_range, picked, torch.zeros_like(picked))
 
 
-def _softmax_grad(logits: Tensor, row_max: Tensor, sum_exp: Tensor, target: Tensor, in_range: Tensor,
+def _lse_and_target(logits: Tensor, target: Tensor, in_range: Tensor) -> tuple[Tensor, Tensor]:
+    """Single-shard statistics in one reduction: log-sum-exp, and the loss ``lse - x[target]``.
+
+    A label outside the vocabulary contributes ``x - max = 0`` as in megatron, i.e. its loss is ``lse - max``.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    target_logit = x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return lse, lse - torch.where(in_range, target_logit, x.amax(dim=-1))
+
+
+def _softmax_grad(logits: Tensor, lse: Tensor, target: Tensor, in_range: Tensor,
                   token_weight: Tensor | None) -> Tensor:
-    grad = (logits.float() - row_max.unsqueeze(-1)).exp() / sum_exp.unsqueeze(-1)
-    one_hot = torch.zeros_like(grad).scatter_(-1, target.unsqueeze(-1), in_range.to(grad.dtype).unsqueeze(-1))
-    grad = grad - one_hot
+    """``(softmax - one_hot(target)) * token_weight`` in the logits' dtype, as one pointwise pass.
+
+    The one-hot term is a comparison with a column index rather than a scatter into a zero tensor, so a
+    compiled kernel never writes a second vocab-sized buffer.
+    """
+    grad = (logits.float() - lse.unsqueeze(-1)).exp()
+    columns = torch.arange(logits.shape[-1], device=logits.device)
+    hit = (columns.unsqueeze(0) == target.unsqueeze(-1)) & in_range.unsqueeze(-1)
+    grad = torch.where(hit, grad - 1.0, grad)
     if token_weight is not None:
         grad = grad * token_weight.unsqueeze(-1)
     return grad.to(logits.dtype)
 
 
+_KERNELS = {"max": _row_max, "stats": _sumexp_and_target, "lse": _lse_and_target, "grad": _softmax_grad}
+
+
 @functools.cache
 def _compiled(name: str):
-    return torch.compile({"max": _row_max, "stats": _sumexp_and_target, "grad": _softmax_grad}[name])
+    return torch.compile(_KERNELS[name])
 
 
 def _kernel(name: str, device: torch.device):
     if device.type == "cuda":
         return _compiled(name)
-    return {"max": _row_max, "stats": _sumexp_and_target, "grad": _softmax_grad}[name]
+    return _KERNELS[name]
 
 
 def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
@@ -93,46 +115,48 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         local_target = torch.where(in_range, local_target, torch.zeros_like(local_target))
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        row_max_all = torch.empty_like(loss)
-        sum_exp_all = torch.empty_like(loss)
+        lse_all = torch.empty_like(loss)
         grad_hidden = torch.empty_like(hidden) if want_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
-        row_max_fn, stats_fn, grad_fn = (_kernel(n, hidden.device) for n in ("max", "stats", "grad"))
+        grad_fn = _kernel("grad", hidden.device)
         for start in range(0, tokens, chunk):
             end = min(start + chunk, tokens)
             h, t, r = hidden[start:end], local_target[start:end], in_range[start:end]
             logits = h @ weight.t()
-            row_max = row_max_fn(logits)
-            if tp_size > 1:
+            if tp_size == 1:
+                lse, loss[start:end] = _kernel("lse", hidden.device)(logits, t, r)
+            else:
+                # megatron's vocab_parallel_cross_entropy: global max, then global sum-exp and target logit.
+                row_max = _kernel("max", hidden.device)(logits)
                 dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            sum_exp, picked = stats_fn(logits, row_max, t, r)
-            if tp_size > 1:
+                sum_exp, picked = _kernel("stats", hidden.device)(logits, row_max, t, r)
                 both = torch.stack((sum_exp, picked))
                 dist.all_reduce(both, op=dist.ReduceOp.SUM, group=tp_group)
                 sum_exp, picked = both[0], both[1]
-            loss[start:end] = torch.log(sum_exp) - picked
-            row_max_all[start:end], sum_exp_all[start:end] = row_max, sum_exp
+                loss[start:end] = torch.log(sum_exp) - picked
+                lse = torch.log(sum_exp) + row_max
+            lse_all[start:end] = lse
             if want_grads:
                 w = loss_weights[start:end] if loss_weights is not None else None
-                g = grad_fn(logits, row_max, sum_exp, t, r, w)
+                g = grad_fn(logits, lse, t, r, w)
                 grad_hidden[start:end] = g @ weight
                 _accumulate_weight_grad(grad_weight, g, h)
             del logits
         ctx.tp_group, ctx.tp_size, ctx.chunk = tp_group, tp_size, chunk
         ctx.has_weights = loss_weights is not None
-        ctx.save_for_backward(hidden, weight, local_target, in_range, row_max_all, sum_exp_all, loss_weights,
-                              grad_hidden, grad_weight)
+        ctx.save_for_backward(hidden, weight, local_target, in_range, lse_all, loss_weights, grad_hidden, grad_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        (hidden, weight, local_target, in_range, row_max_all, sum_exp_all, loss_weights, grad_hidden,
-         grad_weight) = ctx.saved_tensors
+        hidden, weight, local_target, in_range, lse_all, loss_weights, grad_hidden, grad_weight = ctx.saved_tensors
         grad_loss = grad_loss.float()
         if grad_hidden is not None:
             scale = _uniform_scale(grad_loss, loss_weights, ctx.tp_group, ctx.tp_size)
             if scale is not None:
-                return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale, None, None, None, None
+                # In place: these buffers belong to this graph alone, and the backward runs at peak memory.
+                grad_weight = grad_weight.mul_(scale).to(weight.dtype)
+                return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight, None, None, None, None
         # The per-token gradient is not c x loss_weights: recompute each chunk with the true weights.
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -141,12 +165,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             end = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:end]
             logits = h @ weight.t()
-            g = grad_fn(logits, row_max_all[start:end], sum_exp_all[start:end], local_target[start:end],
-                        in_range[start:end], grad_loss[start:end])
+            g = grad_fn(logits, lse_all[start:end], local_target[start:end], in_range[start:end],
+                        grad_loss[start:end])
             grad_hidden[start:end] = g @ weight
             _accumulate_weight_grad(grad_weight, g, h)
             del logits
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def _uniform_scale(grad_loss: Tensor, loss_weights: Tensor | None, tp_group, tp_size: int) -> Tensor | None:

@@ -49,9 +49,12 @@ class NativeNorm(torch.nn.Module):
         self.rms = kind == "RMSNorm"
         self.eps = eps
         self.normalized_shape = (hidden_size,)
-        # Default dtype and device, like torch.nn.RMSNorm in the local spec; Float16Module casts for bf16 runs.
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
-        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size))
+        # fp32 like torch.nn.RMSNorm in the local spec (Float16Module casts for bf16 runs); on the GPU unless the
+        # config initialises on CPU, like megatron-core's linear layers.
+        on_gpu = torch.cuda.is_available() and not getattr(config, "use_cpu_initialization", False)
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, device=device))
         sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         for param in (self.weight, self.bias):
             if param is not None:

@@ -1,0 +1,44 @@
+"""The foreach replacements for megatron-core's multi-tensor fallbacks compute what the fallbacks compute."""
+
+import torch
+from megatron.core import utils as mc_utils
+from megatron.core.optimizer import clip_grads
+from megatron.core.optimizer import optimizer as mc_optimizer
+
+from bridge_convert.native.optimizer import _foreach_l2_norm, _foreach_scale, use_fused_optimizer_kernels
+
+
+def _tensors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for shape in ((7, 3), (5,), (4, 4, 2))]
+
+
+def test_foreach_l2_norm_matches_megatron_fallback(runtime):
+    tensors = _tensors()
+    flag = torch.zeros(1, dtype=torch.int)
+    want, _ = mc_utils.local_multi_tensor_l2_norm(2048, flag, [tensors], False)
+    got, _ = _foreach_l2_norm(2048, flag, [tensors], False)
+    torch.testing.assert_close(got, want.to(got.device), rtol=1e-6, atol=0)
+
+
+def test_foreach_scale_matches_megatron_fallback(runtime):
+    src = _tensors()
+    want = [torch.empty_like(t, dtype=torch.bfloat16) for t in src]
+    got = [torch.empty_like(t, dtype=torch.bfloat16) for t in src]
+    flag = torch.zeros(1, dtype=torch.int)
+    for scale in (1.0, 0.37):
+        mc_utils.local_multi_tensor_scale(2048, flag, [src, want], scale)
+        _foreach_scale(2048, flag, [src, got], scale)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_use_fused_optimizer_kernels_swaps_only_megatron_fallbacks(runtime, monkeypatch):
+    for module, name in ((clip_grads, "l2_norm_impl"), (clip_grads, "multi_tensor_scale_impl"),
+                         (mc_optimizer, "multi_tensor_scale_impl")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    changed = use_fused_optimizer_kernels(object())
+    assert clip_grads.l2_norm_impl is _foreach_l2_norm
+    assert mc_optimizer.multi_tensor_scale_impl is _foreach_scale
+    assert "clip_grads.l2_norm_impl" in changed
+    assert use_fused_optimizer_kernels(object()) == []  # idempotent; no CUDA optimizer to fuse here
