@@ -16,7 +16,6 @@ from .config import (
     apply_overrides,
     get_mixed_precision_config,
 )
-
 from .entrypoints import finetune, pretrain
 from .forward_step import gpt_forward_step
 

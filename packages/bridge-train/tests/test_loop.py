@@ -1,0 +1,125 @@
+"""Single-process training on CPU: learning, logging, exact resume, NaN handling, early config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bridge_train import ConfigError, pretrain
+from bridge_train.loop import NonFiniteLossError
+
+
+def test_pretrain_loss_decreases_and_tensorboard_has_scalars(run_config, tmp_path):
+    cfg = run_config(**{"logger.tensorboard_dir": str(tmp_path / "tb"), "train.eval_interval": 10,
+                        "train.eval_iters": 2})
+    losses = pretrain(cfg)
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/lm loss", "train/lr", "train/grad norm", "train/tokens/s", "validation/lm loss"} <= tags
+    logged = {e.step: e.value for e in events.Scalars("train/lm loss")}
+    assert sorted(logged) == [5, 10, 15, 20, 25, 30]
+    assert logged[30] == pytest.approx(losses[29], rel=1e-6)
+
+
+def test_resume_continues_bitwise(run_config, tmp_path):
+    straight = pretrain(run_config())
+    first = pretrain(run_config(**{"checkpoint.save": str(tmp_path / "ckpt"), "train.exit_interval": 15}))
+    assert len(first) == 15
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "15"
+    assert (tmp_path / "ckpt" / "iter_0000015" / "run_config.yaml").exists()
+    second = pretrain(run_config(**{"checkpoint.load": str(tmp_path / "ckpt")}))
+    assert len(second) == 15
+    assert first + second == straight  # bitwise: same floats
+
+
+def test_resume_without_optimizer_state_differs(run_config, tmp_path):
+    # The negative control of the exact-resume test: dropping the Adam moments changes the continuation.
+    straight = pretrain(run_config())
+    pretrain(run_config(**{"checkpoint.save": str(tmp_path / "ckpt"), "train.exit_interval": 15}))
+    second = pretrain(run_config(**{"checkpoint.load": str(tmp_path / "ckpt"), "checkpoint.load_optim": False}))
+    assert second != straight[15:]
+
+
+def test_nan_loss_stops_with_the_iteration_named(run_config, monkeypatch):
+    import bridge_train.forward_step as fs
+
+    real = fs.masked_next_token_loss
+    calls = {"n": 0}
+
+    def poisoned(loss_mask, per_token_loss):
+        calls["n"] += 1
+        if calls["n"] > 4 * 3:  # 4 micro-batches per iteration: iteration 4 onwards
+            per_token_loss = per_token_loss * float("nan")
+        return real(loss_mask, per_token_loss)
+
+    monkeypatch.setattr(fs, "masked_next_token_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="iteration 4: loss nan"):
+        pretrain(run_config(**{"train.train_iters": 6}))
+
+
+def test_nan_loss_is_skipped_under_skip_policy(run_config, monkeypatch):
+    import bridge_train.forward_step as fs
+
+    real = fs.masked_next_token_loss
+    calls = {"n": 0}
+
+    def poisoned(loss_mask, per_token_loss):
+        calls["n"] += 1
+        if 8 < calls["n"] <= 12:  # exactly iteration 3
+            per_token_loss = per_token_loss * float("nan")
+        return real(loss_mask, per_token_loss)
+
+    monkeypatch.setattr(fs, "masked_next_token_loss", poisoned)
+    losses = pretrain(run_config(**{"train.train_iters": 6, "robustness.nan_policy": "skip"}))
+    assert math.isnan(losses[2]) and all(math.isfinite(x) for i, x in enumerate(losses) if i != 2)
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"train.global_batch_size": 7}, "train.global_batch_size"),
+    ({"model.tensor_model_parallel_size": 3}, "tensor_model_parallel_size"),
+    ({"checkpoint.save_interval": 5}, "checkpoint.save"),
+])
+def test_invalid_config_fails_before_any_model_is_built(run_config, monkeypatch, override, field):
+    cfg = run_config(**override)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built for an invalid config")
+
+    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        pretrain(cfg)
+
+
+def test_unknown_override_names_the_closest_key(run_config):
+    with pytest.raises(ConfigError, match="train_iter.*train.train_iters"):
+        run_config(**{"train.train_iter": 5})
+
+
+def test_lr_follows_the_schedule(run_config):
+    cfg = run_config(**{"train.train_iters": 6, "scheduler.lr_decay_style": "linear"})
+    seen = []
+    import bridge_train.loop as loop
+
+    real = loop.train_step
+
+    def spy(run, forward_step, iteration):
+        out = real(run, forward_step, iteration)
+        seen.append(run.optimizer.param_groups[0]["lr"])
+        return out
+
+    loop.train_step = spy
+    try:
+        pretrain(cfg)
+    finally:
+        loop.train_step = real
+    # warmup 3 iterations to 3e-3, then linear decay to min_lr 3e-4 at iteration 6
+    expected = [1e-3, 2e-3, 3e-3, 2.1e-3, 1.2e-3, 3e-4]
+    assert seen == pytest.approx(expected, rel=1e-6)
+    assert torch.get_default_dtype() == torch.float32

@@ -1,0 +1,99 @@
+"""Process-level robustness: SIGTERM saves a final checkpoint; SIGKILL in the middle of a save leaves the
+previous checkpoint intact and `latest` pointing at it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bridge_convert.megatron_ckpt import TRACKER_FILE
+from bridge_train import pretrain
+
+SCRIPT = '''
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import make_run_config
+from bridge_train import pretrain
+
+def main():
+    mode, ckpt, marker = sys.argv[1], sys.argv[2], sys.argv[3]
+    if mode == "kill-in-save":
+        from megatron.core import dist_checkpointing
+        real_save = dist_checkpointing.save
+        calls = []
+        def save(*args, **kwargs):
+            calls.append(1)
+            out = real_save(*args, **kwargs)
+            if len(calls) == 2:  # the files of the second checkpoint are written, not yet renamed into place
+                open(marker, "w").write("saving")
+                time.sleep(600)
+            return out
+        dist_checkpointing.save = save
+        cfg = make_run_config({hf!r}, **{{"train.train_iters": 20, "checkpoint.save": ckpt,
+                                           "checkpoint.save_interval": 5}})
+    else:
+        cfg = make_run_config({hf!r}, **{{"train.train_iters": 100000, "checkpoint.save": ckpt,
+                                           "logger.log_interval": 1}})
+        import bridge_train.loop as loop
+        real_step = loop.train_step
+        def step(run, fs, iteration):
+            if iteration == 4:
+                open(marker, "w").write("running")
+            return real_step(run, fs, iteration)
+        loop.train_step = step
+    pretrain(cfg)
+    print("clean exit", flush=True)
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _launch(tmp_path: Path, hf: str, mode: str) -> tuple[subprocess.Popen, Path, Path]:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), hf=hf))
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "marker"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), mode, str(ckpt), str(marker)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, ckpt, marker
+
+
+def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(tmp_path, tiny_llama):
+    proc, ckpt, marker = _launch(tmp_path, tiny_llama, "sigterm")
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "clean exit" in out and "(SIGTERM)" in out
+    iteration = int((ckpt / TRACKER_FILE).read_text())
+    assert iteration >= 4 and (ckpt / f"iter_{iteration:07d}" / "bridge.json").exists()
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, run_config):
+    proc, ckpt, marker = _launch(tmp_path, tiny_llama, "kill-in-save")
+    _wait_for(marker, proc)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.communicate(timeout=60)
+    assert (ckpt / TRACKER_FILE).read_text().strip() == "5"
+    assert (ckpt / "iter_0000010.tmp").exists() and not (ckpt / "iter_0000010").exists()
+    resumed = pretrain(run_config(**{"train.train_iters": 20, "checkpoint.load": str(ckpt),
+                                     "checkpoint.save": str(ckpt), "checkpoint.save_interval": 5}))
+    assert len(resumed) == 15  # iterations 6..20: it resumed from iteration 5
+    assert (ckpt / TRACKER_FILE).read_text().strip() == "20"
+    assert not (ckpt / "iter_0000010.tmp").exists()  # the leftover was cleaned up by a later save
