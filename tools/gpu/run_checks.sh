@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU acceptance checks for the lent GPU machines (device tool): run from the repo root with wheels in .whl/.
+#   bash tools/gpu/run_checks.sh [convert] [train] [train1b]
+# Writes logs to $OUT (or ./gpu-logs).
+set -uo pipefail
+OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/packages/bridge-convert/src:$PWD/packages/bridge-data/src:$PWD/packages/bridge-train/src
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi -L | tee "$OUT/gpus.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpus.txt"
+steps=${*:-convert train train1b}
+for step in $steps; do
+  case $step in
+    convert) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/models/test_families_gpu.py 2>&1 | tail -40 > "$OUT/convert_gpu.log" ;;
+    train) timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider -rA packages/bridge-train/tests/test_gpu_training.py 2>&1 | grep -v Warning | tail -40 > "$OUT/train_gpu.log" ;;
+    train1b)
+      args=(--shape llama32-1b --workdir /tmp/run1b --no-export mixed_precision=bf16_mixed dataset.seq_length=4096
+            train.micro_batch_size=4 train.global_batch_size=4 train.eval_interval=null logger.log_interval=5
+            checkpoint.save_interval=20 checkpoint.keep_last_n=1 logger.progress_bar=false)
+      CUDA_VISIBLE_DEVICES=0 timeout 300 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=20 2>&1 | grep -v -i warn | tail -15 > "$OUT/train1b.log"
+      CUDA_VISIBLE_DEVICES=0 timeout 200 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=25 2>&1 | grep -v -i warn | tail -10 >> "$OUT/train1b.log" ;;
+  esac
+done
+tail -n 5 "$OUT"/*.log
