@@ -123,3 +123,11 @@ def test_lr_follows_the_schedule(run_config):
     expected = [1e-3, 2e-3, 3e-3, 2.1e-3, 1.2e-3, 3e-4]
     assert seen == pytest.approx(expected, rel=1e-6)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_profiler_writes_a_trace_for_the_window(run_config, tmp_path):
+    pretrain(run_config(**{"train.train_iters": 4, "profiling.use_pytorch_profiler": True,
+                           "profiling.profile_step_start": 2, "profiling.profile_step_end": 4,
+                           "profiling.profile_dir": str(tmp_path / "prof")}))
+    traces = list((tmp_path / "prof").glob("*.pt.trace.json*"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000

@@ -134,6 +134,7 @@ def save_checkpoint(
     hf_assets_from: str | os.PathLike | None = None,
     model_state: dict[str, Any] | None = None,
     extra_files: dict[str, str] | None = None,
+    sharded_strategy: Any = None,
 ) -> Path:
     """Save the model chunks (plus ``extra_state``, e.g. optimizer state) as one iteration of a checkpoint.
 
@@ -151,6 +152,7 @@ def save_checkpoint(
         model_state: the chunks' sharded state (:func:`sharded_model_state`) when the caller already built it
             (an optimizer's sharded state refers to it).
         extra_files: file name -> text written by rank 0 into the iteration directory (e.g. the run's config).
+        sharded_strategy: a megatron-core save strategy (e.g. a fully-parallel wrapper); default torch_dist.
 
     Returns:
         The iteration directory.
@@ -169,7 +171,7 @@ def save_checkpoint(
     state = dict(model_state) if model_state is not None else sharded_model_state(chunks)
     state.update(extra_state or {})
     with _in_process_write_results():
-        dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy, async_sharded_save=False)
     if _rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **metadata}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")

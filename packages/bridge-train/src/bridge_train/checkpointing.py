@@ -107,12 +107,24 @@ def save_training_checkpoint(run, train_state: TrainState) -> Path:
     else:
         metadata, assets = {"architecture": None}, None
     path = save_checkpoint(run.model, root, iteration=train_state.iteration, metadata=metadata,
-                           extra_state=extra, hf_assets_from=assets, model_state=model_state, extra_files=files)
+                           extra_state=extra, hf_assets_from=assets, model_state=model_state, extra_files=files,
+                           sharded_strategy=_save_strategy(run))
     if cfg.checkpoint.save_hf and run.bridge is not None:
         run.bridge.save_hf_pretrained(run.model, path / "hf")
     if state.rank == 0:
         _prune(root, keep=cfg.checkpoint.keep_last_n, current=train_state.iteration)
     return path
+
+
+def _save_strategy(run):
+    """torch_dist, with the writing of replicated tensors spread over the data-parallel ranks when asked."""
+    if not run.cfg.checkpoint.fully_parallel_save or run.parallel.dp_size == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
+                                            run.parallel.dp_group(with_context_parallel=True))
 
 
 def _prune(root: Path, *, keep: int | None, current: int) -> None:

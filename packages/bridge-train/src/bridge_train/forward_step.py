@@ -66,5 +66,6 @@ def gpt_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model) ->
     first, last = _stage_flags(model)
     batch = batch_to_device(next(data_iterator), get_parallel_state().device)
     output = model(batch["tokens"] if first else None, batch["position_ids"] if first else None, None,
-                   labels=batch["labels"] if last else None, packed_seq_params=batch["packed_seq_params"])
+                   labels=batch["labels"] if last else None, packed_seq_params=batch["packed_seq_params"],
+                   loss_mask=batch["loss_mask"] if last else None)
     return output, partial(masked_next_token_loss, batch["loss_mask"])

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .checkpointing import save_training_checkpoint
 from .metrics import MetricsLogger, flops_per_token
+from .profiling import IterationProfiler
 from .setup import TrainingRun
 from .signals import ExitRequests
 
@@ -125,6 +126,7 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
                                    tokens_per_iteration=tokens_per_iteration, start_iteration=state.iteration)
     exits = ExitRequests(cfg.robustness.exit_signals, enabled=cfg.robustness.exit_signal_handler,
                          exit_duration_in_mins=cfg.train.exit_duration_in_mins, device=run.parallel.device)
+    profiler = IterationProfiler(cfg, run.parallel.rank)
     history: list[float] = []
     consecutive_skips = 0
     saved_at = state.iteration if run.resumed_from else None
@@ -134,8 +136,12 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
         chunk.train()
     try:
         while state.iteration < cfg.train.train_iters:
+            profiler.before_iteration(state.iteration + 1)
             loss, grad_norm, applied = train_step(run, forward_step, state.iteration + 1)
             state.iteration += 1
+            profiler.after_iteration(state.iteration)
+            if cfg.train.empty_unused_memory_level >= 1 and not run.parallel.on_cpu:
+                torch.cuda.empty_cache()
             state.consumed_train_samples += cfg.train.global_batch_size
             if applied:
                 consecutive_skips = 0
@@ -157,6 +163,8 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
             if cfg.train.eval_interval and run.valid_iterator is not None and \
                     state.iteration % cfg.train.eval_interval == 0:
                 metrics_logger.evaluation(state.iteration, "validation", evaluate(run, forward_step))
+                if cfg.train.manual_gc and cfg.train.manual_gc_eval:
+                    gc.collect()
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
                     state.iteration % cfg.checkpoint.save_interval == 0:
                 save_training_checkpoint(run, state)
@@ -170,6 +178,7 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
         if cfg.checkpoint.save and saved_at != state.iteration:
             save_training_checkpoint(run, state)
     finally:
+        profiler.stop()
         exits.close()
         metrics_logger.close()
         if cfg.train.manual_gc:

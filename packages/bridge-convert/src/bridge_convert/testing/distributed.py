@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 __all__ = ["find_free_port", "run_multiprocess"]
@@ -81,6 +82,9 @@ def _context():
     test session instead of once per rank and test. The server itself never initialises CUDA, OpenMP threads or
     a process group, so forking from it is as clean as a spawn.
     """
+    if torch.cuda.is_available():
+        # Importing megatron-core initialises CUDA, after which the server could not fork usable children.
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
