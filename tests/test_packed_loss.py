@@ -12,7 +12,13 @@ import torch
 
 from bridge_convert import GPTModelProvider
 from bridge_convert.runtime import initialize_parallel
-from bridge_data import SFTDataConfig, TokenizerConfig, build_tokenizer, collate_samples, packed_seq_params_from_batch
+from bridge_data import (
+    SFTDataConfig,
+    TokenizerConfig,
+    build_tokenizer,
+    collate_samples,
+    packed_seq_params_from_batch,
+)
 from bridge_data.testing import make_texts, save_tiny_tokenizer, write_jsonl
 
 
