@@ -85,8 +85,11 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=self.cfg.tensorboard_dir, max_queue=100)
         if self.cfg.wandb_project:
-            import wandb
-
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ValueError(f"logger.wandb_project={self.cfg.wandb_project!r} needs wandb: install "
+                                 "bridge-train[wandb], or unset logger.wandb_project") from exc
             self._wandb = wandb.init(project=self.cfg.wandb_project, entity=self.cfg.wandb_entity,
                                      name=self.cfg.wandb_exp_name, dir=self.cfg.wandb_save_dir,
                                      config=cfg.to_dict())
