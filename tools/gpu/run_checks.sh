@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # GPU acceptance checks for the lent GPU machines (device tool): run from the repo root with wheels in .whl/.
 #   bash tools/gpu/run_checks.sh [convert] [train] [train1b]
-# Writes logs to $OUT (or ./gpu-logs).
+# Writes logs to $OUT (or ./gpu-logs). The GPU image has torch 2.11 and transformers but not these; fetch them here:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform any -d .whl megatron-core==0.19.2 liger-kernel==0.8.5 omegaconf==2.4.0
+#   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+# and carry .whl (git-ignored). "convert" and "train" need 2 GPUs (about 2 and 1.5 minutes), "train1b" one.
 set -uo pipefail
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
