@@ -1,0 +1,51 @@
+"""GPTModelProvider: two-phase configuration, derived fields, errors before anything is built."""
+
+import pytest
+import torch
+
+from bridge_convert.provider import GPTModelProvider, padded_vocab_size
+from bridge_convert.specs import te_available
+
+
+def _provider(**kw):
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                vocab_size=100, seq_length=32)
+    return GPTModelProvider(**{**base, **kw})
+
+
+def test_fields_can_change_until_finalize():
+    provider = _provider()
+    provider.tensor_model_parallel_size = 2  # no validation yet
+    provider.params_dtype = torch.bfloat16
+    provider.finalize()
+    assert provider.bf16 and provider.pipeline_dtype == torch.bfloat16 and provider.kv_channels == 16
+    if not torch.cuda.is_available():
+        assert provider.use_cpu_initialization and not provider.bias_activation_fusion
+
+
+def test_replace_returns_an_unfinalized_copy():
+    provider = _provider().finalize()
+    other = provider.replace(num_layers=4)
+    assert other.num_layers == 4 and provider.num_layers == 2
+    other.tensor_model_parallel_size = 4  # still editable: validation runs at its own finalize()
+    with pytest.raises(ValueError, match=r"num_query_groups \(2\) is not divisible"):
+        other.finalize()
+
+
+@pytest.mark.parametrize("vocab,divisible,tp,padded", [(100, 128, 1, 128), (128256, 128, 8, 129024), (128, 64, 2, 128)])
+def test_padded_vocab_size(vocab, divisible, tp, padded):
+    assert padded_vocab_size(vocab, divisible, tp) == padded
+
+
+def test_problems_are_listed_together():
+    with pytest.raises(ValueError) as err:
+        _provider(vocab_size=None, num_layers=3, pipeline_model_parallel_size=2, transformer_impl="fast").finalize()
+    text = str(err.value)
+    assert "vocab_size must be a positive integer" in text and "num_layers (3)" in text
+    assert "transformer_impl must be one of" in text
+
+
+@pytest.mark.skipif(te_available(), reason="Transformer Engine is usable here")
+def test_transformer_engine_impl_without_te_is_refused():
+    with pytest.raises(ValueError, match="needs Transformer Engine and a CUDA GPU"):
+        _provider(transformer_impl="transformer_engine").finalize()
