@@ -20,15 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA_32_1B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
-    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
-    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
-}
 GiB = 2**30
 
 
@@ -40,7 +31,9 @@ def _step_make(workdir: Path, dtype: str, shard_size: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    raw = dict(LLAMA_32_1B, torch_dtype=dtype)
+    from bridge_convert.testing import LLAMA_32_1B_HF_CONFIG
+
+    raw = dict(LLAMA_32_1B_HF_CONFIG, torch_dtype=dtype)
     model_type = raw.pop("model_type")
     config = AutoConfig.for_model(model_type, **raw)
     torch.manual_seed(0)

@@ -20,16 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-LLAMA_32_1B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "head_dim": 64,
-    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
-    "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 32, "num_hidden_layers": 16,
-    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 128256,
-}
-
 
 def build_config(args, overrides: list[str]):
     from bridge_convert import AutoBridge
@@ -45,7 +35,9 @@ def build_config(args, overrides: list[str]):
     from bridge_train.config import apply_cli_args
 
     if args.shape == "llama32-1b":
-        provider = AutoBridge.from_hf_config(LLAMA_32_1B).to_megatron_provider(load_weights=False)
+        from bridge_convert.testing import LLAMA_32_1B_HF_CONFIG
+
+        provider = AutoBridge.from_hf_config(LLAMA_32_1B_HF_CONFIG).to_megatron_provider(load_weights=False)
         provider.params_dtype = __import__("torch").float32  # bf16 comes from the mixed-precision recipe
     else:
         hf_model = args.hf_model or args.tiny

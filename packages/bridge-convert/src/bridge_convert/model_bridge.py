@@ -142,11 +142,16 @@ class ParamTask:
     order: tuple
 
     def full_shape(self, tp_size: int) -> tuple[int, ...]:
-        if self.split is None:
-            return self.local_shape
-        shape = list(self.local_shape)
-        shape[self.split[0]] *= tp_size
-        return tuple(shape)
+        return full_shape(self.local_shape, self.split, tp_size)
+
+
+def full_shape(local_shape: tuple[int, ...], split: tuple[int, int] | None, tp_size: int) -> tuple[int, ...]:
+    """Shape of the whole tensor whose TP shard has ``local_shape``."""
+    if split is None:
+        return tuple(local_shape)
+    shape = list(local_shape)
+    shape[split[0]] *= tp_size
+    return tuple(shape)
 
 
 def _order_key(name: str, position: int) -> tuple:
@@ -205,11 +210,11 @@ def load_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: lis
     with torch.no_grad():
         for name, param, mapping, layer, split in iterator:
             hf = [reader.get(n) for n in mapping.hf_names(layer)]
-            full_shape = ParamTask(name, 0, tuple(param.shape), param.dtype, split, ()).full_shape(state.tp_size)
-            full = mapping.to_megatron(hf, mapping_context(provider, full_shape))
-            if tuple(full.shape) != full_shape:
+            expected = full_shape(tuple(param.shape), split, state.tp_size)
+            full = mapping.to_megatron(hf, mapping_context(provider, expected))
+            if tuple(full.shape) != expected:
                 raise ValueError(f"shape mismatch for {name} (from {mapping.hf_names(layer)}): expected "
-                                 f"{full_shape} for the full tensor, got {tuple(full.shape)}")
+                                 f"{expected} for the full tensor, got {tuple(full.shape)}")
             local = shard(full, split, state.tp_rank, state.tp_size)
             param.data.copy_(local.to(device=param.device, dtype=param.dtype))
 

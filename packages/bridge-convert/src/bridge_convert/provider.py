@@ -122,9 +122,7 @@ class GPTModelProvider(TransformerConfig):
         """
         if self._finalized:
             return self
-        problems = self._check()
-        if problems:
-            raise ValueError("invalid GPTModelProvider:\n  - " + "\n  - ".join(problems))
+        self._raise_if_invalid()
         self.transformer_impl = resolve_transformer_impl(self.transformer_impl)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
@@ -258,7 +256,7 @@ class GPTModelProvider(TransformerConfig):
         from megatron.core.enums import ModelType
         from megatron.core.transformer.module import Float16Module
 
-        self._check_layout_before_runtime()
+        self._raise_if_invalid()  # before any process group or weight is allocated
         state = initialize_parallel(ParallelLayout.from_config(self), seed=seed)
         self.finalize()
         chunks = []
@@ -291,8 +289,7 @@ class GPTModelProvider(TransformerConfig):
                     m.broadcast_params()
         return chunks
 
-    def _check_layout_before_runtime(self) -> None:
-        """Fail on an impossible layout before any process group or weight is allocated."""
+    def _raise_if_invalid(self) -> None:
         problems = self._check()
         if problems:
             raise ValueError("invalid GPTModelProvider:\n  - " + "\n  - ".join(problems))

@@ -156,14 +156,12 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     if cfg.peft is not None and not finetune:
         raise ValueError("cfg.peft is set: use finetune(cfg, forward_step) for parameter-efficient fine-tuning")
     world_size = _world_size()
-    if cfg.tokenizer is None and cfg.model.vocab_size is None:
-        _build_tokenizer(cfg)  # raises the explanatory error before the generic config check
+    tokenizer = _build_tokenizer(cfg)  # before finalize: it may supply model.vocab_size; builds no model
     cfg.finalize(world_size=world_size)
     parallel = initialize_parallel(ParallelLayout.from_config(cfg.model), seed=cfg.rng.seed)
     _seed(cfg.rng.seed, parallel, cfg.rng.data_parallel_random_init)
     if parallel.rank == 0 and cfg.logger.print_config:
         print("---- resolved config ----\n" + cfg.to_yaml() + "-------------------------", flush=True)
-    tokenizer = _build_tokenizer(cfg)
 
     resume = find_resume_checkpoint(cfg.checkpoint.load)
     if cfg.checkpoint.load and resume is None and cfg.checkpoint.exit_on_missing_checkpoint:

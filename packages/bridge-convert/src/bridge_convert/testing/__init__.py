@@ -4,6 +4,7 @@ from .checkpoints import assert_same_checkpoint, read_tensors
 from .distributed import find_free_port, run_multiprocess
 from .models import (
     FAMILIES,
+    LLAMA_32_1B_HF_CONFIG,
     TINY_HF_CONFIGS,
     build_tiny_gpt,
     full_state_dict,
@@ -15,6 +16,7 @@ from .models import (
 
 __all__ = [
     "FAMILIES",
+    "LLAMA_32_1B_HF_CONFIG",
     "TINY_HF_CONFIGS",
     "assert_same_checkpoint",
     "build_tiny_gpt",
