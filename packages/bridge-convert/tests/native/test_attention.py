@@ -99,3 +99,21 @@ def test_packed_row_with_tail_padding(runtime):
     first = local(ids[:, :10], torch.arange(10).unsqueeze(0), None)
     second = local(ids[:, 10:24], torch.arange(14).unsqueeze(0), None)
     torch.testing.assert_close(out[:, :24], torch.cat([first, second], dim=1), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_layernorm": True, "kv_channels": 32}], ids=["llama", "qwen3"])
+def test_core_attention_inputs_own_their_storage(runtime, monkeypatch, overrides):
+    """SDPA saves q, k, v for its backward; a view into the fused QKV output would keep all of it alive."""
+    import torch.nn.functional as F
+
+    sdpa, seen = F.scaled_dot_product_attention, []
+
+    def checked(q, k, v, *args, **kwargs):
+        seen.append([t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", checked)
+    _, native = pair(**overrides)
+    ids = torch.randint(0, 128, (2, 16))
+    native(ids, torch.arange(16).expand(2, 16), None, labels=ids, loss_mask=torch.ones(2, 16))
+    assert seen and all(all(owns) for owns in seen), seen

@@ -199,6 +199,11 @@ class NativeSelfAttention(SelfAttention):
                 k_cos, k_sin = rope_tables(k_emb, key.dtype, mscale, positions)
             query = apply_rope(query, q_cos, q_sin, interleaved)
             key = apply_rope(key, k_cos, k_sin, interleaved)
+        # q, k, v come out of get_query_key_value_tensors as views into the fused QKV projection's output. Core
+        # attention saves its inputs for the backward, and a saved view keeps that whole [s, b, q + k + v]
+        # tensor alive (per layer 2.5x the size of v for Llama-3-style GQA). Own copies release it; RoPE's
+        # outputs already are (no copy made).
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         core_attn_out = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
                                             attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         return self.linear_proj(core_attn_out)
