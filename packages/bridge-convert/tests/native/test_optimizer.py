@@ -42,3 +42,14 @@ def test_use_fused_optimizer_kernels_swaps_only_megatron_fallbacks(runtime, monk
     assert mc_optimizer.multi_tensor_scale_impl is _foreach_scale
     assert "clip_grads.l2_norm_impl" in changed
     assert use_fused_optimizer_kernels(object()) == []  # idempotent; no CUDA optimizer to fuse here
+
+
+def test_foreach_scale_in_place_clip_matches_megatron_fallback(runtime):
+    # The grad-norm clip calls multi_tensor_scale with the same list as source and destination.
+    want, got = _tensors(1), _tensors(1)
+    flag = torch.zeros(1, dtype=torch.int)
+    for scale in (0.37, 1.0):
+        mc_utils.local_multi_tensor_scale(2048, flag, [want, want], scale)
+        _foreach_scale(2048, flag, [got, got], scale)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -31,7 +31,10 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
     if not src:
         return
     if scale == 1.0:
-        torch._foreach_copy_(dst, src)
+        if any(s is not d for s, d in zip(src, dst)):
+            torch._foreach_copy_(dst, src)
+    elif all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)  # the grad-norm clip scales the grads in place: no temporary copies
     else:
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
