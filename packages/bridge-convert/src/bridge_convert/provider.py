@@ -10,6 +10,7 @@ model per virtual-pipeline stage, as megatron-core's schedules expect.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -43,9 +44,21 @@ _CUDA_ONLY_FUSIONS = (
     "persist_layer_norm",
     "apply_rope_fusion",
     "bias_dropout_fusion",
-    "gradient_accumulation_fusion",
     "cross_entropy_loss_fusion",
 )
+
+
+def _activation_fusable(config) -> bool:
+    """Whether megatron-core's ``bias_activation_fusion`` has a kernel for this MLP (its own validation rules)."""
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    if config.use_te_activation_func or (config.glu_linear_offset and config.activation_func is not quick_gelu):
+        return False
+    if config.activation_func is F.silu:
+        return True
+    if config.activation_func is F.gelu:
+        return config.gated_linear_unit or config.add_bias_linear
+    return config.activation_func is quick_gelu and config.gated_linear_unit
 
 
 @dataclass(kw_only=True)
@@ -100,6 +113,13 @@ class GPTModelProvider(TransformerConfig):
     add_bias_linear: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Fused kernels on a GPU (finalize() turns them off on a CPU).
+    bias_activation_fusion: bool = True
+    bias_dropout_fusion: bool = True
+    gradient_accumulation_fusion: bool | None = None
+    """Weight-gradient GEMMs accumulate straight into DDP's fp32 ``main_grad`` (apex's kernel, else torch's:
+    ``native/wgrad.py``). It needs megatron DDP's ``main_grad``: ``None`` (auto) turns it on where
+    ``provide_distributed_model`` wraps the model in DDP on a GPU, off otherwise."""
 
     def __post_init__(self) -> None:
         # TransformerConfig's validation and derived fields run in finalize(), after the user's edits (e.g. a new
@@ -130,6 +150,9 @@ class GPTModelProvider(TransformerConfig):
             for name in _CUDA_ONLY_FUSIONS:
                 if getattr(self, name, False):
                     setattr(self, name, False)
+        if self.bias_activation_fusion and not _activation_fusable(self):
+            # On by default for SwiGLU / GeGLU; megatron-core has no fused kernel for this activation setup.
+            self.bias_activation_fusion = False
         if self.params_dtype == torch.bfloat16:
             self.bf16 = True
         elif self.params_dtype == torch.float16:
@@ -141,6 +164,16 @@ class GPTModelProvider(TransformerConfig):
         TransformerConfig.__post_init__(self)
         self._finalized = True
         return self
+
+    def _resolve_gradient_accumulation_fusion(self, auto: bool) -> None:
+        """``None`` -> ``auto``; when on, make sure megatron-core has a wgrad-accumulation kernel to call."""
+        if self.gradient_accumulation_fusion is None:
+            self.gradient_accumulation_fusion = auto
+        if self.gradient_accumulation_fusion:
+            # megatron-core wants apex's fused wgrad GEMM for this; without apex, torch's (native/wgrad.py).
+            from .native.wgrad import install_torch_wgrad_accumulation
+
+            install_torch_wgrad_accumulation()
 
     def _check(self) -> list[str]:
         problems = []
@@ -161,6 +194,10 @@ class GPTModelProvider(TransformerConfig):
         if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size == 1 \
                 and self.virtual_pipeline_model_parallel_size > 1:
             problems.append("virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size > 1")
+        if self.gradient_accumulation_fusion and getattr(self, "defer_embedding_wgrad_compute", False) \
+                and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
+            problems.append("defer_embedding_wgrad_compute needs apex's fused_weight_gradient_mlp_cuda extension "
+                            "(not installed); set defer_embedding_wgrad_compute=False")
         if self.transformer_impl not in ("auto", *TRANSFORMER_IMPLS):
             problems.append(f"transformer_impl must be one of {['auto', *TRANSFORMER_IMPLS]}, "
                             f"got {self.transformer_impl!r}")
@@ -181,6 +218,7 @@ class GPTModelProvider(TransformerConfig):
         from megatron.core.models.gpt import GPTModel
 
         self.finalize()
+        self._resolve_gradient_accumulation_fusion(False)
         model_cls = GPTModel
         if self.transformer_impl == "native":
             from .native import NativeGPTModel as model_cls  # same parameters, memory-lean fused loss
@@ -259,6 +297,7 @@ class GPTModelProvider(TransformerConfig):
         self._raise_if_invalid()  # before any process group or weight is allocated
         state = initialize_parallel(ParallelLayout.from_config(self), seed=seed)
         self.finalize()
+        self._resolve_gradient_accumulation_fusion(wrap_with_ddp and not state.on_cpu)
         chunks = []
         for vp_stage in range(self.virtual_pipeline_model_parallel_size or 1):
             model = self.provide(vp_stage=vp_stage if self.virtual_pipeline_model_parallel_size else None)

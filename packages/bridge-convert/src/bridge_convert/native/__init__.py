@@ -12,6 +12,10 @@ RMSNorm             liger-kernel's Triton RMSNorm if it imports, else          `
                     ``torch.rms_norm`` (torch's fused CUDA kernel)
 RoPE                one ``torch.compile``'d kernel per q / k, per-document     megatron's arithmetic, eager
                     positions for packed rows
+SwiGLU              one Triton kernel forward, one backward (in place),        megatron-core's MLP code
+                    with ``bias_activation_fusion`` (:class:`NativeMLP`)
+weight gradients    accumulated into DDP's fp32 ``main_grad`` in the GEMM      fp32 ``addmm_``
+                    (``gradient_accumulation_fusion``; :mod:`.wgrad`)
 loss                chunked fused output projection + vocab-parallel CE        same, eager
                     (compiled elementwise), gradients in the forward pass
 whole layer         ``torch.compile`` per layer when ``compile_layers``        same (slow to compile)
@@ -30,17 +34,20 @@ from .masks import PackedLayout, packed_layout
 from .model import NativeGPTModel
 from .norm import NativeNorm
 from .optimizer import use_fused_optimizer_kernels
-from .spec import NativeTransformerLayer, get_native_layer_spec
+from .spec import NativeMLP, NativeTransformerLayer, get_native_layer_spec
+from .wgrad import install_torch_wgrad_accumulation
 
 __all__ = [
     "NativeDotProductAttention",
     "NativeGPTModel",
+    "NativeMLP",
     "NativeNorm",
     "NativeSelfAttention",
     "NativeTransformerLayer",
     "PackedLayout",
     "fused_linear_cross_entropy",
     "get_native_layer_spec",
+    "install_torch_wgrad_accumulation",
     "packed_layout",
     "use_fused_optimizer_kernels",
 ]

@@ -43,8 +43,10 @@ def _rope_eager(t: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tenso
 
 @functools.cache
 def _rope_compiled():
-    # dynamic=None: the first shape compiles static, a second one recompiles once with dynamic sizes.
-    return torch.compile(_rope_eager, fullgraph=True)
+    # dynamic=None: the first shape compiles static, a second one recompiles once with dynamic sizes. Not
+    # fullgraph: past dynamo's recompile limit (many dtypes / head counts in one process, as in the test suite)
+    # it must fall back to eager instead of raising.
+    return torch.compile(_rope_eager)
 
 
 def rope_tables(freqs: Tensor, dtype: torch.dtype, mscale: float = 1.0,

@@ -2,23 +2,59 @@
 
 The module tree, parameter names, TP sharding and dist-checkpoint keys are exactly those of
 ``get_gpt_layer_local_spec(qk_layernorm=..., normalization=...)``: megatron-core's ``ColumnParallelLinear`` /
-``RowParallelLinear`` for every projection, megatron's ``MLP`` (SwiGLU through its torch.compile'd
-``bias_activation_fusion`` when the config asks for it), the same ``sharded_state_dict_keys_map``. Replaced are
-the pieces that make the local spec slow and memory hungry: core attention (:class:`NativeDotProductAttention`,
-SDPA / FlexAttention), the RoPE application (:class:`NativeSelfAttention`) and the norms (:class:`NativeNorm`).
+``RowParallelLinear`` for every projection, megatron's ``MLP`` (as :class:`NativeMLP`, whose fused SwiGLU is a
+Triton kernel on CUDA), the same ``sharded_state_dict_keys_map``. Replaced are the pieces that make the local
+spec slow and memory hungry: core attention (:class:`NativeDotProductAttention`, SDPA / FlexAttention), the RoPE
+application (:class:`NativeSelfAttention`), the norms (:class:`NativeNorm`) and the SwiGLU kernels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import torch.nn.functional as F
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .attention import NativeDotProductAttention, NativeSelfAttention
 from .norm import NativeNorm
+from .swiglu import swiglu, swiglu_kernels_available
 
-__all__ = ["NativeTransformerLayer", "get_native_layer_spec"]
+__all__ = ["NativeMLP", "NativeTransformerLayer", "get_native_layer_spec"]
+
+
+class NativeMLP(MLP):
+    """megatron-core's ``MLP`` (same parameters) whose fused SwiGLU is one Triton kernel per direction on CUDA.
+
+    Used when ``bias_activation_fusion`` asks for a fused activation on a gated SiLU MLP without biases, clamps,
+    per-token scales, fp8 input store or CPU offloading; every other case is ``MLP.forward`` itself.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = self.config
+        self._triton_swiglu = (
+            config.gated_linear_unit
+            and config.bias_activation_fusion
+            and self.activation_func is F.silu
+            and not config.use_te_activation_func
+            and not config.add_bias_linear
+            and getattr(config, "activation_func_clamp_value", None) is None
+            and not getattr(config, "glu_linear_offset", 0.0)
+            and not config.activation_func_fp8_input_store
+            and not config.cpu_offloading
+        )
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if (per_token_scale is not None or not self._triton_swiglu or not hidden_states.is_cuda
+                or not swiglu_kernels_available()):
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:  # cannot happen without add_bias_linear; keep megatron's semantics if it does
+            intermediate = intermediate + bias
+        return self.linear_fc2(swiglu(intermediate))
 
 
 class NativeTransformerLayer(TransformerLayer):
@@ -63,8 +99,12 @@ def get_native_layer_spec(config) -> ModuleSpec:
         q_layernorm=NativeNorm if qk_layernorm and not qk_l2_norm else attention.submodules.q_layernorm,
         k_layernorm=NativeNorm if qk_layernorm and not qk_l2_norm else attention.submodules.k_layernorm,
     )
+    mlp = local.mlp
+    if isinstance(mlp, functools.partial) and mlp.func == MLP.as_mlp_submodule:
+        mlp = functools.partial(NativeMLP.as_mlp_submodule, *mlp.args, **mlp.keywords)
     submodules = dataclasses.replace(
         local,
+        mlp=mlp,
         input_layernorm=NativeNorm,
         pre_mlp_layernorm=NativeNorm,
         self_attention=ModuleSpec(module=NativeSelfAttention, params=dict(attention.params),
