@@ -93,7 +93,9 @@ def _megatron_trainer(row: str, args, shape: dict):
     from bridge_convert.provider import GPTModelProvider
 
     impl = MEGATRON_ROWS[row]
-    fusions = dict(bias_activation_fusion=True, bias_dropout_fusion=True)
+    # gradient_accumulation_fusion: wgrad GEMMs write into the fp32 main_grad (apex, TE, or bridge-convert's torch
+    # kernel); what GPTModelProvider turns on by default under DDP on a GPU.
+    fusions = dict(bias_activation_fusion=True, bias_dropout_fusion=True, gradient_accumulation_fusion=True)
     if impl == "local":
         # megatron-core's own torch-native fused cross entropy (torch.compile'd), the best the local spec gets.
         fusions.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
@@ -387,7 +389,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 4096; 64 with --tiny)")
-    parser.add_argument("--micro-batches", default=None, help="comma-separated sweep (default 1,2,4,8; 1,2 tiny)")
+    parser.add_argument("--micro-batches", default=None,
+                        help="comma-separated sweep, stopped at the first out-of-memory (default 1,2,4,8,16,32; "
+                             "1,2 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per micro-batch (default 10; 2 tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; 1 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny shape that runs on CPU in seconds")
@@ -406,7 +410,7 @@ def parse_args(argv=None):
     args.seq = args.seq or (64 if args.tiny else 4096)
     args.steps = args.steps or (2 if args.tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    args.micro_batches = [int(x) for x in (args.micro_batches or ("1,2" if args.tiny else "1,2,4,8")).split(",")]
+    args.micro_batches = [int(x) for x in (args.micro_batches or ("1,2" if args.tiny else "1,2,4,8,16,32")).split(",")]
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:

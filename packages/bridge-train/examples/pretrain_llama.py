@@ -42,13 +42,15 @@ def build_config(args, overrides: list[str]):
     else:
         hf_model = args.hf_model or args.tiny
         provider = AutoBridge.from_hf_pretrained(hf_model).to_megatron_provider(load_weights=True)
+    # The tiny demo model learns fast at 3e-3; billion-parameter shapes diverge there in the first iterations.
+    lr = 3e-3 if args.tiny else 3e-4
     workdir = Path(args.workdir)
     cfg = ConfigContainer(
         model=provider,
         train=TrainConfig(train_iters=20, micro_batch_size=2, global_batch_size=8, eval_interval=10,
                           eval_iters=2),
         dataset=PretrainDataConfig(seq_length=64, mock=True),
-        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
+        optimizer=OptimizerConfig(lr=lr, min_lr=lr / 10, weight_decay=0.01, clip_grad=1.0),
         scheduler=SchedulerConfig(lr_warmup_iters=2, lr_decay_style="cosine"),
         checkpoint=CheckpointConfig(save=str(workdir / "checkpoints"), load=str(workdir / "checkpoints"),
                                     save_interval=10, keep_last_n=2),
