@@ -49,3 +49,25 @@ def test_problems_are_listed_together():
 def test_transformer_engine_impl_without_te_is_refused():
     with pytest.raises(ValueError, match="needs Transformer Engine and a CUDA GPU"):
         _provider(transformer_impl="transformer_engine").finalize()
+
+
+@pytest.mark.skipif(te_available(), reason="Transformer Engine is usable here")
+def test_output_discarding_recompute_without_te_is_refused():
+    # megatron-core's CheckpointWithoutOutput calls TE's FP8 state manager unconditionally (a NameError without TE)
+    with pytest.raises(ValueError, match=r"recompute_modules \['layernorm'\].*needs Transformer Engine"):
+        _provider(recompute_granularity="selective", recompute_modules=["layernorm", "core_attn"]).finalize()
+    _provider(recompute_granularity="selective", recompute_modules=["core_attn"]).finalize()
+
+
+def test_activation_fusion_default_drops_for_activations_without_a_kernel():
+    provider = _provider(activation_func=torch.nn.functional.gelu, gated_linear_unit=False)
+    provider.finalize()
+    assert not provider.bias_activation_fusion  # megatron would refuse fused gelu without a bias
+    assert _provider().bias_activation_fusion is True  # the field default, before finalize
+
+
+def test_gradient_accumulation_fusion_resolves_off_without_ddp(runtime):
+    provider = _provider()
+    assert provider.gradient_accumulation_fusion is None
+    provider.provide()
+    assert provider.gradient_accumulation_fusion is False

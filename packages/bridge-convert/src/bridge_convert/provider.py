@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from .runtime import ParallelLayout, initialize_parallel
-from .specs import TRANSFORMER_IMPLS, layer_spec, resolve_transformer_impl
+from .specs import TRANSFORMER_IMPLS, layer_spec, resolve_transformer_impl, te_available
 
 __all__ = ["GPTModelProvider", "padded_vocab_size"]
 
@@ -198,6 +198,13 @@ class GPTModelProvider(TransformerConfig):
                 and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
             problems.append("defer_embedding_wgrad_compute needs apex's fused_weight_gradient_mlp_cuda extension "
                             "(not installed); set defer_embedding_wgrad_compute=False")
+        discarding = sorted({"layernorm", "moe_act", "mla_up_proj", "gdn_norm_out"}
+                            & set(self.recompute_modules or ()))
+        if self.recompute_granularity == "selective" and discarding and not te_available():
+            # megatron-core 0.19's CheckpointWithoutOutput() sets fp8 = (False is not None) and then calls TE's
+            # FP8GlobalStateManager: a NameError in the first forward without Transformer Engine.
+            problems.append(f"recompute_modules {discarding} use megatron-core's output-discarding checkpoint, "
+                            "which needs Transformer Engine (not importable here); drop them or install the te extra")
         if self.transformer_impl not in ("auto", *TRANSFORMER_IMPLS):
             problems.append(f"transformer_impl must be one of {['auto', *TRANSFORMER_IMPLS]}, "
                             f"got {self.transformer_impl!r}")
