@@ -3,6 +3,7 @@
 Every row is a full training step (forward, backward, optimizer step) on random tokens, bf16:
 
 * ``native``          megatron-core GPTModel, bridge-convert's native spec (SDPA, fused norm/RoPE, fused chunked loss)
+* ``native-lean``     the same with ``recompute_activation_output=True`` (SwiGLU output recomputed, not kept)
 * ``native-compile``  the same with ``compile_layers=True`` (``torch.compile`` of each transformer layer)
 * ``local``           megatron-core GPTModel, megatron-core's local spec
 * ``te``              megatron-core GPTModel, megatron-core's Transformer Engine spec (only when TE imports)
@@ -38,8 +39,9 @@ import subprocess
 import sys
 import time
 
-ROWS = ("native", "native-compile", "local", "te", "hf", "hf-liger")
-MEGATRON_ROWS = {"native": "native", "native-compile": "native", "local": "local", "te": "transformer_engine"}
+ROWS = ("native", "native-lean", "native-compile", "local", "te", "hf", "hf-liger")
+MEGATRON_ROWS = {"native": "native", "native-lean": "native", "native-compile": "native", "local": "local",
+                 "te": "transformer_engine"}
 RESULT_TAG = "BENCH_RESULT "
 
 LLAMA_32_1B = dict(layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192, vocab=128256, rope_theta=500000.0,
@@ -107,7 +109,8 @@ def _megatron_trainer(row: str, args, shape: dict):
         vocab_size=shape["vocab"], seq_length=args.seq, share_embeddings_and_output_weights=True,
         rotary_base=shape["rope_theta"], rope_scaling=True, rope_scaling_factor=shape["rope_factor"],
         rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
-        params_dtype=torch.bfloat16, transformer_impl=impl, compile_layers=row == "native-compile", **fusions,
+        params_dtype=torch.bfloat16, transformer_impl=impl, compile_layers=row == "native-compile",
+        recompute_activation_output=row == "native-lean", **fusions,
     )
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)

@@ -14,6 +14,8 @@ RoPE                one ``torch.compile``'d kernel per q / k, per-document     m
                     positions for packed rows
 SwiGLU              one Triton kernel forward, one backward (in place),        megatron-core's MLP code
                     with ``bias_activation_fusion`` (:class:`NativeMLP`)
+  its output        kept for fc2's backward, or with ``recompute_activation_output`` released and recomputed
+                    just before it (any device)
 weight gradients    accumulated into DDP's fp32 ``main_grad`` in the GEMM      fp32 ``addmm_``
                     (``gradient_accumulation_fusion``; :mod:`.wgrad`)
 loss                chunked fused output projection + vocab-parallel CE        same, eager

@@ -20,24 +20,28 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .attention import NativeDotProductAttention, NativeSelfAttention
 from .norm import NativeNorm
-from .swiglu import swiglu, swiglu_kernels_available
+from .swiglu import swiglu_into_consumer, swiglu_kernels_available
 
 __all__ = ["NativeMLP", "NativeTransformerLayer", "get_native_layer_spec"]
 
 
 class NativeMLP(MLP):
-    """megatron-core's ``MLP`` (same parameters) whose fused SwiGLU is one Triton kernel per direction on CUDA.
+    """megatron-core's ``MLP`` (same parameters) with the native SwiGLU paths of :mod:`.swiglu`.
 
-    Used when ``bias_activation_fusion`` asks for a fused activation on a gated SiLU MLP without biases, clamps,
-    per-token scales, fp8 input store or CPU offloading; every other case is ``MLP.forward`` itself.
+    For a gated SiLU MLP without biases, clamps, per-token scales, fp8 input store or CPU offloading:
+
+    * ``bias_activation_fusion`` on a CUDA GPU: SwiGLU as one Triton kernel per direction;
+    * ``recompute_activation_output`` (provider field, any device): the SwiGLU output is not kept for
+      ``linear_fc2``'s backward but recomputed from fc1's output when that backward needs it.
+
+    Every other case is ``MLP.forward`` itself.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         config = self.config
-        self._triton_swiglu = (
+        self._native_swiglu = (
             config.gated_linear_unit
-            and config.bias_activation_fusion
             and self.activation_func is F.silu
             and not config.use_te_activation_func
             and not config.add_bias_linear
@@ -46,15 +50,17 @@ class NativeMLP(MLP):
             and not config.activation_func_fp8_input_store
             and not config.cpu_offloading
         )
+        self._recompute_output = bool(getattr(config, "recompute_activation_output", False))
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        if (per_token_scale is not None or not self._triton_swiglu or not hidden_states.is_cuda
-                or not swiglu_kernels_available()):
+        triton = (self.config.bias_activation_fusion and hidden_states.is_cuda and swiglu_kernels_available())
+        if per_token_scale is not None or not self._native_swiglu or not (triton or self._recompute_output):
             return super().forward(hidden_states, per_token_scale, **kwargs)
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:  # cannot happen without add_bias_linear; keep megatron's semantics if it does
             intermediate = intermediate + bias
-        return self.linear_fc2(swiglu(intermediate))
+        return swiglu_into_consumer(intermediate, self.linear_fc2, triton=triton,
+                                    recompute_output=self._recompute_output)
 
 
 class NativeTransformerLayer(TransformerLayer):
