@@ -16,20 +16,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def _train_step_losses(*models) -> list[torch.Tensor]:
+    """Per-token losses of each model on one random batch, after the backward of their masked mean."""
+    ids = torch.randint(0, V, (B, S), device="cuda")
+    pos = torch.arange(S, device="cuda").expand(B, S)
+    mask = torch.ones(B, S, device="cuda")
+    losses = []
+    for model in models:
+        loss = model(ids, pos, None, labels=ids, loss_mask=mask)
+        ((loss * mask).sum() / mask.sum()).backward()
+        losses.append(loss.detach())
+    return losses
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("overrides", [{}, {"qk_layernorm": True, "kv_channels": 32}, {"window_size": (31, 0)},
                                        {"bias_activation_fusion": True}],
                          ids=["llama", "qwen3", "sliding-window", "fused-swiglu"])
 def test_cuda_native_matches_local(runtime, dtype, overrides):
     local, native = (m.to(device="cuda", dtype=dtype) for m in pair(**overrides))
-    ids = torch.randint(0, V, (B, S), device="cuda")
-    pos = torch.arange(S, device="cuda").expand(B, S)
-    mask = torch.ones(B, S, device="cuda")
-    losses = []
-    for model in (local, native):
-        loss = model(ids, pos, None, labels=ids, loss_mask=mask)
-        ((loss * mask).sum() / mask.sum()).backward()
-        losses.append(loss.detach())
+    losses = _train_step_losses(local, native)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert _rel(losses[1], losses[0]) < tol
     g_local, g_native = grads(local), grads(native)
@@ -75,6 +81,7 @@ def test_triton_swiglu_matches_torch_eager(dtype, width):
 
 
 def test_torch_wgrad_accumulation_uses_fp32_output_gemm():
+    from bridge_convert.native import wgrad
     from bridge_convert.native.wgrad import TorchWgradAccumulation
 
     x = torch.randn(4, 64, 256, device="cuda").to(torch.bfloat16)
@@ -82,7 +89,7 @@ def test_torch_wgrad_accumulation_uses_fp32_output_gemm():
     start = torch.randn(128, 256, device="cuda")
     main_grad = start.clone()
     TorchWgradAccumulation.wgrad_gemm_accum_fp32(x, dy, main_grad)
-    assert TorchWgradAccumulation._dtype_out_works, "torch.addmm(out_dtype=float32) unavailable on this torch"
+    assert wgrad._DTYPE_OUT_WORKS, "torch.addmm(out_dtype=float32) unavailable on this torch"
     want = start.double() + dy.reshape(-1, 128).double().t() @ x.reshape(-1, 256).double()
     torch.testing.assert_close(main_grad.double(), want, rtol=1e-5, atol=1e-3)
 
@@ -130,14 +137,7 @@ def test_cuda_recomputed_swiglu_output_matches_kept_output(runtime, dtype):
     kept = build("native", bias_activation_fusion=True).to(device="cuda", dtype=dtype)
     lean = build("native", 1, bias_activation_fusion=True, recompute_activation_output=True).to("cuda", dtype)
     copy_weights(kept, lean)
-    ids = torch.randint(0, V, (B, S), device="cuda")
-    pos = torch.arange(S, device="cuda").expand(B, S)
-    mask = torch.ones(B, S, device="cuda")
-    losses = []
-    for model in (kept, lean):
-        loss = model(ids, pos, None, labels=ids, loss_mask=mask)
-        loss.float().mean().backward()
-        losses.append(loss.detach())
+    losses = _train_step_losses(kept, lean)
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)  # the same kernels in the same order
     g_kept, g_lean = grads(kept), grads(lean)
     assert max(_rel(g_lean[k], g_kept[k]) for k in g_kept) == 0.0

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .wgrad import accumulate_weight_grad
+
 __all__ = ["DEFAULT_CHUNK_BYTES", "fused_linear_cross_entropy"]
 
 DEFAULT_CHUNK_BYTES = 1 << 30
@@ -91,17 +93,6 @@ def _kernel(name: str, device: torch.device):
     return _KERNELS[name]
 
 
-def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
-    """``grad_weight (fp32) += grad_logits^T @ hidden``, without a weight-sized temporary where torch allows."""
-    if grad_logits.dtype == torch.float32:
-        grad_weight.addmm_(grad_logits.t(), hidden.float())
-        return
-    try:
-        torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
-    except (TypeError, RuntimeError):
-        grad_weight.add_(torch.mm(grad_logits.t(), hidden).float())
-
-
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, loss_weights: Tensor | None, tp_group,
@@ -140,7 +131,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 w = loss_weights[start:end] if loss_weights is not None else None
                 g = grad_fn(logits, lse, t, r, w)
                 grad_hidden[start:end] = g @ weight
-                _accumulate_weight_grad(grad_weight, g, h)
+                accumulate_weight_grad(h, g, grad_weight)
             del logits
         ctx.tp_group, ctx.tp_size, ctx.chunk = tp_group, tp_size, chunk
         ctx.has_weights = loss_weights is not None
@@ -168,7 +159,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             g = grad_fn(logits, lse_all[start:end], local_target[start:end], in_range[start:end],
                         grad_loss[start:end])
             grad_hidden[start:end] = g @ weight
-            _accumulate_weight_grad(grad_weight, g, h)
+            accumulate_weight_grad(h, g, grad_weight)
             del logits
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 

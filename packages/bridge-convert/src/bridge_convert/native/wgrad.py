@@ -20,39 +20,46 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["install_torch_wgrad_accumulation", "torch_wgrad_accumulation_installed"]
+__all__ = ["accumulate_weight_grad", "install_torch_wgrad_accumulation", "torch_wgrad_accumulation_installed"]
 
 
 def _flat2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
 
 
+_DTYPE_OUT_WORKS: bool | None = None  # whether torch.addmm(out_dtype=float32) runs here; probed on first CUDA use
+
+
+def accumulate_weight_grad(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """``main_grad (fp32) += grad_output^T @ input`` without a weight-sized low-precision temporary.
+
+    ``input`` ``[tokens, in]`` and ``grad_output`` ``[tokens, out]`` (any leading dims, one dtype); ``main_grad``
+    ``[out, in]``. bf16 / fp16 operands on CUDA: one cuBLAS GEMM with fp32 accumulation and fp32 C (beta = 1);
+    elsewhere the product of the operands upcast to fp32.
+    """
+    global _DTYPE_OUT_WORKS
+    x, g = _flat2d(total_input), _flat2d(grad_output)
+    if x.dtype == torch.float32:
+        main_grad.addmm_(g.t(), x)
+        return
+    if main_grad.is_cuda and _DTYPE_OUT_WORKS is not False:
+        try:
+            torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
+            _DTYPE_OUT_WORKS = True
+            return
+        except (TypeError, RuntimeError):  # torch without the out_dtype overloads for these dtypes
+            _DTYPE_OUT_WORKS = False
+    main_grad.addmm_(g.t().float(), x.float())
+
+
 class TorchWgradAccumulation:
     """The interface of apex's ``fused_weight_gradient_mlp_cuda`` module, in torch.
 
-    ``wgrad_gemm_accum_fp32(input, grad_output, main_grad)``: ``main_grad += grad_output^T @ input`` with
-    ``input`` ``[tokens, in]``, ``grad_output`` ``[tokens, out]`` (any leading dims), ``main_grad`` fp32
-    ``[out, in]``; ``wgrad_gemm_accum_fp16`` the same for a bf16 / fp16 ``main_grad``.
+    ``wgrad_gemm_accum_fp32(input, grad_output, main_grad)``: :func:`accumulate_weight_grad` into an fp32
+    ``main_grad``; ``wgrad_gemm_accum_fp16`` the same for a bf16 / fp16 ``main_grad``.
     """
 
-    _dtype_out_works: bool | None = None  # probed on the first CUDA call
-
-    @classmethod
-    def wgrad_gemm_accum_fp32(cls, total_input: torch.Tensor, grad_output: torch.Tensor,
-                              main_grad: torch.Tensor) -> None:
-        x, g = _flat2d(total_input), _flat2d(grad_output)
-        if x.dtype == torch.float32:
-            main_grad.addmm_(g.t(), x)
-            return
-        if main_grad.is_cuda and cls._dtype_out_works is not False:
-            try:
-                torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
-                cls._dtype_out_works = True
-                return
-            except (TypeError, RuntimeError):  # torch without the out_dtype overloads for these dtypes
-                cls._dtype_out_works = False
-        # fp32 product of the low-precision operands (no bf16 rounding of the gradient), then accumulate.
-        main_grad.addmm_(g.t().float(), x.float())
+    wgrad_gemm_accum_fp32 = staticmethod(accumulate_weight_grad)
 
     @staticmethod
     def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
