@@ -7,13 +7,26 @@ default multi-tensor (foreach) implementation, and (b) Python fallbacks for its 
 into the bf16 model params and to scale gradients). On a 1B model that is tens of milliseconds per step.
 :func:`use_fused_optimizer_kernels` swaps in torch's fused AdamW kernel and ``torch._foreach_*`` versions of
 the helpers: the same arithmetic (fp32 main params, fp32 norms), a handful of kernels.
+
+For megatron's bf16 / fp16 mixed-precision optimizer (``Float16OptimizerWithFloat16Params``) it goes one step
+further: :func:`fused_adam_step` runs the whole parameter update as one Triton kernel per parameter, reading the
+fp32 main param, its fp32 grad and the two fp32 moments once and writing the main param, the moments *and the
+bf16 model param* in the same pass, instead of torch's fused AdamW followed by megatron's separate main -> model
+copy (one fewer read of the fp32 params, one fewer pass), and it applies the grad-norm clip's scale as it reads
+each gradient instead of megatron's separate in-place pass over the fp32 grads. The state it keeps is torch AdamW's (``step``,
+``exp_avg``, ``exp_avg_sq`` in ``optimizer.state[main_param]``), so checkpoints move freely between the two.
 """
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 
-__all__ = ["use_fused_optimizer_kernels"]
+__all__ = ["fused_adam_step", "use_fused_optimizer_kernels"]
+
+_BLOCK = 2048
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -70,16 +83,166 @@ def _torch_optimizers(optimizer):
     return seen
 
 
+@functools.cache
+def _adam_kernel():
+    from ._adamw_triton import adam_step_kernel  # imports triton: only where the kernel is about to run
+
+    return adam_step_kernel
+
+
+def _supports_fused_adam(opt) -> bool:
+    """A torch Adam / AdamW whose groups use only what :func:`fused_adam_step` implements."""
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    for group in opt.param_groups:
+        if any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")):
+            return False
+        if torch.is_tensor(group["lr"]) or any(p.dtype != torch.float32 for p in group["params"]):
+            return False
+    return True
+
+
+@torch.no_grad()
+def fused_adam_step(opt, model_params: dict | None = None, grad_scale: float = 1.0) -> None:
+    """One step of the torch ``Adam`` / ``AdamW`` ``opt``, computed by the fused Triton kernel.
+
+    The same update as ``opt.step()`` (torch's formula, fp32 arithmetic, ``weight_decay`` decoupled for AdamW and
+    added to the gradient for Adam) on the same state (``step``, ``exp_avg``, ``exp_avg_sq``, created as torch
+    creates them). ``model_params`` maps a parameter of ``opt`` to a lower-precision model tensor (same shape)
+    that receives the updated value, cast, in the same pass. ``grad_scale`` multiplies every gradient as it is
+    read (a grad-norm clip's coefficient), as if the gradients had been scaled in place first. Parameters
+    without a gradient are skipped.
+    Needs contiguous fp32 parameters, gradients and moments (what megatron's main params are); raises otherwise.
+    """
+    kernel = _adam_kernel()
+    model_params = model_params or {}
+    decoupled = isinstance(opt, torch.optim.AdamW)
+    work = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            model = model_params.get(p)
+            state = opt.state[p]
+            moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+            if any(not t.is_contiguous() or t.dtype != torch.float32 for t in [p, *moments]):
+                raise ValueError("fused_adam_step needs contiguous fp32 parameters and moments")
+            if not p.grad.is_contiguous():
+                raise ValueError("fused_adam_step needs contiguous gradients")
+            if model is not None and (model.shape != p.shape or not model.is_contiguous()):
+                raise ValueError(f"model param {tuple(model.shape)} does not match its main param "
+                                 f"{tuple(p.shape)} (or is not contiguous)")
+            work.append((group, p, state, model))
+    if not work:
+        return
+    for _, p, state, _ in work:  # state created as torch creates it, once every input is known to be good
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    steps = [state["step"] for _, _, state, _ in work]
+    torch._foreach_add_(steps, 1.0)
+    counts = torch.stack([s.to(work[0][1].device, torch.float64) for s in steps]).tolist()  # one host sync
+    for (group, p, state, model), count in zip(work, counts, strict=True):
+        beta1, beta2 = group["betas"]
+        lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
+        n = p.numel()
+        if n == 0:
+            continue
+        kernel[((n + _BLOCK - 1) // _BLOCK,)](
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"], model if model is not None else p, n, float(grad_scale),
+            lr, beta1, beta2, group["eps"], weight_decay, lr / (1.0 - beta1 ** count), (1.0 - beta2 ** count) ** 0.5,
+            DECOUPLED=decoupled, COPY=model is not None, BLOCK=_BLOCK,
+        )
+
+
+def _fused_mixed_precision_step(self) -> bool:
+    """``Float16OptimizerWithFloat16Params.step_with_ready_grads`` as one fused pass per parameter.
+
+    The inner optimizer's update and megatron's ``_copy_main_params_to_model_params`` together: the kernel
+    writes each updated fp32 main param into its bf16 / fp16 model param as it goes.
+    """
+    grad_scale = self.__dict__.pop("_bridge_grad_scale", 1.0)
+    if self.is_stub_optimizer:
+        return True
+    model_params = {}
+    for model_group, main_group in zip(self.float16_groups, self.fp32_from_float16_groups, strict=True):
+        for model_param, main_param in zip(model_group, main_group, strict=True):
+            model_params[main_param] = model_param.data
+    fused_adam_step(self.optimizer, model_params, grad_scale)
+    return True
+
+
+def _deferred_clip_grad_norm(self, clip_grad: float) -> float:
+    """megatron's ``clip_grad_norm`` whose scaling of the gradients is left to the fused step.
+
+    Computes the total norm exactly as megatron does and the same clip coefficient (``clip_grad / (norm + 1e-6)``
+    when below 1), but instead of a pass that scales every fp32 gradient in place it records the coefficient for
+    :func:`_fused_mixed_precision_step`, which multiplies each gradient by it as it reads it. (Gradients read
+    between the clip and the step are therefore unscaled; megatron's ``step()`` reads none.) Parameters in
+    separate grad-norm groups take megatron's own path.
+    """
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.optimizer.optimizer import _get_param_grad_norm_group, _is_separate_grad_norm_group
+
+    params = self.get_parameters()
+    self._bridge_grad_scale = 1.0
+    if any(_is_separate_grad_norm_group(_get_param_grad_norm_group(p)) for p in params):
+        return type(self).clip_grad_norm(self, clip_grad)
+    self.grad_norms_by_group = {}
+    grads_for_norm = self.get_grads_for_grad_norm() if params else []
+    grad_norm = get_grad_norm_fp32(grads_for_norm, grad_stats_parallel_group=self.get_grad_stats_parallel_group())
+    if clip_grad > 0.0 and params:
+        coeff = clip_grad / (grad_norm + 1.0e-6)
+        if coeff < 1.0:
+            self._bridge_grad_scale = coeff
+    return grad_norm
+
+
+def _fuse_mixed_precision_steps(optimizer) -> list[str]:
+    """Route the step of each fuseable megatron ``Float16OptimizerWithFloat16Params`` through the fused kernel."""
+    try:
+        from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+    except Exception:
+        return []
+    changed = []
+    stack = [optimizer]
+    while stack:
+        opt = stack.pop()
+        stack.extend(getattr(opt, "chained_optimizers", []) or [])
+        if type(opt) is not Float16OptimizerWithFloat16Params or getattr(opt, "_bridge_fused_step", False):
+            continue
+        inner = opt.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]] if inner is not None else []
+        config = opt.config
+        if (not params or not all(p.is_cuda for p in params) or not _supports_fused_adam(inner)
+                or getattr(config, "reuse_grad_buf_for_mxfp8_param_ag", False)):
+            continue
+        try:
+            _adam_kernel()
+        except Exception:  # no importable Triton: keep torch's fused AdamW + the separate copy
+            continue
+        opt.step_with_ready_grads = types.MethodType(_fused_mixed_precision_step, opt)
+        opt.clip_grad_norm = types.MethodType(_deferred_clip_grad_norm, opt)
+        opt._bridge_fused_step = True
+        changed.append(f"{type(opt).__name__}.step_with_ready_grads")
+    return changed
+
+
 def use_fused_optimizer_kernels(optimizer) -> list[str]:
-    """Make a megatron-core optimizer's step use fused / multi-tensor torch kernels; returns what changed.
+    """Make a megatron-core optimizer's step use fused / multi-tensor kernels; returns what changed.
 
     Switches every ``torch.optim.Adam``/``AdamW`` inside ``optimizer`` whose parameters all live on one CUDA
     device to ``fused=True``, and replaces megatron-core's Python fallbacks for ``multi_tensor_l2norm`` /
     ``multi_tensor_scale`` (only if those fallbacks are what megatron-core is using, i.e. TE and apex are
-    absent) with ``torch._foreach`` versions. The fallback swap is process-wide and idempotent; call it once
-    after ``get_megatron_optimizer``.
+    absent) with ``torch._foreach`` versions. Each mixed-precision ``Float16OptimizerWithFloat16Params`` over
+    CUDA params with a plain Adam / AdamW then steps through :func:`fused_adam_step` (update and model-param
+    copy in one pass) when Triton imports. The fallback swap is process-wide and idempotent; call it once after
+    ``get_megatron_optimizer``.
     """
     changed = _patch_multi_tensor_fallbacks()
+    changed += _fuse_mixed_precision_steps(optimizer)
     for opt in _torch_optimizers(optimizer):
         if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
             continue
