@@ -55,8 +55,11 @@ def test_transformer_engine_impl_without_te_is_refused():
 def test_output_discarding_recompute_without_te_is_refused():
     # megatron-core's CheckpointWithoutOutput calls TE's FP8 state manager unconditionally (a NameError without TE)
     with pytest.raises(ValueError, match=r"recompute_modules \['layernorm'\].*needs Transformer Engine"):
-        _provider(recompute_granularity="selective", recompute_modules=["layernorm", "core_attn"]).finalize()
+        _provider(transformer_impl="local", recompute_granularity="selective",
+                  recompute_modules=["layernorm", "core_attn"]).finalize()
     _provider(recompute_granularity="selective", recompute_modules=["core_attn"]).finalize()
+    # the native layer implements layernorm recompute itself (tests/native/test_recompute.py)
+    _provider(transformer_impl="native", recompute_granularity="selective", recompute_modules=["layernorm"]).finalize()
 
 
 def test_activation_fusion_default_drops_for_activations_without_a_kernel():

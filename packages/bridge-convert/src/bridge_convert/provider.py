@@ -205,8 +205,12 @@ class GPTModelProvider(TransformerConfig):
                 and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
             problems.append("defer_embedding_wgrad_compute needs apex's fused_weight_gradient_mlp_cuda extension "
                             "(not installed); set defer_embedding_wgrad_compute=False")
-        discarding = sorted({"layernorm", "moe_act", "mla_up_proj", "gdn_norm_out"}
-                            & set(self.recompute_modules or ()))
+        discarding = {"layernorm", "moe_act", "mla_up_proj", "gdn_norm_out"} & set(self.recompute_modules or ())
+        try:
+            native = resolve_transformer_impl(self.transformer_impl) == "native"
+        except ValueError:
+            native = False
+        discarding = sorted(discarding - {"layernorm"} if native else discarding)  # the native layer does its own
         if self.recompute_granularity == "selective" and discarding and not te_available():
             # megatron-core 0.19's CheckpointWithoutOutput() sets fp8 = (False is not None) and then calls TE's
             # FP8GlobalStateManager: a NameError in the first forward without Transformer Engine.

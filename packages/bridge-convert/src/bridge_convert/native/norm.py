@@ -6,6 +6,10 @@ the kernel: on a GPU with liger-kernel importable, liger's Triton RMSNorm (fp32 
 write per pass); otherwise ``torch.rms_norm``, which torch dispatches to its fused CUDA kernel on GPUs and to
 its reference implementation on CPU. Unlike ``WrappedTorchNorm`` it supports sequence parallelism: the weight
 is marked ``sequence_parallel`` so megatron-core all-reduces its gradient across the TP group.
+
+:func:`recompute_output_for` is megatron's ``recompute_modules=["layernorm"]`` for this norm without Transformer
+Engine: the norm output, which the next linear layer saves for its weight gradient, is released once that layer
+has run and recomputed from the norm's input (which the norm saves anyway) just before that layer's backward.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NativeNorm", "liger_rms_norm_function"]
+__all__ = ["NativeNorm", "liger_rms_norm_function", "recompute_output_for"]
 
 
 def liger_rms_norm_function():
@@ -60,8 +64,16 @@ class NativeNorm(torch.nn.Module):
             if param is not None:
                 param.sequence_parallel = sequence_parallel
         self._liger = liger_rms_norm_function() if self.rms and use_liger else None
+        self._release_output = False  # set by recompute_output_for (a flag, not the module: no submodule)
+        self._pending: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._normalize(x)
+        if self._release_output and torch.is_grad_enabled() and out.requires_grad:
+            self._pending = (x, out)
+        return out
+
+    def _normalize(self, x: Tensor) -> Tensor:
         if not self.rms:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         if self._liger is not None and x.is_cuda and x.dtype == self.weight.dtype:
@@ -75,3 +87,50 @@ class NativeNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         kind = "RMSNorm" if self.rms else "LayerNorm"
         return f"{kind}({self.normalized_shape[0]}, eps={self.eps}, liger={self._liger is not None})"
+
+
+def recompute_output_for(norm: NativeNorm, consumer: torch.nn.Module) -> None:
+    """Keep ``norm``'s output only while ``consumer`` (the module that reads it next) runs its forward.
+
+    After ``consumer``'s forward on exactly that output, the output's storage is released; a hook on the
+    consumer's output (its first element if a tuple) writes the recomputed norm output back into that storage
+    just before the consumer's backward reads it. The consumer must use its input only through what autograd
+    saves (megatron's linear layers do), and nothing else may read the norm output after the consumer's forward
+    (in megatron's TransformerLayer the residual is the norm's input, not its output). Outputs that reach the
+    consumer as a different tensor (e.g. a sequence-parallel all-gather) are left alone. One extra norm forward
+    per call, computed by the same kernel on the same input, so the values are identical.
+    """
+    if norm._release_output:
+        raise ValueError("recompute_output_for: this norm already releases its output for another module")
+    norm._release_output = True
+
+    def release(module, args, output) -> None:
+        pending, norm._pending = norm._pending, None
+        if pending is None or not args or args[0] is not pending[1]:
+            return
+        x, out = pending
+        result = output[0] if isinstance(output, tuple) else output
+        if not (isinstance(result, Tensor) and result.requires_grad):
+            return
+        storage = out.untyped_storage()
+        nbytes = storage.nbytes()
+        layout = (out.storage_offset(), out.shape, out.stride(), out.dtype, out.device)
+        storage.resize_(0)
+        # The hook lives as long as the graph: one-shot, it drops the storage and the norm input once it has
+        # refilled, so neither outlives the backward steps that read them.
+        held = [storage, x]
+
+        def refill(_grad: Tensor) -> None:
+            if not held:  # already refilled (a second backward with retain_graph=True reads the kept tensor)
+                return
+            storage, source = held
+            held.clear()
+            storage.resize_(nbytes)
+            offset, shape, stride, dtype, device = layout
+            buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
+            with torch.no_grad():
+                buffer.copy_(norm._normalize(source))
+
+        result.register_hook(refill)
+
+    consumer.register_forward_hook(release)

@@ -19,7 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .attention import NativeDotProductAttention, NativeSelfAttention
-from .norm import NativeNorm
+from .norm import NativeNorm, recompute_output_for
 from .swiglu import swiglu_into_consumer, swiglu_kernels_available
 
 __all__ = ["NativeMLP", "NativeTransformerLayer", "get_native_layer_spec"]
@@ -68,10 +68,32 @@ class NativeTransformerLayer(TransformerLayer):
 
     Compiling per layer (rather than the whole model) keeps compile time to one layer's graph, which every
     layer of the same shape reuses, and leaves megatron's pipeline schedules and DDP hooks outside the graph.
+
+    ``recompute_granularity="selective"`` with ``"layernorm"`` in ``recompute_modules`` (megatron's option to
+    drop the norm outputs and recompute them in backward) runs through :func:`.norm.recompute_output_for`
+    instead of megatron-core's ``CheckpointWithoutOutput``, which needs Transformer Engine in megatron-core
+    0.19 and a C++ extension compiled at first use: each norm's output is released after the linear layer that
+    reads it (``linear_qkv``, ``linear_fc1``) and refilled just before that layer's backward.
     """
 
     def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs) -> None:
         super().__init__(config, submodules, layer_number, *args, **kwargs)
+        pairs = []
+        if self.recompute_input_layernorm:
+            pairs.append((self.input_layernorm, getattr(self.self_attention, "linear_qkv", None)))
+        if self.recompute_pre_mlp_layernorm:
+            pairs.append((self.pre_mlp_layernorm, getattr(self.mlp, "linear_fc1", None)))
+        if pairs and not (config.fp8 or config.fp4):
+            if getattr(config, "compile_layers", False):
+                raise ValueError("the native spec's layernorm recompute releases storage from module hooks, which "
+                                 "torch.compile cannot trace: drop 'layernorm' from recompute_modules or "
+                                 "compile_layers")
+            for norm, consumer in pairs:
+                if not isinstance(norm, NativeNorm) or consumer is None:
+                    raise ValueError("layernorm recompute in the native layer needs its NativeNorm followed by a "
+                                     f"linear layer, got {type(norm).__name__} -> {type(consumer).__name__}")
+                recompute_output_for(norm, consumer)
+            self.recompute_input_layernorm = self.recompute_pre_mlp_layernorm = False
         if getattr(config, "compile_layers", False):
             self.compile()
 

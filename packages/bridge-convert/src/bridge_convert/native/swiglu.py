@@ -129,17 +129,21 @@ def swiglu_into_consumer(y: Tensor, consumer: Callable[[Tensor], Any], *, triton
         return result
     storage, nbytes = act.untyped_storage(), act.untyped_storage().nbytes()
     layout = (act.storage_offset(), act.shape, act.stride(), act.dtype, act.device)
-    y = y.contiguous()  # the same tensor the SwiGLU saved
     storage.resize_(0)
+    # The hook lives as long as the graph (to the end of the backward): it must not keep the refilled storage or
+    # fc1's output alive after fc2's backward has used them. One-shot: it drops both once it has refilled.
+    held = [storage, y.contiguous()]  # y.contiguous(): the same tensor the SwiGLU saved
 
     def refill(_grad: Tensor) -> None:
-        if storage.nbytes() == nbytes:  # already refilled (a second backward with retain_graph=True)
+        if not held:  # already refilled (a second backward with retain_graph=True reads the kept tensor)
             return
+        storage, source = held
+        held.clear()
         storage.resize_(nbytes)
         offset, shape, stride, dtype, device = layout
         buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
         with torch.no_grad():
-            _forward_into(y, buffer, triton)
+            _forward_into(source, buffer, triton)
 
     out.register_hook(refill)
     return result
