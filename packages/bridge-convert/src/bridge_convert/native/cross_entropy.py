@@ -133,6 +133,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:end] = g @ weight
                 accumulate_weight_grad(h, g, grad_weight)
             del logits
+        if grad_weight is not None and weight.dtype != torch.float32:
+            # Held until the backward: in the weight's dtype (what autograd hands on anyway), not fp32. For the
+            # 128k x 2k bf16 embedding of Llama 3 that is 0.5 GB less at the forward's end, the peak of memory.
+            grad_weight = grad_weight.to(weight.dtype)
         ctx.tp_group, ctx.tp_size, ctx.chunk = tp_group, tp_size, chunk
         ctx.has_weights = loss_weights is not None
         ctx.save_for_backward(hidden, weight, local_target, in_range, lse_all, loss_weights, grad_hidden, grad_weight)
@@ -146,8 +150,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             scale = _uniform_scale(grad_loss, loss_weights, ctx.tp_group, ctx.tp_size)
             if scale is not None:
                 # In place: these buffers belong to this graph alone, and the backward runs at peak memory.
+                # (an fp32 0-dim tensor: a bf16 buffer is scaled in fp32 arithmetic and rounded once)
                 grad_weight = grad_weight.mul_(scale).to(weight.dtype)
-                return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight, None, None, None, None
+                return grad_hidden.mul_(scale), grad_weight, None, None, None, None
         # The per-token gradient is not c x loss_weights: recompute each chunk with the true weights.
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
