@@ -3,7 +3,8 @@
 Every row is a full training step (forward, backward, optimizer step) on random tokens, bf16:
 
 * ``native``          megatron-core GPTModel, bridge-convert's native spec (SDPA, fused norm/RoPE, fused chunked loss)
-* ``native-lean``     the same with ``recompute_activation_output=True`` (SwiGLU output recomputed, not kept)
+* ``native-lean``     the same with ``recompute_activation_output=True`` and ``recompute_modules=["layernorm"]``
+                      (SwiGLU and norm outputs released after their consumer's forward, recomputed for its backward)
 * ``native-compile``  the same with ``compile_layers=True`` (``torch.compile`` of each transformer layer)
 * ``local``           megatron-core GPTModel, megatron-core's local spec
 * ``te``              megatron-core GPTModel, megatron-core's Transformer Engine spec (only when TE imports)
@@ -111,6 +112,8 @@ def _megatron_trainer(row: str, args, shape: dict):
         rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
         params_dtype=torch.bfloat16, transformer_impl=impl, compile_layers=row == "native-compile",
         recompute_activation_output=row == "native-lean", **fusions,
+        **{**(dict(recompute_granularity="selective", recompute_modules=["layernorm"]) if row == "native-lean"
+              else {}), **json.loads(args.provider_overrides or "{}")},
     )
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)
@@ -139,6 +142,7 @@ def _megatron_trainer(row: str, args, shape: dict):
             output = chunk(tokens, position_ids, None, labels=targets, loss_mask=loss_mask)
 
             def loss_func(per_token):
+                _forward_done()
                 loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
                 return loss, {"lm loss": loss.detach()}
 
@@ -155,7 +159,7 @@ def _megatron_trainer(row: str, args, shape: dict):
         timer.mark(2)
         return losses[0]["lm loss"] if losses else None
 
-    return timer, step
+    return timer, step, model
 
 
 def _hf_trainer(row: str, args, shape: dict, device):
@@ -187,6 +191,7 @@ def _hf_trainer(row: str, args, shape: dict, device):
     def step(ids, labels):
         timer.mark(0)
         loss = model(input_ids=ids, labels=labels).loss
+        _forward_done()
         loss.backward()
         timer.mark(1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -195,7 +200,7 @@ def _hf_trainer(row: str, args, shape: dict, device):
         timer.mark(2)
         return loss.detach()
 
-    return timer, step
+    return timer, step, [model]
 
 
 class _PhaseTimer:
@@ -254,9 +259,9 @@ def run_worker(row: str, args) -> None:
             _emit(row, None, status="skipped: transformer_engine does not import")
             return
     if row in MEGATRON_ROWS:
-        timer, step = _megatron_trainer(row, args, shape)
+        timer, step, modules = _megatron_trainer(row, args, shape)
     else:
-        timer, step = _hf_trainer(row, args, shape, device)
+        timer, step, modules = _hf_trainer(row, args, shape, device)
     for micro_batch in args.micro_batches:
         try:
             ids, labels = _batch(args, shape, micro_batch, device)
@@ -281,6 +286,8 @@ def run_worker(row: str, args) -> None:
         fwd_bwd_ms, optim_ms = timer.phase_ms()
         if args.profile_dir and device.type == "cuda":
             _profile_step(row, micro_batch, step, ids, labels, args.profile_dir)
+        if args.memory_dir:
+            _memory_report(row, micro_batch, step, ids, labels, modules, args.memory_dir)
         _emit(row, micro_batch, status="ok", seconds=elapsed, steps=args.steps,
               tokens_per_s=micro_batch * args.seq * args.steps / elapsed, peak_gb=peak,
               fwd_bwd_ms=fwd_bwd_ms, optim_ms=optim_ms, loss=float(loss) if loss is not None else None)
@@ -291,13 +298,100 @@ def _profile_step(row: str, micro_batch: int, step, ids, labels, out_dir: str) -
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(ids, labels)
         torch.cuda.synchronize()
     os.makedirs(out_dir, exist_ok=True)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    averages = prof.key_averages()
+    table = (averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+             + "\n\nHost side (self CPU time):\n"
+             + averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90))
     with open(os.path.join(out_dir, f"{row}-mb{micro_batch}.txt"), "w") as f:
         f.write(table)
+
+
+_FORWARD_DONE: list = []
+
+
+def _forward_done() -> None:
+    """Called by each row's step between its forward (loss computed) and its backward."""
+    for fn in _FORWARD_DONE:
+        fn()
+
+
+def _memory_report(row: str, micro_batch: int, step, ids, labels, modules, out_dir: str) -> None:
+    """One extra step that accounts for memory; writes ``out_dir/<row>-mb<N>-memory.txt``.
+
+    Reports the memory held between steps (parameters, gradient buffers, optimizer state), what the forward adds
+    (everything alive when the loss is computed), the step's peak, and the tensors autograd saved during the
+    forward (``save_for_backward`` and built-in ops, through saved-tensor hooks), each storage counted once, grouped
+    by the innermost module that was running and by shape and dtype. Tensors kept on an autograd ``ctx`` outside
+    ``save_for_backward`` are not seen by the hooks: they are in the forward's total, not in the groups.
+    """
+    import collections
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
+    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    stack: list[str] = []
+
+    def enter(module, inputs) -> None:
+        stack.append(type(module).__name__)
+
+    def leave(module, inputs, output) -> None:  # returns None: a forward hook's return value replaces the output
+        if stack:
+            stack.pop()
+
+    handles = []
+    for m in modules:
+        for sub in m.modules():
+            handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+    seen: dict[int, tuple] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in params and ptr not in seen:
+                seen[ptr] = (stack[-1] if stack else "(no module)", tuple(t.shape), str(t.dtype).replace("torch.", ""),
+                             storage.nbytes())
+        return t
+
+    marks = {}
+    _FORWARD_DONE.append(lambda: marks.setdefault("forward", allocated()))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = allocated()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step(ids, labels)
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        _FORWARD_DONE.clear()
+        for h in handles:
+            h.remove()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    groups = collections.defaultdict(lambda: [0, 0])
+    for module, shape, dtype, nbytes in seen.values():
+        key = (module, shape, dtype)
+        groups[key][0] += 1
+        groups[key][1] += nbytes
+    saved_total = sum(v[1] for v in groups.values())
+    forward = marks.get("forward", before) - before
+    lines = [f"{row}, micro-batch {micro_batch}: between steps {before / 1e9:.2f} GB; the forward adds "
+             f"{forward / 1e9:.2f} GB; peak of the step {peak / 1e9:.2f} GB (+{(peak - before) / 1e9:.2f} GB)",
+             f"autograd-saved storages (hooks, parameters excluded): {saved_total / 1e9:.2f} GB in {len(seen)} "
+             f"storages; forward total minus these: {(forward - saved_total) / 1e9:.2f} GB", "",
+             f"{'GB':>8} {'count':>6}  module / shape / dtype"]
+    for (module, shape, dtype), (count, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{nbytes / 1e9:8.3f} {count:6d}  {module} {list(shape)} {dtype}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{row}-mb{micro_batch}-memory.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _emit(row: str, micro_batch: int | None, **fields) -> None:
@@ -325,6 +419,8 @@ def _run_row(row: str, args) -> list[dict]:
            "--micro-batches", ",".join(map(str, args.micro_batches)), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--optimizer-kernels", args.optimizer_kernels]
     cmd += ["--profile-dir", args.profile_dir] if args.profile_dir else []
+    cmd += ["--memory-dir", args.memory_dir] if args.memory_dir else []
+    cmd += ["--provider-overrides", args.provider_overrides] if args.provider_overrides else []
     cmd += ["--tiny"] if args.tiny else []
     env = dict(os.environ)
     if args.alloc_conf:
@@ -406,6 +502,12 @@ def parse_args(argv=None):
                         help="PYTORCH_CUDA_ALLOC_CONF for every row ('' leaves it unset)")
     parser.add_argument("--profile-dir", default=None,
                         help="after each timed micro-batch, profile one step and write its top kernels here")
+    parser.add_argument("--memory-dir", default=None,
+                        help="after each timed micro-batch, account one step's memory (state, forward, peak, saved "
+                             "tensors by module) into this directory")
+    parser.add_argument("--provider-overrides", default=None,
+                        help="JSON object of GPTModelProvider fields applied to every megatron row (after the row's "
+                             "own settings), e.g. '{\"recompute_activation_output\": false}'")
     parser.add_argument("--row-timeout", type=float, default=1800, help="seconds before a row is abandoned")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
