@@ -10,6 +10,8 @@ core attention      SDPA (flash / cuDNN / efficient), GQA in place             S
 packed docs, SWA    FlexAttention block masks (compiled)                       SDPA with a dense bool mask
 RMSNorm             liger-kernel's Triton RMSNorm if it imports, else          ``torch.rms_norm``
                     ``torch.rms_norm`` (torch's fused CUDA kernel)
+  its output        kept for the next linear layer's backward, or with         same
+                    ``recompute_modules=["layernorm"]`` released and refilled
 RoPE                one ``torch.compile``'d kernel per q / k, per-document     megatron's arithmetic, eager
                     positions for packed rows
 SwiGLU              one Triton kernel forward, one backward (in place),        megatron-core's MLP code
@@ -21,8 +23,9 @@ weight gradients    accumulated into DDP's fp32 ``main_grad`` in the GEMM      f
 loss                chunked fused output projection + vocab-parallel CE        same, eager
                     (compiled elementwise), gradients in the forward pass
 whole layer         ``torch.compile`` per layer when ``compile_layers``        same (slow to compile)
-optimizer step      :func:`use_fused_optimizer_kernels`: torch fused AdamW,    foreach helpers
-                    ``torch._foreach`` grad-norm / param-copy helpers
+optimizer step      :func:`use_fused_optimizer_kernels`: megatron's bf16 step  foreach helpers
+                    as one Triton pass per parameter (clip scale, AdamW,
+                    bf16 copy); ``torch._foreach`` grad norm
 ==================  =========================================================  ===============================
 
 Packed sequences take megatron-core's ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=..., max_seqlen_q=...)``
