@@ -44,7 +44,7 @@ _SCRIPT = textwrap.dedent("""
                     if a.grad is not None:
                         a.grad.mul_(scale)
             ref.step()
-            fused_adam_step(got, models, grad_scale=scale)
+            fused_adam_step(got, models, grad_scales={p: scale for p in got_p})
             for a, b in zip(ref_p, got_p):
                 torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
                 torch.testing.assert_close(got.state[b]["exp_avg"], ref.state[a]["exp_avg"], rtol=1e-6, atol=1e-7)

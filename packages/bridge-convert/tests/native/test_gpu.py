@@ -199,6 +199,8 @@ def test_cuda_fused_mixed_precision_adam_matches_megatron_step(runtime, clip):
             norms.append(norm)
         coeff = min(1.0, clip / (norms[1] + 1e-6))
         for (model_param, main_param), (p0, g, m, v) in zip(pairs, before, strict=True):
+            # the clip's scale was applied inside the step, not by an in-place pass over the grads
+            assert torch.equal(model_param.main_grad.double(), g)
             group = hyper[id(main_param)]
             (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
             g = g * coeff

@@ -53,3 +53,37 @@ def test_foreach_scale_in_place_clip_matches_megatron_fallback(runtime):
         _foreach_scale(2048, flag, [got, got], scale)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_in_place_clip_of_fused_optimizer_grads_is_left_to_the_step(runtime):
+    # The grad-norm clip's in-place scale of main grads that a fused step owns is recorded, not applied; the step
+    # multiplies each grad by its own recorded factor. Lists with any other tensor are scaled for real.
+    import weakref
+
+    from bridge_convert.native import optimizer as native_optimizer
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    grads = _tensors(2)
+    before = [g.clone() for g in grads]
+    for g in grads:
+        native_optimizer._DEFERRED_GRADS[g.data_ptr()] = weakref.ref(owner)
+    try:
+        flag = torch.zeros(1, dtype=torch.int)
+        _foreach_scale(2048, flag, [grads[:2], grads[:2]], 0.5)
+        _foreach_scale(2048, flag, [grads[:1], grads[:1]], 0.25)  # a separate grad-norm group, clipped again
+        for g, b in zip(grads, before, strict=True):
+            assert torch.equal(g, b)
+        assert owner._bridge_grad_scales == {grads[0].data_ptr(): 0.125, grads[1].data_ptr(): 0.5}
+        other = torch.ones(3)
+        _foreach_scale(2048, flag, [[grads[2], other], [grads[2], other]], 0.5)  # not all owned: scaled for real
+        torch.testing.assert_close(grads[2], before[2] * 0.5)
+        torch.testing.assert_close(other, torch.full((3,), 0.5))
+        del owner  # a dead owner defers nothing
+        _foreach_scale(2048, flag, [grads[:1], grads[:1]], 0.5)
+        torch.testing.assert_close(grads[0], before[0] * 0.5)
+    finally:
+        for g in grads:
+            native_optimizer._DEFERRED_GRADS.pop(g.data_ptr(), None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 
 import torch
 
@@ -38,6 +39,30 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
+_DEFERRED_GRADS: dict[int, weakref.ref] = {}
+"""``data_ptr`` of a main grad -> (a weak reference to) the fused mixed-precision optimizer that steps it."""
+
+
+def _defer_in_place_scale(tensors, scale: float) -> bool:
+    """Record ``tensors *= scale`` for the fused step to apply, if every tensor is a main grad of a fused optimizer.
+
+    megatron's grad-norm clip scales the fp32 main grads in place through ``multi_tensor_scale_impl`` just before
+    the step; a fused step multiplies each gradient by its recorded scale as it reads it instead (one pass over
+    the grads fewer). Anything else (another tensor in the list, no live owner) is scaled for real.
+    """
+    owners = []
+    for t in tensors:
+        ref = _DEFERRED_GRADS.get(t.data_ptr()) if t.numel() else None
+        owner = ref() if ref is not None else None
+        if owner is None:
+            return False
+        owners.append(owner)
+    for t, owner in zip(tensors, owners, strict=True):
+        scales = owner.__dict__.setdefault("_bridge_grad_scales", {})
+        scales[t.data_ptr()] = scales.get(t.data_ptr(), 1.0) * scale
+    return True
+
+
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
     """Drop-in for ``amp_C.multi_tensor_scale``: ``dst = src * scale`` over two tensor lists (any dtypes)."""
     src, dst = tensor_lists[0], tensor_lists[1]
@@ -47,7 +72,9 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         if any(s is not d for s, d in zip(src, dst)):
             torch._foreach_copy_(dst, src)
     elif all(s is d for s, d in zip(src, dst)):
-        torch._foreach_mul_(dst, scale)  # the grad-norm clip scales the grads in place: no temporary copies
+        # The grad-norm clip scales the grads in place: left to the fused step when it owns them all, else no copies.
+        if not _defer_in_place_scale(dst, float(scale)):
+            torch._foreach_mul_(dst, scale)
     else:
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
@@ -103,19 +130,20 @@ def _supports_fused_adam(opt) -> bool:
 
 
 @torch.no_grad()
-def fused_adam_step(opt, model_params: dict | None = None, grad_scale: float = 1.0) -> None:
+def fused_adam_step(opt, model_params: dict | None = None, grad_scales: dict | None = None) -> None:
     """One step of the torch ``Adam`` / ``AdamW`` ``opt``, computed by the fused Triton kernel.
 
     The same update as ``opt.step()`` (torch's formula, fp32 arithmetic, ``weight_decay`` decoupled for AdamW and
     added to the gradient for Adam) on the same state (``step``, ``exp_avg``, ``exp_avg_sq``, created as torch
     creates them). ``model_params`` maps a parameter of ``opt`` to a lower-precision model tensor (same shape)
-    that receives the updated value, cast, in the same pass. ``grad_scale`` multiplies every gradient as it is
-    read (a grad-norm clip's coefficient), as if the gradients had been scaled in place first. Parameters
-    without a gradient are skipped.
+    that receives the updated value, cast, in the same pass. ``grad_scales`` maps a parameter to a factor its
+    gradient is multiplied by as it is read (a grad-norm clip's coefficient; default 1), as if the gradient had
+    been scaled in place first. Parameters without a gradient are skipped.
     Needs contiguous fp32 parameters, gradients and moments (what megatron's main params are); raises otherwise.
     """
     kernel = _adam_kernel()
     model_params = model_params or {}
+    grad_scales = grad_scales or {}
     decoupled = isinstance(opt, torch.optim.AdamW)
     work = []
     for group in opt.param_groups:
@@ -151,7 +179,7 @@ def fused_adam_step(opt, model_params: dict | None = None, grad_scale: float = 1
         if n == 0:
             continue
         kernel[((n + _BLOCK - 1) // _BLOCK,)](
-            p, p.grad, state["exp_avg"], state["exp_avg_sq"], model if model is not None else p, n, float(grad_scale),
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"], model if model is not None else p, n, float(grad_scales.get(p, 1.0)),
             lr, beta1, beta2, group["eps"], weight_decay, lr / (1.0 - beta1 ** count), (1.0 - beta2 ** count) ** 0.5,
             DECOUPLED=decoupled, COPY=model is not None, BLOCK=_BLOCK,
         )
@@ -163,41 +191,27 @@ def _fused_mixed_precision_step(self) -> bool:
     The inner optimizer's update and megatron's ``_copy_main_params_to_model_params`` together: the kernel
     writes each updated fp32 main param into its bf16 / fp16 model param as it goes.
     """
-    grad_scale = self.__dict__.pop("_bridge_grad_scale", 1.0)
+    deferred = self.__dict__.pop("_bridge_grad_scales", {})
     if self.is_stub_optimizer:
         return True
     model_params = {}
     for model_group, main_group in zip(self.float16_groups, self.fp32_from_float16_groups, strict=True):
         for model_param, main_param in zip(model_group, main_group, strict=True):
             model_params[main_param] = model_param.data
-    fused_adam_step(self.optimizer, model_params, grad_scale)
+    scales = {}
+    if deferred:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.data_ptr() in deferred:
+                    scales[p] = deferred[p.grad.data_ptr()]
+    fused_adam_step(self.optimizer, model_params, scales)
     return True
 
 
-def _deferred_clip_grad_norm(self, clip_grad: float) -> float:
-    """megatron's ``clip_grad_norm`` whose scaling of the gradients is left to the fused step.
-
-    Computes the total norm exactly as megatron does and the same clip coefficient (``clip_grad / (norm + 1e-6)``
-    when below 1), but instead of a pass that scales every fp32 gradient in place it records the coefficient for
-    :func:`_fused_mixed_precision_step`, which multiplies each gradient by it as it reads it. (Gradients read
-    between the clip and the step are therefore unscaled; megatron's ``step()`` reads none.) Parameters in
-    separate grad-norm groups take megatron's own path.
-    """
-    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
-    from megatron.core.optimizer.optimizer import _get_param_grad_norm_group, _is_separate_grad_norm_group
-
-    params = self.get_parameters()
-    self._bridge_grad_scale = 1.0
-    if any(_is_separate_grad_norm_group(_get_param_grad_norm_group(p)) for p in params):
-        return type(self).clip_grad_norm(self, clip_grad)
-    self.grad_norms_by_group = {}
-    grads_for_norm = self.get_grads_for_grad_norm() if params else []
-    grad_norm = get_grad_norm_fp32(grads_for_norm, grad_stats_parallel_group=self.get_grad_stats_parallel_group())
-    if clip_grad > 0.0 and params:
-        coeff = clip_grad / (grad_norm + 1.0e-6)
-        if coeff < 1.0:
-            self._bridge_grad_scale = coeff
-    return grad_norm
+def _prepare_grads_resetting_deferred_scales(self, prepare_grads) -> bool:
+    """A step starts with no deferred grad scales (a skipped update must not carry its clip into the next)."""
+    self.__dict__.pop("_bridge_grad_scales", None)
+    return prepare_grads()
 
 
 def _fuse_mixed_precision_steps(optimizer) -> list[str]:
@@ -224,8 +238,13 @@ def _fuse_mixed_precision_steps(optimizer) -> list[str]:
         except Exception:  # no importable Triton: keep torch's fused AdamW + the separate copy
             continue
         opt.step_with_ready_grads = types.MethodType(_fused_mixed_precision_step, opt)
-        opt.clip_grad_norm = types.MethodType(_deferred_clip_grad_norm, opt)
+        opt.prepare_grads = functools.partial(_prepare_grads_resetting_deferred_scales, opt, opt.prepare_grads)
         opt._bridge_fused_step = True
+        for model_group in opt.float16_groups:
+            for model_param in model_group:
+                main_grad = getattr(model_param, "main_grad", None)
+                if main_grad is not None and main_grad.numel():
+                    _DEFERRED_GRADS[main_grad.data_ptr()] = weakref.ref(opt)
         changed.append(f"{type(opt).__name__}.step_with_ready_grads")
     return changed
 
