@@ -69,7 +69,7 @@ def test_in_place_clip_of_fused_optimizer_grads_is_left_to_the_step(runtime):
     grads = _tensors(2)
     before = [g.clone() for g in grads]
     for g in grads:
-        native_optimizer._DEFERRED_GRADS[g.data_ptr()] = weakref.ref(owner)
+        native_optimizer._DEFERRED_GRADS[g.data_ptr()] = (weakref.ref(owner), weakref.ref(g))
     try:
         flag = torch.zeros(1, dtype=torch.int)
         _foreach_scale(2048, flag, [grads[:2], grads[:2]], 0.5)
@@ -77,6 +77,13 @@ def test_in_place_clip_of_fused_optimizer_grads_is_left_to_the_step(runtime):
         for g, b in zip(grads, before, strict=True):
             assert torch.equal(g, b)
         assert owner._bridge_grad_scales == {grads[0].data_ptr(): 0.125, grads[1].data_ptr(): 0.5}
+        alias = grads[1].detach()  # what megatron's clip passes: another tensor object over the same grad
+        _foreach_scale(2048, flag, [[alias], [alias]], 2.0)
+        assert torch.equal(grads[1], before[1]) and owner._bridge_grad_scales[grads[1].data_ptr()] == 1.0
+        flat = grads[2].view(-1)  # the same memory seen as another shape: not that grad, scaled for real
+        _foreach_scale(2048, flag, [[flat], [flat]], 2.0)
+        torch.testing.assert_close(grads[2], before[2] * 2.0)
+        grads[2].copy_(before[2])
         other = torch.ones(3)
         _foreach_scale(2048, flag, [[grads[2], other], [grads[2], other]], 0.5)  # not all owned: scaled for real
         torch.testing.assert_close(grads[2], before[2] * 0.5)

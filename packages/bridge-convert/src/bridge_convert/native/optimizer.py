@@ -39,8 +39,10 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
-_DEFERRED_GRADS: dict[int, weakref.ref] = {}
-"""``data_ptr`` of a main grad -> (a weak reference to) the fused mixed-precision optimizer that steps it."""
+_DEFERRED_GRADS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+"""``data_ptr`` of a main grad -> weak references to (the fused mixed-precision optimizer that steps it, the grad
+tensor). Deferred are only tensors viewing that grad's memory with its shape and dtype while it is alive (megatron
+passes ``param.grad.detach()``, a new tensor object over the same memory)."""
 
 
 def _defer_in_place_scale(tensors, scale: float) -> bool:
@@ -52,8 +54,9 @@ def _defer_in_place_scale(tensors, scale: float) -> bool:
     """
     owners = []
     for t in tensors:
-        ref = _DEFERRED_GRADS.get(t.data_ptr()) if t.numel() else None
-        owner = ref() if ref is not None else None
+        refs = _DEFERRED_GRADS.get(t.data_ptr()) if t.numel() else None
+        grad = refs[1]() if refs is not None else None
+        owner = refs[0]() if grad is not None and grad.shape == t.shape and grad.dtype == t.dtype else None
         if owner is None:
             return False
         owners.append(owner)
@@ -244,7 +247,7 @@ def _fuse_mixed_precision_steps(optimizer) -> list[str]:
             for model_param in model_group:
                 main_grad = getattr(model_param, "main_grad", None)
                 if main_grad is not None and main_grad.numel():
-                    _DEFERRED_GRADS[main_grad.data_ptr()] = weakref.ref(opt)
+                    _DEFERRED_GRADS[main_grad.data_ptr()] = (weakref.ref(opt), weakref.ref(main_grad))
         changed.append(f"{type(opt).__name__}.step_with_ready_grads")
     return changed
 
