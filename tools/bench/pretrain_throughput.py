@@ -104,7 +104,7 @@ def _megatron_trainer(row: str, args, shape: dict):
         fusions.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
     if impl == "transformer_engine":
         fusions.update(apply_rope_fusion=True, cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
-    provider = GPTModelProvider(
+    settings = dict(
         num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"], kv_channels=shape["hidden"] // shape["heads"],
         vocab_size=shape["vocab"], seq_length=args.seq, share_embeddings_and_output_weights=True,
@@ -112,9 +112,11 @@ def _megatron_trainer(row: str, args, shape: dict):
         rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
         params_dtype=torch.bfloat16, transformer_impl=impl, compile_layers=row == "native-compile",
         recompute_activation_output=row == "native-lean", **fusions,
-        **{**(dict(recompute_granularity="selective", recompute_modules=["layernorm"]) if row == "native-lean"
-              else {}), **json.loads(args.provider_overrides or "{}")},
     )
+    if row == "native-lean":
+        settings.update(recompute_granularity="selective", recompute_modules=["layernorm"])
+    settings.update(json.loads(args.provider_overrides or "{}"))  # the command line has the last word
+    provider = GPTModelProvider(**settings)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)
     model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp_config)
@@ -517,6 +519,13 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     args.micro_batches = [int(x) for x in (args.micro_batches or ("1,2" if args.tiny else "1,2,4,8,16,32")).split(",")]
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.provider_overrides:
+        try:
+            overrides = json.loads(args.provider_overrides)
+        except json.JSONDecodeError as e:
+            parser.error(f"--provider-overrides is not JSON: {e}")
+        if not isinstance(overrides, dict):
+            parser.error("--provider-overrides must be a JSON object of GPTModelProvider fields")
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")

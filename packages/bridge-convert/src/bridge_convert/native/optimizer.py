@@ -12,9 +12,11 @@ For megatron's bf16 / fp16 mixed-precision optimizer (``Float16OptimizerWithFloa
 further: :func:`fused_adam_step` runs the whole parameter update as one Triton kernel per parameter, reading the
 fp32 main param, its fp32 grad and the two fp32 moments once and writing the main param, the moments *and the
 bf16 model param* in the same pass, instead of torch's fused AdamW followed by megatron's separate main -> model
-copy (one fewer read of the fp32 params, one fewer pass), and it applies the grad-norm clip's scale as it reads
-each gradient instead of megatron's separate in-place pass over the fp32 grads. The state it keeps is torch AdamW's (``step``,
-``exp_avg``, ``exp_avg_sq`` in ``optimizer.state[main_param]``), so checkpoints move freely between the two.
+copy (one fewer read of the fp32 params, one fewer pass). The grad-norm clip's in-place scaling of those fp32
+grads (through ``multi_tensor_scale_impl``) is recorded instead and applied by the kernel as it reads each
+gradient: one pass over the grads fewer. The state it keeps is torch AdamW's (``step``, ``exp_avg``,
+``exp_avg_sq`` in ``optimizer.state[main_param]``), so checkpoints move freely between the two. Between the
+clip and the step the grads are left unscaled (megatron's ``step()`` reads none of them there).
 """
 
 from __future__ import annotations
@@ -182,8 +184,9 @@ def fused_adam_step(opt, model_params: dict | None = None, grad_scales: dict | N
         if n == 0:
             continue
         kernel[((n + _BLOCK - 1) // _BLOCK,)](
-            p, p.grad, state["exp_avg"], state["exp_avg_sq"], model if model is not None else p, n, float(grad_scales.get(p, 1.0)),
-            lr, beta1, beta2, group["eps"], weight_decay, lr / (1.0 - beta1 ** count), (1.0 - beta2 ** count) ** 0.5,
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"], model if model is not None else p, n,
+            float(grad_scales.get(p, 1.0)), lr, beta1, beta2, group["eps"], weight_decay,
+            lr / (1.0 - beta1 ** count), (1.0 - beta2 ** count) ** 0.5,  # torch's bias corrections, in float64
             DECOUPLED=decoupled, COPY=model is not None, BLOCK=_BLOCK,
         )
 
