@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .release import release_until_backward
+
 __all__ = ["NativeNorm", "liger_rms_norm_function", "recompute_output_for"]
 
 
@@ -112,25 +114,6 @@ def recompute_output_for(norm: NativeNorm, consumer: torch.nn.Module) -> None:
         result = output[0] if isinstance(output, tuple) else output
         if not (isinstance(result, Tensor) and result.requires_grad):
             return
-        storage = out.untyped_storage()
-        nbytes = storage.nbytes()
-        layout = (out.storage_offset(), out.shape, out.stride(), out.dtype, out.device)
-        storage.resize_(0)
-        # The hook lives as long as the graph: one-shot, it drops the storage and the norm input once it has
-        # refilled, so neither outlives the backward steps that read them.
-        held = [storage, x]
-
-        def refill(_grad: Tensor) -> None:
-            if not held:  # already refilled (a second backward with retain_graph=True reads the kept tensor)
-                return
-            storage, source = held
-            held.clear()
-            storage.resize_(nbytes)
-            offset, shape, stride, dtype, device = layout
-            buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
-            with torch.no_grad():
-                buffer.copy_(norm._normalize(source))
-
-        result.register_hook(refill)
+        release_until_backward(out, result, lambda buffer, source: buffer.copy_(norm._normalize(source)), x)
 
     consumer.register_forward_hook(release)

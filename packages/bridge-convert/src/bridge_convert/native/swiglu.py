@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .release import release_until_backward
+
 __all__ = ["swiglu", "swiglu_into_consumer", "swiglu_kernels_available"]
 
 _BLOCK = 1024
@@ -127,23 +129,6 @@ def swiglu_into_consumer(y: Tensor, consumer: Callable[[Tensor], Any], *, triton
     out = result[0] if isinstance(result, tuple) else result
     if not (recompute_output and torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad):
         return result
-    storage, nbytes = act.untyped_storage(), act.untyped_storage().nbytes()
-    layout = (act.storage_offset(), act.shape, act.stride(), act.dtype, act.device)
-    storage.resize_(0)
-    # The hook lives as long as the graph (to the end of the backward): it must not keep the refilled storage or
-    # fc1's output alive after fc2's backward has used them. One-shot: it drops both once it has refilled.
-    held = [storage, y.contiguous()]  # y.contiguous(): the same tensor the SwiGLU saved
-
-    def refill(_grad: Tensor) -> None:
-        if not held:  # already refilled (a second backward with retain_graph=True reads the kept tensor)
-            return
-        storage, source = held
-        held.clear()
-        storage.resize_(nbytes)
-        offset, shape, stride, dtype, device = layout
-        buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, shape, stride)
-        with torch.no_grad():
-            _forward_into(source, buffer, triton)
-
-    out.register_hook(refill)
+    # y.contiguous(): the same tensor the SwiGLU saved
+    release_until_backward(act, out, lambda buffer, source: _forward_into(source, buffer, triton), y.contiguous())
     return result
