@@ -1,5 +1,6 @@
 """TP=2 parity on two gloo processes: the native spec (with and without sequence parallelism, vocab-parallel fused
-loss) against a world-size-1 run of megatron-core's local spec with the same weights."""
+loss, with and without the SwiGLU / norm output recomputes) against a world-size-1 run of megatron-core's local
+spec with the same weights."""
 
 import pytest
 import torch
@@ -30,8 +31,9 @@ def _step(model, batch):
 def _tp2_body(full, ref_loss, ref_grads):
     state = initialize_parallel(ParallelLayout(tensor_model_parallel_size=2))
     out = {}
-    for sp in (False, True):
-        model = build("native", tensor_model_parallel_size=2, sequence_parallel=sp)
+    lean = dict(recompute_activation_output=True, recompute_granularity="selective", recompute_modules=["layernorm"])
+    for sp, recompute in ((False, False), (True, False), (False, True), (True, True)):
+        model = build("native", tensor_model_parallel_size=2, sequence_parallel=sp, **(lean if recompute else {}))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(shard_state_dict(full, model, state.tp_rank, state.tp_size)[name])
@@ -40,7 +42,7 @@ def _tp2_body(full, ref_loss, ref_grads):
             if sp and getattr(p, "sequence_parallel", False):
                 dist.all_reduce(p.grad, group=state.tp_group)
         want = shard_state_dict(ref_grads, model, state.tp_rank, state.tp_size)
-        out[f"sp={sp}"] = {
+        out[f"sp={sp},recompute={recompute}"] = {
             "loss": (loss - ref_loss).abs().max().item(),
             "grad": max((g - want[n]).abs().max().item() for n, g in grads(model).items()),
             "vocab_shard": model.output_layer.weight.shape[0],
