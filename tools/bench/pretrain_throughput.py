@@ -126,7 +126,7 @@ def _megatron_trainer(row: str, args, shape: dict):
         model,
     )
     if args.optimizer_kernels == "fused":
-        from bridge_convert.native.optimizer import use_fused_optimizer_kernels
+        from bridge_train.optim import use_fused_optimizer_kernels
 
         print(f"[bench] {row}: fused optimizer kernels: {use_fused_optimizer_kernels(optimizer)}", file=sys.stderr)
     provider.finalize_model_grads_func = finalize_model_grads
@@ -499,7 +499,7 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 dense peak")
     parser.add_argument("--optimizer-kernels", choices=("fused", "megatron"), default="fused",
                         help="megatron rows without TE/apex: 'fused' = torch fused AdamW + foreach multi-tensor "
-                             "helpers (bridge_convert.native.optimizer); 'megatron' = megatron-core's own fallbacks")
+                             "helpers (bridge_train.optim); 'megatron' = megatron-core's own fallbacks")
     parser.add_argument("--alloc-conf", default="expandable_segments:True",
                         help="PYTORCH_CUDA_ALLOC_CONF for every row ('' leaves it unset)")
     parser.add_argument("--profile-dir", default=None,
