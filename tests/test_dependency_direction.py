@@ -1,4 +1,5 @@
-"""Each package imports only what it declares (ARCHITECTURE.md's dependency direction), checked statically.
+"""Each package imports only what it declares (docs/architecture.md, "Packages and dependency direction"), checked
+statically.
 
 - Another bridge package may be imported only if declared in ``[project].dependencies``.
 - Any other third-party import must be installed by the declared dependencies (their transitive closure), so
