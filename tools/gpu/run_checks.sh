@@ -19,7 +19,7 @@ steps=${*:-convert native optim train train1b}
 for step in $steps; do
   case $step in
     convert) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/models/test_families_gpu.py 2>&1 | tail -40 > "$OUT/convert_gpu.log" ;;
-    native) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/native/test_gpu.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -60 > "$OUT/native_gpu.log" ;;
+    native) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/native/test_gpu.py packages/bridge-convert/tests/native/test_spec.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -60 > "$OUT/native_gpu.log" ;;
     optim) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-train/tests/optim/test_fused_step_gpu.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -30 > "$OUT/optim_gpu.log" ;;
     train) timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider -rA packages/bridge-train/tests/test_gpu_training.py 2>&1 | grep -v Warning | tail -40 > "$OUT/train_gpu.log" ;;
     train1b)
