@@ -1,4 +1,5 @@
-"""Each package imports only what it declares (ARCHITECTURE.md's dependency direction), checked statically.
+"""Each package imports only what it declares (docs/architecture.md, "Packages and dependency direction"), checked
+statically.
 
 - Another bridge package may be imported only if declared in ``[project].dependencies``.
 - Any other third-party import must be installed by the declared dependencies (their transitive closure), so
@@ -6,6 +7,9 @@
 - Optional extras (``transformer_engine``, ``liger_kernel``, ``wandb``, ...) must be imported under a
   ``try`` whose handler catches ``Exception`` (a broken Transformer Engine raises RuntimeError/OSError,
   not ImportError), and only by a package that declares that extra.
+- The model-side packages (bridge-convert, bridge-data) hold no optimizer or training code: their sources never
+  import (or reach through ``torch.optim``) megatron-core's optimizer, torch's optimizers or a training package,
+  even though those are installed (docs/architecture.md, "Where each concern lives").
 """
 
 from __future__ import annotations
@@ -128,6 +132,63 @@ def _problems(pkg: Path) -> list[str]:
                 problems.append(f"{where}: imports {module!r} ({sorted(dists)}), not installed by {own}'s "
                                 f"declared dependencies {sorted(declared)}")
     return problems
+
+
+TRAINING_MODULES = ("megatron.core.optimizer", "megatron.core.optimizer_param_scheduler", "megatron.training",
+                    "torch.optim", "bridge_train", "bridge_peft", "bridge_recipes")
+"""Optimizer / training code: what a model-side package's sources must not import."""
+MODEL_SIDE = ("bridge-convert", "bridge-data")
+
+
+def _dotted_imports(path: Path):
+    """Yield (dotted name, line) for every absolute import in ``path`` (``from a import b`` gives ``a.b`` too) and
+    for every ``torch.optim`` attribute chain (reachable through a plain ``import torch``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module, node.lineno
+            for alias in node.names:
+                yield f"{node.module}.{alias.name}", node.lineno
+        elif (isinstance(node, ast.Attribute) and node.attr == "optim" and isinstance(node.value, ast.Name)
+              and node.value.id == "torch"):
+            yield "torch.optim", node.lineno
+
+
+def _training_imports(pkg: Path) -> list[str]:
+    problems = {}
+    for path in sorted((pkg / "src").rglob("*.py")):
+        for name, line in _dotted_imports(path):
+            hit = next((m for m in TRAINING_MODULES if name == m or name.startswith(m + ".")), None)
+            where = f"{path.relative_to(pkg.parent)}:{line}"
+            if hit and where not in problems:
+                problems[where] = f"{where}: {name!r} is optimizer / training code ({hit}); it belongs in bridge-train"
+    return list(problems.values())
+
+
+@pytest.mark.parametrize("pkg", [p for p in PACKAGES if p.name in MODEL_SIDE], ids=lambda p: p.name)
+def test_model_side_packages_hold_no_optimizer_or_training_code(pkg):
+    problems = _training_imports(pkg)
+    assert not problems, "\n".join(problems)
+
+
+def test_training_import_check_catches_every_spelling(tmp_path):
+    pkg = tmp_path / "bridge-convert"
+    (pkg / "src" / "bridge_convert").mkdir(parents=True)
+    (pkg / "src" / "bridge_convert" / "bad.py").write_text(
+        "import torch\n"
+        "from megatron.core.optimizer import clip_grads\n"
+        "from megatron.core import optimizer\n"
+        "def f():\n    import bridge_train.setup\n    return torch.optim.AdamW\n"
+        "from torch import optim\n"
+        "from megatron.core import optimizer_param_scheduler\n"
+        "from megatron.core.optimizer_config import OptimizerConfig\n")  # a sibling name, not the package
+    problems = "\n".join(_training_imports(pkg))
+    for line in (2, 3, 5, 6, 7, 8):
+        assert f"bad.py:{line}:" in problems, (line, problems)
+    assert "bad.py:1:" not in problems and "bad.py:9:" not in problems
 
 
 @pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)

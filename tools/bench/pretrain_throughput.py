@@ -18,13 +18,14 @@ bf16 params and ``torch.optim.AdamW(fused=True)``. Each row runs in its own subp
 classes globally; GPU memory is fully returned between rows) and sweeps the micro-batches, stopping at the
 first out-of-memory.
 
-MFU = (6 * N * tokens + 12 * L * H * S * tokens) / time / peak, N = parameters (tied embedding counted once),
-L = layers, H = hidden size, S = sequence length; peak = dense bf16 tensor-core peak of the card (H100 SXM /
-H200: 989 TFLOP/s, H100 PCIe: 756, A100: 312; ``--peak-tflops`` overrides).
+MFU = tokens/s x training FLOPs per token / peak, counted by ``bridge_train.flops`` (the training loop's own
+count: 6 N + 12 L H S, N the matmul parameters, see bridge-train's README); peak = the card's dense bf16
+tensor-core peak from the same module (``--peak-tflops`` overrides).
 
 Run on one GPU (repo code and megatron-core / liger wheels on PYTHONPATH)::
 
-    PYTHONPATH=packages/bridge-convert/src:<site> python tools/bench/pretrain_throughput.py --seq 4096 --out r.md
+    PYTHONPATH=packages/bridge-convert/src:packages/bridge-train/src:<site> \
+        python tools/bench/pretrain_throughput.py --seq 4096 --out r.md
 
 ``--tiny`` runs a tiny shape that finishes on a CPU in about a minute (a check of the script, not a benchmark).
 """
@@ -51,29 +52,21 @@ TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512, rope_t
             rope_original_max=64, eps=1e-5)
 
 
-def parameter_count(shape: dict) -> int:
-    """Parameters of the tied-embedding Llama shape (the embedding counted once)."""
-    h, head_dim = shape["hidden"], shape["hidden"] // shape["heads"]
-    attention = 2 * h * h + 2 * h * shape["kv_heads"] * head_dim
-    per_layer = attention + 3 * h * shape["ffn"] + 2 * h
-    return shape["vocab"] * h + shape["layers"] * per_layer + h
+def model_shape(shape: dict):
+    """The bench shape as bridge_train.flops counts it (the HF and megatron rows train the same model)."""
+    from bridge_train.flops import ModelShape
 
-
-def flops_per_token(shape: dict, seq: int) -> float:
-    return 6.0 * parameter_count(shape) + 12.0 * shape["layers"] * shape["hidden"] * seq
+    return ModelShape(num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+                      num_query_groups=shape["kv_heads"], kv_channels=shape["hidden"] // shape["heads"],
+                      ffn_hidden_size=shape["ffn"], vocab_size=shape["vocab"], gated_linear_unit=True)
 
 
 def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
     if override_tflops:
         return override_tflops * 1e12
-    name = device_name.upper()
-    if "H100" in name and "PCIE" in name:
-        return 756e12
-    if "H100" in name or "H200" in name or "GH200" in name:
-        return 989e12
-    if "A100" in name:
-        return 312e12
-    return None
+    from bridge_train.flops import peak_flops as card_peak
+
+    return card_peak(device_name)
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -126,7 +119,7 @@ def _megatron_trainer(row: str, args, shape: dict):
         model,
     )
     if args.optimizer_kernels == "fused":
-        from bridge_convert.native.optimizer import use_fused_optimizer_kernels
+        from bridge_train.optim import use_fused_optimizer_kernels
 
         print(f"[bench] {row}: fused optimizer kernels: {use_fused_optimizer_kernels(optimizer)}", file=sys.stderr)
     provider.finalize_model_grads_func = finalize_model_grads
@@ -445,9 +438,9 @@ def _fmt(value, spec: str) -> str:
 
 def render(results: list[dict], args, versions: dict) -> str:
     shape = TINY if args.tiny else LLAMA_32_1B
-    per_token = flops_per_token(shape, args.seq)
+    per_token = model_shape(shape).training_flops_per_token(args.seq)
     peak = peak_flops(versions["device"], args.peak_tflops)
-    n = parameter_count(shape)
+    n = model_shape(shape).matmul_parameters()
     lines = [
         f"## Pretraining throughput, {'tiny shape (CPU check)' if args.tiny else 'Llama-3.2-1B shape'}, "
         f"seq {args.seq}",
@@ -456,10 +449,11 @@ def render(results: list[dict], args, versions: dict) -> str:
         f"transformers {versions['transformers']}, megatron-core {versions['megatron-core']}, "
         f"liger-kernel {versions['liger-kernel']}, transformer-engine {versions['transformer-engine']}",
         f"- shape: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, {shape['kv_heads']} KV "
-        f"groups, FFN {shape['ffn']}, vocab {shape['vocab']}, tied embeddings; N = {n / 1e9:.4f}B parameters",
+        f"groups, FFN {shape['ffn']}, vocab {shape['vocab']}, tied embeddings; N = {n / 1e9:.4f}B matmul parameters",
         f"- step: forward + backward + AdamW, bf16; {args.warmup} warm-up + {args.steps} timed steps per micro-batch; "
         f"megatron optimizer kernels: {args.optimizer_kernels}; PYTORCH_CUDA_ALLOC_CONF={args.alloc_conf or 'unset'}",
-        f"- MFU = (6*N + 12*L*H*S) * tokens/s / peak = {per_token / 1e9:.3f} GFLOP/token * tokens/s / "
+        f"- MFU = (6*N + 12*L*H*S) * tokens/s / peak (bridge_train.flops) = {per_token / 1e9:.3f} GFLOP/token * "
+        f"tokens/s / "
         f"{_fmt(peak and peak / 1e12, '.0f')} TFLOP/s; peak GB = torch.cuda.max_memory_allocated / 1e9",
         "",
         "| row | micro-batch | tokens/s | MFU | peak GB | fwd+bwd ms | optim ms | status |",
@@ -499,7 +493,7 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 dense peak")
     parser.add_argument("--optimizer-kernels", choices=("fused", "megatron"), default="fused",
                         help="megatron rows without TE/apex: 'fused' = torch fused AdamW + foreach multi-tensor "
-                             "helpers (bridge_convert.native.optimizer); 'megatron' = megatron-core's own fallbacks")
+                             "helpers (bridge_train.optim); 'megatron' = megatron-core's own fallbacks")
     parser.add_argument("--alloc-conf", default="expandable_segments:True",
                         help="PYTORCH_CUDA_ALLOC_CONF for every row ('' leaves it unset)")
     parser.add_argument("--profile-dir", default=None,

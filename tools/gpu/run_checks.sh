@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU acceptance checks for the lent GPU machines (device tool): run from the repo root with wheels in .whl/.
-#   bash tools/gpu/run_checks.sh [convert] [native] [train] [train1b]
+#   bash tools/gpu/run_checks.sh [convert] [native] [optim] [train] [train1b]
 # Writes logs to $OUT (or ./gpu-logs). The GPU image has torch 2.11 and transformers but not these; fetch them here:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform any -d .whl megatron-core==0.19.2 liger-kernel==0.8.5 omegaconf==2.4.0
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 # and carry .whl (git-ignored). "convert" and "train" need 2 GPUs (about 2 and 3 minutes), "native" (the native
-# spec's kernels against torch / the local spec, ~1.5 minutes) and "train1b" one.
+# spec's kernels against torch / the local spec, ~1.5 minutes), "optim" (bridge-train's fused optimizer step inside
+# megatron-core's bf16 optimizer, ~1 minute) and "train1b" one.
 set -uo pipefail
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -14,11 +15,12 @@ export PYTHONPATH=/tmp/site:$PWD/packages/bridge-convert/src:$PWD/packages/bridg
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpus.txt"
-steps=${*:-convert native train train1b}
+steps=${*:-convert native optim train train1b}
 for step in $steps; do
   case $step in
     convert) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/models/test_families_gpu.py 2>&1 | tail -40 > "$OUT/convert_gpu.log" ;;
-    native) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/native/test_gpu.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -60 > "$OUT/native_gpu.log" ;;
+    native) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/native/test_gpu.py packages/bridge-convert/tests/native/test_spec.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -60 > "$OUT/native_gpu.log" ;;
+    optim) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-train/tests/optim/test_fused_step_gpu.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -30 > "$OUT/optim_gpu.log" ;;
     train) timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider -rA packages/bridge-train/tests/test_gpu_training.py 2>&1 | grep -v Warning | tail -40 > "$OUT/train_gpu.log" ;;
     train1b)
       args=(--shape llama32-1b --workdir /tmp/run1b --no-export mixed_precision=bf16_mixed dataset.seq_length=4096

@@ -268,7 +268,7 @@ class AutoBridge:
         metadata = {
             "architecture": self.model_bridge.hf_architecture,
             "hf_config": self.hf_config_for(provider),
-            "params_dtype": str(provider.params_dtype).removeprefix("torch."),
+            "params_dtype": dtype_to_hf(provider.params_dtype),
             "saved_layout": {"tensor_model_parallel_size": provider.tensor_model_parallel_size,
                              "pipeline_model_parallel_size": provider.pipeline_model_parallel_size,
                              "virtual_pipeline_model_parallel_size": provider.virtual_pipeline_model_parallel_size},

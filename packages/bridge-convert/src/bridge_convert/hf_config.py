@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["RopeSettings", "dtype_from_hf", "dtype_to_hf", "load_hf_config", "read_rope", "write_rope"]
+from .dtypes import dtype_name, parse_dtype
 
-_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+__all__ = ["RopeSettings", "dtype_from_hf", "dtype_to_hf", "load_hf_config", "parse_dtype", "read_rope",
+           "write_rope"]
 
 
 def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -39,24 +38,16 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def dtype_from_hf(raw: dict[str, Any], default: torch.dtype = torch.float32) -> torch.dtype:
+    """The weights' dtype a config.json names (``dtype``, or ``torch_dtype`` before transformers 5)."""
     name = raw.get("dtype", raw.get("torch_dtype"))
     if name is None:
         return default
     return parse_dtype(name)
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (float types only)."""
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).removeprefix("torch.").lower()
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"unsupported dtype {name!r}; use one of float32, bfloat16, float16")
-    return _DTYPE_NAMES[key]
-
-
 def dtype_to_hf(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """How config.json spells ``dtype`` (``"bfloat16"``)."""
+    return dtype_name(dtype)
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,7 +99,7 @@ class GPTModelProvider(TransformerConfig):
     """Layer spec: ``native`` (torch-native fast kernels), ``local`` (megatron-core's reference modules) or
     ``transformer_engine``. ``auto`` picks Transformer Engine when it imports and a GPU is present, else native."""
     compile_layers: bool = False
-    """``torch.compile`` each transformer layer (native spec only)."""
+    """``torch.compile`` each transformer layer (native spec only: refused by :meth:`finalize` for the others)."""
     generation_config: dict[str, Any] | None = field(default=None, repr=False)
     """HF generation settings carried along so an export writes them back."""
     hf_architecture: str | None = None
@@ -148,9 +148,10 @@ class GPTModelProvider(TransformerConfig):
             return self
         self._raise_if_invalid()
         self.transformer_impl = resolve_transformer_impl(self.transformer_impl)
-        if self.recompute_activation_output and self.transformer_impl != "native":
-            raise ValueError("recompute_activation_output is a feature of the native spec; transformer_impl resolved "
-                             f"to {self.transformer_impl!r} (set transformer_impl='native' or drop it)")
+        for feature in ("recompute_activation_output", "compile_layers"):
+            if getattr(self, feature) and self.transformer_impl != "native":
+                raise ValueError(f"{feature} is a feature of the native spec; transformer_impl resolved to "
+                                 f"{self.transformer_impl!r} (set transformer_impl='native' or drop {feature})")
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             self.use_cpu_initialization = True

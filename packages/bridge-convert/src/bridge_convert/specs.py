@@ -18,24 +18,31 @@ import torch
 if TYPE_CHECKING:
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-__all__ = ["TRANSFORMER_IMPLS", "layer_spec", "resolve_transformer_impl", "te_available"]
+__all__ = ["TRANSFORMER_IMPLS", "layer_spec", "resolve_transformer_impl", "te_available",
+           "transformer_engine_status"]
 
 TRANSFORMER_IMPLS = ("native", "local", "transformer_engine")
 
 
 @cache
-def te_available() -> bool:
-    """True when Transformer Engine's torch extension imports and a GPU is present.
+def transformer_engine_status() -> tuple[bool, str]:
+    """Whether Transformer Engine's torch extension imports: ``(True, version)`` or ``(False, the import error)``.
 
-    Any exception counts as absent: a partial TE install raises RuntimeError / OSError, not ImportError.
+    The one probe of TE in the repository (the layer specs and the FP8/FP4 config checks both ask it). Any
+    exception counts as absent: a partial or CUDA-mismatched TE install raises RuntimeError / OSError, not
+    ImportError. Cached: importing TE is slow and its answer cannot change within a process.
     """
-    if not torch.cuda.is_available():
-        return False
     try:
+        import transformer_engine as te
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as err:  # noqa: BLE001
+        return False, f"{type(err).__name__}: {err}"
+    return True, str(getattr(te, "__version__", "unknown"))
+
+
+def te_available() -> bool:
+    """True when a CUDA GPU is present and Transformer Engine imports (what the TE layer spec needs)."""
+    return torch.cuda.is_available() and transformer_engine_status()[0]
 
 
 def resolve_transformer_impl(requested: str) -> str:

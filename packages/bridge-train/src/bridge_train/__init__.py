@@ -1,23 +1,23 @@
-"""bridge-train: ConfigContainer and the pretrain / finetune loop on megatron-core."""
+"""bridge-train: ConfigContainer and the pretrain / finetune loop on megatron-core.
 
-from .config import (
-    CheckpointConfig,
-    ConfigContainer,
-    ConfigError,
-    DDPConfig,
-    LoggerConfig,
-    MixedPrecisionConfig,
-    OptimizerConfig,
-    ProfilingConfig,
-    RNGConfig,
-    RobustnessConfig,
-    SchedulerConfig,
-    TrainConfig,
-    apply_overrides,
-    get_mixed_precision_config,
+Names are imported lazily: ``import bridge_train`` does not import torch or megatron-core until one is used
+(``bridge_train.config`` and the ``--help`` of a CLI built on it start in about a second).
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_CONFIG_NAMES = (
+    "CheckpointConfig", "ConfigContainer", "ConfigError", "DDPConfig", "LoggerConfig", "MixedPrecisionConfig",
+    "OptimizerConfig", "ProfilingConfig", "RNGConfig", "RobustnessConfig", "SchedulerConfig", "TrainConfig",
+    "apply_overrides", "get_mixed_precision_config",
 )
-from .entrypoints import finetune, pretrain
-from .forward_step import gpt_forward_step
+_EXPORTS = {
+    **dict.fromkeys(_CONFIG_NAMES, ".config"),
+    "finetune": ".entrypoints",
+    "pretrain": ".entrypoints",
+    "gpt_forward_step": ".forward_step",
+}
 
 __all__ = [
     "CheckpointConfig",
@@ -34,7 +34,40 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "finetune",
-    "gpt_forward_step",
     "get_mixed_precision_config",
+    "gpt_forward_step",
     "pretrain",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .config import (
+        CheckpointConfig,
+        ConfigContainer,
+        ConfigError,
+        DDPConfig,
+        LoggerConfig,
+        MixedPrecisionConfig,
+        OptimizerConfig,
+        ProfilingConfig,
+        RNGConfig,
+        RobustnessConfig,
+        SchedulerConfig,
+        TrainConfig,
+        apply_overrides,
+        get_mixed_precision_config,
+    )
+    from .entrypoints import finetune, pretrain
+    from .forward_step import gpt_forward_step

@@ -1,15 +1,4 @@
-"""Training metrics: the FLOP count behind TFLOP/s and MFU, and the console / TensorBoard / W&B writers.
-
-FLOPs of one training iteration (forward + backward = 3 x forward), per token:
-
-    6 * N  +  12 * L * H * S
-
-with N the parameters that take part in matrix multiplies (all transformer-layer weights plus the output
-projection, V x H, whether or not it is tied to the input embedding; the embedding lookup is not a matmul),
-L layers, H the hidden size and S the sequence length (the attention score and value products, counted for the
-full S x S square as PaLM's appendix B does). MFU divides the achieved FLOP/s per GPU by the card's dense bf16
-peak (H100/H200 SXM: 989 TFLOP/s).
-"""
+"""Training metrics: the console / TensorBoard / W&B writers, with TFLOP/s and MFU from :mod:`bridge_train.flops`."""
 
 from __future__ import annotations
 
@@ -22,37 +11,18 @@ from typing import Any
 
 import torch
 
+from .flops import flops_per_token, peak_flops
+
 __all__ = ["MetricsLogger", "flops_per_token", "peak_flops_per_device"]
 
 logger = logging.getLogger("bridge")
-
-_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0,
-                     "A10G": 125.0, "L4": 121.0}
-
-
-def flops_per_token(provider, seq_length: int) -> float:
-    """Training FLOPs per token of ``provider``'s model at ``seq_length`` (see the module docstring)."""
-    h, layers = provider.hidden_size, provider.num_layers
-    heads = provider.num_attention_heads
-    groups = provider.num_query_groups or heads
-    kv = provider.kv_channels or h // heads
-    ffn = provider.ffn_hidden_size or 4 * h
-    attention = h * (heads + 2 * groups) * kv + heads * kv * h
-    mlp = (3 if provider.gated_linear_unit else 2) * h * ffn
-    vocab = getattr(provider, "padded_vocab_size", None) or provider.vocab_size
-    matmul_params = layers * (attention + mlp) + vocab * h
-    return 6.0 * matmul_params + 12.0 * layers * h * seq_length
 
 
 def peak_flops_per_device() -> float | None:
     """Dense bf16 peak FLOP/s of this process's GPU, or None when unknown (CPU, unlisted card)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(_PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return _PEAK_BF16_TFLOPS[key] * 1e12
-    return None
+    return peak_flops(torch.cuda.get_device_name())
 
 
 def _memory_gb() -> tuple[str, float]:

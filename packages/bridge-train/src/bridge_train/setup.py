@@ -180,7 +180,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     optimizer = get_megatron_optimizer(cfg.optimizer, model)
     if not parallel.on_cpu and cfg.model.transformer_impl == "native":
         # Without TE / apex, megatron-core steps with unfused AdamW and Python norm loops (~2x slower steps).
-        from bridge_convert.native.optimizer import use_fused_optimizer_kernels
+        from .optim import use_fused_optimizer_kernels
 
         use_fused_optimizer_kernels(optimizer)
     _warn_unhonoured(cfg)

@@ -23,14 +23,13 @@ weight gradients    accumulated into DDP's fp32 ``main_grad`` in the GEMM      f
 loss                chunked fused output projection + vocab-parallel CE        same, eager
                     (compiled elementwise), gradients in the forward pass
 whole layer         ``torch.compile`` per layer when ``compile_layers``        same (slow to compile)
-optimizer step      :func:`use_fused_optimizer_kernels`: megatron's bf16 step  foreach helpers
-                    as one Triton pass per parameter (clip scale, AdamW,
-                    bf16 copy); ``torch._foreach`` grad norm
 ==================  =========================================================  ===============================
 
 Packed sequences take megatron-core's ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=..., max_seqlen_q=...)``
 with one packed row per micro-batch (input ids ``[1, T]``), as GPTModel and TE expect; several rows are packed by
 flattening them into one row and concatenating their ``cu_seqlens``.
+
+The optimizer step's kernels are training, not model code: they live in ``bridge_train.optim``.
 """
 
 from .attention import NativeDotProductAttention, NativeSelfAttention
@@ -38,7 +37,6 @@ from .cross_entropy import fused_linear_cross_entropy
 from .masks import PackedLayout, packed_layout
 from .model import NativeGPTModel
 from .norm import NativeNorm
-from .optimizer import use_fused_optimizer_kernels
 from .spec import NativeMLP, NativeTransformerLayer, get_native_layer_spec
 from .wgrad import install_torch_wgrad_accumulation
 
@@ -54,5 +52,4 @@ __all__ = [
     "get_native_layer_spec",
     "install_torch_wgrad_accumulation",
     "packed_layout",
-    "use_fused_optimizer_kernels",
 ]

@@ -1,4 +1,4 @@
-"""Triton kernel of :mod:`.optimizer`'s fused mixed-precision Adam step (imported only where it runs)."""
+"""Triton kernel of :mod:`.fused_step`'s fused mixed-precision Adam step (imported only where it runs)."""
 
 import triton
 import triton.language as tl

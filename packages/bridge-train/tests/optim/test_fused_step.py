@@ -5,7 +5,7 @@ from megatron.core import utils as mc_utils
 from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer import optimizer as mc_optimizer
 
-from bridge_convert.native.optimizer import _foreach_l2_norm, _foreach_scale, use_fused_optimizer_kernels
+from bridge_train.optim.fused_step import _foreach_l2_norm, _foreach_scale, use_fused_optimizer_kernels
 
 
 def _tensors(seed: int = 0):
@@ -34,14 +34,28 @@ def test_foreach_scale_matches_megatron_fallback(runtime):
 
 
 def test_use_fused_optimizer_kernels_swaps_only_megatron_fallbacks(runtime, monkeypatch):
-    for module, name in ((clip_grads, "l2_norm_impl"), (clip_grads, "multi_tensor_scale_impl"),
-                         (mc_optimizer, "multi_tensor_scale_impl")):
-        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-    changed = use_fused_optimizer_kernels(object())
+    """The fallbacks megatron-core uses without TE / apex are replaced; a real multi-tensor kernel (what
+    megatron-core picks up from TE or apex) and CPU torch optimizers are left exactly as they were."""
+    def installed_kernel(*args):  # stands in for TE's / apex's multi_tensor_applier-backed implementation
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", mc_utils.local_multi_tensor_l2_norm)
+    monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", installed_kernel)
+    monkeypatch.setattr(mc_optimizer, "multi_tensor_scale_impl", mc_utils.local_multi_tensor_scale)
+    cpu_param = torch.nn.Parameter(torch.randn(4, 3))
+    cpu_adam = torch.optim.AdamW([cpu_param], lr=1e-3)
+    groups_before = [dict(g) for g in cpu_adam.param_groups]
+
+    changed = use_fused_optimizer_kernels(cpu_adam)
+
+    assert sorted(changed) == ["clip_grads.l2_norm_impl", "optimizer.multi_tensor_scale_impl"]
     assert clip_grads.l2_norm_impl is _foreach_l2_norm
     assert mc_optimizer.multi_tensor_scale_impl is _foreach_scale
-    assert "clip_grads.l2_norm_impl" in changed
-    assert use_fused_optimizer_kernels(object()) == []  # idempotent; no CUDA optimizer to fuse here
+    assert clip_grads.multi_tensor_scale_impl is installed_kernel  # not a fallback: kept
+    assert cpu_adam.param_groups == groups_before  # CPU params: torch's fused AdamW is CUDA-only, untouched
+    assert not getattr(cpu_adam, "_bridge_fused_step", False)
+    assert use_fused_optimizer_kernels(cpu_adam) == []  # idempotent
+    assert clip_grads.multi_tensor_scale_impl is installed_kernel
 
 
 def test_foreach_scale_in_place_clip_matches_megatron_fallback(runtime):
@@ -60,7 +74,7 @@ def test_in_place_clip_of_fused_optimizer_grads_is_left_to_the_step(runtime):
     # multiplies each grad by its own recorded factor. Lists with any other tensor are scaled for real.
     import weakref
 
-    from bridge_convert.native import optimizer as native_optimizer
+    from bridge_train.optim import fused_step as native_optimizer
 
     class Owner:
         pass

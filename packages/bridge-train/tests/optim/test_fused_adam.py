@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 _SCRIPT = textwrap.dedent("""
     import copy, torch
-    from bridge_convert.native.optimizer import fused_adam_step
+    from bridge_train.optim.fused_step import fused_adam_step
 
     def params(seed):
         g = torch.Generator().manual_seed(seed)
