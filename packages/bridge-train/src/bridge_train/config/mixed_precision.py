@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 import torch
 
-from .field_checks import type_problems
+from bridge_convert.hf_config import dtype_to_hf as _name
+
+from .fields import type_problems
 
 __all__ = [
     "MIXED_PRECISION_RECIPES",
@@ -29,9 +31,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(kw_only=True, slots=True)
 class MixedPrecisionConfig:
@@ -194,10 +193,6 @@ def _assign(config: Any, values: dict[str, Any], section: str, label: str) -> No
         if old != value:
             logger.info("%s sets %s.%s: %r -> %r", label, section, name, old, value)
             setattr(config, name, value)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ------------------------------------------------------------------------------------ hardware support
