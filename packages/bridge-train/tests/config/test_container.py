@@ -195,7 +195,7 @@ def test_finalize_applies_precision_and_derives_fields(make_cfg):
     assert cfg.num_microbatches(4) == 1
     assert cfg.scheduler.lr_decay_iters == 20 and cfg.scheduler.lr_warmup_iters == 5
     assert cfg.scheduler.lr_warmup_fraction is None
-    assert cfg.scheduler.start_weight_decay == cfg.optimizer.weight_decay == cfg.scheduler.end_weight_decay
+    assert cfg.scheduler.start_weight_decay == 0.01 == cfg.scheduler.end_weight_decay  # megatron-core's default
     assert cfg.optimizer.min_lr == 0.0
     assert model._finalized and model.kv_channels == 16  # the provider's own finalize ran
     assert hasattr(cfg.optimizer, "use_precision_aware_optimizer_no_fp8_or_ds_fp8")  # megatron-core's __post_init__

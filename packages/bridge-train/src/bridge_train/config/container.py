@@ -1,6 +1,6 @@
 """ConfigContainer: every setting of a training run, as small sub-configs the loop reads directly.
 
-Two phases (STYLE §4). Build and edit freely (in Python, from YAML, with dotted overrides), then call
+Two phases. Build and edit freely (in Python, from YAML, with dotted overrides), then call
 :meth:`ConfigContainer.finalize` once at the entrypoint: it applies the mixed-precision recipe, lets each
 sub-config check itself, checks how they relate (batch sizes against the data-parallel size, heads and layers
 against TP/PP/VP/CP, precision flags across model/optimizer/DDP, FP8/FP4 support on this machine, ...), and raises

@@ -1,4 +1,4 @@
-"""Rules that relate sub-configs to each other (STYLE §4: the container checks only how sub-configs relate).
+"""Rules that relate sub-configs to each other.
 
 Each function returns messages that name the dotted fields involved, their values and the fix.
 """
