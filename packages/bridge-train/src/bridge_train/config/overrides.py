@@ -20,13 +20,14 @@ can be added and removed):
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import pathlib
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -46,16 +47,14 @@ _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _NO_VALUE = object()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Patch:
+class _Patch(NamedTuple):
+    """One file or override: where it came from (for messages), the prefix (``""``, ``+``, ``++``, ``~``), the dotted
+    key (``""`` for a file) and the value as a patch (the whole file; None for ``~key`` without a value)."""
+
     source: str
-    """``override '...'`` or ``file '...'``, for messages."""
     op: str
-    """``""`` (set / merge), ``"+"``, ``"++"`` or ``"~"``."""
     key: str
-    """The dotted key of an override; ``""`` for a file."""
     conf: DictConfig | None
-    """The value as a one-key patch (or the whole file); None for ``~key`` without a value."""
 
 
 def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
@@ -107,28 +106,17 @@ def parse_cli_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     Raises:
         ConfigError: for an unknown option or a ``--config`` without a file.
     """
-    files, overrides, problems = [], [], []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--config":
-            if i + 1 >= len(args):
-                problems.append("--config needs a YAML file after it")
-            else:
-                files.append(args[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            files.append(arg.removeprefix("--config="))
-        elif arg.startswith("-"):
-            problems.append(f"unknown option {arg!r}; use --config FILE and key=value overrides")
-        else:
-            overrides.append(arg)
-        i += 1
-    if problems:
-        raise ConfigError(problems, "cannot parse arguments")
-    return files, overrides
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--config", action="append", default=[])
+    try:
+        args, overrides = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError:
+        raise ConfigError(["--config needs a YAML file after it"], "cannot parse arguments") from None
+    unknown = [f"unknown option {arg!r}; use --config FILE and key=value overrides" for arg in overrides
+               if arg.startswith("-")]
+    if unknown:
+        raise ConfigError(unknown, "cannot parse arguments")
+    return args.config, overrides
 
 
 def apply_cli_args(cfg: ConfigContainer, argv: Sequence[str]) -> ConfigContainer:
