@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import pathlib
 import re
 import warnings
@@ -165,10 +166,7 @@ def _apply_patches(cfg: ConfigContainer, patches: list[_Patch]) -> list[str]:
             planner.problem(f"cannot resolve an interpolation: {str(err).splitlines()[0]}")
         else:
             if patch.op in ("+", "~"):
-                value = data
-                for part in patch.key.split(".") if data is not None else ():
-                    value = value[part]
-                value = _NO_VALUE if data is None else value
+                value = _NO_VALUE if data is None else functools.reduce(dict.__getitem__, patch.key.split("."), data)
                 planner.add_or_delete(patch.op, patch.key, value, data)
             else:
                 planner.plan_node(cfg, data, "")
