@@ -143,7 +143,7 @@ def test_python_assignment_of_wrong_type_is_reported_for_any_field(make_cfg):
     cfg.ddp.bucket_size = 1.5
     with pytest.raises(ConfigError) as info:
         cfg.validate()
-    assert info.value.problems == ["ddp.bucket_size must be int | null, got 1.5 (float)",
+    assert info.value.problems == ["ddp.bucket_size must be int | None, got 1.5 (float)",
                                    "model.num_layers must be int, got '2' (str)",
                                    "model.apply_rope_fusion must be bool, got 'yes' (str)"]
 

@@ -92,12 +92,12 @@ def test_parsed_value_is_rejected_naming_expected_type(tp, value, expected):
 
 STRICT = [
     ("text_for_int", int, "10", "p.x must be int, got '10' (str)"),
-    ("text_for_dtype", torch.dtype, "bfloat16", "p.x must be a torch dtype name"),
+    ("text_for_dtype", torch.dtype, "bfloat16", "p.x must be a torch.dtype, got 'bfloat16' (str)"),
     ("list_for_tuple", tuple[int, ...], [1, 2], "p.x must be tuple[int, ...], got [1, 2] (list)"),
     ("int_for_bool", bool, 1, "p.x must be bool, got 1 (int)"),
     ("folded_literal", Literal["constant", "WSD"], "wsd", "p.x must be one of 'constant', 'WSD', got 'wsd' (str)"),
-    ("name_for_enum", AttnBackend, "flash", "p.x must be one of ['flash'"),
-    ("path_for_callable", Callable, "torch.nn.functional.silu", "p.x must be a callable's import path"),
+    ("name_for_enum", AttnBackend, "flash", "p.x must be a member of AttnBackend, got 'flash' (str)"),
+    ("path_for_callable", Callable, "torch.nn.functional.silu", "p.x must be a callable, got 'torch.nn"),
 ]
 
 

@@ -75,25 +75,26 @@ def _is_callable(tp: Any) -> bool:
     return tp in (collections.abc.Callable, typing.Callable) or typing.get_origin(tp) is collections.abc.Callable
 
 
-def describe(tp: Any) -> str:
-    """Human-readable name of an annotation, for messages."""
+def describe(tp: Any, python: bool = False) -> str:
+    """Human-readable name of an annotation, for messages: as text is written, or as Python values (``python``)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
         return "any value"
     if tp is type(None):
-        return "null"
+        return "null" if not python else "None"
     if origin in (Union, types.UnionType):
-        return " | ".join(describe(a) for a in args)
+        return " | ".join(describe(a, python) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if tp is torch.dtype:
-        return "a torch dtype name (e.g. bfloat16, float16, float32)"
+        return "a torch dtype name (e.g. bfloat16, float16, float32)" if not python else "a torch.dtype"
     if _is_callable(tp):
-        return "a callable's import path (e.g. torch.nn.functional.silu)"
+        return "a callable's import path (e.g. torch.nn.functional.silu)" if not python else "a callable"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return f"one of {[m.name for m in tp]}"
+        return f"one of {[m.name for m in tp]}" if not python else f"a member of {tp.__name__}"
     if origin is not None:
-        return f"{getattr(origin, '__name__', origin)}[{', '.join('...' if a is ... else describe(a) for a in args)}]"
+        inner = ", ".join("..." if a is ... else describe(a, python) for a in args)
+        return f"{getattr(origin, '__name__', origin)}[{inner}]"
     if _is_node(tp):
         return f"a mapping for {tp.__name__}"
     return getattr(tp, "__name__", str(tp))
@@ -225,7 +226,8 @@ def _problems(err: ValidationError, declared: dict[str, Any], data: dict, path: 
             if "[" in describe(declared[name]) and not isinstance(value, list | tuple | dict):
                 detail += "; write a list as [a, b]"
         if strict:
-            out.append(f"{dotted} must be {describe(declared[name])}, got {shown}")
+            out.append(f"{dotted} must be {describe(declared[name], python=True)}, got {value!r} "
+                       f"({type(value).__name__})")
         else:
             out.append(f"{dotted}: cannot use {value!r}: {detail}{''.join(items)}")
     return list(dict.fromkeys(out))
