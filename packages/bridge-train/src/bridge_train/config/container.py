@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import pathlib
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,10 +178,14 @@ class ConfigContainer:
         return cfg
 
     # -------------------------------------------------------------------------------------- internals
-    def _working_copy(self) -> ConfigContainer:
+    def _working_copy(self, names: Iterable[str] = _MUTABLE_SECTIONS) -> ConfigContainer:
+        """A copy for a dry run whose sections ``names`` are deep copies (see :func:`section_copy`)."""
         clone = copy.copy(self)
-        for name in _MUTABLE_SECTIONS:
-            setattr(clone, name, section_copy(getattr(self, name)))
+        for name in names:
+            try:
+                setattr(clone, name, section_copy(getattr(self, name)))
+            except (TypeError, copy.Error, RecursionError):  # e.g. a PEFT object holding a lock: shared
+                continue
         return clone
 
     def _resolve(self, world_size: int | None) -> list[str]:

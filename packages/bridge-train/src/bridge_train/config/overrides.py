@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .container import ConfigContainer, section_copy
+from .container import ConfigContainer
 from .errors import ConfigError, ConfigWarning
 from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert
 from .import_paths import import_object
@@ -92,7 +92,7 @@ def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
             patches.append(parsed)
     with warnings.catch_warnings():  # the dry run's warnings would repeat the real run's
         warnings.simplefilter("ignore", ConfigWarning)
-        problems += _apply_patches(_working_copy(cfg), patches)
+        problems += _apply_patches(cfg._working_copy([f.name for f in dataclasses.fields(cfg) if f.init]), patches)
     if problems:
         raise ConfigError(problems, "cannot apply overrides")
     problems = _apply_patches(cfg, patches)
@@ -142,17 +142,6 @@ def _parse_override(text: Any) -> _Patch | str:
         return _Patch(f"override {text!r}", op, key, OmegaConf.from_dotlist([f"{key}={value}"]))
     except (OmegaConfBaseException, ValueError) as err:
         return f"override {text!r}: cannot parse the value: {err}"
-
-
-def _working_copy(cfg: ConfigContainer) -> ConfigContainer:
-    clone = copy.copy(cfg)
-    for f in dataclasses.fields(cfg):
-        if f.init:
-            try:
-                setattr(clone, f.name, section_copy(getattr(cfg, f.name)))
-            except (TypeError, copy.Error, RecursionError):  # e.g. a PEFT object holding a lock: try it in place
-                continue
-    return clone
 
 
 def _apply_patches(cfg: ConfigContainer, patches: list[_Patch]) -> list[str]:
