@@ -233,23 +233,25 @@ def _problems(err: ValidationError, declared: dict[str, Any], data: dict, path: 
     return list(dict.fromkeys(out))
 
 
-def convert(cls: type, data: dict[str, Any], path: str = "") -> tuple[dict[str, Any], list[str]]:
+def convert(cls: type, data: dict[str, Any], path: str = "",
+            everywhere: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
     """Read parsed values for some fields of dataclass ``cls``: (converted values, every problem).
 
-    A mapping for a dataclass or Protocol field is built by :func:`build`; an unknown key gets a suggestion.
+    A mapping for a dataclass or Protocol field is built by :func:`build`; an unknown key gets a suggestion among
+    its siblings and ``everywhere`` (every valid dotted key, for a key put in the wrong section).
     """
     _, declared = _adapter(cls)
     problems, nodes, plain = [], {}, {}
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else key
         if key not in declared:
-            problems.append(unknown_key_message(dotted, [f"{path}.{n}" if path else n for n in declared]))
+            problems.append(unknown_key_message(dotted, [f"{path}.{n}" if path else n for n in declared], everywhere))
             continue
         members = [a for a in typing.get_args(declared[key]) if a is not type(None)] or [declared[key]]
         node = next((m for m in members if _is_node(m) or m is Any), None)
         if isinstance(value, dict) and (node is not None and (_is_node(node) or TARGET_KEY in value)):
             try:
-                nodes[key] = build(node, value, dotted)
+                nodes[key] = build(node, value, dotted, everywhere)
             except ConfigError as err:
                 problems += err.problems
         else:
@@ -261,8 +263,10 @@ def convert(cls: type, data: dict[str, Any], path: str = "") -> tuple[dict[str, 
     return {**plain, **nodes}, problems
 
 
-def build(tp: Any, data: dict[str, Any], path: str = "") -> Any:
+def build(tp: Any, data: dict[str, Any], path: str = "", everywhere: tuple[str, ...] | None = None) -> Any:
     """Build the dataclass that ``data`` describes (``data["_target_"]`` names the class when given).
+
+    ``everywhere``: the valid dotted keys for suggestions; None: every key of ``tp`` and the dataclasses it nests.
 
     Returns:
         The object, or a :class:`NotRestorable` for a saved ``{_target_, _repr_}`` record.
@@ -286,7 +290,8 @@ def build(tp: Any, data: dict[str, Any], path: str = "") -> Any:
             raise ConfigError([f"{where}: {target!r} is not a subclass of {tp.__name__}"])
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise ConfigError([f"{path or 'value'}: {describe(tp)} needs {TARGET_KEY}: <import path of a dataclass>"])
-    values, problems = convert(cls, data, path)
+    everywhere = _dotted_keys(cls, path) if everywhere is None else everywhere
+    values, problems = convert(cls, data, path, everywhere)
     for f in dataclasses.fields(cls):
         if f.init and f.name not in data and f.default is dataclasses.MISSING \
                 and f.default_factory is dataclasses.MISSING:
@@ -298,6 +303,15 @@ def build(tp: Any, data: dict[str, Any], path: str = "") -> Any:
         return cls(**values)
     except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError([f"{path or cls.__name__}: cannot build {cls.__name__}: {err}"]) from None
+
+
+def _dotted_keys(cls: type, path: str) -> tuple[str, ...]:
+    keys = []
+    for name, tp in _adapter(cls)[1].items():
+        dotted = f"{path}.{name}" if path else name
+        nested = [m for m in (*typing.get_args(tp), tp) if isinstance(m, type) and dataclasses.is_dataclass(m)]
+        keys += [dotted, *(_dotted_keys(nested[0], dotted) if nested else ())]
+    return tuple(keys)
 
 
 def type_problems(obj: Any, prefix: str) -> list[str]:
