@@ -151,6 +151,15 @@ def test_peft_by_registered_name_then_edited(make_cfg, lora_registered):
         apply_overrides(cfg, ["peft.dims=4"])
 
 
+def test_peft_name_without_any_registered_method_says_what_to_do(make_cfg, monkeypatch):
+    from bridge_train.config import peft_methods
+
+    monkeypatch.setattr(peft_methods, "_METHODS", {})
+    with pytest.raises(ConfigError, match=r"peft: unknown PEFT method 'lora': none is registered \(bridge-recipes "
+                                          r"registers lora and dora when imported\)"):
+        apply_overrides(make_cfg(), ["peft=lora"])
+
+
 def test_peft_registry_checks_names(lora_registered):
     with pytest.raises(ValueError, match="must be lower-case"):
         register_peft_method("LoRA", FakeLoRA)
