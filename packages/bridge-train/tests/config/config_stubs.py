@@ -53,3 +53,11 @@ class FakeLoRA:
 
     def __call__(self, model: Any, training: bool = True) -> Any:
         return model
+
+
+@dataclass
+class FakeDoRA(FakeLoRA):
+    """A second PEFT method stand-in, registered as ``dora``."""
+
+    magnitude: bool = True
+    """Learn a magnitude vector."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from config_stubs import MockDataConfig, tiny_provider
+from config_stubs import FakeDoRA, FakeLoRA, MockDataConfig, tiny_provider
 
 from bridge_train.config import ConfigContainer, OptimizerConfig, TrainConfig
 
@@ -25,3 +25,13 @@ def make_cfg():
         return ConfigContainer(**values)
 
     return make
+
+
+@pytest.fixture
+def lora_registered(monkeypatch):
+    """``lora`` and ``dora`` registered as bridge-recipes registers bridge-peft's methods (undone afterwards)."""
+    from bridge_train.config import peft_methods
+
+    monkeypatch.setattr(peft_methods, "_METHODS", dict(peft_methods._METHODS))
+    peft_methods.register_peft_method("lora", FakeLoRA)
+    peft_methods.register_peft_method("dora", FakeDoRA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -124,9 +125,38 @@ def test_validate_rejects_invalid_config_naming_the_field(make_cfg, mutate, worl
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.parametrize("world_size", [None, 1, 2, 4])
-def test_validate_accepts_valid_config(make_cfg, world_size):
-    make_cfg().validate(world_size=world_size)
+@pytest.mark.parametrize(("world_size", "microbatches"), [(None, 4), (1, 4), (2, 2), (4, 1)])
+def test_validate_accepts_valid_config(make_cfg, world_size, microbatches):
+    cfg = make_cfg()  # global batch 8, micro batch 2
+    before = copy.deepcopy(cfg)
+    assert cfg.validate(world_size=world_size) is None
+    assert cfg == before and not cfg.finalized, "validate() is a dry run"
+    assert cfg.finalize(world_size=world_size) is cfg and cfg.finalized
+    assert cfg.num_microbatches(world_size or 1) == microbatches  # 8 / (2 x DP)
+    assert cfg.scheduler.lr_decay_iters == 10 and cfg.optimizer.min_lr == 0.0 and cfg.model.kv_channels == 16
+
+
+def test_python_assignment_of_wrong_type_is_reported_for_any_field(make_cfg):
+    cfg = make_cfg()
+    cfg.model.num_layers = "2"
+    cfg.model.apply_rope_fusion = "yes"  # a field no rule reads: still checked
+    cfg.ddp.bucket_size = 1.5
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert info.value.problems == ["ddp.bucket_size must be int | None, got 1.5 (float)",
+                                   "model.num_layers must be int, got '2' (str)",
+                                   "model.apply_rope_fusion must be bool, got 'yes' (str)"]
+
+
+def test_a_bug_in_a_rule_is_raised_not_hidden(make_cfg, monkeypatch):
+    from bridge_train.config import invariants
+
+    def buggy(*args):
+        return None + 1
+
+    monkeypatch.setattr(invariants, "schedule_problems", buggy)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        make_cfg().validate()
 
 
 def test_validate_reports_every_problem_at_once(make_cfg):
@@ -165,7 +195,7 @@ def test_finalize_applies_precision_and_derives_fields(make_cfg):
     assert cfg.num_microbatches(4) == 1
     assert cfg.scheduler.lr_decay_iters == 20 and cfg.scheduler.lr_warmup_iters == 5
     assert cfg.scheduler.lr_warmup_fraction is None
-    assert cfg.scheduler.start_weight_decay == cfg.optimizer.weight_decay == cfg.scheduler.end_weight_decay
+    assert cfg.scheduler.start_weight_decay == 0.01 == cfg.scheduler.end_weight_decay  # megatron-core's default
     assert cfg.optimizer.min_lr == 0.0
     assert model._finalized and model.kv_channels == 16  # the provider's own finalize ran
     assert hasattr(cfg.optimizer, "use_precision_aware_optimizer_no_fp8_or_ds_fp8")  # megatron-core's __post_init__

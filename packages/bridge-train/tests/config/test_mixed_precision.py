@@ -1,4 +1,5 @@
-"""Mixed-precision recipes: lookup by name, their fields (REFERENCE.md §7), apply(), and FP8/FP4 support checks."""
+"""Mixed-precision recipes: lookup by name, their fields and what apply() sets (Megatron-Bridge's published recipe
+table), and the FP8/FP4 support checks."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from bridge_train.config import mixed_precision as mp
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
-# recipe -> fields it must set (REFERENCE.md §7)
+# recipe -> fields it must set (Megatron-Bridge's published recipe table)
 EXPECTED = {
     "fp32": dict(bf16=False, fp16=False, params_dtype=FP32, fp8=None, fp4=None),
     "bf16_mixed": dict(bf16=True, fp16=False, params_dtype=BF16, pipeline_dtype=BF16, grad_reduce_in_fp32=True,
@@ -79,28 +80,61 @@ def test_recipe_lookup_rejects_unknown_name_with_suggestion():
         get_mixed_precision_config("bf16-mixd")
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_apply_targets_existing_megatron_fields(name):
+_BF16 = dict(bf16=True, fp16=False, params_dtype=BF16, pipeline_dtype=BF16)
+_FP16 = dict(bf16=False, fp16=True, params_dtype=FP16, pipeline_dtype=FP16)
+_NO_FP8 = dict(fp8=None, fp8_param=False, fp4=None, fp4_param=False)
+_DELAYED = dict(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024, fp8_amax_compute_algo="max",
+                fp8_param=True, fp4=None)
+_CURRENT = dict(fp8="hybrid", fp8_recipe="tensorwise", first_last_layers_bf16=True, num_layers_at_start_in_bf16=1,
+                num_layers_at_end_in_bf16=1, fp8_param=True)
+_BLOCKWISE = dict(fp8="hybrid", fp8_recipe="blockwise", fp8_param=False)
+_MXFP8 = dict(fp8="e4m3", fp8_recipe="mxfp8", fp8_param=True)
+
+
+def _opt(base, fp8_recipe=None, reuse=False):
+    return dict(bf16=base["bf16"], fp16=base["fp16"], params_dtype=base["params_dtype"], fp8_recipe=fp8_recipe,
+                reuse_grad_buf_for_mxfp8_param_ag=reuse, loss_scale=None, initial_loss_scale=2.0**32)
+
+
+# recipe -> (model, optimizer, ddp) fields after apply(): megatron-core's names, values from Megatron-Bridge's
+# published recipe table, written out rather than read back from the recipe objects
+APPLIED = {
+    "fp32": (dict(bf16=False, fp16=False, params_dtype=FP32, pipeline_dtype=FP32, **_NO_FP8),
+             _opt(dict(bf16=False, fp16=False, params_dtype=FP32)), dict(fp8_param_gather=False)),
+    "bf16_mixed": ({**_BF16, **_NO_FP8}, _opt(_BF16), dict(grad_reduce_in_fp32=True, fp8_param_gather=False)),
+    "fp16_mixed": ({**_FP16, **_NO_FP8}, _opt(_FP16), dict(grad_reduce_in_fp32=False, fp8_param_gather=False)),
+    "bf16_with_fp8_delayed_scaling_mixed": ({**_BF16, **_DELAYED}, _opt(_BF16, "delayed"),
+                                            dict(grad_reduce_in_fp32=True, fp8_param_gather=True)),
+    "fp16_with_fp8_delayed_scaling_mixed": ({**_FP16, **_DELAYED}, _opt(_FP16, "delayed"),
+                                            dict(grad_reduce_in_fp32=False, fp8_param_gather=True)),
+    "bf16_with_fp8_current_scaling_mixed": ({**_BF16, **_CURRENT}, _opt(_BF16, "tensorwise"),
+                                            dict(fp8_param_gather=True)),
+    "fp16_with_fp8_current_scaling_mixed": ({**_FP16, **_CURRENT}, _opt(_FP16, "tensorwise"),
+                                            dict(fp8_param_gather=True)),
+    "bf16_with_fp8_subchannel_scaling_mixed": ({**_BF16, **_BLOCKWISE}, _opt(_BF16, "blockwise"),
+                                               dict(fp8_param_gather=False)),
+    "fp16_with_fp8_subchannel_scaling_mixed": ({**_FP16, **_BLOCKWISE}, _opt(_FP16, "blockwise"),
+                                               dict(fp8_param_gather=False)),
+    "bf16_with_mxfp8_mixed": ({**_BF16, **_MXFP8}, _opt(_BF16, "mxfp8", reuse=True),
+                              dict(fp8_param_gather=True, reuse_grad_buf_for_mxfp8_param_ag=True)),
+    "fp16_with_mxfp8_mixed": ({**_FP16, **_MXFP8}, _opt(_FP16, "mxfp8", reuse=True),
+                              dict(fp8_param_gather=True, reuse_grad_buf_for_mxfp8_param_ag=True)),
+    "bf16_with_nvfp4_mixed": ({**_BF16, "fp8": None, "fp8_param": False, "fp4": "e2m1", "fp4_recipe": "nvfp4",
+                               "fp4_param": True}, _opt(_BF16), dict(fp8_param_gather=False, fp4_param_gather=True)),
+}
+
+
+def test_every_recipe_has_applied_values():
+    assert set(APPLIED) == set(MIXED_PRECISION_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(APPLIED))
+def test_apply_sets_megatron_fields_to_published_values(name):
     model, optimizer, ddp = tiny_provider(), OptimizerConfig(lr=1e-4), DDPConfig()
-    recipe = get_mixed_precision_config(name)
-    recipe.apply(model, optimizer, ddp)
-    assert (model.bf16, model.fp16, model.params_dtype) == (recipe.bf16, recipe.fp16, recipe.params_dtype)
-    assert (optimizer.bf16, optimizer.fp16, optimizer.params_dtype) == (recipe.bf16, recipe.fp16, recipe.params_dtype)
-    assert model.pipeline_dtype == (recipe.pipeline_dtype or recipe.params_dtype)
-    assert ddp.grad_reduce_in_fp32 == recipe.grad_reduce_in_fp32
-    assert model.fp8 == recipe.fp8 and model.fp4 == recipe.fp4
-    assert model.fp8_param == ddp.fp8_param_gather == recipe.fp8_param_gather
-    assert model.fp4_param == ddp.fp4_param_gather == recipe.fp4_param_gather
-    assert optimizer.fp8_recipe == (recipe.fp8_recipe if recipe.fp8 else None)
-    if recipe.fp8:
-        assert model.fp8_recipe == recipe.fp8_recipe
-        assert model.fp8_amax_history_len == recipe.fp8_amax_history_len
-        assert model.first_last_layers_bf16 == recipe.first_last_layers_bf16
-    if recipe.fp4:
-        assert model.fp4_recipe == recipe.fp4_recipe
-    assert ddp.reuse_grad_buf_for_mxfp8_param_ag == optimizer.reuse_grad_buf_for_mxfp8_param_ag \
-        == recipe.reuse_grad_buf_for_mxfp8_param_ag
-    assert optimizer.initial_loss_scale == recipe.initial_loss_scale
+    get_mixed_precision_config(name).apply(model, optimizer, ddp)
+    for config, expected in zip((model, optimizer, ddp), APPLIED[name], strict=True):
+        actual = {key: getattr(config, key) for key in expected}
+        assert actual == expected, type(config).__name__
 
 
 def test_apply_overwrites_previous_precision():

@@ -7,17 +7,26 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from config_stubs import FakeLoRA, MockDataConfig
+from config_stubs import FakeDoRA, FakeLoRA, MockDataConfig
 from megatron.core.transformer.enums import AttnBackend
 
-from bridge_train.config import ConfigError, TrainConfig, apply_cli_args, apply_overrides, parse_cli_args
+from bridge_train.config import (
+    ConfigError,
+    OptimizerConfig,
+    TrainConfig,
+    apply_cli_args,
+    apply_overrides,
+    parse_cli_args,
+    peft_method_names,
+    register_peft_method,
+)
 
 
 def test_issue_example_overrides_apply_with_types(make_cfg):
     cfg = make_cfg()
     apply_overrides(cfg, ["train.train_iters=10", "model.tensor_model_parallel_size=2", "optimizer.lr=3e-4",
                           "model.params_dtype=bfloat16", "scheduler.lr_decay_style=cosine",
-                          "+logger.wandb_project=x"])
+                          "++logger.wandb_project=x"])
     assert cfg.train.train_iters == 10 and cfg.model.tensor_model_parallel_size == 2
     assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
     assert cfg.model.params_dtype is torch.bfloat16
@@ -73,19 +82,37 @@ BAD = [
     ("unknown_model_key", "model.num_layrs=3", "unknown key 'model.num_layrs'; did you mean 'model.num_layers'?"),
     ("unknown_section", "optimiser.lr=1", "unknown key 'optimiser'; did you mean 'optimizer'?"),
     ("bad_int", "train.train_iters=ten",
-     "train.train_iters: cannot use 'ten': expected an int, got 'ten' (str) (from override 'train.train_iters=ten')"),
+     "train.train_iters: cannot use 'ten': expected int, got 'ten' (str) (from override 'train.train_iters=ten')"),
     ("bad_float", "optimizer.lr=fast", "optimizer.lr: cannot use 'fast': expected float | null"),
-    ("bad_bool", "train.manual_gc=perhaps", "train.manual_gc: cannot use 'perhaps': expected a bool"),
+    ("bad_bool", "train.manual_gc=perhaps", "train.manual_gc: cannot use 'perhaps': expected bool, got 'perhaps' (str)"),
     ("bad_literal", "scheduler.lr_decay_style=cosin",
      "scheduler.lr_decay_style: cannot use 'cosin': expected one of 'constant', 'linear', 'cosine'"),
-    ("bad_dtype", "model.params_dtype=bfloat17", "model.params_dtype: cannot use 'bfloat17': expected a torch dtype"),
+    ("bad_dtype", "model.params_dtype=bfloat17",
+     "model.params_dtype: cannot use 'bfloat17': unsupported dtype 'bfloat17'; use one of float32, bfloat16, float16"),
     ("bad_callable", "model.activation_func=torch.nn.functional.nope",
      "model.activation_func: cannot use 'torch.nn.functional.nope'"),
     ("null_for_required", "train.train_iters=null", "train.train_iters: cannot use None: expected int, got null"),
     ("scalar_for_section", "model=3", "model: cannot use 3: expected a mapping for GPTModelProvider"),
-    ("scalar_for_tuple", "profiling.profile_ranks=0", "write it as [a, b]"),
+    ("scalar_for_tuple", "profiling.profile_ranks=0", "write a list as [a, b]"),
     ("not_key_value", "train.train_iters", "override 'train.train_iters' must look like key=value"),
-    ("delete", "~train.eval_interval", "deleting keys is not supported; set train.eval_interval=null instead"),
+    ("plus_on_a_field", "+logger.wandb_project=x",
+     "+logger.wandb_project: logger.wandb_project already exists (config fields always do); write "
+     "logger.wandb_project=... to set it, or ++logger.wandb_project=... to set it whether or not it exists"),
+    ("plus_on_an_existing_entry", "+model.generation_config.top_p=0.5",
+     "model.generation_config.top_p already exists"),
+    ("reset_required_field", "~train.train_iters",
+     "~train.train_iters: train.train_iters is required and has no default to reset to; set it instead"),
+    ("reset_unless_value_matches", "~train.micro_batch_size=3",
+     "~train.micro_batch_size=3: train.micro_batch_size is 2, not 3; nothing was removed"),
+    ("remove_missing_entry", "~model.generation_config.top_k", "model.generation_config.top_k does not exist"),
+    ("reset_unknown_key", "~train.eval_intervall", "unknown key 'train.eval_intervall'; did you mean "
+     "'train.eval_interval'?"),
+    ("entry_of_a_scalar", "+train.train_iters.x=1", "train.train_iters is 10, which has no entries to add or remove"),
+    ("learning_rate_means_lr", "optimizer.learning_rate=1e-4",
+     "unknown key 'optimizer.learning_rate'; did you mean 'optimizer.lr'?"),
+    ("megatron_bridge_max_lr", "scheduler.max_lr=1e-4", "unknown key 'scheduler.max_lr'; did you mean 'optimizer.lr'?"),
+    ("abbreviation", "train.mbs=4", "unknown key 'train.mbs'; did you mean 'train.micro_batch_size'?"),
+    ("unknown_peft_method", "peft=lorra", "peft: unknown PEFT method 'lorra'; did you mean 'lora'?"),
     ("bad_key", "train..x=1", "'train..x' is not a dotted key"),
     ("missing_interpolation", "train.eval_interval=${train.nope}",
      "cannot resolve an interpolation: Interpolation key 'train.nope' not found"),
@@ -93,10 +120,54 @@ BAD = [
 
 
 @pytest.mark.parametrize(("override", "expected"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
-def test_bad_override_is_rejected_naming_key_value_and_type(make_cfg, override, expected):
+def test_bad_override_is_rejected_naming_key_value_and_type(make_cfg, lora_registered, override, expected):
+    cfg = make_cfg()
+    cfg.model.generation_config = {"top_p": 0.9}
     with pytest.raises(ConfigError) as info:
-        apply_overrides(make_cfg(), [override])
+        apply_overrides(cfg, [override])
     assert any(expected in p for p in info.value.problems), info.value
+
+
+def test_prefixes_add_set_and_reset_as_in_hydra(make_cfg):
+    cfg = make_cfg(peft=FakeLoRA(dim=4), mixed_precision="bf16_mixed")
+    cfg.model.generation_config = {"top_p": 0.9, "eos": {"id": 2}}
+    cfg.train.eval_interval = 5
+    cfg.optimizer.weight_decay = 0.3
+    apply_overrides(cfg, ["+model.generation_config.top_k=5", "++model.generation_config.top_p=0.5",
+                          "++train.micro_batch_size=4", "~model.generation_config.eos", "~train.eval_interval",
+                          "~optimizer", "~mixed_precision=bf16_mixed", "~peft"])
+    assert cfg.model.generation_config == {"top_p": 0.5, "top_k": 5}
+    assert cfg.train.micro_batch_size == 4 and cfg.train.eval_interval is None
+    assert cfg.optimizer == OptimizerConfig() and cfg.mixed_precision is None and cfg.peft is None
+
+
+def test_peft_by_registered_name_then_edited(make_cfg, lora_registered):
+    cfg = make_cfg()
+    apply_overrides(cfg, ["peft=lora", "peft.dim=16"])
+    assert cfg.peft == FakeLoRA(dim=16)
+    apply_overrides(cfg, ["peft=DoRA"])
+    assert cfg.peft == FakeDoRA()
+    with pytest.raises(ConfigError, match=r"unknown key 'peft.dims'; did you mean 'peft.dim'\?"):
+        apply_overrides(cfg, ["peft.dims=4"])
+
+
+def test_peft_name_without_any_registered_method_says_what_to_do(make_cfg, monkeypatch):
+    from bridge_train.config import peft_methods
+
+    monkeypatch.setattr(peft_methods, "_METHODS", {})
+    with pytest.raises(ConfigError, match=r"peft: unknown PEFT method 'lora': none is registered \(bridge-recipes "
+                                          r"registers lora and dora when imported\)"):
+        apply_overrides(make_cfg(), ["peft=lora"])
+
+
+def test_peft_registry_checks_names(lora_registered):
+    with pytest.raises(ValueError, match="must be lower-case"):
+        register_peft_method("LoRA", FakeLoRA)
+    register_peft_method("fake_lora_twice", FakeLoRA)
+    register_peft_method("fake_lora_twice", FakeLoRA)  # the same factory again: a module imported twice
+    with pytest.raises(ValueError, match="'fake_lora_twice' is already registered"):
+        register_peft_method("fake_lora_twice", FakeDoRA)
+    assert "fake_lora_twice" in peft_method_names()
 
 
 def test_bad_overrides_are_all_reported_and_nothing_is_applied(make_cfg):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from config_stubs import FakeLoRA, MockDataConfig, TokenizerStub, tiny_provider
+from config_stubs import FakeDoRA, FakeLoRA, MockDataConfig, TokenizerStub, tiny_provider
 
 from bridge_convert.provider import GPTModelProvider
 from bridge_train.config import (
@@ -115,13 +115,38 @@ def test_unserialisable_value_warns_naming_the_field(make_cfg):
     assert ConfigContainer.from_yaml(text).model.activation_func is F.silu  # the class default
 
 
-def test_peft_is_saved_by_class_and_repr_only(make_cfg):
-    cfg = make_cfg(peft=FakeLoRA())
+def test_dataclass_peft_round_trips(make_cfg):
+    cfg = make_cfg(peft=FakeLoRA(dim=16))
     text = cfg.to_yaml()
-    assert "peft:\n  _target_: config_stubs.FakeLoRA\n  _repr_: FakeLoRA(dim=8)\n" in text
+    assert "peft:\n  _target_: config_stubs.FakeLoRA\n  dim: 16\n" in text
+    assert ConfigContainer.from_yaml(text).peft == FakeLoRA(dim=16)
+
+
+class _OpaquePeft:
+    """A PEFT method that is not a dataclass: code and state YAML cannot hold."""
+
+    def __call__(self, model, training=True):
+        return model
+
+    def __repr__(self) -> str:
+        return "OpaquePeft()"
+
+
+def test_other_peft_is_saved_by_class_and_repr_only(make_cfg):
+    cfg = make_cfg(peft=_OpaquePeft())
+    with pytest.warns(ConfigWarning, match=r"peft \(only its class path and repr are saved\)"):
+        text = cfg.to_yaml()
+    assert f"peft:\n  _target_: {__name__}._OpaquePeft\n  _repr_: OpaquePeft()\n" in text
     with pytest.warns(ConfigWarning, match="peft .* is not restored; set cfg.peft in Python"):
         back = ConfigContainer.from_yaml(text)
     assert back.peft is None
+
+
+def test_peft_by_registered_name_in_yaml(make_cfg, lora_registered):
+    text = make_cfg().to_yaml().replace("peft: null", "peft: dora")
+    assert ConfigContainer.from_yaml(text).peft == FakeDoRA()
+    with pytest.raises(ConfigError, match="peft: unknown PEFT method 'lorax'; did you mean 'lora'"):
+        ConfigContainer.from_yaml(text.replace("peft: dora", "peft: lorax"))
 
 
 def test_from_yaml_resolves_interpolations(make_cfg):
@@ -153,11 +178,15 @@ BAD_YAML = [
     ("unknown_key", "train:\n  train_iters: 5\n  trian_iters: 3\nmodel: {num_layers: 2}\n",
      "unknown key 'train.trian_iters'; did you mean 'train.train_iters'?"),
     ("bad_value", "train:\n  train_iters: many\nmodel: {num_layers: 2}\n",
-     "train.train_iters: cannot use 'many': expected an int, got 'many' (str)"),
+     "train.train_iters: cannot use 'many': expected int, got 'many' (str)"),
     ("bad_dtype", "train: {train_iters: 5}\nmodel: {params_dtype: bfloat17}\n",
-     "model.params_dtype: cannot use 'bfloat17': expected a torch dtype name"),
+     "model.params_dtype: cannot use 'bfloat17': unsupported dtype 'bfloat17'; use one of float32, bfloat16, float16"),
     ("missing_model", "train: {train_iters: 5}\n", "model is required"),
     ("missing_train_iters", "train: {}\nmodel: {num_layers: 2}\n", "train.train_iters is required (int) but missing"),
+    ("key_in_the_wrong_section", "train: {train_iters: 5, lr: 1.0e-4}\nmodel: {}\n",
+     "unknown key 'train.lr'; did you mean 'optimizer.lr'?"),
+    ("key_from_another_framework", "train: {train_iters: 5}\nmodel: {}\noptimizer: {learning_rate: 1.0e-4}\n",
+     "unknown key 'optimizer.learning_rate'; did you mean 'optimizer.lr'?"),
     ("unknown_section", "train: {train_iters: 5}\nmodel: {}\noptimiser: {lr: 1}\n",
      "unknown key 'optimiser'; did you mean 'optimizer'?"),
     ("wrong_target", "train: {train_iters: 5}\nmodel: {_target_: config_stubs.MockDataConfig}\n",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .field_checks import at_least, type_problems
+from .fields import at_least, type_problems
 
 __all__ = ["CheckpointConfig"]
 

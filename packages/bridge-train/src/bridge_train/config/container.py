@@ -1,6 +1,6 @@
 """ConfigContainer: every setting of a training run, as small sub-configs the loop reads directly.
 
-Two phases (STYLE §4). Build and edit freely (in Python, from YAML, with dotted overrides), then call
+Two phases. Build and edit freely (in Python, from YAML, with dotted overrides), then call
 :meth:`ConfigContainer.finalize` once at the entrypoint: it applies the mixed-precision recipe, lets each
 sub-config check itself, checks how they relate (batch sizes against the data-parallel size, heads and layers
 against TP/PP/VP/CP, precision flags across model/optimizer/DDP, FP8/FP4 support on this machine, ...), and raises
@@ -11,8 +11,11 @@ without changing the config.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import pathlib
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +23,15 @@ from megatron.core.transformer import TransformerConfig
 
 from bridge_convert.provider import GPTModelProvider
 
-from . import invariants
+from . import invariants, yaml_io
 from .checkpoint import CheckpointConfig
 from .ddp import DDPConfig
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
+from .fields import NotRestorable, build, type_problems
 from .logger import LoggerConfig
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
 from .optimizer import OptimizerConfig, SchedulerConfig
+from .peft_methods import peft_method
 from .profiling import ProfilingConfig
 from .protocols import DatasetConfigLike, PeftLike, TokenizerConfigLike
 from .train import RNGConfig, RobustnessConfig, TrainConfig
@@ -75,7 +80,8 @@ class ConfigContainer:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     """NaN/Inf policy and exit signals."""
     peft: PeftLike | None = None
-    """Optional PEFT method, called as ``peft(model, training) -> model``; saved to YAML by class path and repr only."""
+    """Optional PEFT method, called as ``peft(model, training) -> model``; a registered name in YAML and overrides
+    (``peft=lora``); a dataclass one round-trips through YAML, another is saved by class path and repr only."""
     _finalized: bool = field(default=False, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------ phases
@@ -130,15 +136,11 @@ class ConfigContainer:
     # ------------------------------------------------------------------------------------------- YAML
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what :meth:`to_yaml` writes)."""
-        from .yaml_io import container_to_dict
-
-        return container_to_dict(self)
+        return yaml_io.to_dict(self)
 
     def to_yaml(self, path: str | pathlib.Path | None = None) -> str:
         """The config as YAML (also written to ``path`` when given); :meth:`from_yaml` reads it back."""
-        from .yaml_io import to_yaml
-
-        return to_yaml(self, path)
+        return yaml_io.to_yaml(self, path)
 
     @classmethod
     def from_yaml(cls, source: str | pathlib.Path) -> ConfigContainer:
@@ -148,15 +150,42 @@ class ConfigContainer:
             ConfigError: for invalid YAML, unknown keys (with the closest valid key), values that do not fit
                 their field's type, and missing required fields.
         """
-        from .yaml_io import from_yaml
+        return cls.from_dict(yaml_io.read_yaml(source))
 
-        return from_yaml(source)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConfigContainer:
+        """Build a config from plain data (the inverse of :meth:`to_dict`); ``peft`` may be a registered name.
+
+        Raises:
+            ConfigError: listing every unknown key, bad value and missing field.
+        """
+        data = dict(data)
+        if isinstance(data.get("peft"), str):
+            try:
+                data["peft"] = peft_method(data["peft"])
+            except ValueError as err:
+                raise ConfigError([f"peft: {err}"], "cannot build config from YAML") from None
+        try:
+            cfg = build(cls, data)
+        except ConfigError as err:
+            raise ConfigError(err.problems, "cannot build config from YAML") from None
+        for name in ("dataset", "tokenizer", "peft"):
+            value = getattr(cfg, name)
+            if isinstance(value, NotRestorable):
+                warnings.warn(f"{name} ({value.target}: {value.repr}) was saved by class path and repr only and is "
+                              f"not restored; set cfg.{name} in Python", ConfigWarning, stacklevel=3)
+                setattr(cfg, name, None)
+        return cfg
 
     # -------------------------------------------------------------------------------------- internals
-    def _working_copy(self) -> ConfigContainer:
+    def _working_copy(self, names: Iterable[str] = _MUTABLE_SECTIONS) -> ConfigContainer:
+        """A copy for a dry run whose sections ``names`` are deep copies (see :func:`section_copy`)."""
         clone = copy.copy(self)
-        for name in _MUTABLE_SECTIONS:
-            setattr(clone, name, section_copy(getattr(self, name)))
+        for name in names:
+            try:
+                setattr(clone, name, section_copy(getattr(self, name)))
+            except (TypeError, copy.Error, RecursionError):  # e.g. a PEFT object holding a lock: shared
+                continue
         return clone
 
     def _resolve(self, world_size: int | None) -> list[str]:
@@ -167,22 +196,24 @@ class ConfigContainer:
         problems = self._section_type_problems()
         if problems:
             return problems
-        mixed_precision, mp_problems = self._resolve_mixed_precision()
-        problems += mp_problems
-        rules = (
-            *(lambda name=name: getattr(self, name).check(name) for name in _CHECKED_SECTIONS),
-            lambda: invariants.model_layout_problems(self.model, world_size),
-            lambda: invariants.batch_problems(self.train, self.model, world_size),
-            lambda: invariants.precision_problems(self.model, self.optimizer, self.ddp, mixed_precision),
-            lambda: invariants.optimizer_ddp_problems(self.optimizer, self.ddp),
-            lambda: invariants.schedule_problems(self.scheduler, self.optimizer, self.train),
-            lambda: invariants.run_problems(self, world_size),
-        )
-        for rule in rules:
-            try:
-                problems += rule()
-            except TypeError:
-                continue  # a field of the wrong type, which its section's check() already reported
+        # One type pass over every section (the same schema that reads YAML and overrides); the rules below may
+        # then compare and do arithmetic on any field: an exception from a rule is a bug in the rule.
+        for name in (*_CHECKED_SECTIONS, "model", "mixed_precision"):
+            if dataclasses.is_dataclass(getattr(self, name)):
+                problems += type_problems(getattr(self, name), name)
+        if problems:
+            return problems
+        mixed_precision, problems = self._resolve_mixed_precision()
+        for name in _CHECKED_SECTIONS:
+            problems += getattr(self, name).check(name)
+        problems += [
+            *invariants.model_layout_problems(self.model, world_size),
+            *invariants.batch_problems(self.train, self.model, world_size),
+            *invariants.precision_problems(self.model, self.optimizer, self.ddp, mixed_precision),
+            *invariants.optimizer_ddp_problems(self.optimizer, self.ddp),
+            *invariants.schedule_problems(self.scheduler, self.optimizer, self.train),
+            *invariants.run_problems(self, world_size),
+        ]
         if problems:
             return problems
         return self._derive(world_size)

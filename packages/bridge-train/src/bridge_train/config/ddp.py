@@ -6,14 +6,9 @@ from dataclasses import dataclass
 
 from megatron.core.distributed import DistributedDataParallelConfig as MCoreDDPConfig
 
-from .field_checks import type_problems
+from .fields import type_problems
 
 __all__ = ["DDPConfig"]
-
-_CHECKED = ("grad_reduce_in_fp32", "overlap_grad_reduce", "overlap_param_gather", "use_distributed_optimizer",
-            "num_buckets", "bucket_size", "fp8_param_gather", "fp4_param_gather",
-            "reuse_grad_buf_for_mxfp8_param_ag", "average_in_collective", "check_for_nan_in_grad")
-
 
 @dataclass(kw_only=True)
 class DDPConfig(MCoreDDPConfig):
@@ -29,7 +24,7 @@ class DDPConfig(MCoreDDPConfig):
 
     def check(self, prefix: str = "ddp") -> list[str]:
         """Problems with this config alone, as messages naming ``prefix.field``."""
-        problems = type_problems(self, prefix, _CHECKED)
+        problems = type_problems(self, prefix)
         if problems:
             return problems
         if self.overlap_param_gather and not self.use_distributed_optimizer:

@@ -1,4 +1,4 @@
-"""Rules that relate sub-configs to each other (STYLE §4: the container checks only how sub-configs relate).
+"""Rules that relate sub-configs to each other.
 
 Each function returns messages that name the dotted fields involved, their values and the fix.
 """
@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from .field_checks import at_least, type_problems
+from bridge_convert.dtypes import dtype_name as _name
+
+from .fields import at_least
 from .mixed_precision import MixedPrecisionConfig, quantization_support_problems
 
 __all__ = [
@@ -22,12 +24,6 @@ __all__ = [
     "schedule_problems",
 ]
 
-_MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length", "vocab_size",
-                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-                 "context_parallel_size", "expert_model_parallel_size", "sequence_parallel", "kv_channels",
-                 "bf16", "fp16", "params_dtype", "num_moe_experts")
-
-
 def data_parallel_size(model: Any, world_size: int | None) -> int:
     """``world_size / (TP x PP x CP)``; 1 when the world size is not known yet."""
     if world_size is None:
@@ -39,9 +35,7 @@ def data_parallel_size(model: Any, world_size: int | None) -> int:
 
 def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
     """Shape and parallel layout of the model: heads, KV groups, layers, sequence length against TP/PP/VP/CP."""
-    problems = type_problems(model, "model", _MODEL_FIELDS)
-    if problems:
-        return problems
+    problems = []
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "tensor_model_parallel_size",
                  "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
         message = at_least(f"model.{name}", getattr(model, name), 1)
@@ -220,7 +214,3 @@ def run_problems(cfg: Any, world_size: int | None) -> list[str]:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0] if 0 < n <= 4096 else []
-
-
-def _name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from .field_checks import at_least, type_problems
+from .fields import at_least, type_problems
 
 __all__ = ["LoggerConfig"]
 

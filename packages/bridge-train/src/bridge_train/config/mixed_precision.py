@@ -1,7 +1,7 @@
 """Mixed-precision recipes: named bundles of the precision fields of the model, optimizer and DDP configs.
 
-A recipe is a function returning a :class:`MixedPrecisionConfig` (``bf16_mixed()``); :func:`get_mixed_precision_config`
-resolves a name in underscore or hyphen form. :meth:`MixedPrecisionConfig.apply` copies the fields onto the
+A recipe is a named set of field values (``MIXED_PRECISION_RECIPES["bf16_mixed"]()`` builds it);
+:func:`get_mixed_precision_config` resolves a name in underscore or hyphen form. :meth:`MixedPrecisionConfig.apply` copies the fields onto the
 megatron-core configs (names checked against megatron-core 0.19's TransformerConfig, OptimizerConfig and
 DistributedDataParallelConfig). FP8 and FP4 run through Transformer Engine on capable GPUs only;
 :func:`quantization_support_problems` says what is missing on this machine.
@@ -19,7 +19,10 @@ from typing import Any, Literal
 
 import torch
 
-from .field_checks import type_problems
+from bridge_convert.dtypes import dtype_name as _name
+from bridge_convert.specs import transformer_engine_status
+
+from .fields import type_problems
 
 __all__ = [
     "MIXED_PRECISION_RECIPES",
@@ -29,9 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_DTYPE_OF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(kw_only=True, slots=True)
 class MixedPrecisionConfig:
@@ -196,10 +196,6 @@ def _assign(config: Any, values: dict[str, Any], section: str, label: str) -> No
             setattr(config, name, value)
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # ------------------------------------------------------------------------------------ hardware support
 
 # (format, recipe) -> (minimum compute capability, GPU generation, Transformer Engine feature)
@@ -211,17 +207,6 @@ _SUPPORT = {
     ("fp4", "nvfp4"): ((10, 0), "Blackwell", "NVFP4BlockScaling"),
 }
 _MIN_TE_FOR_FP4 = "2.7.0.dev0"
-
-
-@functools.cache
-def transformer_engine_status() -> tuple[bool, str]:
-    """(importable, version or the import error). Any exception counts as absent: a broken TE raises OSError."""
-    try:
-        import transformer_engine as te
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as err:  # noqa: BLE001
-        return False, f"{type(err).__name__}: {err}"
-    return True, str(getattr(te, "__version__", "0"))
 
 
 def gpu_capability() -> tuple[int, int] | None:
@@ -278,106 +263,35 @@ def quantization_support_problems(fp8: str | None, fp8_recipe: str | None, fp4: 
 
 # --------------------------------------------------------------------------------------------- recipes
 
-def fp32() -> MixedPrecisionConfig:
-    """Plain fp32: no reduced precision anywhere."""
-    return MixedPrecisionConfig(name="fp32", params_dtype=torch.float32, grad_reduce_in_fp32=False)
-
-
-def bf16_mixed() -> MixedPrecisionConfig:
-    """bf16 weights and activations, fp32 master weights and fp32 gradient reduction."""
-    return MixedPrecisionConfig(name="bf16_mixed", bf16=True, params_dtype=torch.bfloat16,
-                                pipeline_dtype=torch.bfloat16, grad_reduce_in_fp32=True)
-
-
-def fp16_mixed() -> MixedPrecisionConfig:
-    """fp16 with dynamic loss scaling; gradients reduced in fp16."""
-    return MixedPrecisionConfig(name="fp16_mixed", fp16=True, params_dtype=torch.float16,
-                                pipeline_dtype=torch.float16, grad_reduce_in_fp32=False)
-
-
-def _fp8_delayed(base: MixedPrecisionConfig, name: str) -> MixedPrecisionConfig:
-    return dataclasses.replace(base, name=name, fp8="hybrid", fp8_recipe="delayed", fp8_margin=0,
-                               fp8_amax_history_len=1024, fp8_amax_compute_algo="max", fp8_param_gather=True)
-
-
-def _fp8_current(base: MixedPrecisionConfig, name: str) -> MixedPrecisionConfig:
-    return dataclasses.replace(base, name=name, fp8="hybrid", fp8_recipe="tensorwise", first_last_layers_bf16=True,
-                               num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1, fp8_param_gather=True)
-
-
-def _fp8_subchannel(base: MixedPrecisionConfig, name: str) -> MixedPrecisionConfig:
-    return dataclasses.replace(base, name=name, fp8="hybrid", fp8_recipe="blockwise", fp8_param_gather=False)
-
-
-def _mxfp8(base: MixedPrecisionConfig, name: str) -> MixedPrecisionConfig:
-    return dataclasses.replace(base, name=name, fp8="e4m3", fp8_recipe="mxfp8", fp8_param_gather=True,
-                               reuse_grad_buf_for_mxfp8_param_ag=True)
-
-
-def bf16_with_fp8_delayed_scaling_mixed() -> MixedPrecisionConfig:
-    """bf16 + FP8 (hybrid) with delayed scaling: amax history 1024, max; FP8 parameter all-gather."""
-    return _fp8_delayed(bf16_mixed(), "bf16_with_fp8_delayed_scaling_mixed")
-
-
-def fp16_with_fp8_delayed_scaling_mixed() -> MixedPrecisionConfig:
-    """fp16 + FP8 (hybrid) with delayed scaling."""
-    return _fp8_delayed(fp16_mixed(), "fp16_with_fp8_delayed_scaling_mixed")
-
-
-def bf16_with_fp8_current_scaling_mixed() -> MixedPrecisionConfig:
-    """bf16 + FP8 (hybrid) with per-tensor current scaling; first and last layer in bf16; FP8 param all-gather."""
-    return _fp8_current(bf16_mixed(), "bf16_with_fp8_current_scaling_mixed")
-
-
-def fp16_with_fp8_current_scaling_mixed() -> MixedPrecisionConfig:
-    """fp16 + FP8 (hybrid) with per-tensor current scaling; first and last layer kept in 16 bits."""
-    return _fp8_current(fp16_mixed(), "fp16_with_fp8_current_scaling_mixed")
-
-
-def bf16_with_fp8_subchannel_scaling_mixed() -> MixedPrecisionConfig:
-    """bf16 + FP8 (hybrid) with block scaling (128x128 weights, 1x128 activations; Hopper); no FP8 param gather."""
-    return _fp8_subchannel(bf16_mixed(), "bf16_with_fp8_subchannel_scaling_mixed")
-
-
-def fp16_with_fp8_subchannel_scaling_mixed() -> MixedPrecisionConfig:
-    """fp16 + FP8 (hybrid) with block scaling."""
-    return _fp8_subchannel(fp16_mixed(), "fp16_with_fp8_subchannel_scaling_mixed")
-
-
-def bf16_with_mxfp8_mixed() -> MixedPrecisionConfig:
-    """bf16 + MXFP8 (e4m3, Blackwell); FP8 param all-gather reusing the gradient buffer."""
-    return _mxfp8(bf16_mixed(), "bf16_with_mxfp8_mixed")
-
-
-def fp16_with_mxfp8_mixed() -> MixedPrecisionConfig:
-    """fp16 + MXFP8 (e4m3, Blackwell)."""
-    return _mxfp8(fp16_mixed(), "fp16_with_mxfp8_mixed")
-
-
-def bf16_with_nvfp4_mixed() -> MixedPrecisionConfig:
-    """bf16 + NVFP4 (e2m1, Blackwell, TE >= 2.7) with FP4 parameter all-gather."""
-    return dataclasses.replace(bf16_mixed(), name="bf16_with_nvfp4_mixed", fp4="e2m1", fp4_recipe="nvfp4",
-                               fp4_param_gather=True)
-
+_BASES = {
+    "bf16": dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, grad_reduce_in_fp32=True),
+    "fp16": dict(fp16=True, params_dtype=torch.float16, pipeline_dtype=torch.float16, grad_reduce_in_fp32=False),
+}
+_FP8 = {  # on top of bf16 or fp16
+    # amax history 1024 / max, FP8 parameter all-gather
+    "fp8_delayed_scaling": dict(fp8="hybrid", fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024,
+                                fp8_amax_compute_algo="max", fp8_param_gather=True),
+    # per-tensor current scaling, first and last layer kept in 16 bits
+    "fp8_current_scaling": dict(fp8="hybrid", fp8_recipe="tensorwise", first_last_layers_bf16=True,
+                                num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1, fp8_param_gather=True),
+    # 128x128 weight / 1x128 activation blocks (Hopper), no FP8 parameter all-gather
+    "fp8_subchannel_scaling": dict(fp8="hybrid", fp8_recipe="blockwise", fp8_param_gather=False),
+    # MXFP8 blocks (Blackwell), parameter all-gather reusing the gradient buffer
+    "mxfp8": dict(fp8="e4m3", fp8_recipe="mxfp8", fp8_param_gather=True, reuse_grad_buf_for_mxfp8_param_ag=True),
+}
+_RECIPES = {
+    "fp32": dict(params_dtype=torch.float32, grad_reduce_in_fp32=False),
+    "bf16_mixed": _BASES["bf16"],
+    "fp16_mixed": _BASES["fp16"],  # dynamic loss scaling
+    **{f"{base}_with_{kind}_mixed": {**_BASES[base], **fields} for kind, fields in _FP8.items() for base in _BASES},
+    "bf16_with_nvfp4_mixed": {**_BASES["bf16"], "fp4": "e2m1", "fp4_recipe": "nvfp4", "fp4_param_gather": True},
+}
 
 MIXED_PRECISION_RECIPES: dict[str, Callable[[], MixedPrecisionConfig]] = {
-    recipe.__name__: recipe
-    for recipe in (
-        fp32,
-        bf16_mixed,
-        fp16_mixed,
-        bf16_with_fp8_delayed_scaling_mixed,
-        fp16_with_fp8_delayed_scaling_mixed,
-        bf16_with_fp8_current_scaling_mixed,
-        fp16_with_fp8_current_scaling_mixed,
-        bf16_with_fp8_subchannel_scaling_mixed,
-        fp16_with_fp8_subchannel_scaling_mixed,
-        bf16_with_mxfp8_mixed,
-        fp16_with_mxfp8_mixed,
-        bf16_with_nvfp4_mixed,
-    )
+    name: functools.partial(MixedPrecisionConfig, name=name, **fields) for name, fields in _RECIPES.items()
 }
-"""Every named recipe, by its underscore name (hyphen spellings are accepted by the lookup)."""
+"""Every named recipe (Megatron-Bridge's names and values), by its underscore name; each call gives a fresh config.
+Hyphen spellings are accepted by :func:`get_mixed_precision_config`."""
 
 
 def get_mixed_precision_config(name: str | MixedPrecisionConfig) -> MixedPrecisionConfig:

@@ -15,14 +15,11 @@ from typing import Any, Literal
 import torch
 from megatron.core.optimizer import OptimizerConfig as MCoreOptimizerConfig
 
-from .field_checks import at_least, type_problems
+from .fields import at_least, type_problems
 
 __all__ = ["OptimizerConfig", "SchedulerConfig"]
 
 OPTIMIZERS = ("adam", "sgd")
-_NUMERIC = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "sgd_momentum", "clip_grad",
-            "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis",
-            "use_distributed_optimizer", "fp16", "bf16", "params_dtype", "optimizer")
 _PRECISION_AWARE_DTYPES = ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype")
 
 
@@ -40,7 +37,7 @@ class OptimizerConfig(MCoreOptimizerConfig):
 
     def check(self, prefix: str = "optimizer") -> list[str]:
         """Problems with this config alone, as messages naming ``prefix.field``."""
-        problems = type_problems(self, prefix, _NUMERIC)
+        problems = type_problems(self, prefix)
         if problems:
             return problems
         if self.optimizer not in OPTIMIZERS:

@@ -1,56 +1,71 @@
 """Hydra-style dotted overrides and ``--config file.yaml`` merging onto a live :class:`ConfigContainer`.
 
-OmegaConf parses the text (``OmegaConf.from_dotlist`` for ``key=value``, ``OmegaConf.load`` for files) and merges
-the patches in order (files first, then overrides; later wins; interpolations such as ``${train.train_iters}`` are
-resolved against the config as patched so far). Each value is then converted to the type its dataclass field declares
-(:mod:`.coerce`). All overrides are checked before any is applied: one :class:`ConfigError` lists every unknown key
-(with the closest valid key), every value that does not convert (key, value, expected type), and the override or
-file it came from; on error the config is unchanged. Patches apply one after the other (not merged first), so a
-later one edits the result of an earlier one.
+OmegaConf parses the text (``OmegaConf.from_dotlist`` for ``key=value``, ``OmegaConf.load`` for files); each value is
+converted to its field's type by :mod:`.fields`. Files apply first, then overrides, in order, each onto the result of
+the previous ones (so ``mixed_precision=bf16_mixed mixed_precision.grad_reduce_in_fp32=false`` edits the recipe and
+``${train.train_iters}`` sees the values set before it). Everything is tried on a copy first: one
+:class:`ConfigError` lists every problem, each naming the override or file it came from, and the config is unchanged.
 
-Grammar: ``section.field=value``; ``+section.field=value`` and ``++section.field=value`` mean the same (every key
-already exists, as dataclasses have fixed fields); values are YAML (``null``, ``true``, ``[1, 2]``,
-``{k: v}``, quoted strings). Deleting a key (``~key``) is not supported: set it to ``null``.
+Grammar, as in Hydra (config fields always exist; the entries of a dict field such as ``model.generation_config``
+can be added and removed):
+
+- ``key=value``: set a field (a mapping merges into a dataclass or dict field); values are YAML (``null``, ``true``,
+  ``[1, 2]``, ``{k: v}``, ``'quoted'``, ``${other.key}``).
+- ``+key=value``: add a dict entry that must not exist yet; a field always exists, so ``+field=...`` is refused.
+- ``++key=value``: set or add, whether or not it exists.
+- ``~key`` / ``~key=value``: reset a field to its default (remove a dict entry); with a value, only if the current
+  value equals it.
+- ``peft=<name>``: a PEFT method registered with :func:`register_peft_method`; ``peft.<field>=...`` edits it.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import functools
 import pathlib
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .coerce import REPR_KEY, TARGET_KEY, CoercionError, NotRestorable, coerce_field, field_type_hints
-from .container import ConfigContainer, section_copy
+from .container import ConfigContainer
 from .errors import ConfigError, ConfigWarning
+from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert
 from .import_paths import import_object
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
+from .peft_methods import peft_method
 from .suggest import unknown_key_message
-from .yaml_io import container_to_dict, load_yaml
+from .yaml_io import load_yaml, to_dict
 
 __all__ = ["apply_cli_args", "apply_overrides", "parse_cli_args"]
 
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_NO_VALUE = object()
+
+
+class _Patch(NamedTuple):
+    """One file or override: where it came from (for messages), the prefix (``""``, ``+``, ``++``, ``~``), the dotted
+    key (``""`` for a file) and the value as a patch (the whole file; None for ``~key`` without a value)."""
+
+    source: str
+    op: str
+    key: str
+    conf: DictConfig | None
 
 
 def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
                     config_files: Sequence[str | pathlib.Path] = ()) -> ConfigContainer:
     """Merge YAML files, then ``key=value`` overrides, into ``cfg`` (in place) with type conversion.
 
-    Patches apply in order (files first, then overrides), each onto the result of the previous ones, so
-    ``mixed_precision=bf16_mixed mixed_precision.grad_reduce_in_fp32=false`` edits the named recipe and an
-    interpolation sees the values set before it.
-
     Args:
         cfg: The config to change; it must not be finalized yet.
         overrides: Dotted overrides, e.g. ``["train.train_iters=10", "optimizer.lr=3e-4",
-            "model.params_dtype=bfloat16", "scheduler.lr_decay_style=cosine"]``.
+            "model.params_dtype=bfloat16", "peft=lora", "peft.dim=16"]`` (grammar in the module docstring).
         config_files: YAML files (whole or partial configs) merged before the overrides, in order.
 
     Returns:
@@ -62,11 +77,11 @@ def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
     if cfg.finalized:
         raise ConfigError(["the config is already finalized; apply overrides before finalize()"],
                           "cannot apply overrides")
-    patches: list[tuple[str, DictConfig]] = []
+    patches: list[_Patch] = []
     problems: list[str] = []
     for path in config_files:
         try:
-            patches.append((f"file {str(path)!r}", load_yaml(pathlib.Path(path))))
+            patches.append(_Patch(f"file {str(path)!r}", "", "", load_yaml(pathlib.Path(path))))
         except ConfigError as err:
             problems += err.problems
     for text in overrides:
@@ -74,11 +89,10 @@ def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
         if isinstance(parsed, str):
             problems.append(parsed)
         else:
-            patches.append((f"override {text!r}", parsed))
-    # A dry run on a copy finds every problem; only then are the same steps applied to ``cfg``.
-    with warnings.catch_warnings():
+            patches.append(parsed)
+    with warnings.catch_warnings():  # the dry run's warnings would repeat the real run's
         warnings.simplefilter("ignore", ConfigWarning)
-        problems += _apply_patches(_working_copy(cfg), patches)
+        problems += _apply_patches(cfg._working_copy([f.name for f in dataclasses.fields(cfg) if f.init]), patches)
     if problems:
         raise ConfigError(problems, "cannot apply overrides")
     problems = _apply_patches(cfg, patches)
@@ -88,33 +102,22 @@ def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
 
 
 def parse_cli_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split command-line arguments into (``--config`` files, ``key=value`` overrides).
+    """Split command-line arguments into (``--config`` files, overrides).
 
     Raises:
         ConfigError: for an unknown option or a ``--config`` without a file.
     """
-    files, overrides, problems = [], [], []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--config":
-            if i + 1 >= len(args):
-                problems.append("--config needs a YAML file after it")
-            else:
-                files.append(args[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            files.append(arg.removeprefix("--config="))
-        elif arg.startswith("-") and not arg.startswith("~"):
-            problems.append(f"unknown option {arg!r}; use --config FILE and key=value overrides")
-        else:
-            overrides.append(arg)
-        i += 1
-    if problems:
-        raise ConfigError(problems, "cannot parse arguments")
-    return files, overrides
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--config", action="append", default=[])
+    try:
+        args, overrides = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError:
+        raise ConfigError(["--config needs a YAML file after it"], "cannot parse arguments") from None
+    unknown = [f"unknown option {arg!r}; use --config FILE and key=value overrides" for arg in overrides
+               if arg.startswith("-")]
+    if unknown:
+        raise ConfigError(unknown, "cannot parse arguments")
+    return args.config, overrides
 
 
 def apply_cli_args(cfg: ConfigContainer, argv: Sequence[str]) -> ConfigContainer:
@@ -123,53 +126,43 @@ def apply_cli_args(cfg: ConfigContainer, argv: Sequence[str]) -> ConfigContainer
     return apply_overrides(cfg, overrides, config_files=files)
 
 
-# ------------------------------------------------------------------------------------------ parsing
-
-def _parse_override(text: Any) -> DictConfig | str:
-    """The override as a one-key OmegaConf patch, or a problem message."""
-    if isinstance(text, str) and text.startswith("~"):
-        return f"override {text!r}: deleting keys is not supported; set {text[1:].partition('=')[0]}=null instead"
-    if not isinstance(text, str) or "=" not in text:
+def _parse_override(text: Any) -> _Patch | str:
+    """The override as a patch, or a problem message."""
+    if not isinstance(text, str) or ("=" not in text and not text.startswith("~")):
         return f"override {text!r} must look like key=value (e.g. train.train_iters=10)"
-    key, _, value = text.partition("=")
+    key, equals, value = text.partition("=")
     key = key.strip()
-    key = key.removeprefix("++").removeprefix("+")
+    op = next(p for p in ("++", "+", "~", "") if key.startswith(p))
+    key = key.removeprefix(op)
     if not _KEY.match(key):
         return f"override {text!r}: {key!r} is not a dotted key like section.field"
+    if op == "~" and not equals:
+        return _Patch(f"override {text!r}", op, key, None)
     try:
-        return OmegaConf.from_dotlist([f"{key}={value}"])
+        return _Patch(f"override {text!r}", op, key, OmegaConf.from_dotlist([f"{key}={value}"]))
     except (OmegaConfBaseException, ValueError) as err:
         return f"override {text!r}: cannot parse the value: {err}"
 
 
-def _working_copy(cfg: ConfigContainer) -> ConfigContainer:
-    clone = copy.copy(cfg)
-    for f in dataclasses.fields(cfg):
-        if not f.init:
-            continue
-        try:
-            setattr(clone, f.name, section_copy(getattr(cfg, f.name)))
-        except (TypeError, copy.Error, RecursionError):  # e.g. a PEFT object holding a lock: try it in place
-            continue
-    return clone
-
-
-def _apply_patches(cfg: ConfigContainer, patches: list[tuple[str, DictConfig]]) -> list[str]:
+def _apply_patches(cfg: ConfigContainer, patches: list[_Patch]) -> list[str]:
     """Apply each patch in turn; a patch with a problem is skipped whole. Returns every problem."""
     problems = []
-    for source, patch in patches:
+    for patch in patches:
+        planner = _Planner(cfg, patch.source)
         try:
-            data = _resolved(cfg, patch)
+            data = _resolved(cfg, patch.conf) if patch.conf is not None else None
         except OmegaConfBaseException as err:
-            problems.append(f"cannot resolve an interpolation: {str(err).splitlines()[0]} (from {source})")
-            continue
-        planner = _Planner(cfg, source)
-        planner.plan_node(cfg, data, "")
-        if planner.problems:
-            problems += planner.problems
-            continue
-        for obj, name, value in planner.assignments:
-            setattr(obj, name, value)
+            planner.problem(f"cannot resolve an interpolation: {str(err).splitlines()[0]}")
+        else:
+            if patch.op in ("+", "~"):
+                value = _NO_VALUE if data is None else functools.reduce(dict.__getitem__, patch.key.split("."), data)
+                planner.add_or_delete(patch.op, patch.key, value, data)
+            else:
+                planner.plan_node(cfg, data, "")
+        problems += planner.problems
+        if not planner.problems:
+            for obj, name, value in planner.assignments:
+                setattr(obj, name, value)
     return problems
 
 
@@ -178,7 +171,7 @@ def _resolved(cfg: ConfigContainer, patch: DictConfig) -> dict:
     raw = OmegaConf.to_container(patch, resolve=False)
     if "${" not in repr(raw):
         return raw
-    context = OmegaConf.merge(OmegaConf.create(container_to_dict(cfg, warn=False)), patch)
+    context = OmegaConf.merge(OmegaConf.create(to_dict(cfg, warn=False)), patch)
     return _restrict(context, raw, "")
 
 
@@ -190,81 +183,116 @@ def _restrict(context: DictConfig, shape: Any, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-# ------------------------------------------------------------------------------------------ planning
-
 class _Planner:
     """Walks a patch over the live config, converting values and recording assignments without making them."""
 
     def __init__(self, cfg: ConfigContainer, source: str) -> None:
-        self.cfg = cfg
-        self.source = source
+        self.cfg, self.source = cfg, source
         self.problems: list[str] = []
         self.assignments: list[tuple[Any, str, Any]] = []
-        self._all_keys: list[str] | None = None
 
     def problem(self, message: str) -> None:
         self.problems.append(f"{message} (from {self.source})")
 
-    def all_keys(self) -> list[str]:
-        if self._all_keys is None:
-            self._all_keys = _dotted_keys(self.cfg, "")
-        return self._all_keys
+    def _unknown(self, dotted: str, obj: Any, path: str) -> None:
+        siblings = [f"{path}.{f.name}" if path else f.name for f in dataclasses.fields(obj) if f.init]
+        self.problem(unknown_key_message(dotted, siblings, _dotted_keys(self.cfg, "")))
 
     def plan_node(self, obj: Any, patch: dict, path: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(obj) if f.init}
-        hints = field_type_hints(type(obj))
         for key, value in patch.items():
             dotted = f"{path}.{key}" if path else key
             if key in (TARGET_KEY, REPR_KEY):
                 continue  # handled by the parent: same class -> field-wise merge, other class -> rebuilt
             if key not in fields:
-                siblings = [f"{path}.{name}" if path else name for name in fields]
-                self.problem(unknown_key_message(dotted, siblings, self.all_keys()))
-                continue
-            self.plan_field(obj, fields[key], hints.get(key, Any), value, dotted)
+                self._unknown(dotted, obj, path)
+            else:
+                self.plan_field(obj, key, value, dotted)
 
-    def plan_field(self, obj: Any, f: dataclasses.Field, tp: Any, value: Any, dotted: str) -> None:
-        current = getattr(obj, f.name)
+    def plan_field(self, obj: Any, name: str, value: Any, dotted: str) -> None:
+        current = getattr(obj, name)
+        if obj is self.cfg and name == "peft" and isinstance(value, str):
+            try:
+                self.assignments.append((obj, name, peft_method(value)))
+            except ValueError as err:
+                self.problem(f"{dotted}: {err}")
+            return
         if isinstance(value, dict):
             if REPR_KEY in value:
                 warnings.warn(f"{dotted} ({value.get(TARGET_KEY)}) was saved by class path and repr only; the "
                               "current value is kept", ConfigWarning, stacklevel=4)
                 return
-            if isinstance(current, str) and isinstance(obj, ConfigContainer) and f.name == "mixed_precision":
-                try:
-                    current = get_mixed_precision_config(current)
+            if obj is self.cfg and name == "mixed_precision" and isinstance(current, str | MixedPrecisionConfig):
+                try:  # a named recipe becomes its config (recipes may be shared: edit a copy)
+                    current = dataclasses.replace(get_mixed_precision_config(current))
                 except ValueError as err:
                     self.problem(f"{dotted}: {err}")
                     return
-                self.assignments.append((obj, f.name, current))
-            if isinstance(current, MixedPrecisionConfig) and current is getattr(obj, f.name):
-                current = dataclasses.replace(current)  # recipes may be shared; edit a copy
-                self.assignments.append((obj, f.name, current))
-            if self._same_class(current, value.get(TARGET_KEY), dotted):
+                self.assignments.append((obj, name, current))
+            if self._same_class(current, value.get(TARGET_KEY)):
                 self.plan_node(current, value, dotted)
                 return
             if isinstance(current, dict):
                 value = _deep_merge(current, value)
-        try:
-            new = coerce_field(f, tp, value, dotted)
-        except (CoercionError, ImportError) as err:
-            for line in str(err).split("\n"):
-                self.problem(line)
-            return
-        if isinstance(new, NotRestorable):
-            self.problem(f"{dotted}: {new.target} cannot be rebuilt from YAML; set it in Python")
-            return
-        self.assignments.append((obj, f.name, new))
+        values, problems = convert(type(obj), {name: value}, dotted.rpartition(".")[0])
+        for message in problems:
+            self.problem(message)
+        if isinstance(values.get(name), NotRestorable):
+            self.problem(f"{dotted}: {values[name].target} cannot be rebuilt from YAML; set it in Python")
+        elif not problems:
+            self.assignments.append((obj, name, values[name]))
 
-    def _same_class(self, current: Any, target: Any, dotted: str) -> bool:
+    def add_or_delete(self, op: str, key: str, value: Any, data: dict | None) -> None:
+        """``+key=value`` (a new dict entry) and ``~key[=value]`` (reset a field, remove a dict entry)."""
+        obj, path, parts = self.cfg, "", key.split(".")
+        while dataclasses.is_dataclass(getattr(obj, parts[0], None)) and len(parts) > 1:
+            path, obj, parts = f"{path}.{parts[0]}" if path else parts[0], getattr(obj, parts[0]), parts[1:]
+        name, entry = parts[0], parts[1:]
+        fields = {f.name: f for f in dataclasses.fields(obj) if f.init}
+        if name not in fields:
+            return self._unknown(f"{path}.{name}" if path else name, obj, path)
+        dotted = f"{path}.{name}" if path else name
+        current = getattr(obj, name)
+        if entry and not isinstance(current, dict):
+            return self.problem(f"{key}: {dotted} is {current!r}, which has no entries to add or remove")
+        holder = current
+        for part in entry[:-1]:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        exists = isinstance(holder, dict) and entry[-1] in holder if entry else True
+        if op == "+":
+            if exists:
+                return self.problem(f"+{key}: {key} already exists (config fields always do); write {key}=... to "
+                                    f"set it, or ++{key}=... to set it whether or not it exists")
+            return self.plan_node(self.cfg, data, "")
+        if not exists:
+            return self.problem(f"~{key}: {key} does not exist; nothing to remove")
+        old = holder[entry[-1]] if entry else current
+        if value is not _NO_VALUE:
+            expected = value if entry else convert(type(obj), {name: value}, path)[0].get(name, value)
+            if expected != old:
+                return self.problem(f"~{key}={value}: {key} is {old!r}, not {value!r}; nothing was removed")
+        if entry:
+            new = copy.deepcopy(current)
+            target = new
+            for part in entry[:-1]:
+                target = target[part]
+            del target[entry[-1]]
+        elif fields[name].default is not dataclasses.MISSING:
+            new = fields[name].default
+        elif fields[name].default_factory is not dataclasses.MISSING:
+            new = fields[name].default_factory()
+        else:
+            return self.problem(f"~{key}: {dotted} is required and has no default to reset to; set it instead")
+        self.assignments.append((obj, name, new))
+
+    @staticmethod
+    def _same_class(current: Any, target: Any) -> bool:
         if not dataclasses.is_dataclass(current) or isinstance(current, type):
             return False
-        if target is None:
-            return True
         try:
-            return import_object(target) is type(current)
+            return target is None or import_object(target) is type(current)
         except ImportError:
-            return False  # coerce() reports the bad _target_
+            return False  # convert() reports the bad _target_
 
 
 def _deep_merge(base: dict, patch: dict) -> dict:
@@ -278,12 +306,8 @@ def _deep_merge(base: dict, patch: dict) -> dict:
 def _dotted_keys(obj: Any, path: str) -> list[str]:
     keys = []
     for f in dataclasses.fields(obj):
-        if not f.init:
-            continue
-        dotted = f"{path}.{f.name}" if path else f.name
-        keys.append(dotted)
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            keys += _dotted_keys(value, dotted)
+        if f.init:
+            dotted = f"{path}.{f.name}" if path else f.name
+            value = getattr(obj, f.name)
+            keys += [dotted, *(_dotted_keys(value, dotted) if dataclasses.is_dataclass(value) else [])]
     return keys
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .field_checks import type_problems
+from .fields import type_problems
 
 __all__ = ["ProfilingConfig"]
 

@@ -1,4 +1,4 @@
-"""The narrow interfaces bridge-train uses for things other packages own (ARCHITECTURE.md, "Narrow interfaces").
+"""The narrow interfaces bridge-train uses for things other packages own.
 
 bridge-train never imports bridge-peft and does not depend on the exact fields of bridge-data's configs: a dataset
 config is anything with ``build(tokenizer, ...)``, a tokenizer config is whatever bridge-data's

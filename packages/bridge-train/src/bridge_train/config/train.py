@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass
 from typing import Literal
 
-from .field_checks import at_least, type_problems
+from .fields import at_least, type_problems
 
 __all__ = ["RNGConfig", "RobustnessConfig", "TrainConfig"]
 

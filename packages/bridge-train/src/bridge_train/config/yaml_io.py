@@ -1,14 +1,14 @@
-"""Configs to plain data and YAML, and back.
+"""Configs to plain data and YAML, and YAML text or files to plain data (:mod:`.fields` builds the objects).
 
-Every dataclass node is written with ``_target_`` (its class's import path) so that :func:`from_yaml` rebuilds the
-same classes, e.g. the model provider's subclass. Values are written as YAML scalars: ``torch.dtype`` as its name
-(``bfloat16``), enums by member name, callables by import path (``torch.nn.functional.silu``). Not written:
+Every dataclass node is written with ``_target_`` (its class's import path) so that reading it back rebuilds the
+same classes, e.g. the model provider's subclass. ``torch.dtype`` is written by name (``bfloat16``), enums by member
+name, callables by import path (``torch.nn.functional.silu``). Not written:
 
 - runtime hooks the training loop attaches to the model/optimizer configs (``no_sync_func``, ``timers``, ...);
-- derived callables that ``finalize()`` recomputes (``init_method`` and friends as ``functools.partial``);
-- ``peft`` beyond its class path and repr (``{_target_, _repr_}``), as for any object that is not a dataclass;
-- anything else that has no YAML form (a lambda as ``activation_func``): skipped with a :class:`ConfigWarning`
-  naming the field.
+- derived callables that ``finalize()`` recomputes (``init_method`` and friends, as ``functools.partial``);
+- anything else without a YAML form (a lambda as ``activation_func``): skipped with a :class:`ConfigWarning`
+  naming the field; a top-level object that is not a dataclass (a dataset, tokenizer or PEFT object) is recorded
+  by class path and repr only (``{_target_, _repr_}``).
 
 YAML is read with OmegaConf, so a file may use interpolations such as ``${train.train_iters}``.
 """
@@ -19,29 +19,20 @@ import dataclasses
 import enum
 import pathlib
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .coerce import REPR_KEY, TARGET_KEY, CoercionError, NotRestorable, build_dataclass, field_type_hints
+from bridge_convert.dtypes import dtype_name as dtype_to_hf
+
 from .errors import ConfigError, ConfigWarning
+from .fields import REPR_KEY, TARGET_KEY, type_hints
 from .import_paths import import_path_of
 
-if TYPE_CHECKING:
-    from .container import ConfigContainer
-
-__all__ = [
-    "RUNTIME_FIELDS",
-    "container_to_dict",
-    "container_from_dict",
-    "from_yaml",
-    "load_yaml",
-    "to_plain",
-    "to_yaml",
-]
+__all__ = ["RUNTIME_FIELDS", "container_to_dict", "load_yaml", "read_yaml", "to_dict", "to_plain", "to_yaml"]
 
 RUNTIME_FIELDS = frozenset({
     "timers", "finalize_model_grads_func", "grad_scale_func", "moe_grad_scale_func", "mtp_grad_scale_func",
@@ -53,100 +44,83 @@ _DERIVED_CALLABLES = frozenset({"init_method", "output_layer_init_method", "embe
 """TransformerConfig fields that finalize() derives from ``init_method_std`` when None."""
 
 _UNSET = object()
-_FLOAT_TYPES = (float, float | None)  # get_type_hints gives typing.Optional[float], which compares equal
 
 
-def to_plain(value: Any) -> Any:
+def _plain(value: Any, path: str, skipped: list[str]) -> Any:
     """``value`` as YAML-safe data, or ``_UNSET`` when it has no YAML form."""
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
         return value.replace("${", "\\${")  # a literal "${" must not become an OmegaConf interpolation
     if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+        return dtype_to_hf(value)
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, pathlib.PurePath):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _dataclass_to_dict(value, "", [])
-    if isinstance(value, list | tuple):
-        items = [to_plain(v) for v in value]
-        return _UNSET if any(i is _UNSET for i in items) else items
-    if isinstance(value, dict):
-        if not all(isinstance(k, str | int | bool) for k in value):
+        return _dataclass(value, path, skipped)
+    if isinstance(value, list | tuple) or (isinstance(value, dict) and all(isinstance(k, str | int) for k in value)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        plain = {k: _plain(v, f"{path}[{k!r}]", []) for k, v in items}
+        if any(v is _UNSET for v in plain.values()):
             return _UNSET
-        items = {k: to_plain(v) for k, v in value.items()}
-        return _UNSET if any(i is _UNSET for i in items.values()) else items
-    if callable(value):
-        path = import_path_of(value)
-        return path if path is not None else _UNSET
-    return _UNSET
+        return plain if isinstance(value, dict) else list(plain.values())
+    path_of = import_path_of(value) if callable(value) else None
+    return path_of if path_of is not None else _UNSET
 
 
-def _dataclass_to_dict(obj: Any, path: str, skipped: list[str]) -> dict[str, Any]:
+def _dataclass(obj: Any, path: str, skipped: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {TARGET_KEY: f"{type(obj).__module__}.{type(obj).__qualname__}"}
-    hints = field_type_hints(type(obj))
+    hints = type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if not f.init or f.name.startswith("_") or f.name in RUNTIME_FIELDS:
             continue
-        value = getattr(obj, f.name)
         dotted = f"{path}.{f.name}" if path else f.name
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            out[f.name] = _dataclass_to_dict(value, dotted, skipped)
-            continue
-        plain = to_plain(value)
+        value = getattr(obj, f.name)
+        plain = _plain(value, dotted, skipped)
         if plain is _UNSET:
-            if f.name not in _DERIVED_CALLABLES:
-                skipped.append(f"{dotted} = {value!r}")
-            continue
-        if type(plain) is int and hints.get(f.name) in _FLOAT_TYPES:
+            if not path:  # a dataset, tokenizer or PEFT object that is not a dataclass
+                plain = {TARGET_KEY: f"{type(value).__module__}.{type(value).__qualname__}", REPR_KEY: repr(value)}
+                skipped.append(f"{dotted} (only its class path and repr are saved)")
+            else:
+                if f.name not in _DERIVED_CALLABLES:
+                    skipped.append(f"{dotted} = {value!r}")
+                continue
+        if type(plain) is int and hints.get(f.name) in (float, float | None):
             plain = float(plain)  # megatron-core writes ``float = 1000``; keep the YAML stable across round trips
         out[f.name] = plain
     return out
 
 
-def _opaque(obj: Any) -> dict[str, str]:
-    return {TARGET_KEY: f"{type(obj).__module__}.{type(obj).__qualname__}", REPR_KEY: repr(obj)}
-
-
-def container_to_dict(cfg: ConfigContainer, *, warn: bool = True) -> dict[str, Any]:
-    """The container as plain data (what :func:`to_yaml` writes).
+def to_dict(obj: Any, *, warn: bool = True) -> dict[str, Any]:
+    """A config (a dataclass, e.g. the container) as plain data, without its top-level ``_target_``.
 
     Args:
-        cfg: The config.
-        warn: Emit one :class:`ConfigWarning` naming every field that had to be left out.
+        obj: The config.
+        warn: Emit one :class:`ConfigWarning` naming every field that had to be left out or recorded only.
     """
     skipped: list[str] = []
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        if not f.init:
-            continue
-        value = getattr(cfg, f.name)
-        if f.name == "peft" and value is not None:
-            out[f.name] = _opaque(value)  # a PEFT method is code + state: only its class and repr are recorded
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            out[f.name] = _dataclass_to_dict(value, f.name, skipped)
-        elif f.name in ("dataset", "tokenizer") and value is not None:
-            skipped.append(f"{f.name} = {value!r} (not a dataclass: only its class path and repr are saved)")
-            out[f.name] = _opaque(value)
-        else:
-            plain = to_plain(value)
-            if plain is _UNSET:
-                skipped.append(f"{f.name} = {value!r}")
-                continue
-            out[f.name] = plain
+    out = _dataclass(obj, "", skipped)
+    del out[TARGET_KEY]
     if skipped and warn:
-        warnings.warn("these config values have no YAML form and are left out of the saved config (set them in "
-                      "Python, or use an importable function / a dataclass): " + "; ".join(skipped),
-                      ConfigWarning, stacklevel=3)
+        warnings.warn("these config values have no YAML form and are not saved in full (set them in Python, or use "
+                      "an importable function / a dataclass): " + "; ".join(skipped), ConfigWarning, stacklevel=3)
     return out
 
 
-def to_yaml(cfg: ConfigContainer, path: str | pathlib.Path | None = None) -> str:
-    """YAML text of ``cfg`` (written to ``path`` too when given)."""
-    text = yaml.safe_dump(container_to_dict(cfg), sort_keys=False, default_flow_style=False, width=120,
-                          allow_unicode=True)
+def to_plain(value: Any) -> Any:
+    """One value as YAML-safe data (a dataclass as a mapping with ``_target_``); None when it has no YAML form."""
+    plain = _plain(value, "", [])
+    return None if plain is _UNSET else plain
+
+
+container_to_dict = to_dict  # the name bridge-recipes' run.py imports
+
+
+def to_yaml(obj: Any, path: str | pathlib.Path | None = None) -> str:
+    """YAML text of ``obj`` (written to ``path`` too when given)."""
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
     if path is not None:
         pathlib.Path(path).write_text(text)
     return text
@@ -173,36 +147,13 @@ def load_yaml(source: str | pathlib.Path) -> DictConfig:
     return conf
 
 
-def container_from_dict(data: dict[str, Any]) -> ConfigContainer:
-    """Build a :class:`ConfigContainer` from plain data (the inverse of :func:`container_to_dict`).
+def read_yaml(source: str | pathlib.Path) -> dict[str, Any]:
+    """YAML text or a file as plain data, interpolations resolved.
 
     Raises:
-        ConfigError: listing every unknown key (with the closest valid one), bad value and missing field.
+        ConfigError: for unreadable YAML or an interpolation that does not resolve.
     """
-    from .container import ConfigContainer
-
     try:
-        cfg = build_dataclass(ConfigContainer, data)
-    except CoercionError as err:
-        raise ConfigError(str(err).split("\n"), "cannot build config from YAML") from None
-    for name in ("dataset", "tokenizer", "peft"):
-        value = getattr(cfg, name)
-        if isinstance(value, NotRestorable):
-            warnings.warn(f"{name} ({value.target}: {value.repr}) was saved by class path and repr only and is not "
-                          f"restored; set cfg.{name} in Python", ConfigWarning, stacklevel=3)
-            setattr(cfg, name, None)
-    return cfg
-
-
-def from_yaml(source: str | pathlib.Path) -> ConfigContainer:
-    """Build a :class:`ConfigContainer` from YAML text or a file; interpolations are resolved.
-
-    Raises:
-        ConfigError: for unreadable YAML or a config that does not fit the dataclasses.
-    """
-    conf = load_yaml(source)
-    try:
-        data = OmegaConf.to_container(conf, resolve=True)
+        return OmegaConf.to_container(load_yaml(source), resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError([f"cannot resolve an interpolation: {err}"], "cannot load config") from None
-    return container_from_dict(data)

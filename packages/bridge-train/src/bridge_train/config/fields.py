@@ -1,0 +1,338 @@
+"""What each config field accepts, checked in one place: a pydantic schema built from the dataclass annotations.
+
+YAML files and ``key=value`` overrides arrive as text-like values (OmegaConf parses ``3e-4`` to a float, ``[1, 2]``
+to a list); Python code assigns real objects. Both go through the same per-class schema: :func:`build` and
+:func:`convert` read parsed values in pydantic's lax mode (``"10"`` -> 10 for an ``int``), :func:`type_problems`
+checks the values a config holds in strict mode (``cfg.train.train_iters = "10"`` is reported, not converted).
+pydantic knows ``int``/``float``/``bool``/``str``/``X | None``/``Literal``/containers/``Path``; this module adds
+only what it cannot know: ``torch.dtype`` by name, callables and classes by import path, enums by member name
+(how YAML writes them), case-insensitive ``Literal`` strings, and nested dataclasses named by ``_target_``.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import enum
+import functools
+import inspect
+import types
+import typing
+from typing import Annotated, Any, Literal, NotRequired, TypedDict, Union
+
+import torch
+from pydantic import BeforeValidator, ConfigDict, PlainValidator, TypeAdapter, ValidationError, ValidationInfo
+
+from bridge_convert.dtypes import parse_dtype
+
+from .errors import ConfigError
+from .import_paths import import_object
+from .suggest import unknown_key_message
+
+__all__ = ["REPR_KEY", "TARGET_KEY", "NotRestorable", "at_least", "build", "convert", "describe", "type_hints",
+           "type_problems"]
+
+TARGET_KEY = "_target_"
+"""Key of a mapping that names the class to build (Hydra's spelling)."""
+REPR_KEY = "_repr_"
+"""Key of a mapping that records an object which cannot be rebuilt from YAML (only its class and repr are saved)."""
+
+_CONFIG = ConfigDict(arbitrary_types_allowed=True, coerce_numbers_to_str=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NotRestorable:
+    """Placeholder for a saved ``{_target_, _repr_}`` record: the object itself cannot be rebuilt from YAML."""
+
+    target: str
+    repr: str
+
+
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass; one that cannot be resolved (a TYPE_CHECKING-only name) maps to Any."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - resolve field by field below
+        pass
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        namespace = vars(inspect.getmodule(klass) or types.ModuleType("empty"))
+        for name, ann in getattr(klass, "__annotations__", {}).items():
+            try:
+                hints[name] = eval(ann, dict(namespace), dict(vars(klass))) if isinstance(ann, str) else ann  # noqa: S307
+            except Exception:  # noqa: BLE001
+                hints[name] = Any
+    return hints
+
+
+def _is_node(tp: Any) -> bool:
+    """A dataclass or Protocol annotation: built from a mapping by :func:`build`, not by pydantic."""
+    return isinstance(tp, type) and (dataclasses.is_dataclass(tp) or bool(getattr(tp, "_is_protocol", False)))
+
+
+def _is_callable(tp: Any) -> bool:
+    return tp in (collections.abc.Callable, typing.Callable) or typing.get_origin(tp) is collections.abc.Callable
+
+
+def describe(tp: Any, python: bool = False) -> str:
+    """Human-readable name of an annotation, for messages: as text is written, or as Python values (``python``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return "any value"
+    if tp is type(None):
+        return "null" if not python else "None"
+    if origin in (Union, types.UnionType):
+        return " | ".join(describe(a, python) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if tp is torch.dtype:
+        return "a torch dtype name (e.g. bfloat16, float16, float32)" if not python else "a torch.dtype"
+    if _is_callable(tp):
+        return "a callable's import path (e.g. torch.nn.functional.silu)" if not python else "a callable"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return f"one of {[m.name for m in tp]}" if not python else f"a member of {tp.__name__}"
+    if origin is not None:
+        inner = ", ".join("..." if a is ... else describe(a, python) for a in args)
+        return f"{getattr(origin, '__name__', origin)}[{inner}]"
+    if _is_node(tp):
+        return f"a mapping for {tp.__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+# ------------------------------------------------------------------------------------ what pydantic cannot know
+
+def _lax(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get("strict")
+
+
+def _dtype(value: Any, info: ValidationInfo) -> torch.dtype:
+    if isinstance(value, torch.dtype) or (isinstance(value, str) and _lax(info)):
+        return parse_dtype(value)
+    raise ValueError(f"expected {describe(torch.dtype)}")
+
+
+def _callable(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, str) and _lax(info):
+        try:
+            obj = import_object(value)
+        except ImportError as err:
+            raise ValueError(str(err)) from None
+        if not callable(obj):
+            raise ValueError(f"{value!r} imports {obj!r}, which is not callable")
+        return obj
+    if callable(value) and not isinstance(value, type | dict):
+        return value
+    raise ValueError(f"expected {describe(collections.abc.Callable)}")
+
+
+def _instance_of(tp: type):
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and _lax(info) and (tp is type or typing.get_origin(tp) is type):
+            try:
+                value = import_object(value)
+            except ImportError as err:
+                raise ValueError(str(err)) from None
+        if isinstance(value, typing.get_origin(tp) or tp):
+            return value
+        if getattr(tp, "_is_protocol", False) and not getattr(tp, "_is_runtime_protocol", False):
+            return value
+        raise ValueError(f"expected {describe(tp)}")
+
+    return check
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r} (bool)")
+    return value
+
+
+def _enum_by_name(tp: type[enum.Enum]):
+    def read(value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and _lax(info):
+            folded = {name.lower(): member for name, member in tp.__members__.items()}
+            return tp.__members__.get(value, folded.get(value.lower(), value))
+        return value
+
+    return read
+
+
+def _fold_literal(choices: tuple):
+    def read(value: Any, info: ValidationInfo) -> Any:
+        if not _lax(info) or value in choices:
+            return value
+        text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+        same = [c for c in choices if text is not None and str(c) == text]  # "2" for Literal[2]
+        folded = [c for c in choices if isinstance(c, str) and isinstance(value, str) and c.lower() == value.lower()]
+        return (same or folded or [value])[0] if len(same) <= 1 and len(folded) <= 1 else value
+
+    return read
+
+
+def _accepts(tp: Any) -> Any:
+    """``tp`` rewritten so that pydantic validates it the way configs are written."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object or isinstance(tp, typing.TypeVar):
+        return Any
+    if tp is torch.dtype:
+        return Annotated[Any, PlainValidator(_dtype)]
+    if _is_callable(tp):
+        return Annotated[Any, PlainValidator(_callable)]
+    if tp in (int, float):
+        return Annotated[tp, BeforeValidator(_not_bool)]
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_accepts(a) for a in args)]  # noqa: UP007
+    if origin is Literal:
+        return Annotated[tp, BeforeValidator(_fold_literal(args))]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return Annotated[tp, BeforeValidator(_enum_by_name(tp))]
+    if origin in (list, tuple, dict, set, frozenset, collections.abc.Sequence, collections.abc.Mapping) and args:
+        base = {collections.abc.Sequence: list, collections.abc.Mapping: dict}.get(origin, origin)
+        return base[tuple(a if a is ... else _accepts(a) for a in args)]
+    if origin is type or tp is type or _is_node(tp) or (isinstance(tp, type) and tp.__module__ != "builtins"
+                                                         and tp.__module__ != "pathlib"):
+        return Annotated[Any, PlainValidator(_instance_of(tp))]
+    return tp
+
+
+@functools.cache
+def _adapter(cls: type) -> tuple[TypeAdapter, dict[str, Any]]:
+    """The schema of ``cls``'s init fields (every key optional), and each field's annotation."""
+    hints = type_hints(cls)
+    declared = {}
+    for f in dataclasses.fields(cls):
+        if f.init:
+            tp = hints.get(f.name, Any)
+            # megatron-core writes ``pipeline_dtype: torch.dtype = None``: None stays allowed there
+            declared[f.name] = tp | None if f.default is None and tp is not Any else tp
+    schema = TypedDict(f"{cls.__name__}Fields", {n: NotRequired[_accepts(tp)] for n, tp in declared.items()})
+    schema.__pydantic_config__ = _CONFIG
+    return TypeAdapter(schema), declared
+
+
+def _problems(err: ValidationError, declared: dict[str, Any], data: dict, path: str, strict: bool) -> list[str]:
+    out = []
+    for e in err.errors(include_url=False):
+        name, *inner = e["loc"]
+        dotted = f"{path}.{name}" if path else str(name)
+        value = data[name]
+        items = [f" (item {i}: {e['msg']})" for i in inner if isinstance(i, int)][:1]
+        shown = f"{value!r} ({type(value).__name__})" if value is not None else "null"
+        if e["type"] in ("value_error", "import_error") or "error" in e.get("ctx", {}):
+            detail = str(e["ctx"]["error"])
+        else:
+            detail = f"expected {describe(declared[name])}, got {shown}"
+            if "[" in describe(declared[name]) and not isinstance(value, list | tuple | dict):
+                detail += "; write a list as [a, b]"
+        if strict:
+            out.append(f"{dotted} must be {describe(declared[name], python=True)}, got {value!r} "
+                       f"({type(value).__name__})")
+        else:
+            out.append(f"{dotted}: cannot use {value!r}: {detail}{''.join(items)}")
+    return list(dict.fromkeys(out))
+
+
+def convert(cls: type, data: dict[str, Any], path: str = "",
+            everywhere: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """Read parsed values for some fields of dataclass ``cls``: (converted values, every problem).
+
+    A mapping for a dataclass or Protocol field is built by :func:`build`; an unknown key gets a suggestion among
+    its siblings and ``everywhere`` (every valid dotted key, for a key put in the wrong section).
+    """
+    _, declared = _adapter(cls)
+    problems, nodes, plain = [], {}, {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in declared:
+            problems.append(unknown_key_message(dotted, [f"{path}.{n}" if path else n for n in declared], everywhere))
+            continue
+        members = [a for a in typing.get_args(declared[key]) if a is not type(None)] or [declared[key]]
+        node = next((m for m in members if _is_node(m) or m is Any), None)
+        if isinstance(value, dict) and (node is not None and (_is_node(node) or TARGET_KEY in value)):
+            try:
+                nodes[key] = build(node, value, dotted, everywhere)
+            except ConfigError as err:
+                problems += err.problems
+        else:
+            plain[key] = value
+    try:
+        plain = _adapter(cls)[0].validate_python(plain)
+    except ValidationError as err:
+        problems += _problems(err, declared, plain, path, strict=False)
+    return {**plain, **nodes}, problems
+
+
+def build(tp: Any, data: dict[str, Any], path: str = "", everywhere: tuple[str, ...] | None = None) -> Any:
+    """Build the dataclass that ``data`` describes (``data["_target_"]`` names the class when given).
+
+    ``everywhere``: the valid dotted keys for suggestions; None: every key of ``tp`` and the dataclasses it nests.
+
+    Returns:
+        The object, or a :class:`NotRestorable` for a saved ``{_target_, _repr_}`` record.
+
+    Raises:
+        ConfigError: listing every unknown key, bad value and missing required field below this node.
+    """
+    data = dict(data)
+    target = data.pop(TARGET_KEY, None)
+    if REPR_KEY in data:
+        return NotRestorable(target=str(target), repr=str(data.pop(REPR_KEY)))
+    where = f"{path}.{TARGET_KEY}" if path else TARGET_KEY
+    cls = tp
+    if target is not None:
+        try:
+            cls = import_object(target)
+        except ImportError as err:
+            raise ConfigError([f"{where}: {err}"]) from None
+        if _is_node(tp) and not getattr(tp, "_is_protocol", False) and not (isinstance(cls, type)
+                                                                             and issubclass(cls, tp)):
+            raise ConfigError([f"{where}: {target!r} is not a subclass of {tp.__name__}"])
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ConfigError([f"{path or 'value'}: {describe(tp)} needs {TARGET_KEY}: <import path of a dataclass>"])
+    everywhere = _dotted_keys(cls, path) if everywhere is None else everywhere
+    values, problems = convert(cls, data, path, everywhere)
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in data and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{path + '.' if path else ''}{f.name} is required "
+                            f"({describe(type_hints(cls).get(f.name, Any))}) but missing")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ConfigError([f"{path or cls.__name__}: cannot build {cls.__name__}: {err}"]) from None
+
+
+def _dotted_keys(cls: type, path: str) -> tuple[str, ...]:
+    keys = []
+    for name, tp in _adapter(cls)[1].items():
+        dotted = f"{path}.{name}" if path else name
+        nested = [m for m in (*typing.get_args(tp), tp) if isinstance(m, type) and dataclasses.is_dataclass(m)]
+        keys += [dotted, *(_dotted_keys(nested[0], dotted) if nested else ())]
+    return tuple(keys)
+
+
+def type_problems(obj: Any, prefix: str) -> list[str]:
+    """Fields of dataclass ``obj`` whose value does not have the declared type (``"10"`` in an ``int`` field).
+
+    Values from YAML and overrides were converted by :func:`convert` already; this catches Python assignments
+    before a comparison deep in a check raises TypeError. Nested dataclass values are checked by their own call.
+    """
+    adapter, declared = _adapter(type(obj))
+    data = {name: getattr(obj, name) for name in declared if not dataclasses.is_dataclass(getattr(obj, name))}
+    try:
+        adapter.validate_python(data, strict=True, context={"strict": True})
+    except ValidationError as err:
+        return _problems(err, declared, data, prefix, strict=True)
+    return []
+
+
+def at_least(name: str, value: Any, minimum: int | float, *, optional: bool = False) -> str | None:
+    """``"train.train_iters must be >= 1, got 0"`` when ``value < minimum`` (None allowed when ``optional``)."""
+    if value is None:
+        return None if optional else f"{name} must be set (>= {minimum})"
+    if value < minimum:
+        return f"{name} must be >= {minimum}, got {value}" + ("; set it to null to disable" if optional else "")
+    return None
