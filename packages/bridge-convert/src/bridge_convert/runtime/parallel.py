@@ -210,8 +210,8 @@ def initialize_parallel(
         raise ValueError(
             f"world size {world} is not divisible by tensor_model_parallel_size x pipeline_model_parallel_size x "
             f"context_parallel_size = {layout.tensor_model_parallel_size} x {layout.pipeline_model_parallel_size}"
-            f" x {layout.context_parallel_size}; launch with a multiple of {layout.model_parallel_size} processes "
-            f"(torchrun --nproc-per-node=N) or lower the parallel sizes"
+            f" x {layout.context_parallel_size}; launch a multiple of {layout.model_parallel_size} processes "
+            f"(torchrun --nproc-per-node={layout.model_parallel_size} ...) or lower the parallel sizes"
         )
     mpu = _mpu()
     if mpu.model_parallel_is_initialized():
