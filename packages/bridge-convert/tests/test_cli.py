@@ -1,12 +1,15 @@
 """The bridge-convert command line, run in-process (and once as the installed console script)."""
 
+import argparse
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from bridge_convert.cli import main
+from bridge_convert.cli import _build_parser, main
 from bridge_convert.testing import assert_same_checkpoint
+from bridge_convert.testing.__main__ import build_parser as build_testing_parser
 
 
 def test_console_script_help():
@@ -48,3 +51,74 @@ def test_errors_exit_nonzero_with_a_message(argv, message, hf_checkpoints, tmp_p
     argv = [a.format(hf=hf_checkpoints["llama"], out=tmp_path) for a in argv]
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("build", [_build_parser, build_testing_parser], ids=["bridge-convert", "testing"])
+def test_every_option_has_help(build):
+    for name, sub in _subparsers(build()).items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+@pytest.mark.parametrize("size", ["5GB", "500MB", "2GiB", "1234"])
+def test_max_shard_size_accepts_sizes(size):
+    args = _build_parser().parse_args(["export", "ckpt", "out", "--max-shard-size", size])
+    assert args.max_shard_size == size
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "5 gigs"])
+def test_max_shard_size_rejects_non_sizes_in_one_line(size, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "ckpt", "out", "--max-shard-size", size])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-shard-size" in err and "5GB" in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_before_or_after_the_subcommand(where, tmp_path, capsys):
+    argv = ["export", str(tmp_path), str(tmp_path / "hf")]
+    assert main(argv) == 1
+    with pytest.raises(FileNotFoundError, match="no Megatron checkpoint"):
+        main(["--debug", *argv] if where == "before" else [*argv, "--debug"])
+
+
+def test_import_names_the_heads_before_the_process_count(hf_checkpoints, tmp_path, capsys):
+    assert main(["import", hf_checkpoints["llama"], str(tmp_path / "out"), "--tp", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "num_attention_heads (4) is not divisible by tensor_model_parallel_size (3)" in err
+    assert "processes" not in err and not (tmp_path / "out").exists()
+
+
+def _poison(src: str, dst: Path, tensor: str) -> Path:
+    """A copy of the HF checkpoint ``src`` with NaN written into a few values of ``tensor``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    for shard in dst.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            if tensor not in f.keys():
+                continue
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        tensors[tensor].view(-1)[::7] = float("nan")
+        save_file(tensors, shard, metadata=metadata)
+        return dst
+    raise AssertionError(f"{tensor} is in no shard of {src}")
+
+
+def test_compare_fails_on_non_finite_logits(hf_checkpoints, tmp_path, capsys):
+    bad = _poison(hf_checkpoints["qwen3"], tmp_path / "nan", "model.layers.1.mlp.down_proj.weight")
+    assert main(["compare", str(bad), "--seq-len", "8"]) == 1
+    captured = capsys.readouterr()
+    assert "next-token match" not in captured.out
+    [error] = [line for line in captured.err.splitlines() if "error:" in line]  # tqdm bars aside
+    assert error.startswith("bridge-convert compare: error: Megatron logits hold") and "NaN" in error
+    assert "weights with NaN/inf: model.layers.1.mlp.down_proj.weight" in error

@@ -44,3 +44,24 @@ def test_preprocess_requires_a_tokenizer(tmp_path, capsys):
         main(["preprocess", "-i", "x.jsonl", "-o", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_description_is_a_sentence_and_every_option_has_help():
+    import argparse
+
+    from bridge_data.cli import build_parser
+
+    parser = build_parser()
+    assert parser.description.startswith("Prepare training data") and parser.description.endswith(".")
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_a_tokenizer_dir_without_tokenizer_files_is_one_line(tmp_path, write_jsonl, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
+    (tmp_path / "model").mkdir()
+    assert main(["preprocess", "-i", src, "-o", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no tokenizer files (looked for tokenizer.json" in err

@@ -92,3 +92,11 @@ def test_config_rejects_typo_attribute():
     cfg = TokenizerConfig(path="x")
     with pytest.raises(AttributeError):
         cfg.vocab_sise = 3
+
+
+def test_directory_without_tokenizer_files_says_which_files_were_looked_for(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a model dir saved without its tokenizer
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer files") as info:
+        build_tokenizer(TokenizerConfig(path=str(tmp_path)))
+    assert str(tmp_path) in str(info.value) and "tokenizer.json" in str(info.value)
+    assert "requires the SentencePiece library" not in str(info.value)  # transformers' message

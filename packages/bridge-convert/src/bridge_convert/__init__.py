@@ -45,6 +45,11 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _EXPORTS:
+        # The public entry points (AutoBridge & co.) hide megatron-core's known-harmless warnings before it is
+        # imported; BRIDGE_SHOW_WARNINGS=1 shows them (runtime/warnings_filter.py).
+        from .runtime.warnings_filter import silence_known_warnings
+
+        silence_known_warnings()
         value = getattr(import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value

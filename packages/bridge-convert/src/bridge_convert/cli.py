@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 __all__ = ["main"]
@@ -24,8 +23,29 @@ def _layout_args(parser: argparse.ArgumentParser) -> None:
                         help="layer implementation (default auto: Transformer Engine on a GPU with TE, else native)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr (what is wrong and where to look), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _shard_size(text: str) -> str:
+    """``--max-shard-size``: refused at parse time unless it is a positive size."""
+    from .safetensors_io import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use a byte count or a number with KB / MB / GB / "
+                                         "TB (powers of 1000) or KiB / MiB / GiB / TiB (powers of 1024), e.g. 5GB")
+    return text
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bridge-convert", description="Convert checkpoints between Hugging Face and megatron-core.",
         epilog="TP/PP > 1 need one process per rank: torchrun --nproc-per-node=N -m bridge_convert.cli ...")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -41,7 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="Megatron checkpoint -> HF checkpoint")
     p.add_argument("megatron_path", help="Megatron checkpoint (root with a tracker file, or an iter_* directory)")
     p.add_argument("hf_path", help="output HF model directory")
-    p.add_argument("--max-shard-size", default="5GB", help="shard size when not reproducing a source layout")
+    p.add_argument("--max-shard-size", default="5GB", type=_shard_size, metavar="SIZE",
+                   help="largest safetensors file when not reproducing the source layout: bytes, or a number with "
+                        "KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of 1024), e.g. 500MB, 2GiB (default 5GB)")
     p.add_argument("--no-overwrite", action="store_true", help="fail if the output directory is not empty")
     _layout_args(p)
 
@@ -57,17 +79,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="text to encode with the model's tokenizer")
     p.add_argument("--seq-len", type=int, default=32, help="random-input length when no --prompt (default 32)")
     p.add_argument("--batch", type=int, default=2, help="random-input batch size when no --prompt (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input ids when no --prompt (default 0)")
     _layout_args(p)
+    for command in sub.choices.values():
+        # --debug after the subcommand too; SUPPRESS keeps a subcommand from resetting a --debug given before it.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
 
 def _overrides(args) -> dict:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    needed = args.tp * args.pp
-    if world % needed:
-        raise ValueError(f"--tp {args.tp} x --pp {args.pp} needs a multiple of {needed} processes, this run has "
-                         f"{world}; launch with: torchrun --nproc-per-node={needed} -m bridge_convert.cli ...")
+    # The process count is checked by the runtime, after the provider has checked that the model splits at this
+    # layout (heads, KV groups, layers): the model's problem is the one to report first.
     out = {"tensor_model_parallel_size": args.tp, "pipeline_model_parallel_size": args.pp,
            "transformer_impl": args.impl}
     if args.vp:
@@ -186,6 +208,7 @@ def _cmd_compare(args) -> int:
     hf_model = AutoModelForCausalLM.from_pretrained(args.hf_path, dtype=dtype).to(device).eval()
     with torch.no_grad():
         hf = hf_model(ids.to(device)).logits.float().cpu()
+    _require_finite({"Megatron": megatron, "HF": hf}, {"HF": hf_model, "Megatron": model[0]}, args)
     diff = (megatron - hf).abs()
     cosine = torch.nn.functional.cosine_similarity(megatron.flatten(0, 1), hf.flatten(0, 1), dim=-1)
     match = (megatron.argmax(-1) == hf.argmax(-1)).float().mean().item()
@@ -197,8 +220,34 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _require_finite(logits: dict, models: dict, args) -> None:
+    """Refuse to report statistics over NaN / inf logits: max |diff| and argmax say nothing about them."""
+    import torch
+
+    bad = [f"{label} logits hold {int(t.isnan().sum())} NaN and {int(t.isinf().sum())} inf of {t.numel()} values"
+           for label, t in logits.items() if not torch.isfinite(t).all()]
+    if not bad:
+        return
+    for label, module in models.items():
+        weights = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+        if weights:
+            more = f" and {len(weights) - 3} more" if len(weights) > 3 else ""
+            bad.append(f"{label} weights with NaN/inf: {', '.join(weights[:3])}{more}")
+    source = args.megatron_path or args.hf_path
+    raise ValueError(f"{'; '.join(bad)}; the checkpoint {source} is not usable as it is (re-export or re-download "
+                     "it)")
+
+
 _COMMANDS = {"list": _cmd_list, "import": _cmd_import, "export": _cmd_export, "roundtrip": _cmd_roundtrip,
              "compare": _cmd_compare}
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line: an OS error as ``path: reason``, a list of problems joined by ';'."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    head, *items = [line.strip().removeprefix("- ") for line in str(exc).splitlines() if line.strip()] or [""]
+    return " ".join([head, "; ".join(items)]) if items else head
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bridge").setLevel(logging.INFO)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:
+    except (ValueError, OSError, TypeError) as exc:
         if args.debug:
             raise
-        print(f"bridge-convert {args.command}: error: {exc}", file=sys.stderr)
+        print(f"bridge-convert {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     finally:
         if args.command != "list":

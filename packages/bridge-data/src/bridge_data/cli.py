@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import signal
 import sys
 
+from bridge_data.known_warnings import silence_known_warnings
 from bridge_data.preprocessing import PreprocessConfig, preprocess
 from bridge_data.tokenizers import TokenizerConfig
 
@@ -17,13 +21,18 @@ _EXAMPLE = """example:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bridge-data`` command."""
-    parser = argparse.ArgumentParser(prog="bridge-data", description="bridge-data tools")
+    parser = argparse.ArgumentParser(
+        prog="bridge-data",
+        description="Prepare training data for megatron-core: bridge-data preprocess tokenizes text corpora into "
+        "the indexed datasets (.bin/.idx) that bridge-data's PretrainDataConfig and bridge-train read.",
+        epilog="Run 'bridge-data preprocess --help' for its options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{preprocess}")
     pre = commands.add_parser(
         "preprocess",
         help="tokenize JSONL / Parquet / HF datasets dirs into megatron-core .bin/.idx",
         description="Tokenize JSONL files, Parquet files or local HF datasets directories (save_to_disk) into "
-        "megatron-core indexed datasets: one document per row, eod appended, written atomically.",
+        "megatron-core indexed datasets: one document per row, eod appended, written atomically. Existing "
+        "outputs are kept unless --overwrite; an input is never overwritten.",
         epilog=_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,9 +54,49 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     pre.add_argument("--chunk-size", type=int, default=256, help="rows per worker task (default: 256)")
     pre.add_argument("--split", default="train", help="split of an HF DatasetDict directory (default: train)")
-    pre.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    pre.add_argument("--overwrite", action="store_true",
+                     help="replace an existing PREFIX.bin/.idx (never an input); default: refuse")
     pre.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return parser
+
+
+def _config(args) -> PreprocessConfig:
+    if args.tokenizer is not None:
+        tokenizer = TokenizerConfig(tokenizer_type="hf", path=args.tokenizer, eod_token=args.eod_token)
+    else:
+        tokenizer = TokenizerConfig(tokenizer_type="null", vocab_size=args.null_vocab_size)
+    return PreprocessConfig(
+        inputs=args.inputs, output_prefix=args.output_prefix, tokenizer=tokenizer, text_keys=args.text_keys,
+        append_eod=args.append_eod, prepend_bos=args.prepend_bos, workers=args.workers,
+        chunk_size=args.chunk_size, split=args.split, overwrite=args.overwrite, progress=args.progress,
+    )
+
+
+@contextlib.contextmanager
+def _notices_on_stderr():
+    """Print bridge-data's warnings (a stale temporary removed or kept) as one line each on stderr."""
+    log = logging.getLogger("bridge_data")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bridge-data preprocess: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _one_line(err: Exception) -> str:
+    """An OS error as ``path: reason`` (not ``[Errno 13] ...``); anything else as its message."""
+    if isinstance(err, OSError) and err.strerror and err.filename and type(err).__str__ is OSError.__str__:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,20 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         argv: Arguments without the program name; None reads ``sys.argv``.
     """
     args = build_parser().parse_args(argv)
-    if args.tokenizer is not None:
-        tokenizer = TokenizerConfig(tokenizer_type="hf", path=args.tokenizer, eod_token=args.eod_token)
-    else:
-        tokenizer = TokenizerConfig(tokenizer_type="null", vocab_size=args.null_vocab_size)
-    cfg = PreprocessConfig(
-        inputs=args.inputs, output_prefix=args.output_prefix, tokenizer=tokenizer, text_keys=args.text_keys,
-        append_eod=args.append_eod, prepend_bos=args.prepend_bos, workers=args.workers,
-        chunk_size=args.chunk_size, split=args.split, overwrite=args.overwrite, progress=args.progress,
-    )
+    silence_known_warnings()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a `kill` cleans up like Ctrl-C
     try:
-        results = preprocess(cfg)
+        with _notices_on_stderr():
+            results = preprocess(_config(args))
     except (ValueError, OSError) as err:
-        print(f"bridge-data preprocess: error: {err}", file=sys.stderr)
+        print(f"bridge-data preprocess: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bridge-data preprocess: interrupted; no output written, temporary files removed", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for r in results:
         print(f"{r.prefix}.bin/.idx: {r.num_documents} documents, {r.num_tokens} tokens"
               + (f", {r.skipped_empty} empty rows skipped" if r.skipped_empty else ""))

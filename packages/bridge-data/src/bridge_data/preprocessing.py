@@ -1,22 +1,30 @@
 """Tokenize text corpora into megatron-core indexed datasets (``.bin`` + ``.idx``), one document per row.
 
-Outputs are written under temporary names and renamed into place only once complete; the ``.idx`` is renamed
-last and any old ``.idx`` is removed first, so a crash never leaves a ``.bin``/``.idx`` pair that looks valid
-but is not.
+Outputs are written under temporary names and renamed into place only once complete (see
+:mod:`bridge_data.indexed_writer`): a crash never leaves a ``.bin``/``.idx`` pair that looks valid but is not,
+existing outputs are replaced only with ``overwrite``, an input is never an output, and what a killed run left
+behind is removed by the next run into the same prefix.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from bridge_data.indexed_writer import (
+    IndexedWriter,
+    OutputError,
+    check_outputs,
+    disk_error,
+    remove_stale_temporaries,
+)
 from bridge_data.sources import count_rows, detect_format, get_field, iter_rows
 from bridge_data.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer
 
@@ -115,7 +123,9 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
 
     Raises:
         FileNotFoundError: If an input does not exist.
-        FileExistsError: If an output exists and ``cfg.overwrite`` is False.
+        OutputExistsError: (a ``FileExistsError``) if an output exists and ``cfg.overwrite`` is False.
+        OutputError: (an ``OSError``) if an output is an input or inside one, or cannot be written (read-only
+            directory, full disk: the message names the path and the bytes).
         ValueError: On a bad config, a row without a text key (naming file, row and key), non-string text,
             or inputs that hold no documents.
     """
@@ -123,24 +133,29 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
     for path in cfg.inputs:
         detect_format(path)
     prefixes = output_prefixes(cfg)
+    check_outputs([p + ext for p in prefixes.values() for ext in (".bin", ".idx")], cfg.inputs,
+                  overwrite=cfg.overwrite)
     for prefix in prefixes.values():
-        for path in (prefix + ".bin", prefix + ".idx"):
-            if os.path.exists(path) and not cfg.overwrite:
-                raise FileExistsError(f"Output {path} exists; pass overwrite=True (--overwrite) to replace it")
         parent = os.path.dirname(os.path.abspath(prefix))
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise disk_error(exc, parent) from exc
+        remove_stale_temporaries(prefix)
 
     tokenizer = build_tokenizer(cfg.tokenizer)
     if cfg.prepend_bos and tokenizer.bos is None:
         raise ValueError(f"prepend_bos is set but tokenizer {tokenizer!r} has no bos token")
     dtype = _token_dtype(tokenizer.vocab_size)
-    writers = {key: _AtomicIndexedWriter(prefix, dtype) for key, prefix in prefixes.items()}
+    writers: dict[str, IndexedWriter] = {}
     skipped = dict.fromkeys(cfg.text_keys, 0)
     prefix_ids = [tokenizer.bos] if cfg.prepend_bos else []
     suffix_ids = [tokenizer.eod] if cfg.append_eod else []
     totals = [count_rows(p, split=cfg.split) for p in cfg.inputs]
     total = sum(totals) if all(t is not None for t in totals) else None
     try:
+        for key, prefix in prefixes.items():
+            writers[key] = IndexedWriter(prefix, dtype)
         with tqdm(total=total, unit="doc", desc="preprocess", disable=not cfg.progress) as bar:
             for encoded in _encode_chunks(cfg, tokenizer):
                 for key, docs in encoded.items():
@@ -148,7 +163,7 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
                         if not ids:
                             skipped[key] += 1
                             continue
-                        writers[key].add_document(prefix_ids + ids + suffix_ids)
+                        _add(writers[key], prefix_ids + ids + suffix_ids, bar)
                 bar.update(len(next(iter(encoded.values()))))
         empty = [key for key, w in writers.items() if w.num_documents == 0]
         if empty:
@@ -169,6 +184,19 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
         logger.info("wrote %s.{bin,idx}: %d documents, %d tokens (%d empty rows skipped)",
                     r.prefix, r.num_documents, r.num_tokens, r.skipped_empty)
     return results
+
+
+def _add(writer: IndexedWriter, ids: list[int], bar) -> None:
+    """Append one document; on a full disk, estimate what the rest needs from the documents so far."""
+    try:
+        writer.add_document(ids)
+    except OutputError as exc:
+        done, total = writer.num_documents, bar.total
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and total and done:
+            more = int(writer.bytes_written / done * (total - done))
+            raise OutputError(exc.errno, f"{exc}; about {more:,} more bytes needed for the remaining "
+                              f"{total - done:,} documents") from exc
+        raise
 
 
 def _token_dtype(vocab_size: int) -> type[np.number]:
@@ -218,50 +246,3 @@ def _encode_in_worker(chunk: list[list[str]]) -> dict[str, list[list[int]]]:
     return _encode(_WORKER["tokenizer"], _WORKER["keys"], chunk)
 
 
-class _AtomicIndexedWriter:
-    """An ``IndexedDatasetBuilder`` writing to temporary files that :meth:`commit` renames into place."""
-
-    def __init__(self, prefix: str, dtype: type[np.number]) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        self.prefix = prefix
-        directory, base = os.path.split(os.path.abspath(prefix))
-        fd, self._tmp_bin = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".bin.tmp")
-        os.close(fd)
-        self._tmp_idx = self._tmp_bin[: -len(".bin.tmp")] + ".idx.tmp"
-        self._builder = IndexedDatasetBuilder(self._tmp_bin, dtype=dtype)
-        self.num_documents = 0
-        self.num_tokens = 0
-        self._done = False
-
-    def add_document(self, ids: list[int]) -> None:
-        self._builder.add_document(np.asarray(ids), [len(ids)])
-        self.num_documents += 1
-        self.num_tokens += len(ids)
-
-    def commit(self) -> None:
-        self._builder.finalize(self._tmp_idx)
-        for tmp in (self._tmp_bin, self._tmp_idx):
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        final_idx = self.prefix + ".idx"
-        # Remove the old index first: until the new one lands, no valid-looking pair exists.
-        if os.path.exists(final_idx):
-            os.unlink(final_idx)
-        os.replace(self._tmp_bin, self.prefix + ".bin")
-        os.replace(self._tmp_idx, final_idx)
-        self._done = True
-
-    def discard(self) -> None:
-        """Remove the temporary files of an uncommitted writer (no-op after commit)."""
-        if self._done:
-            return
-        if not self._builder.data_file.closed:
-            self._builder.data_file.close()
-        for tmp in (self._tmp_bin, self._tmp_idx):
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        self._done = True

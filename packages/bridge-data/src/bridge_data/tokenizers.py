@@ -224,6 +224,24 @@ class NullTokenizer(Tokenizer):
         return f"NullTokenizer(vocab_size={self._vocab_size})"
 
 
+# What save_pretrained writes for fast (tokenizer.json), SentencePiece (*.model), BPE (vocab.json + merges.txt),
+# WordPiece (vocab.txt) and tiktoken tokenizers; tokenizer_config.json accompanies every one of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _require_tokenizer_files(path: str) -> None:
+    """Say which files were looked for, instead of the message of whichever tokenizer class transformers tries."""
+    names = set(os.listdir(path))
+    if names & set(TOKENIZER_FILES) or any(n.endswith((".tiktoken", ".model")) for n in names):
+        return
+    raise FileNotFoundError(
+        f"Tokenizer directory {path!r} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}, "
+        "*.model, *.tiktoken); point it at the output of tokenizer.save_pretrained(), e.g. the HF model "
+        "directory the tokenizer came with"
+    )
+
+
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """Build the tokenizer ``cfg`` describes.
 
@@ -235,7 +253,8 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
 
     Raises:
         ValueError: If the config is inconsistent or the tokenizer has no end-of-document token.
-        FileNotFoundError: If ``path`` is not an existing directory (there is no hub access here).
+        FileNotFoundError: If ``path`` is not an existing directory (there is no hub access here) or holds no
+            tokenizer files.
     """
     cfg.finalize()
     if cfg.tokenizer_type == "null":
@@ -245,6 +264,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             f"Tokenizer directory {cfg.path!r} does not exist; point TokenizerConfig.path at a local HF "
             "tokenizer directory (the output of save_pretrained)"
         )
+    _require_tokenizer_files(cfg.path)
     from transformers import AutoTokenizer
 
     hf_tokenizer = AutoTokenizer.from_pretrained(cfg.path)

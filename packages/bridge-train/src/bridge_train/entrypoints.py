@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bridge_convert.runtime.warnings_filter import silence_known_warnings
+
 from .config import ConfigContainer
 from .forward_step import gpt_forward_step
 from .loop import train
@@ -22,6 +24,7 @@ def pretrain(cfg: ConfigContainer, forward_step: Callable = gpt_forward_step) ->
     Returns:
         The loss of every iteration this call ran.
     """
+    silence_known_warnings()  # megatron-core's known-harmless notices; BRIDGE_SHOW_WARNINGS=1 shows them
     return train(setup_run(cfg, finetune=False), forward_step)
 
 
@@ -33,4 +36,5 @@ def finetune(cfg: ConfigContainer, forward_step: Callable = gpt_forward_step) ->
     Returns:
         The loss of every iteration this call ran.
     """
+    silence_known_warnings()
     return train(setup_run(cfg, finetune=True), forward_step)

@@ -3,7 +3,7 @@
 Public entry points (``to_megatron_model``, ``pretrain``) call :func:`initialize_parallel`; users never need to.
 """
 
-from ._cpu_compat import CPU_PATCHES, applied_patches, apply_cpu_compat
+from ._cpu_compat import CPU_PATCHES, applied_patches, apply_cpu_compat, cpu_compat, remove_cpu_compat
 from .parallel import (
     ParallelLayout,
     ParallelState,
@@ -11,6 +11,7 @@ from .parallel import (
     get_parallel_state,
     initialize_parallel,
     log_rank0,
+    parallel_runtime,
 )
 from .warnings_filter import silence_known_warnings
 
@@ -20,9 +21,12 @@ __all__ = [
     "ParallelState",
     "applied_patches",
     "apply_cpu_compat",
+    "cpu_compat",
     "destroy_parallel",
     "get_parallel_state",
     "initialize_parallel",
     "log_rank0",
+    "parallel_runtime",
+    "remove_cpu_compat",
     "silence_known_warnings",
 ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
-from ._cpu_compat import apply_cpu_compat
+from ._cpu_compat import applied_patches, apply_cpu_compat, remove_cpu_compat
 
 __all__ = [
     "ParallelLayout",
@@ -23,6 +25,7 @@ __all__ = [
     "get_parallel_state",
     "initialize_parallel",
     "log_rank0",
+    "parallel_runtime",
 ]
 
 logger = logging.getLogger("bridge")
@@ -154,6 +157,7 @@ class ParallelState:
 
 
 _STATE: ParallelState | None = None
+_OWNS_CPU_COMPAT = False
 
 
 def _mpu():
@@ -187,11 +191,12 @@ def initialize_parallel(
     Raises:
         ValueError: if the world size is not divisible by TP x PP x CP.
     """
-    global _STATE
+    global _STATE, _OWNS_CPU_COMPAT
     layout = layout or ParallelLayout()
     cuda = torch.cuda.is_available()
-    if not cuda:
+    if not cuda and not applied_patches():
         apply_cpu_compat()
+        _OWNS_CPU_COMPAT = True  # removed by destroy_parallel (unless a caller's cpu_compat() block holds them)
     backend = "nccl" if cuda else "gloo"
 
     if not dist.is_initialized():
@@ -210,8 +215,8 @@ def initialize_parallel(
         raise ValueError(
             f"world size {world} is not divisible by tensor_model_parallel_size x pipeline_model_parallel_size x "
             f"context_parallel_size = {layout.tensor_model_parallel_size} x {layout.pipeline_model_parallel_size}"
-            f" x {layout.context_parallel_size}; launch with a multiple of {layout.model_parallel_size} processes "
-            f"(torchrun --nproc-per-node=N) or lower the parallel sizes"
+            f" x {layout.context_parallel_size}; launch a multiple of {layout.model_parallel_size} processes "
+            f"(torchrun --nproc-per-node={layout.model_parallel_size} ...) or lower the parallel sizes"
         )
     mpu = _mpu()
     if mpu.model_parallel_is_initialized():
@@ -242,14 +247,37 @@ def get_parallel_state() -> ParallelState:
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron-core's groups and the default process group (for tests and clean exits)."""
-    global _STATE
-    mpu = _mpu()
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _STATE = None
+    """Tear down megatron-core's groups, the default process group and the CPU compatibility patches (for
+    tests and clean exits); afterwards torch and megatron-core are as they were before the runtime started."""
+    global _STATE, _OWNS_CPU_COMPAT
+    try:
+        mpu = _mpu()
+        if mpu.model_parallel_is_initialized():
+            mpu.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        _STATE = None
+        if _OWNS_CPU_COMPAT:
+            remove_cpu_compat()
+            _OWNS_CPU_COMPAT = False
+
+
+@contextmanager
+def parallel_runtime(layout: ParallelLayout | None = None, *, seed: int = 1234,
+                     timeout_minutes: int = 30) -> Iterator[ParallelState]:
+    """:func:`initialize_parallel` for a ``with`` block, :func:`destroy_parallel` at its end.
+
+    ```python
+    with parallel_runtime(ParallelLayout(tensor_model_parallel_size=2)) as state:
+        model = bridge.to_megatron_model(tensor_model_parallel_size=2)
+    ```
+    """
+    state = initialize_parallel(layout, seed=seed, timeout_minutes=timeout_minutes)
+    try:
+        yield state
+    finally:
+        destroy_parallel()
 
 
 def log_rank0(message: str, *args, level: int = logging.INFO) -> None:
