@@ -11,7 +11,7 @@ from .adapters import LoRAAdapter
 from .base import PEFT
 from .hf_adapter import save_hf_adapter
 from .hf_import import load_hf_adapter
-from .linear import AdapterModule, LinearInfo
+from .linear import AdapterModule, LinearInfo, linear_info
 from .lora import CanonicalLoRA, DoRA, LoRA
 from .merge import adapters_disabled, merge_adapters, unmerge_adapters
 
@@ -24,6 +24,7 @@ __all__ = [
     "LoRA",
     "LoRAAdapter",
     "adapters_disabled",
+    "linear_info",
     "load_hf_adapter",
     "merge_adapters",
     "save_hf_adapter",

@@ -151,7 +151,7 @@ class PEFT:
         for chunk in chunks:
             for param in _unwrap(chunk).parameters():
                 param.requires_grad_(bool(training and getattr(param, "bridge_adapter", False)))
-        return chunks if was_list else chunks[0]
+        return model  # the same list (or module), now with adapters
 
     # ------------------------------------------------------------------------------- inspection
     @staticmethod

@@ -155,7 +155,10 @@ def attach_adapter(module: nn.Module, adapter: nn.Module) -> None:
         # TE returns the norm output (sequence-local under sequence parallelism; the adapter gathers it) and
         # adds the gradient that flows back into it to the norm's input gradient.
         module.return_layernorm_output = True
-    module.register_forward_hook(_forward_hook, with_kwargs=True)
+    # First among the layer's forward hooks: the native spec's output-release hooks (norm / SwiGLU recompute)
+    # free the layer's input after its forward and refill it before its backward, so the adapter must read the
+    # input before them (autograd then holds the same storage for the adapter's backward, refilled in time).
+    module.register_forward_hook(_forward_hook, with_kwargs=True, prepend=True)
     if hasattr(module, "sharded_state_dict"):
         module.sharded_state_dict = types.MethodType(_sharded_state_dict, module)
 
