@@ -23,7 +23,8 @@ __all__ = ["main"]
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge-peft", description="Export or merge PEFT adapter checkpoints.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="export-adapter or merge (COMMAND --help for its options)")
 
     p = sub.add_parser("export-adapter", help="adapter checkpoint -> HF PEFT adapter directory",
                        description="Write the adapters of a bridge-train PEFT checkpoint in the HF PEFT format.")
