@@ -230,3 +230,27 @@ def test_cli_help_and_bad_input(tiny_hf, dora_checkpoint, tmp_path, capsys):
     AutoBridge.import_ckpt(tiny_hf, tmp_path / "full")
     fails(["export-adapter", str(tmp_path / "full"), str(tmp_path / "o3")], "not an adapter checkpoint",
           tmp_path / "o3")
+    # a Megatron checkpoint as the base gives the same merged model as the HF directory
+    assert main(["merge", dora_checkpoint, str(tmp_path / "m1"), "--base", tiny_hf]) == 0
+    assert main(["merge", dora_checkpoint, str(tmp_path / "m2"), "--base", str(tmp_path / "full")]) == 0
+    from safetensors.torch import load_file
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = weights(tmp_path / "m1"), weights(tmp_path / "m2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrained_megatron_checkpoint_is_the_base(tiny_hf, tmp_path):
+    from bridge_convert import AutoBridge
+    from bridge_train.setup import setup_run
+
+    AutoBridge.import_ckpt(tiny_hf, tmp_path / "megatron")
+    cfg = make_config(tiny_hf, None, train_iters=2)
+    cfg.checkpoint.pretrained_checkpoint = str(tmp_path / "megatron")
+    run = setup_run(cfg, finetune=True)
+    reference = AutoBridge.from_hf_pretrained(tiny_hf).to_megatron_model(load_weights=True)
+    expected = dict(reference[0].named_parameters())
+    base = _base_params(run.model)
+    assert base and all(torch.equal(base[n], expected[n]) for n in base)
