@@ -274,9 +274,10 @@ def render(results: list[dict], args, versions: dict) -> str:
         f"transformers {versions['transformers']}, megatron-core {versions['megatron-core']}, "
         f"liger-kernel {versions['liger-kernel']}, transformer-engine {versions['transformer-engine']}",
         f"- shape: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, {shape['kv_heads']} KV "
-        f"groups, FFN {shape['ffn']}, vocab {shape['vocab']}, untied; N = {matmul_parameters(shape) / 1e9:.3f}B "
+        f"groups, FFN {shape['ffn']}, vocab {shape['vocab']}, untied; N = {matmul_parameters(shape) / 1e9:.4g}B "
         f"matmul parameters; LoRA dim {args.dim} alpha {args.alpha} on all 7 projections "
-        f"(N_adapter = {adapter_parameters(shape, args.dim) / 1e6:.1f}M)",
+        f"(N_adapter = {adapter_parameters(shape, args.dim) / 1e6:.4g}M, HF's count: one A per projection; the "
+        "bridge rows' fused linear_qkv / linear_fc1 share one A, slightly fewer)",
         f"- step: forward + backward + AdamW on the adapters, bf16; {args.warmup} warm-up + {args.steps} timed "
         f"steps per micro-batch; PYTORCH_CUDA_ALLOC_CONF={args.alloc_conf or 'unset'}",
         f"- MFU = (4*N + 6*N_adapter + 12*L*H*S) * tokens/s / peak (frozen base: no weight-gradient GEMMs) = "

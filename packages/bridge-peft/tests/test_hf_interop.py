@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ORACLE_FAMILIES, randomize_adapters
+from peft_helpers import ORACLE_FAMILIES, randomize_adapters
 
 from bridge_convert import AutoBridge
 from bridge_convert.forward import forward_logits

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import randomize_adapters
+from peft_helpers import randomize_adapters
 
 from bridge_convert import AutoBridge
 from bridge_convert.forward import forward_logits

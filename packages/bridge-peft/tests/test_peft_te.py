@@ -5,7 +5,7 @@ Run on a CUDA machine with TE: ``uv run pytest packages/bridge-peft/tests/test_t
 
 import pytest
 import torch
-from conftest import randomize_adapters
+from peft_helpers import randomize_adapters
 
 from bridge_convert import AutoBridge
 from bridge_convert.forward import forward_logits
