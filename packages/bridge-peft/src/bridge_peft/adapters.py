@@ -323,12 +323,13 @@ class LoRAAdapter(AdapterModule):
         dropped = self.training and isinstance(self.dropout, nn.Dropout) and self.dropout_position == "pre"
         if self.dropout_position == "pre":
             xa = self.dropout(xa)
-        delta = self._lora(xa) * self.scale
+        delta = self._lora(xa)
         if self.dropout_position == "post":
-            delta = self.dropout(delta)
+            delta = self.dropout(delta)  # (before the scale: dropout is linear, so the same thing)
         delta = self._output(delta).to(out.dtype)
         if not self.dora:
-            return out + delta
+            return torch.add(out, delta, alpha=self.scale)  # scale and add in one pass over the output
+        delta = delta * self.scale
         factor = self.dora_factor(weight).to(out.dtype)
         base = out if base_bias is None else out - base_bias
         if dropped:  # HF peft: the DoRA base term reads the dropped-out input too
