@@ -65,6 +65,21 @@ def _train(model, steps: int = STEPS) -> list[float]:
     return losses
 
 
+def _merge_check(model) -> tuple[float, float]:
+    """(max |logits merged - logits with adapters|, max |base after unmerge - base before merge|)."""
+    from bridge_convert.forward import forward_logits
+    from bridge_peft import merge_adapters, unmerge_adapters
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    before = forward_logits(model, ids)
+    base = {n: p.detach().clone() for n, p in model[0].named_parameters() if ".adapter." not in n}
+    merge_adapters(model)
+    merged = forward_logits(model, ids)
+    unmerge_adapters(model)
+    restored = max((p.detach() - base[n]).abs().max().item() for n, p in model[0].named_parameters() if n in base)
+    return (merged - before).abs().max().item(), restored
+
+
 def _export(bridge, model, out: Path) -> dict[str, bytes]:
     from bridge_peft import save_hf_adapter
 
@@ -88,9 +103,12 @@ def _parallel_body(hf: str, out: str) -> dict:
         if name == "lora":
             results["tp2_export"] = _export(bridge, model, Path(out) / "tp2")
         results[f"tp2_{name}"] = _train(model)
+        if name == "dora":  # the DoRA norm of the row-parallel layers is summed over TP
+            results["tp2_merge_dora"] = _merge_check(model)
     _, model = _build(hf, tensor_model_parallel_size=2, sequence_parallel=True)
     methods["lora_split_a"]()(model)
     results["tp2_sp_split_a"] = _train(model)
+    results["tp2_merge_split_a"] = _merge_check(model)  # a rank-split A is gathered for s B A
     from bridge_peft import LoRA
 
     _, model = _build(hf, tensor_model_parallel_size=2)
@@ -127,3 +145,6 @@ def test_tp2_pp2_match_tp1(hf_checkpoints, runtime, tmp_path):
     assert parallel["tp2_export"] == reference["export"]  # byte for byte
     assert parallel["pp2_export"] == reference["export"]
     assert "divisible by the tensor-parallel size (2)" in parallel["tp2_error"]
+    for key in ("tp2_merge_dora", "tp2_merge_split_a"):
+        logits_diff, restored = parallel[key]
+        assert logits_diff <= 1e-4 and restored <= 1e-6, (key, parallel[key])
