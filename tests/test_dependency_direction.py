@@ -26,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = sorted(p for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
-DEV_TOOLS = {"pytest", "_pytest", "nox"}
+DEV_TOOLS = {"pytest", "_pytest", "nox", "peft"}  # the root dev group (HF peft: the oracle of bridge-peft's tests)
 
 
 def _norm(name: str) -> str:

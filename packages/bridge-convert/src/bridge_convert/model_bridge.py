@@ -166,12 +166,18 @@ def _order_key(name: str, position: int) -> tuple:
 
 
 def local_params(bridge: ModelBridge, provider: GPTModelProvider, chunks: list, tp_size: int):
-    """Yield (global name, parameter, mapping, layer, split) for every parameter this rank holds."""
+    """Yield (global name, parameter, mapping, layer, split) for every parameter this rank holds.
+
+    Parameters marked ``bridge_adapter`` (PEFT adapters attached by bridge-peft) are not part of the model's
+    HF checkpoint and are skipped; bridge-peft exports them in the HF PEFT format.
+    """
     mappings = bridge.mappings_for(provider)
     for chunk in chunks:
         module = _unwrap(chunk)
         renames = _local_to_global(module)
         for local_name, param in module.named_parameters():
+            if getattr(param, "bridge_adapter", False):
+                continue
             name = global_name(local_name, renames)
             mapping, layer = bridge.find(mappings, name)
             yield name, param, mapping, layer, split_of(mapping, param, tp_size)

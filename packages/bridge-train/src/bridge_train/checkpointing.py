@@ -31,7 +31,8 @@ from bridge_convert.megatron_ckpt import (
     sharded_model_state,
 )
 
-__all__ = ["TrainState", "find_resume_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
+__all__ = ["TrainState", "adapter_only_checkpoints", "find_resume_checkpoint", "load_training_checkpoint",
+           "save_training_checkpoint"]
 
 logger = logging.getLogger("bridge")
 
@@ -89,7 +90,7 @@ def save_training_checkpoint(run, train_state: TrainState) -> Path:
     Every rank calls this. ``run`` is the :class:`bridge_train.setup.TrainingRun`.
     """
     cfg, state = run.cfg, run.parallel
-    model_state = sharded_model_state(run.model)
+    model_state = _model_state(run)
     extra: dict[str, Any] = {
         "opt_param_scheduler": run.scheduler.state_dict(),
         "train_state": asdict(train_state),
@@ -106,6 +107,8 @@ def save_training_checkpoint(run, train_state: TrainState) -> Path:
         assets = run.bridge.hf_path
     else:
         metadata, assets = {"architecture": None}, None
+    if adapter_only_checkpoints(cfg):
+        metadata = {**metadata, "peft": _peft_metadata(cfg.peft)}
     path = save_checkpoint(run.model, root, iteration=train_state.iteration, metadata=metadata,
                            extra_state=extra, hf_assets_from=assets, model_state=model_state, extra_files=files,
                            sharded_strategy=_save_strategy(run))
@@ -114,6 +117,27 @@ def save_training_checkpoint(run, train_state: TrainState) -> Path:
     if state.rank == 0:
         _prune(root, keep=cfg.checkpoint.keep_last_n, current=train_state.iteration)
     return path
+
+
+def adapter_only_checkpoints(cfg) -> bool:
+    """True when ``cfg.peft`` can filter the model state to its adapters (bridge-peft's methods can): the
+    checkpoints then hold adapters + optimizer state only, and the base comes from ``pretrained_checkpoint``."""
+    return callable(getattr(cfg.peft, "filter_sharded_state_dict", None))
+
+
+def _model_state(run) -> dict[str, Any]:
+    """The model part of a checkpoint: all weights, or only the adapters of a PEFT run."""
+    state = sharded_model_state(run.model)
+    return run.cfg.peft.filter_sharded_state_dict(state) if adapter_only_checkpoints(run.cfg) else state
+
+
+def _peft_metadata(peft) -> dict[str, Any]:
+    """The PEFT method in ``bridge.json``: class path and (dataclass) fields, so tools can rebuild it."""
+    import dataclasses
+
+    fields = ({f.name: getattr(peft, f.name) for f in dataclasses.fields(peft) if f.init}
+              if dataclasses.is_dataclass(peft) else {})
+    return {"class": f"{type(peft).__module__}.{type(peft).__qualname__}", "fields": fields}
 
 
 def _save_strategy(run):
@@ -161,7 +185,7 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
     cfg, state = run.cfg, run.parallel
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved = TrainState.from_dict(common["train_state"])
-    model_state = sharded_model_state(run.model)
+    model_state = _model_state(run)
     request: dict[str, Any] = {}
     entries = set(common.get("saved_entries", ()))
     if cfg.checkpoint.load_optim and "optimizer" in entries:
@@ -173,7 +197,8 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
                        saved.world_size, state.world_size)
     if load_rng:
         request["rng_state"] = _rng_sharded_object(state, None)
-    loaded = load_model_state(run.model, path, extra_state=request, model_state=model_state)
+    loaded = load_model_state(run.model, path, extra_state=request, model_state=model_state,
+                              strict=not adapter_only_checkpoints(cfg))
     if "optimizer" in request:
         run.optimizer.load_state_dict(loaded["optimizer"])
     run.scheduler.load_state_dict(common["opt_param_scheduler"])

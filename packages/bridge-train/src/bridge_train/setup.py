@@ -18,7 +18,12 @@ import torch
 
 from bridge_convert.runtime import ParallelLayout, ParallelState, initialize_parallel
 
-from .checkpointing import TrainState, find_resume_checkpoint, load_training_checkpoint
+from .checkpointing import (
+    TrainState,
+    adapter_only_checkpoints,
+    find_resume_checkpoint,
+    load_training_checkpoint,
+)
 from .config import ConfigContainer
 
 __all__ = ["TrainingRun", "setup_run"]
@@ -169,7 +174,8 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
                                 "checkpoint.exit_on_missing_checkpoint is set")
     hooks = []
     pretrained = cfg.checkpoint.pretrained_checkpoint
-    if (finetune or cfg.checkpoint.finetune) and resume is None and pretrained:
+    # An adapter-only PEFT checkpoint holds no base weights: the base comes from the pretrained one on resume too.
+    if (finetune or cfg.checkpoint.finetune) and pretrained and (resume is None or adapter_only_checkpoints(cfg)):
         hooks.append(_pretrained_weights_hook(pretrained))
     if finetune and cfg.peft is not None:
         hooks.append(_peft_hook(cfg.peft))

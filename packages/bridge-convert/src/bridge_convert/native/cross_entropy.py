@@ -105,10 +105,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         in_range = (local_target >= 0) & (local_target < vocab_local)
         local_target = torch.where(in_range, local_target, torch.zeros_like(local_target))
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # A frozen output layer (PEFT) needs no weight-gradient GEMM and no [vocab, hidden] fp32 buffer.
+        want_weight = ctx.needs_input_grad[1]
         loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty_like(loss)
         grad_hidden = torch.empty_like(hidden) if want_grads else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_fn = _kernel("grad", hidden.device)
         for start in range(0, tokens, chunk):
             end = min(start + chunk, tokens)
@@ -131,7 +133,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 w = loss_weights[start:end] if loss_weights is not None else None
                 g = grad_fn(logits, lse, t, r, w)
                 grad_hidden[start:end] = g @ weight
-                accumulate_weight_grad(h, g, grad_weight)
+                if want_weight:
+                    accumulate_weight_grad(h, g, grad_weight)
             del logits
         if grad_weight is not None and weight.dtype != torch.float32:
             # Held until the backward: in the weight's dtype (what autograd hands on anyway), not fp32. For the
@@ -151,11 +154,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if scale is not None:
                 # In place: these buffers belong to this graph alone, and the backward runs at peak memory.
                 # (an fp32 0-dim tensor: a bf16 buffer is scaled in fp32 arithmetic and rounded once)
-                grad_weight = grad_weight.mul_(scale).to(weight.dtype)
+                grad_weight = grad_weight.mul_(scale).to(weight.dtype) if grad_weight is not None else None
                 return grad_hidden.mul_(scale), grad_weight, None, None, None, None
         # The per-token gradient is not c x loss_weights: recompute each chunk with the true weights.
+        want_weight = ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_fn = _kernel("grad", hidden.device)
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
@@ -164,9 +168,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             g = grad_fn(logits, lse_all[start:end], local_target[start:end], in_range[start:end],
                         grad_loss[start:end])
             grad_hidden[start:end] = g @ weight
-            accumulate_weight_grad(h, g, grad_weight)
+            if want_weight:
+                accumulate_weight_grad(h, g, grad_weight)
             del logits
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+        return (grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None, None, None)
 
 
 def _uniform_scale(grad_loss: Tensor, loss_weights: Tensor | None, tp_group, tp_size: int) -> Tensor | None:

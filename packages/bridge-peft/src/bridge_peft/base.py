@@ -1,0 +1,247 @@
+"""The PEFT base class: find target layers, attach adapters, freeze the base, report and save adapter state.
+
+A PEFT method is a kw-only dataclass (so configs round-trip through YAML and take dotted overrides such as
+``peft.dim=16``) whose :meth:`PEFT.make_adapter` builds the adapter module of one matched linear layer. Calling
+the method on a model (a list of model chunks, as ``bridge.to_megatron_model`` and megatron-core's
+``provide_distributed_model`` give) attaches the adapters and freezes everything else; that call is the
+``peft(model, training)`` protocol bridge-train applies before DDP wrapping and before the optimizer is built,
+so DDP's gradient buffers and the optimizer (and its fp32 master weights) hold adapter parameters only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .linear import ADAPTER_ATTR, AdapterModule, adapted_linears, attach_adapter, is_adapter_state_key
+from .matching import check_patterns, matches, matching_patterns
+
+__all__ = ["PEFT", "global_module_names", "model_chunks"]
+
+DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def model_chunks(model) -> tuple[list, bool]:
+    """``(chunks, was_list)``: a model given as one module or as a list of chunks."""
+    if isinstance(model, list | tuple):
+        return list(model), True
+    return [model], False
+
+
+def _unwrap(chunk):
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunk)
+
+
+def global_module_names(chunk) -> list[tuple[str, str, nn.Module]]:
+    """``(global name, local name, module)`` of every module of one chunk; layer numbers are megatron-core's
+    global ``layer_number - 1`` so patterns mean the same layers at any pipeline layout."""
+    from bridge_convert.model_bridge import _local_to_global, global_name
+
+    module = _unwrap(chunk)
+    renames = _local_to_global(module)
+    return [(global_name(local + ".", renames)[:-1] if local else "", local, sub)
+            for local, sub in module.named_modules()]
+
+
+def _is_parallel_linear(module: nn.Module) -> bool:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return isinstance(module, ColumnParallelLinear | RowParallelLinear) or \
+        getattr(module, "parallel_mode", None) in ("column", "row")
+
+
+def _all_reduce_counts(counts: list[int]) -> list[int]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not counts:
+        return counts
+    t = torch.tensor(counts, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass(kw_only=True)
+class PEFT:
+    """Base class of PEFT methods; subclasses implement :meth:`make_adapter`.
+
+    Args:
+        target_modules: names or patterns (see :mod:`bridge_peft.matching`) of the linear layers to adapt.
+            Every entry must match at least one layer of the model.
+        exclude_modules: names or patterns of layers to leave alone even when a target matches them.
+    """
+
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------- subclass API
+    def validate(self) -> None:
+        """Check the settings (also run when the method is applied: dotted overrides bypass ``__init__``).
+
+        Raises:
+            ValueError: naming the field, its value and what is allowed.
+        """
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if isinstance(self.exclude_modules, str):
+            self.exclude_modules = [self.exclude_modules]
+        self.target_modules = list(self.target_modules)
+        self.exclude_modules = list(self.exclude_modules)
+        if not self.target_modules:
+            raise ValueError(f"{type(self).__name__}.target_modules is empty: name at least one linear layer, "
+                             f"e.g. {list(DEFAULT_TARGETS)}")
+        check_patterns(self.target_modules, f"{type(self).__name__}.target_modules")
+        check_patterns(self.exclude_modules, f"{type(self).__name__}.exclude_modules")
+
+    def targets(self, name: str, module: nn.Module) -> list[tuple[str, str]]:
+        """``(pattern, projection)`` pairs by which this layer is targeted; projection ``all`` = the whole layer.
+
+        Subclasses that adapt parts of a fused layer (canonical LoRA) override this.
+        """
+        return [(p, "all") for p in matching_patterns(name, self.target_modules)]
+
+    def make_adapter(self, module: nn.Module, name: str, projections: tuple[str, ...]) -> AdapterModule:
+        """The adapter for the linear layer ``module`` (global ``name``), adapting ``projections``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_adapter()")
+
+    # ---------------------------------------------------------------------------------- applying
+    def __call__(self, model, training: bool = True):
+        """Attach adapters to the matched layers of ``model`` (list of chunks or one module) and freeze the base.
+
+        Returns the same list (or module). With ``training=False`` nothing is trainable (inference / export).
+
+        Raises:
+            ValueError: for a target pattern that matches no layer of the model (all ranks agree), bad
+                settings, or a model that already has adapters.
+        """
+        self.validate()
+        chunks, was_list = model_chunks(model)
+        plan: list[tuple[nn.Module, str, tuple[str, ...]]] = []
+        hits = dict.fromkeys(self.target_modules, 0)
+        linear_names: list[str] = []
+        for chunk in chunks:
+            for name, _, module in global_module_names(chunk):
+                if not _is_parallel_linear(module):
+                    continue
+                linear_names.append(name)
+                if hasattr(module, ADAPTER_ATTR):
+                    raise ValueError(f"{name} already has an adapter: apply a PEFT method to a model only once")
+                found = self.targets(name, module)
+                for pattern, _ in found:
+                    hits[pattern] += 1
+                if found and not matches(name, self.exclude_modules):
+                    projections = tuple(dict.fromkeys(p for _, p in found))
+                    plan.append((module, name, projections))
+        totals = _all_reduce_counts(list(hits.values()))
+        missing = [p for p, n in zip(hits, totals) if n == 0]
+        if missing:
+            examples = ", ".join(sorted(set(linear_names))[:6]) or "none on this rank"
+            raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
+                             f"(linear layers are named like: {examples}); fix the name or pattern")
+        for module, name, projections in plan:
+            attach_adapter(module, self.make_adapter(module, name, projections))
+        for chunk in chunks:
+            for param in _unwrap(chunk).parameters():
+                param.requires_grad_(bool(training and getattr(param, "bridge_adapter", False)))
+        return model  # the same list (or module), now with adapters
+
+    # ------------------------------------------------------------------------------- inspection
+    @staticmethod
+    def trainable_parameters(model) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer should see (this rank's; adapter parameters after applying)."""
+        chunks, _ = model_chunks(model)
+        return [p for c in chunks for p in _unwrap(c).parameters() if p.requires_grad]
+
+    @staticmethod
+    def parameter_counts(model) -> dict[str, int]:
+        """``{"trainable": n, "total": n}`` parameters held by this rank (TP shards count their local size)."""
+        chunks, _ = model_chunks(model)
+        params = [p for c in chunks for p in _unwrap(c).parameters()]
+        return {"trainable": sum(p.numel() for p in params if p.requires_grad),
+                "total": sum(p.numel() for p in params)}
+
+    @staticmethod
+    def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+        """Adapter tensors only (this rank's shards), keyed by global module names."""
+        chunks, _ = model_chunks(model)
+        out: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            for name, _, module in global_module_names(chunk):
+                if isinstance(module, AdapterModule):
+                    for key, tensor in module.state_dict(keep_vars=False).items():
+                        out[f"{name}.{key}"] = tensor.detach().clone()
+        return out
+
+    @staticmethod
+    def load_adapter_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`adapter_state_dict` returned (same layout).
+
+        Raises:
+            ValueError: naming missing / unexpected keys or a shape mismatch.
+        """
+        chunks, _ = model_chunks(model)
+        mine = PEFT.adapter_state_dict(chunks)
+        missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        if missing or unexpected:
+            raise ValueError(f"adapter state does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for chunk in chunks:
+            for name, _, module in global_module_names(chunk):
+                if isinstance(module, AdapterModule):
+                    own = module.state_dict(keep_vars=True)
+                    with torch.no_grad():
+                        for key, tensor in own.items():
+                            src = state[f"{name}.{key}"]
+                            if tuple(src.shape) != tuple(tensor.shape):
+                                raise ValueError(f"{name}.{key}: shape {tuple(src.shape)} does not match the "
+                                                 f"adapter's {tuple(tensor.shape)}")
+                            tensor.copy_(src)
+
+    @staticmethod
+    def filter_sharded_state_dict(sharded: dict[str, Any]) -> dict[str, Any]:
+        """Keep only adapter entries of a (nested) megatron sharded state dict: an adapter-only checkpoint."""
+        out: dict[str, Any] = {}
+        for key, value in sharded.items():
+            if isinstance(value, dict):
+                kept = PEFT.filter_sharded_state_dict(value)
+                if kept:
+                    out[key] = kept
+            elif is_adapter_state_key(key):
+                out[key] = value
+        return out
+
+    # ------------------------------------------------------------------------------- merge etc.
+    @staticmethod
+    def merge(model) -> None:
+        """Fold every adapter into its base weight (see :func:`bridge_peft.merge_adapters`)."""
+        from .merge import merge_adapters
+
+        merge_adapters(model)
+
+    @staticmethod
+    def unmerge(model) -> None:
+        from .merge import unmerge_adapters
+
+        unmerge_adapters(model)
+
+    @staticmethod
+    @contextmanager
+    def disabled(model):
+        from .merge import adapters_disabled
+
+        with adapters_disabled(model):
+            yield
+
+
+def adapters_of(model) -> list[tuple[nn.Module, AdapterModule]]:
+    """``(linear layer, adapter)`` for every adapter of the model's chunks on this rank."""
+    chunks, _ = model_chunks(model)
+    return [(linear, adapter) for c in chunks for _, linear, adapter in adapted_linears(_unwrap(c))]

@@ -1,0 +1,169 @@
+"""``bridge-peft``: adapter checkpoints of bridge-train's PEFT runs -> HF PEFT adapters or merged HF models.
+
+- ``bridge-peft export-adapter CKPT OUT``: the adapters of an adapter-only Megatron checkpoint (as ``finetune``
+  with ``cfg.peft`` writes them) as an HF PEFT directory (``PeftModel.from_pretrained`` / vLLM load it);
+- ``bridge-peft merge CKPT OUT --base BASE``: the base model (an HF directory or a Megatron checkpoint) with the
+  adapters merged in, as an HF checkpoint.
+
+The PEFT method is rebuilt from the checkpoint's ``bridge.json`` (class path and fields). Outputs are written
+into a temporary directory next to OUT and renamed into place when complete: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bridge-peft", description="Export or merge PEFT adapter checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="export-adapter or merge (COMMAND --help for its options)")
+
+    p = sub.add_parser("export-adapter", help="adapter checkpoint -> HF PEFT adapter directory",
+                       description="Write the adapters of a bridge-train PEFT checkpoint in the HF PEFT format.")
+    p.add_argument("checkpoint", help="Megatron adapter checkpoint (root with a tracker file, or an iter_* dir)")
+    p.add_argument("out", help="output directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--base-model-name", default=None,
+                   help="base_model_name_or_path recorded in adapter_config.json (default: the checkpoint's "
+                        "architecture name)")
+
+    p = sub.add_parser("merge", help="adapter checkpoint + base model -> merged HF checkpoint",
+                       description="Merge the adapters of a bridge-train PEFT checkpoint into a base model and "
+                                   "write the result as an HF checkpoint.")
+    p.add_argument("checkpoint", help="Megatron adapter checkpoint (root with a tracker file, or an iter_* dir)")
+    p.add_argument("out", help="output HF model directory")
+    p.add_argument("--base", required=True,
+                   help="the base model the adapters were trained on: an HF directory or a Megatron checkpoint")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the written weights (default: the base checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    return parser
+
+
+def peft_from_metadata(meta: dict, where: Path):
+    """Rebuild the PEFT method that ``bridge-train`` recorded in a checkpoint's ``bridge.json``.
+
+    Raises:
+        ValueError: for a checkpoint without a PEFT entry or with a class that cannot be imported.
+    """
+    entry = meta.get("peft")
+    if not isinstance(entry, dict) or "class" not in entry:
+        raise ValueError(f"{where} is not an adapter checkpoint: its bridge.json records no PEFT method (write it "
+                         "with bridge-train's finetune and cfg.peft set)")
+    module, _, name = entry["class"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{where}: cannot import the PEFT class {entry['class']!r} ({exc})") from None
+    return cls(**entry.get("fields", {}))
+
+
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "vocab_size", "head_dim")
+
+
+def _check_same_model(adapter_cfg: dict, base_cfg: dict, ckpt: Path, base: str) -> None:
+    diffs = [f"{k}: checkpoint {adapter_cfg.get(k)!r}, base {base_cfg.get(k)!r}" for k in _SHAPE_KEYS
+             if adapter_cfg.get(k) != base_cfg.get(k)]
+    if adapter_cfg.get("architectures") != base_cfg.get("architectures"):
+        diffs.insert(0, f"architectures: {adapter_cfg.get('architectures')} vs {base_cfg.get('architectures')}")
+    if diffs:
+        raise ValueError(f"the adapters in {ckpt} were trained on another model than --base {base}: "
+                         + "; ".join(diffs))
+
+
+def _load_adapters(model, peft, ckpt: Path) -> None:
+    from bridge_convert.megatron_ckpt import load_model_state, sharded_model_state
+
+    state = peft.filter_sharded_state_dict(sharded_model_state(model))
+    load_model_state(model, ckpt, model_state=state, strict=False)
+
+
+def _model_with_adapters(ckpt: Path, base: str | None, steps):
+    """Build the model (base weights from ``base`` when given), apply the checkpoint's PEFT, load the adapters."""
+    from bridge_convert import AutoBridge
+    from bridge_convert.megatron_ckpt import read_checkpoint_metadata, resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(ckpt)
+    meta = read_checkpoint_metadata(directory)
+    peft = peft_from_metadata(meta, directory)
+    adapter_bridge = AutoBridge.from_megatron_checkpoint(directory)
+    overrides = {"params_dtype": meta.get("params_dtype", "float32")}
+    if base is None:
+        bridge = adapter_bridge
+        model = bridge.to_megatron_model(load_weights=False, perform_initialization=False, **overrides)
+    elif (Path(base) / "config.json").exists():
+        bridge = AutoBridge.from_hf_pretrained(base)
+        _check_same_model(adapter_bridge.hf_config, bridge.hf_config, directory, base)
+        model = bridge.to_megatron_model(load_weights=True)
+    else:
+        bridge = AutoBridge.from_megatron_checkpoint(base)
+        _check_same_model(adapter_bridge.hf_config, bridge.hf_config, directory, base)
+        model = bridge.to_megatron_model(load_weights=False, perform_initialization=False, **overrides)
+        bridge.load_megatron_checkpoint(model, base)
+    steps.update(1)
+    peft(model, training=False)
+    _load_adapters(model, peft, directory)
+    steps.update(1)
+    return bridge, model, directory
+
+
+def _export_adapter(args) -> None:
+    from tqdm.auto import tqdm
+
+    from bridge_convert.outputs import check_output_dir
+
+    from .hf_adapter import save_hf_adapter
+
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
+    with tqdm(total=3, desc="export-adapter", unit="step") as steps:
+        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), None, steps)
+        name = args.base_model_name or bridge.model_bridge.hf_architecture
+        save_hf_adapter(bridge, model, args.out, overwrite=args.overwrite, base_model_name_or_path=name)
+        steps.update(1)
+    print(f"wrote the HF PEFT adapter of {directory} to {args.out}")
+
+
+def _merge(args) -> None:
+    from tqdm.auto import tqdm
+
+    from bridge_convert.outputs import check_output_dir
+
+    from .merge import merge_adapters
+
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=(args.checkpoint, args.base))
+    with tqdm(total=4, desc="merge", unit="step") as steps:
+        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), args.base, steps)
+        merge_adapters(model)
+        steps.update(1)
+        bridge.save_hf_pretrained(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        steps.update(1)
+    print(f"wrote {args.base} with the adapters of {directory} merged to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        from bridge_convert.runtime import initialize_parallel
+
+        initialize_parallel()
+        {"export-adapter": _export_adapter, "merge": _merge}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError) as exc:
+        if args.debug:
+            raise
+        print(f"bridge-peft {args.command}: error: {str(exc).strip() or type(exc).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""HF interop against HF ``peft`` as the oracle: exported adapters, imported peft adapters, merged exports."""
+
+import json
+
+import pytest
+import torch
+from peft_helpers import ORACLE_FAMILIES, randomize_adapters
+
+from bridge_convert import AutoBridge
+from bridge_convert.forward import forward_logits
+from bridge_peft import (
+    CanonicalLoRA,
+    DoRA,
+    LoRA,
+    load_hf_adapter,
+    merge_adapters,
+    save_hf_adapter,
+    unmerge_adapters,
+)
+
+METHODS = {
+    "lora": lambda: LoRA(dim=4, alpha=8),
+    "dora": lambda: DoRA(dim=4, alpha=8),
+    "canonical": lambda: CanonicalLoRA(dim=4, alpha=8),
+}
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(7))
+
+
+def _megatron(ckpt, **overrides):
+    bridge = AutoBridge.from_hf_pretrained(ckpt)
+    return bridge, bridge.to_megatron_model(load_weights=True, **overrides)
+
+
+def _hf(ckpt):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _peft_logits(ckpt, adapter_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_hf(ckpt), str(adapter_dir)).eval()(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def base_logits(hf_checkpoints):
+    with torch.no_grad():
+        return {f: _hf(hf_checkpoints[f])(IDS).logits for f in ORACLE_FAMILIES}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", ORACLE_FAMILIES)
+def test_exported_adapter_gives_peft_the_same_logits(family, method, hf_checkpoints, base_logits, runtime,
+                                                     tmp_path):
+    bridge, model = _megatron(hf_checkpoints[family])
+    METHODS[method]()(model, training=True)
+    randomize_adapters(model, seed=hash((family, method)) % 1000)
+    ours = forward_logits(model, IDS)
+    save_hf_adapter(bridge, model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is (method == "dora") and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]
+    theirs = _peft_logits(hf_checkpoints[family], tmp_path / "adapter")
+    assert (theirs - base_logits[family]).abs().max() > 1e-2  # the adapters change the output
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_local_spec_and_partial_targets_export(hf_checkpoints, runtime, tmp_path):
+    """The local spec, a wildcard target on one layer and an exclusion: peft gets exactly those modules."""
+    bridge, model = _megatron(hf_checkpoints["llama31"], transformer_impl="local")
+    LoRA(target_modules=["*.layers.1.*.linear_qkv", "linear_fc2"], exclude_modules=["*.layers.0.*"], dim=3,
+         alpha=5)(model)
+    randomize_adapters(model, seed=3)
+    ours = forward_logits(model, IDS)
+    save_hf_adapter(bridge, model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)  # a regex: not every layer is adapted
+    torch.testing.assert_close(ours, _peft_logits(hf_checkpoints["llama31"], tmp_path / "adapter"), atol=1e-4,
+                               rtol=0)
+
+
+def _peft_made_adapter(ckpt, out, *, use_dora, targets, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(_hf(ckpt), LoraConfig(r=4, lora_alpha=6, target_modules=targets, use_dora=use_dora,
+                                                 init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.randn_like(param))
+    model.save_pretrained(str(out))
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+ALL_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(("family", "use_dora", "targets"), [
+    ("llama31", False, ALL_HF), ("qwen3", True, ALL_HF), ("mistral", False, ["q_proj", "v_proj"]),
+    ("llama32", True, ["k_proj", "down_proj", "up_proj"]),
+])
+def test_peft_made_adapter_imports_with_peft_logits(family, use_dora, targets, hf_checkpoints, runtime, tmp_path):
+    theirs = _peft_made_adapter(hf_checkpoints[family], tmp_path / "adapter", use_dora=use_dora, targets=targets)
+    bridge, model = _megatron(hf_checkpoints[family])
+    load_hf_adapter(bridge, model, tmp_path / "adapter")
+    torch.testing.assert_close(forward_logits(model, IDS), theirs, atol=1e-4, rtol=0)
+    # per-projection A's differ in a peft-made adapter: canonical branches
+    qkv = model[0].decoder.layers[0].self_attention.linear_qkv
+    assert not hasattr(qkv, "adapter") or "all" not in qkv.adapter.branches
+
+
+def test_fused_adapter_round_trips_through_hf_bytes_identical(hf_checkpoints, runtime, tmp_path):
+    bridge, model = _megatron(hf_checkpoints["qwen3"])
+    DoRA(dim=4, alpha=8)(model)
+    randomize_adapters(model, seed=11)
+    ours = forward_logits(model, IDS)
+    save_hf_adapter(bridge, model, tmp_path / "a")
+    bridge2, fresh = _megatron(hf_checkpoints["qwen3"])
+    load_hf_adapter(bridge2, fresh, tmp_path / "a")
+    assert "all" in fresh[0].decoder.layers[0].self_attention.linear_qkv.adapter.branches  # one shared A: fused
+    torch.testing.assert_close(forward_logits(fresh, IDS), ours, atol=1e-6, rtol=0)
+    save_hf_adapter(bridge2, fresh, tmp_path / "b")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_merge_unmerge_and_merged_export(method, hf_checkpoints, runtime, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    bridge, model = _megatron(hf_checkpoints["llama32"])
+    base = {n: p.detach().clone() for n, p in model[0].named_parameters()}
+    METHODS[method]()(model)
+    randomize_adapters(model, seed=5)
+    with_adapters = forward_logits(model, IDS)
+    merge_adapters(model)
+    torch.testing.assert_close(forward_logits(model, IDS), with_adapters, atol=1e-4, rtol=0)
+    bridge.save_hf_pretrained(model, tmp_path / "merged")
+    merged_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged_hf(IDS).logits, with_adapters, atol=1e-4, rtol=0)
+    unmerge_adapters(model)
+    for name, param in model[0].named_parameters():
+        if name in base:
+            assert (param.detach() - base[name]).abs().max() <= 1e-6, name
+    torch.testing.assert_close(forward_logits(model, IDS), with_adapters, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_missing_adapter_files_are_named(hf_checkpoints, runtime, tmp_path):
+    bridge, model = _megatron(hf_checkpoints["llama31"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_hf_adapter(bridge, model, tmp_path / "nope")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
+        load_hf_adapter(bridge, model, tmp_path / "a")
+    assert not any(hasattr(m, "adapter") for m in model[0].modules())
+
+
+def test_adapter_for_another_base_is_refused_with_shapes(hf_checkpoints, runtime, tmp_path):
+    _peft_made_adapter(hf_checkpoints["qwen3"], tmp_path / "qwen", use_dora=False, targets=["q_proj"])
+    bridge, model = _megatron(hf_checkpoints["llama31"])
+    with pytest.raises(ValueError, match=r"q_proj.lora_b: shape \(128, 4\), this model needs \(64, 4\)"):
+        load_hf_adapter(bridge, model, tmp_path / "qwen")
+    assert not any(hasattr(m, "adapter") for m in model[0].modules())
+
+
+def test_unrepresentable_adapters_are_named(hf_checkpoints, runtime, tmp_path):
+    _peft_made_adapter(hf_checkpoints["llama32"], tmp_path / "embed", use_dora=False, targets=["embed_tokens"])
+    bridge, model = _megatron(hf_checkpoints["llama32"])
+    with pytest.raises(ValueError, match="embed_tokens"):
+        load_hf_adapter(bridge, model, tmp_path / "embed")
+    config = json.loads((tmp_path / "embed" / "adapter_config.json").read_text())
+    (tmp_path / "embed" / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    with pytest.raises(ValueError, match="bias='all'"):
+        load_hf_adapter(bridge, model, tmp_path / "embed")
+
+
+def test_save_refuses_a_non_empty_output_and_leaves_it(hf_checkpoints, runtime, tmp_path):
+    bridge, model = _megatron(hf_checkpoints["llama31"])
+    LoRA(dim=2, alpha=2)(model)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="out"):
+        save_hf_adapter(bridge, model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]

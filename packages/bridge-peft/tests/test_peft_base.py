@@ -1,0 +1,193 @@
+"""The PEFT base: matching, freezing, counts, adapter state, disabling, options, a user-defined method."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from peft_helpers import randomize_adapters
+
+from bridge_convert import AutoBridge
+from bridge_convert.forward import forward_logits
+from bridge_peft import PEFT, AdapterModule, CanonicalLoRA, DoRA, LoRA, adapters_disabled
+from bridge_peft.linear import linear_info
+from bridge_peft.matching import matches
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_checkpoints):
+    return hf_checkpoints["llama31"]
+
+
+def _model(ckpt, **overrides):
+    return AutoBridge.from_hf_pretrained(ckpt).to_megatron_model(load_weights=True, **overrides)
+
+
+def _adapted(model) -> list[str]:
+    return sorted(n for n, m in model[0].named_modules() if hasattr(m, "adapter") and isinstance(
+        m.adapter, AdapterModule))
+
+
+@pytest.mark.parametrize(("name", "pattern", "expected"), [
+    ("decoder.layers.0.self_attention.linear_qkv", "linear_qkv", True),
+    ("decoder.layers.0.self_attention.linear_qkv", "qkv", False),
+    ("decoder.layers.0.self_attention.linear_qkv", "*.layers.0.*.linear_qkv", True),
+    ("decoder.layers.10.self_attention.linear_qkv", "*.layers.1.*.linear_qkv", False),
+    ("decoder.layers.3.mlp.linear_fc1", r"re:decoder\.layers\.[0-3]\.mlp\..*", True),
+    ("decoder.layers.4.mlp.linear_fc1", r"re:decoder\.layers\.[0-3]\.mlp\..*", False),
+    ("decoder.layers.3.mlp.linear_fc2", "decoder.layers.3.mlp.linear_fc2", True),
+])
+def test_patterns(name, pattern, expected):
+    assert matches(name, [pattern]) is expected
+
+
+def test_targets_excludes_freeze_and_counts(ckpt, runtime):
+    model = _model(ckpt)
+    lora = LoRA(target_modules=["linear_qkv", "re:.*linear_fc[12]"], exclude_modules=["*.layers.1.mlp.linear_fc2"],
+                dim=4, alpha=8)
+    assert lora(model, training=True) is model
+    assert _adapted(model) == ["decoder.layers.0.mlp.linear_fc1", "decoder.layers.0.mlp.linear_fc2",
+                               "decoder.layers.0.self_attention.linear_qkv", "decoder.layers.1.mlp.linear_fc1",
+                               "decoder.layers.1.self_attention.linear_qkv"]
+    expected = sum(4 * sum(m.weight.shape) for n, m in model[0].named_modules() if n in _adapted(model))
+    counts = lora.parameter_counts(model)
+    assert counts["trainable"] == expected
+    assert counts["total"] == expected + sum(p.numel() for p in _model(ckpt)[0].parameters())
+    assert {id(p) for p in lora.trainable_parameters(model)} == {
+        id(p) for n, p in model[0].named_parameters() if ".adapter." in n}
+    assert all(not p.requires_grad for n, p in model[0].named_parameters() if ".adapter." not in n)
+
+
+def test_bad_settings_fail_with_one_clear_error_and_leave_the_model(ckpt, runtime):
+    for kwargs, message in [({"dim": 0}, "dim must be a positive integer"), ({"dim": -2}, "dim must be"),
+                            ({"alpha": 0}, "alpha must be > 0"), ({"dropout": 1.5}, "dropout must be in"),
+                            ({"dropout_position": "mid"}, "dropout_position"),
+                            ({"lora_A_init_method": "ones"}, "lora_A_init_method"),
+                            ({"target_modules": []}, "target_modules is empty"),
+                            ({"target_modules": ["re:("]}, "not a valid regular expression")]:
+        with pytest.raises(ValueError, match=message):
+            LoRA(**kwargs)
+    model = _model(ckpt)
+    with pytest.raises(ValueError, match=r"\['linear_qvk'\] match no linear layer"):
+        LoRA(target_modules=["linear_qkv", "linear_qvk"])(model)
+    assert _adapted(model) == [] and all(p.requires_grad for p in model[0].parameters())
+    lora = LoRA(dim=4)
+    lora.dim = 0  # a dotted override after construction is checked when the method is applied
+    with pytest.raises(ValueError, match="dim must be"):
+        lora(model)
+    LoRA(dim=2)(model)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        LoRA(dim=2)(model)
+
+
+def test_zero_b_starts_at_the_base_and_disabling_restores_it(ckpt, runtime):
+    model = _model(ckpt)
+    base = forward_logits(model, IDS)
+    DoRA(dim=4, alpha=8, lora_A_init_method="kaiming")(model)
+    assert torch.equal(forward_logits(model, IDS), base) or \
+        (forward_logits(model, IDS) - base).abs().max() < 1e-5  # B = 0, m = ||W||: the identity
+    randomize_adapters(model, seed=2)
+    adapted = forward_logits(model, IDS)
+    assert (adapted - base).abs().max() > 1e-2
+    with adapters_disabled(model):
+        assert torch.equal(forward_logits(model, IDS), base)
+    assert torch.equal(forward_logits(model, IDS), adapted)
+
+
+def test_adapter_state_dict_round_trip(ckpt, runtime):
+    model = _model(ckpt)
+    peft = CanonicalLoRA(dim=3, alpha=3)
+    peft(model)
+    randomize_adapters(model, seed=9)
+    state = peft.adapter_state_dict(model)
+    assert state and all(".adapter." in k for k in state)
+    assert "decoder.layers.1.self_attention.linear_qkv.adapter.branches.k.lora_b" in state
+    fresh = _model(ckpt)
+    peft(fresh)
+    peft.load_adapter_state_dict(fresh, state)
+    assert torch.equal(forward_logits(fresh, IDS), forward_logits(model, IDS))
+    with pytest.raises(ValueError, match="missing"):
+        peft.load_adapter_state_dict(fresh, {k: v for k, v in state.items() if "layers.0" not in k})
+
+
+def test_init_dtype_and_dropout_options(ckpt, runtime):
+    model = _model(ckpt)
+    LoRA(dim=4, alpha=4, lora_A_init_method="kaiming", lora_B_init_method="xavier", lora_dtype="bfloat16",
+         dropout=0.5, dropout_position="post", target_modules=["linear_fc2"])(model)
+    fc2 = model[0].decoder.layers[0].mlp.linear_fc2
+    branch = fc2.adapter.branches["all"]
+    assert branch.lora_a.dtype == torch.bfloat16 and branch.lora_b.abs().sum() > 0
+    assert branch.lora_a.abs().max() <= 1 / fc2.weight.shape[1] ** 0.5 + 1e-3  # kaiming-uniform bound
+    x = torch.randn(5, 1, fc2.weight.shape[1])
+    fc2.train()
+    a, b = fc2(x)[0], fc2(x)[0]
+    assert a.dtype == torch.float32 and not torch.equal(a, b)  # dropout on the adapter output in training
+    fc2.eval()
+    assert torch.equal(fc2(x)[0], fc2(x)[0])
+
+
+# ------------------------------------------------------------------------------ a user-defined PEFT
+class ChannelScale(AdapterModule):
+    """IA3-style: a learned scale per output channel of a row-parallel layer (its output is not TP-split)."""
+
+    def __init__(self, info):
+        super().__init__(info)
+        self.scale = torch.nn.Parameter(torch.ones(info.out_features))
+
+    def forward(self, x, out, *, weight, base_bias=None):
+        return out * self.scale.to(out.dtype)
+
+
+@dataclass(kw_only=True)
+class IA3(PEFT):
+    target_modules: list[str] = field(default_factory=lambda: ["linear_proj", "linear_fc2"])
+
+    def make_adapter(self, module, name, projections):
+        info = linear_info(module, name)
+        if info.parallel != "row":
+            raise ValueError(f"IA3 here scales row-parallel layers only; {name} is {info.parallel}-parallel")
+        return ChannelScale(info)
+
+
+def test_user_defined_peft_trains(ckpt, runtime):
+    model = _model(ckpt)
+    base = {n: p.detach().clone() for n, p in model[0].named_parameters()}
+    peft = IA3()
+    peft(model, training=True)
+    params = peft.trainable_parameters(model)
+    assert len(params) == 4 and all(p.shape == (64,) for p in params)
+    opt = torch.optim.Adam(params, lr=0.05)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(16).expand(4, 16)
+    losses = []
+    model[0].train()
+    for _ in range(15):
+        loss = model[0](ids[:, :-1], positions[:, :-1], None, labels=ids[:, 1:]).float().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(torch.equal(p, base[n]) for n, p in model[0].named_parameters() if n in base)
+    assert set(peft.adapter_state_dict(model)) == {f"decoder.layers.{i}.{m}.adapter.scale" for i in (0, 1)
+                                                  for m in ("self_attention.linear_proj", "mlp.linear_fc2")}
+
+
+def test_native_and_local_specs_give_the_same_adapter_gradients(ckpt, runtime):
+    """The native spec (fused chunked loss, which skips the frozen output layer's weight-gradient GEMM) and the
+    local spec agree on every adapter gradient; no frozen base weight gets a gradient."""
+    ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(12).expand(2, 12)
+    grads = []
+    for impl in ("native", "local"):
+        model = _model(ckpt, transformer_impl=impl)
+        LoRA(dim=4, alpha=8, lora_B_init_method="xavier")(model)
+        model[0].train()
+        model[0](ids[:, :-1], positions, None, labels=ids[:, 1:]).float().mean().backward()
+        assert all(p.grad is None for n, p in model[0].named_parameters() if ".adapter." not in n)
+        grads.append({n: p.grad for n, p in model[0].named_parameters() if ".adapter." in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    for name in grads[0]:
+        assert grads[0][name].abs().max() > 0, name
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

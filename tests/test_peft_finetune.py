@@ -1,0 +1,256 @@
+"""bridge-train's finetune() with cfg.peft: frozen base, adapter-only optimizer / DDP / checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge_convert.testing import save_tiny_hf_checkpoint
+
+ITERS = 16
+SCRIPT = '''
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_peft_finetune import make_config
+from bridge_train import finetune
+import bridge_train.loop as loop
+
+def main():
+    ckpt, marker = sys.argv[1], sys.argv[2]
+    cfg = make_config({hf!r}, ckpt, train_iters={iters})
+    real_step = loop.train_step
+    def step(run, fs, iteration):
+        if iteration >= 3:  # slow down from here on: the signal arrives long before the last iteration
+            open(marker, "w").write("running")
+            time.sleep(1.0)
+        return real_step(run, fs, iteration)
+    loop.train_step = step
+    finetune(cfg)
+    print("clean exit", flush=True)
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def make_data(root: Path) -> tuple[str, str]:
+    """A tiny tokenizer and a chat JSONL whose answers a LoRA learns quickly: (tokenizer dir, data file)."""
+    import random
+
+    from bridge_data.testing import make_texts, save_tiny_tokenizer, write_jsonl
+
+    rng = random.Random(0)
+    rows = [{"messages": [{"role": "user", "content": q},
+                          {"role": "assistant", "content": rng.choice(["paris.", "twelve.", "the fox."])}]}
+            for q in make_texts(64, seed=5, max_words=8)]
+    return str(save_tiny_tokenizer(root / "tokenizer")), str(write_jsonl(root / "sft.jsonl", rows))
+
+
+def make_config(hf_path: str, ckpt: str | None, *, train_iters: int, peft=None, **checkpoint):
+    from bridge_convert import AutoBridge
+    from bridge_data import SFTDataConfig, TokenizerConfig
+    from bridge_peft import LoRA
+    from bridge_train import (
+        CheckpointConfig,
+        ConfigContainer,
+        LoggerConfig,
+        OptimizerConfig,
+        SchedulerConfig,
+        TrainConfig,
+    )
+
+    provider = AutoBridge.from_hf_pretrained(hf_path).to_megatron_provider(load_weights=False)
+    return ConfigContainer(
+        model=provider,
+        train=TrainConfig(train_iters=train_iters, micro_batch_size=2, global_batch_size=4),
+        tokenizer=TokenizerConfig(tokenizer_type="hf", path=str(Path(hf_path) / "tokenizer")),
+        dataset=SFTDataConfig(path=str(Path(hf_path) / "sft.jsonl"), seq_length=64, packed=True, split="90,10,0"),
+        optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-3, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=1),
+        checkpoint=CheckpointConfig(save=ckpt, load=ckpt, pretrained_checkpoint=hf_path, **checkpoint),
+        logger=LoggerConfig(log_interval=1, print_config=False, progress_bar=False),
+        peft=peft if peft is not None else LoRA(dim=8, alpha=16),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> str:
+    """A tiny HF Llama whose directory also holds the tokenizer and the chat data of these runs."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_data(root)
+    return save_tiny_hf_checkpoint(root, "llama", vocab_size=320, seed=4)
+
+
+def _base_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model[0].module.named_parameters()
+            if not getattr(p, "bridge_adapter", False)}
+
+
+def test_lora_finetune_trains_adapters_only(tiny_hf, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from bridge_convert import AutoBridge
+    from bridge_train import gpt_forward_step
+    from bridge_train.loop import train
+    from bridge_train.setup import setup_run
+
+    run = setup_run(make_config(tiny_hf, str(tmp_path / "ckpt"), train_iters=15), finetune=True)
+    adapter_ids = {id(p) for p in run.model[0].module.parameters() if getattr(p, "bridge_adapter", False)}
+    optimized = [p for opt in run.optimizer.chained_optimizers for g in opt.optimizer.param_groups
+                 for p in g["params"]]
+    assert optimized and {id(p) for p in optimized} == adapter_ids  # no base parameter (nor a master copy)
+    ddp_params = [p for buf in run.model[0].buffers for p in buf.params]
+    assert {id(p) for p in ddp_params} == adapter_ids  # DDP's grad buffers hold adapters only
+    before = _base_params(run.model)
+    reference = AutoBridge.from_hf_pretrained(tiny_hf).to_megatron_model(load_weights=True)
+    hf_base = {n: p for n, p in reference[0].named_parameters()}
+    assert all(torch.equal(before[n], hf_base[n]) for n in before)  # the base is the pretrained checkpoint
+
+    losses = train(run, gpt_forward_step)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    after = _base_params(run.model)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+    iteration = tmp_path / "ckpt" / "iter_0000015"
+    keys = FileSystemReader(str(iteration)).read_metadata().state_dict_metadata
+    model_keys = [k for k in keys if k.startswith(("decoder.", "embedding.", "output_layer."))]
+    assert model_keys and not [k for k in model_keys if ".adapter." not in k], model_keys
+    def nbytes(meta) -> int:
+        return meta.size.numel() * torch.empty((), dtype=meta.properties.dtype).element_size()
+
+    tensors = {k: nbytes(m) for k, m in keys.items() if hasattr(m, "properties")}
+    adapter_bytes = sum(p.numel() * p.element_size() for p in optimized)
+    assert sum(tensors[k] for k in model_keys) == adapter_bytes  # exactly the adapters, no base weight
+    optimizer_bytes = sum(v for k, v in tensors.items() if k.startswith("optimizer"))
+    assert 0 < optimizer_bytes <= 3 * adapter_bytes  # Adam moments (and fp32 copies) of the adapters only
+    base_bytes = sum(t.numel() * t.element_size() for t in before.values())
+    size = sum(f.stat().st_size for f in iteration.glob("*.distcp"))
+    assert size < adapter_bytes + optimizer_bytes + 150_000 < base_bytes, (size, adapter_bytes, base_bytes)
+
+
+def test_sigterm_then_resume_continues_bitwise(tiny_hf, tmp_path):
+    """A run stopped by SIGTERM saves; resuming (base from the pretrained checkpoint, adapters and optimizer
+    from the adapter-only checkpoint) gives the uninterrupted run's losses bit for bit."""
+    from bridge_train import finetune
+
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "marker"
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), hf=tiny_hf, iters=ITERS))
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(marker)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"training did not start:\n{proc.communicate()[0]}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "clean exit" in out, out
+    stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels as the stopped run
+    try:
+        resumed = finetune(make_config(tiny_hf, str(ckpt), train_iters=ITERS))
+        straight = finetune(make_config(tiny_hf, None, train_iters=ITERS))
+    finally:
+        torch.set_num_threads(threads)
+    assert 3 <= stopped < ITERS and len(resumed) == ITERS - stopped
+    assert resumed == straight[stopped:], (stopped, resumed, straight)
+
+
+# ----------------------------------------------------------------------------------------- bridge-peft CLI
+@pytest.fixture(scope="module")
+def dora_checkpoint(tiny_hf, tmp_path_factory) -> str:
+    from bridge_peft import DoRA
+    from bridge_train import finetune
+
+    ckpt = str(tmp_path_factory.mktemp("dora") / "ckpt")
+    finetune(make_config(tiny_hf, ckpt, train_iters=4, peft=DoRA(dim=4, alpha=8, lora_B_init_method="xavier")))
+    return ckpt
+
+
+def test_cli_export_adapter_and_merge_agree_with_peft_and_transformers(tiny_hf, dora_checkpoint, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bridge_peft.cli import main
+
+    assert main(["export-adapter", dora_checkpoint, str(tmp_path / "adapter")]) == 0
+    assert main(["merge", dora_checkpoint, str(tmp_path / "merged"), "--base", tiny_hf]) == 0
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-3  # the trained adapters change the model
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)
+
+
+def test_cli_help_and_bad_input(tiny_hf, dora_checkpoint, tmp_path, capsys):
+    from bridge_convert.testing import save_tiny_hf_checkpoint
+    from bridge_peft.cli import _build_parser, main
+
+    parser = _build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "merge" in a.choices).choices
+    for name, sub in [("bridge-peft", parser), *subparsers.items()]:
+        undocumented = [a.dest for a in sub._actions if not a.help and a.dest != "help"]
+        assert not undocumented, (name, undocumented)
+        with pytest.raises(SystemExit) as exc:
+            sub.parse_args(["--help"])
+        assert exc.value.code == 0
+
+    def fails(argv, message, out):
+        capsys.readouterr()
+        assert main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars may come before the error
+        assert last.startswith("bridge-peft ") and message in last, last
+        assert not out.exists() or out.name == "keep"
+
+    fails(["export-adapter", str(tmp_path / "missing"), str(tmp_path / "o1")], "no Megatron checkpoint", tmp_path / "o1")
+    other = save_tiny_hf_checkpoint(tmp_path / "qwen", "qwen3")
+    fails(["merge", dora_checkpoint, str(tmp_path / "o2"), "--base", other], "trained on another model",
+          tmp_path / "o2")
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "x.txt").write_text("mine")
+    fails(["export-adapter", dora_checkpoint, str(keep)], "not empty", keep)
+    assert [p.name for p in keep.iterdir()] == ["x.txt"]
+    from bridge_convert import AutoBridge
+
+    AutoBridge.import_ckpt(tiny_hf, tmp_path / "full")
+    fails(["export-adapter", str(tmp_path / "full"), str(tmp_path / "o3")], "not an adapter checkpoint",
+          tmp_path / "o3")
+    # a Megatron checkpoint as the base gives the same merged model as the HF directory
+    assert main(["merge", dora_checkpoint, str(tmp_path / "m1"), "--base", tiny_hf]) == 0
+    assert main(["merge", dora_checkpoint, str(tmp_path / "m2"), "--base", str(tmp_path / "full")]) == 0
+    from safetensors.torch import load_file
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = weights(tmp_path / "m1"), weights(tmp_path / "m2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrained_megatron_checkpoint_is_the_base(tiny_hf, tmp_path):
+    from bridge_convert import AutoBridge
+    from bridge_train.setup import setup_run
+
+    AutoBridge.import_ckpt(tiny_hf, tmp_path / "megatron")
+    cfg = make_config(tiny_hf, None, train_iters=2)
+    cfg.checkpoint.pretrained_checkpoint = str(tmp_path / "megatron")
+    run = setup_run(cfg, finetune=True)
+    reference = AutoBridge.from_hf_pretrained(tiny_hf).to_megatron_model(load_weights=True)
+    expected = dict(reference[0].named_parameters())
+    base = _base_params(run.model)
+    assert base and all(torch.equal(base[n], expected[n]) for n in base)
