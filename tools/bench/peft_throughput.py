@@ -30,7 +30,7 @@ autograd skips because nothing below it is trained: a 1/L overstatement of the d
 
 Run on one GPU::
 
-    PYTHONPATH=packages/bridge-convert/src:packages/bridge-peft/src python tools/bench/peft_throughput.py --out r.md
+    PYTHONPATH=packages/bridge-convert/src:packages/bridge-peft/src:packages/bridge-train/src python tools/bench/peft_throughput.py --out r.md
 
 ``--tiny`` runs a tiny shape on a CPU in about a minute (a check of the script, not a benchmark).
 """
@@ -110,7 +110,7 @@ def _bridge_trainer(row: str, args, shape: dict):
         OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=1.0, bf16=True,
                         params_dtype=torch.bfloat16, use_distributed_optimizer=False), model)
     if args.optimizer_kernels == "fused":
-        from bridge_convert.native.optimizer import use_fused_optimizer_kernels
+        from bridge_train.optim import use_fused_optimizer_kernels
 
         use_fused_optimizer_kernels(optimizer)
     provider.finalize_model_grads_func = finalize_model_grads
