@@ -1,5 +1,6 @@
 """bridge-train: ConfigContainer and the pretrain / finetune loop on megatron-core."""
 
+from .checkpoint_discovery import CheckpointError
 from .config import (
     CheckpointConfig,
     ConfigContainer,
@@ -16,11 +17,12 @@ from .config import (
     apply_overrides,
     get_mixed_precision_config,
 )
-from .entrypoints import finetune, pretrain
+from .entrypoints import finetune, pretrain, user_errors_exit
 from .forward_step import gpt_forward_step
 
 __all__ = [
     "CheckpointConfig",
+    "CheckpointError",
     "ConfigContainer",
     "ConfigError",
     "DDPConfig",
@@ -37,4 +39,5 @@ __all__ = [
     "gpt_forward_step",
     "get_mixed_precision_config",
     "pretrain",
+    "user_errors_exit",
 ]

@@ -93,8 +93,8 @@ class RobustnessConfig:
     """With nan_policy="skip", stop anyway after this many non-finite iterations in a row; None: never."""
     exit_signal_handler: bool = True
     """Catch ``exit_signals``: finish the current iteration, save a checkpoint (if saving is on) and exit cleanly."""
-    exit_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
-    """Signal names the handler catches."""
+    exit_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    """Signal names the handler catches (SIGINT is Ctrl-C: a second Ctrl-C stops at once, without saving)."""
 
     def check(self, prefix: str = "robustness") -> list[str]:
         """Problems with this config alone."""
