@@ -95,6 +95,11 @@ def find_resume_checkpoint(load_dir: str | None, *, fallback_to_previous: bool =
         if problem:
             raise CheckpointError(f"cannot resume from checkpoint.load={load_dir}: {problem}")
         return root
+    if _ITER_DIR.match(root.name.removesuffix(".tmp")) or root.name.endswith(".damaged"):
+        previous = _previous_complete(root.parent, int(root.name[5:].split(".")[0]))
+        hint = f"; the previous complete checkpoint is checkpoint.load={previous}" if previous else ""
+        raise CheckpointError(f"checkpoint.load={load_dir} is not a complete checkpoint ({checkpoint_problem(root)})"
+                              f"{hint}")
     tracker = root / TRACKER_FILE
     if tracker.exists():
         text = tracker.read_text().strip()

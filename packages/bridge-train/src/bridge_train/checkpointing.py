@@ -133,23 +133,48 @@ def _agree(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _find_no_space(exc: BaseException, seen: set[int] | None = None) -> OSError | None:
-    """The ENOSPC error somewhere in ``exc``'s chain (DCP wraps per-rank failures in ``CheckpointException``)."""
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _find_no_space(exc: BaseException, seen: set[int] | None = None) -> bool:
+    """Whether an ENOSPC / EDQUOT error is somewhere in ``exc``'s chain (DCP wraps per-rank failures in a
+    ``CheckpointException``)."""
     seen = set() if seen is None else seen
-    if exc is None or id(exc) in seen:
-        return None
+    if id(exc) in seen:
+        return False
     seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return exc
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
     children = [exc.__cause__, exc.__context__]
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict):
         children += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    for child in children:
-        found = _find_no_space(child, seen) if isinstance(child, BaseException) else None
-        if found is not None:
-            return found
-    return None
+    return any(_find_no_space(child, seen) for child in children if isinstance(child, BaseException))
+
+
+class _WriterErrors(logging.Handler):
+    """Collects megatron-core's file-writer error log lines: its threaded writer reports a worker's ``OSError``
+    there and raises only ``<class 'OSError'>``, losing the errno."""
+
+    _LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> _WriterErrors:
+        logging.getLogger(self._LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self._LOGGER).removeHandler(self)
+
+    def no_space(self) -> bool:
+        marks = [f"[Errno {n}]" for n in _NO_SPACE]
+        return any(mark in line for line in self.lines for mark in marks)
 
 
 def _state_bytes(state: dict) -> int:
@@ -161,15 +186,19 @@ def _state_bytes(state: dict) -> int:
                if isinstance(v, ShardedTensor) and v.data is not None)
 
 
-def _no_space_error(path: Path, exc: OSError, needed: int | None) -> CheckpointError:
+def _free_bytes(path: Path) -> int:
     try:
-        free = shutil.disk_usage(path.parent if not path.exists() else path).free
+        return shutil.disk_usage(path if path.exists() else path.parent).free
     except OSError:
-        free = None
+        return 2**62
+
+
+def _no_space_error(path: Path, needed: int | None) -> CheckpointError:
+    free = _free_bytes(path)
     sizes = []
     if needed:
         sizes.append(f"needs about {needed / 2**20:,.1f} MiB per rank")
-    if free is not None:
+    if free < 2**62:
         sizes.append(f"{free / 2**20:,.1f} MiB free")
     detail = f" ({', '.join(sizes)})" if sizes else ""
     return CheckpointError(f"no space left on the device while saving the checkpoint to {path}{detail}; free "
@@ -287,6 +316,7 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
 
     if async_saves is not None:
         async_saves.wait()  # one save in flight at a time: its leftovers are pruned by the next one
+    writer_errors = _WriterErrors()
     try:
         if state.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -294,20 +324,22 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
                 shutil.rmtree(tmp)
             tmp.mkdir()
         _barrier()
+        if not _agree(_free_bytes(tmp) >= needed, state.device):  # certainly too little room: do not start
+            raise _no_space_error(tmp, needed)
         if cfg.checkpoint.save_hf and run.bridge is not None:  # now: the weights move on during an async save
             run.bridge.save_hf_pretrained(run.model, tmp / "hf")
-        with _write_results_queue(async_saves is not None):
+        with _write_results_queue(async_saves is not None), writer_errors:
             request = dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy(run),
                                               async_sharded_save=async_saves is not None, async_strategy="mcore")
         if async_saves is None:
             finalize()
     except BaseException as exc:
-        no_space = _find_no_space(exc)
-        if no_space is None:
+        no_space = isinstance(exc, CheckpointError) or _find_no_space(exc) or writer_errors.no_space()
+        if not no_space:
             raise
         if state.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _no_space_error(tmp, no_space, needed) from None
+        raise _no_space_error(tmp, needed) from None
     if async_saves is not None:
         request.add_finalize_fn(finalize)
         async_saves.schedule(request)

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-__all__ = ["adapt_forward_step", "batch_to_device", "gpt_forward_step", "masked_next_token_loss"]
+__all__ = ["ForwardStepSignatureError", "adapt_forward_step", "batch_to_device", "gpt_forward_step", "masked_next_token_loss"]
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -71,6 +71,10 @@ def gpt_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model) ->
     return output, partial(masked_next_token_loss, batch["loss_mask"])
 
 
+class ForwardStepSignatureError(TypeError):
+    """The forward step passed to ``pretrain`` / ``finetune`` has neither accepted signature."""
+
+
 def adapt_forward_step(forward_step: Callable, state) -> Callable:
     """``forward_step`` in the ``(data_iterator, model)`` form megatron-core's schedules call.
 
@@ -79,7 +83,7 @@ def adapt_forward_step(forward_step: Callable, state) -> Callable:
     argument; any other signature is refused here rather than with a TypeError deep in the schedule.
 
     Raises:
-        TypeError: naming the function, its signature and the two accepted ones.
+        ForwardStepSignatureError: a TypeError naming the function, its signature and the two accepted ones.
     """
     import inspect
 
@@ -98,6 +102,6 @@ def adapt_forward_step(forward_step: Callable, state) -> Callable:
         if len(required) <= 2 and (len(positional) >= 2 or varargs):
             return forward_step
     name = getattr(forward_step, "__qualname__", repr(forward_step))
-    raise TypeError(f"forward_step {name}{signature} has an unsupported signature; expected "
+    raise ForwardStepSignatureError(f"forward_step {name}{signature} has an unsupported signature; expected "
                     "forward_step(data_iterator, model) -> (output, loss_func), or Megatron Bridge's "
                     "forward_step(state, data_iterator, model)")

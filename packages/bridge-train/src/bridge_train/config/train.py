@@ -33,7 +33,8 @@ class TrainConfig:
     """Disable Python's automatic garbage collector and collect every ``manual_gc_interval`` iterations on all
     ranks together (avoids stragglers from uncoordinated GC pauses)."""
     manual_gc_interval: int = 0
-    """Iterations between manual collections; 0: collect only at checkpoints and evaluation."""
+    """Iterations between manual collections; 0: collect at each checkpoint save instead (collections around
+    evaluations are ``manual_gc_eval``'s)."""
     manual_gc_eval: bool = True
     """With manual_gc, also collect before and after each evaluation."""
     empty_unused_memory_level: Literal[0, 1, 2] = 0
