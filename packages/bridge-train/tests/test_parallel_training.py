@@ -1,4 +1,5 @@
-"""TP=2, PP=2 and DP=2 (two gloo processes) reproduce the single-process losses for the same global batch."""
+"""TP=2, PP=2 and DP=2 (two gloo processes) reproduce the single-process losses for the same global batch, and
+the parameter norm (``logger.log_params_norm``) counts every parameter once across the layouts."""
 
 from __future__ import annotations
 
@@ -17,17 +18,29 @@ LAYOUTS = {
 }
 
 
-def _body(hf_path: str) -> dict[str, list[float]]:
+def _body(hf_path: str) -> dict[str, tuple[list[float], float]]:
     from conftest import make_run_config
 
-    return {name: pretrain(make_run_config(hf_path, **{"train.train_iters": ITERS}, **layout))
-            for name, layout in LAYOUTS.items()}
+    from bridge_train.params_norm import params_l2_norm
+
+    out = {}
+    for name, layout in LAYOUTS.items():
+        result = pretrain(make_run_config(hf_path, **{"train.train_iters": ITERS}, **layout))
+        out[name] = (list(result), params_l2_norm(result.model, torch.device("cpu")))
+    return out
 
 
 @pytest.mark.multiproc
 def test_parallel_layouts_match_single_process(run_config, tiny_llama):
+    from megatron.core.utils import unwrap_model
+
     reference = pretrain(run_config(**{"train.train_iters": ITERS}))
+    # The oracle: the norm over the distinct parameters of the single-process model, in float64.
+    unique = {id(p): p for m in unwrap_model(reference.model) for p in m.parameters()}.values()
+    norm = sum(float(p.detach().double().pow(2).sum()) for p in unique) ** 0.5
     ranks = run_multiprocess(_body, 2, tiny_llama)
     for name in LAYOUTS:
-        for rank in ranks:  # every rank reports the same averaged loss
-            torch.testing.assert_close(rank[name], reference, rtol=0, atol=1e-5, msg=f"{name}")
+        for rank in ranks:  # every rank reports the same averaged loss and parameter norm
+            losses, params_norm = rank[name]
+            torch.testing.assert_close(losses, list(reference), rtol=0, atol=1e-5, msg=f"{name}")
+            assert params_norm == pytest.approx(norm, rel=1e-5), name

@@ -48,6 +48,13 @@ def main():
                 time.sleep(600)
             return real_write(transform_list, use_msc, rank, write_buckets, results_queue)
         FileSystemWriterAsync.write_preloaded_data_multithread = staticmethod(write)
+        import bridge_train.loop as loop
+        real_step = loop.train_step
+        def step(run, fs, iteration):
+            if iteration == 12:  # the trainer went on while the writer of iteration 10 is still busy
+                open(marker + ".12", "w").write("running")
+            return real_step(run, fs, iteration)
+        loop.train_step = step
         cfg = make_run_config({hf!r}, **{{"train.train_iters": 20, "checkpoint.save": ckpt,
                                            "checkpoint.save_interval": 5, "checkpoint.async_save": True}})
     else:
@@ -105,6 +112,8 @@ def test_a_termination_signal_saves_a_final_checkpoint_and_exits_cleanly(tmp_pat
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, run_config, mode):
     proc, ckpt, marker = _launch(tmp_path, tiny_llama, mode)
     _wait_for(marker, proc)
+    if mode == "kill-in-async-save":
+        _wait_for(marker.with_name(marker.name + ".12"), proc, timeout=120)
     os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its background writers: no handler, no cleanup
     proc.communicate(timeout=60)
     assert (ckpt / TRACKER_FILE).read_text().strip() == "5"
