@@ -91,7 +91,7 @@ def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 240.0) -> N
         if proc.poll() is not None:
             raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
         if time.monotonic() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # with any background writer
             raise AssertionError("timed out waiting for the training process")
         time.sleep(0.2)
 
