@@ -4,10 +4,13 @@ is in test_signals.py.)"""
 
 from __future__ import annotations
 
+import errno
 import time
 
+import pytest
+
 from bridge_convert.megatron_ckpt import TRACKER_FILE
-from bridge_train import pretrain
+from bridge_train import CheckpointError, pretrain
 
 
 def test_training_continues_during_an_async_save_and_the_checkpoint_resumes_bitwise(run_config, tmp_path,
@@ -41,3 +44,27 @@ def test_training_continues_during_an_async_save_and_the_checkpoint_resumes_bitw
     monkeypatch.setattr(loop, "train_step", real_step)
     resumed = pretrain(run_config(**{"train.train_iters": 6, "checkpoint.load": str(ckpt / "iter_0000003")}))
     assert list(resumed) == first[3:]  # weights, Adam state and RNG were saved as they were at iteration 3
+
+
+def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays(run_config, tmp_path,
+                                                                                 monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    real_write = filesystem_async.FileSystemWriterAsync.write_preloaded_data_multithread
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(transform_list, use_msc, rank, write_buckets, results_queue):  # runs in the forked writer
+        if any("iter_0000004.tmp" in bucket[0] for bucket in write_buckets):
+            filesystem_async._write_item = full_disk  # this child's copy only: the disk is full for iteration 4
+        return real_write(transform_list, use_msc, rank, write_buckets, results_queue)
+
+    monkeypatch.setattr(filesystem_async.FileSystemWriterAsync, "write_preloaded_data_multithread",
+                        staticmethod(write))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(CheckpointError, match=r"the background save to .*iter_0000004\.tmp failed \(.*\); the "
+                                              r"previous checkpoint stays the latest"):
+        pretrain(run_config(**{"train.train_iters": 4, "checkpoint.save": str(ckpt), "checkpoint.save_interval": 2,
+                               "checkpoint.async_save": True}))
+    assert (ckpt / TRACKER_FILE).read_text().strip() == "2"

@@ -236,23 +236,37 @@ class AsyncSaves:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._queue = AsyncCallsQueue(persistent=False)
+        self._paths: list[Path] = []
 
     @property
     def pending(self) -> int:
         return self._queue.get_num_unfinalized_calls()
 
-    def schedule(self, request) -> None:
+    def schedule(self, request, path: Path) -> None:
+        self._paths.append(path)
         self._queue.schedule_async_request(request)
 
     def poll(self) -> None:
         """Finalize the saves whose writers have finished on every rank (one all-reduce while any is pending)."""
         if self.pending:
-            self._queue.maybe_finalize_async_calls(blocking=False)
+            self._finalize(blocking=False)
 
     def wait(self) -> None:
         """Block until every pending save is durable and finalized."""
         if self.pending:
-            self._queue.maybe_finalize_async_calls(blocking=True)
+            self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            reason = ("no space left on the device" if _find_no_space(exc) or "No space left" in str(exc)
+                      else (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
+            raise CheckpointError(f"the background save to {self._paths[0]} failed ({reason}); the previous "
+                                  "checkpoint stays the latest") from None
+        del self._paths[:len(self._paths) - self.pending]
 
 
 def save_training_checkpoint(run, train_state: TrainState, *, async_saves: AsyncSaves | None = None) -> Path:
@@ -342,7 +356,7 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
         raise _no_space_error(tmp, needed) from None
     if async_saves is not None:
         request.add_finalize_fn(finalize)
-        async_saves.schedule(request)
+        async_saves.schedule(request, tmp)
     return final
 
 
