@@ -30,6 +30,10 @@ _FIELDS = {  # scheduler attribute / state_dict key -> the config field that set
 _USE_CONFIG = "scheduler.override_opt_param_scheduler=true scheduler.use_checkpoint_opt_param_scheduler=false"
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _inner(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
@@ -101,7 +105,7 @@ def describe_schedule(scheduler, saved: dict, *, train_iters: int, resumed_itera
     """
     diffs = [(key, saved[key], getattr(scheduler, key)) for key in _FIELDS
              if key in saved and saved[key] != getattr(scheduler, key)]
-    listed = ", ".join(f"{_FIELDS[k]} {old} -> {new}" for k, old, new in diffs)
+    listed = ", ".join(f"{_FIELDS[k]} {_fmt(old)} -> {_fmt(new)}" for k, old, new in diffs)
     if scheduler.override_opt_param_scheduler:
         return ("learning-rate schedule: this run's config (scheduler.override_opt_param_scheduler)"
                 + (f"; changed from the checkpoint: {listed}" if diffs else "; the same as the checkpoint's"))
@@ -116,11 +120,11 @@ def describe_schedule(scheduler, saved: dict, *, train_iters: int, resumed_itera
     if not diffs:
         return "learning-rate schedule: the checkpoint's (the config's is the same)"
     line = ("learning-rate schedule: the checkpoint's (scheduler.use_checkpoint_opt_param_scheduler); NOT using "
-            "the config's " + ", ".join(f"{_FIELDS[k]} {new} (checkpoint: {old})" for k, old, new in diffs)
+            "the config's " + ", ".join(f"{_FIELDS[k]} {_fmt(new)} (checkpoint: {_fmt(old)})" for k, old, new in diffs)
             + f"; to use them set {_USE_CONFIG}")
     decay_end = saved.get("lr_decay_steps")
     if decay_end is not None and train_iters > decay_end and saved.get("lr_decay_style") != "constant":
         first = max(decay_end, resumed_iteration) + 1
         line += (f". WARNING: train.train_iters={train_iters} runs past the checkpoint's decay end ({decay_end}): "
-                 f"iterations {first}..{train_iters} run at the minimum learning rate {saved.get('min_lr')}")
+                 f"iterations {first}..{train_iters} run at the minimum learning rate {_fmt(saved.get('min_lr'))}")
     return line
