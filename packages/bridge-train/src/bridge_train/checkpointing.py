@@ -177,13 +177,18 @@ class _WriterErrors(logging.Handler):
         return any(mark in line for line in self.lines for mark in marks)
 
 
-def _state_bytes(state: dict) -> int:
-    """Bytes of this rank's tensors in a sharded state dict (what the save writes, roughly)."""
+def _checkpoint_bytes(state: dict, device: torch.device) -> int:
+    """Bytes of tensor data the save writes, summed over all ranks (each tensor's main replica once)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
-    return sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
-               if isinstance(v, ShardedTensor) and v.data is not None)
+    local = sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+                if isinstance(v, ShardedTensor) and v.data is not None and is_main_replica(v.replica_id))
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    total = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def _free_bytes(path: Path) -> int:
@@ -197,7 +202,7 @@ def _no_space_error(path: Path, needed: int | None) -> CheckpointError:
     free = _free_bytes(path)
     sizes = []
     if needed:
-        sizes.append(f"needs about {needed / 2**20:,.1f} MiB per rank")
+        sizes.append(f"needs about {needed / 2**20:,.1f} MiB")
     if free < 2**62:
         sizes.append(f"{free / 2**20:,.1f} MiB free")
     detail = f" ({', '.join(sizes)})" if sizes else ""
@@ -308,7 +313,7 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
     else:
         metadata, assets = {"format_version": FORMAT_VERSION, "iteration": iteration, "architecture": None}, None
     files = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n", RUN_CONFIG_FILE: cfg.to_yaml()}
-    needed = _state_bytes(sharded)
+    needed = _checkpoint_bytes(sharded, state.device)
 
     def finalize() -> None:
         """Runs on every rank once all writers are done: rank 0 completes the directory and moves the tracker."""
@@ -338,7 +343,7 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
                 shutil.rmtree(tmp)
             tmp.mkdir()
         _barrier()
-        if not _agree(_free_bytes(tmp) >= needed, state.device):  # certainly too little room: do not start
+        if not _agree(_free_bytes(tmp) >= needed, state.device):  # too little room (on a shared file system)
             raise _no_space_error(tmp, needed)
         if cfg.checkpoint.save_hf and run.bridge is not None:  # now: the weights move on during an async save
             run.bridge.save_hf_pretrained(run.model, tmp / "hf")
