@@ -1,22 +1,30 @@
-"""Pretrain a Llama on mock data from HF weights (or a random init), save Megatron checkpoints, export to HF.
+"""Pretrain a Llama from HF weights (or a random init) on preprocessed data or on mock data, save Megatron
+checkpoints, export to HF.
 
-    # the README's demo: a tiny random Llama, 20 iterations on a CPU, export, reload with transformers
-    python pretrain_llama.py --tiny runs/tiny-llama --workdir runs/demo
+    # the README's demo: a tiny random Llama, 20 iterations on random tokens on a CPU, export, reload
+    python pretrain_llama.py --tiny runs/tiny-llama --mock --workdir runs/demo
 
-    # an HF model, 2 GPUs with TP=2, overrides from YAML and the command line
+    # an HF model on `bridge-data preprocess` output, 2 GPUs with TP=2, overrides from YAML and the command line
     torchrun --nproc-per-node=2 pretrain_llama.py --hf-model /models/Llama-3.2-1B --workdir runs/1b \\
-        --config my.yaml model.tensor_model_parallel_size=2 train.train_iters=100
+        --data-path data/corpus_text_document --config my.yaml model.tensor_model_parallel_size=2
 
-    # the Llama-3.2-1B shape with random weights (no download), bf16 mixed precision
-    torchrun --nproc-per-node=1 pretrain_llama.py --shape llama32-1b --workdir runs/1b-random \\
+    # the Llama-3.2-1B shape with random weights (no download), bf16 mixed precision, mock data
+    torchrun --nproc-per-node=1 pretrain_llama.py --shape llama32-1b --mock --workdir runs/1b-random \\
         mixed_precision=bf16_mixed train.micro_batch_size=4 dataset.seq_length=4096
 
-Any ``key=value`` argument overrides the config (see bridge-train's README); ``--config FILE.yaml`` merges a file.
+The data is named explicitly: ``--mock`` (random tokens, to try the loop) or ``--data-path PREFIX ...`` (indexed
+``.bin/.idx`` prefixes, optionally weighted: ``--data-path 0.7 a_text_document 0.3 b_text_document``). Any
+``key=value`` argument overrides the config (see bridge-train's README); ``--config FILE.yaml`` merges a file.
+
+Exit status: 0 when training finished (or stopped at ``train.exit_interval`` / ``exit_duration_in_mins``); 1 with
+one ``error: ...`` line for a bad config, an unusable checkpoint directory or a non-finite loss (``--debug`` shows
+the traceback); 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM) after a signal made it save and stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -49,7 +57,7 @@ def build_config(args, overrides: list[str]):
         model=provider,
         train=TrainConfig(train_iters=20, micro_batch_size=2, global_batch_size=8, eval_interval=10,
                           eval_iters=2),
-        dataset=PretrainDataConfig(seq_length=64, mock=True),
+        dataset=_data_config(args, PretrainDataConfig),
         optimizer=OptimizerConfig(lr=lr, min_lr=lr / 10, weight_decay=0.01, clip_grad=1.0),
         scheduler=SchedulerConfig(lr_warmup_iters=2, lr_decay_style="cosine"),
         checkpoint=CheckpointConfig(save=str(workdir / "checkpoints"), load=str(workdir / "checkpoints"),
@@ -57,6 +65,21 @@ def build_config(args, overrides: list[str]):
         logger=LoggerConfig(log_interval=5, tensorboard_dir=str(workdir / "tensorboard"), print_config=False),
     )
     return apply_cli_args(cfg, overrides)
+
+
+def _data_config(args, config_class):
+    """Mock tokens or the named ``.bin/.idx`` prefixes (with optional weights before each), never a silent mix."""
+    if args.mock:
+        return config_class(seq_length=64, mock=True)
+    items = list(args.data_path)
+    try:
+        weights = [float(w) for w in items[0::2]]
+        paths = items[1::2]
+        if len(paths) != len(weights):
+            raise ValueError
+    except ValueError:
+        weights, paths = None, items
+    return config_class(seq_length=64, paths=paths, weights=weights)
 
 
 def export_and_reload(checkpoints: Path, out: Path) -> None:
@@ -85,10 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--hf-model", help="HF model directory (or hub id) to start from")
     source.add_argument("--tiny", metavar="DIR", help="make a tiny random HF Llama 3.2 in DIR and start from it")
     source.add_argument("--shape", choices=["llama32-1b"], help="random init with this model shape")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--mock", action="store_true", help="train on random mock tokens (to try the loop)")
+    data.add_argument("--data-path", nargs="+", metavar="PREFIX",
+                      help="indexed dataset prefixes from `bridge-data preprocess` (a weight may precede each)")
     parser.add_argument("--workdir", default="runs/pretrain", help="checkpoints, TensorBoard logs and the export")
     parser.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a config or checkpoint error")
     args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-") and o != "--config" and not o.startswith("--config=")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    from bridge_train import user_errors_exit
 
+    with user_errors_exit(debug=args.debug):
+        return _run(args, overrides)
+
+
+def _run(args, overrides: list[str]) -> int:
     from bridge_convert.runtime import silence_known_warnings
 
     silence_known_warnings()
@@ -105,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     from bridge_train import pretrain
 
     cfg = build_config(args, overrides)
-    losses = pretrain(cfg)
-    if losses:
-        print(f"trained {len(losses)} iterations: loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    result = pretrain(cfg)
+    if result:
+        print(f"trained {len(result)} iterations: loss {result[0]:.4f} -> {result[-1]:.4f}", flush=True)
+    if result.exit_reason in signal.Signals.__members__:
+        print(f"stopped by {result.exit_reason}; resume with the same command", flush=True)
+        return 128 + signal.Signals[result.exit_reason].value
     if not args.no_export and cfg.checkpoint.save:
         export_and_reload(Path(cfg.checkpoint.save), Path(args.workdir) / "hf")
     return 0

@@ -32,3 +32,26 @@ def test_dp2_and_tp2_match_one_gpu(tiny_llama, precision, tolerance):
         diff = max(abs(a - b) for a, b in zip(ranks[0][name], single))
         print(f"{precision} {name}: max |loss - single GPU loss| over {ITERS} iterations = {diff:.3g}")
         assert diff <= tolerance, (name, ranks[0][name], single)
+
+
+def _async_body(hf_path: str, ckpt: str) -> tuple[list[float], list[float], str]:
+    from conftest import make_run_config
+
+    from bridge_train import pretrain
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    first = pretrain(make_run_config(hf_path, **{"train.train_iters": ITERS, "checkpoint.save": ckpt,
+                                                 "checkpoint.save_interval": 4, "checkpoint.async_save": True}))
+    from pathlib import Path
+
+    tracker = (Path(ckpt) / "latest_checkpointed_iteration.txt").read_text().strip()
+    resumed = pretrain(make_run_config(hf_path, **{"train.train_iters": ITERS,
+                                                   "checkpoint.load": f"{ckpt}/iter_0000004"}))
+    return list(first), list(resumed), tracker
+
+
+def test_async_save_on_two_gpus_resumes_the_same_run(tiny_llama, tmp_path):
+    ranks = run_multiprocess(_async_body, 2, tiny_llama, str(tmp_path / "ckpt"))
+    first, resumed, tracker = ranks[0]
+    assert tracker == str(ITERS)
+    torch.testing.assert_close(resumed, first[4:], rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
-"""Process-level robustness: SIGTERM saves a final checkpoint; SIGKILL in the middle of a save leaves the
-previous checkpoint intact and `latest` pointing at it."""
+"""Process-level robustness: SIGTERM and SIGINT (Ctrl-C) save a final checkpoint; SIGKILL in the middle of a save
+(synchronous, or asynchronous with the writer in the background) leaves the previous checkpoint intact and
+`latest` pointing at it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from bridge_convert.megatron_ckpt import TRACKER_FILE
 from bridge_train import pretrain
@@ -35,6 +38,25 @@ def main():
         dist_checkpointing.save = save
         cfg = make_run_config({hf!r}, **{{"train.train_iters": 20, "checkpoint.save": ckpt,
                                            "checkpoint.save_interval": 5}})
+    elif mode == "kill-in-async-save":
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+        real_write = FileSystemWriterAsync.write_preloaded_data_multithread
+        def write(transform_list, use_msc, rank, write_buckets, results_queue):
+            # runs in the forked writer process, while the trainer goes on
+            if any("iter_0000010.tmp" in bucket[0] for bucket in write_buckets):
+                open(marker, "w").write("writing")
+                time.sleep(600)
+            return real_write(transform_list, use_msc, rank, write_buckets, results_queue)
+        FileSystemWriterAsync.write_preloaded_data_multithread = staticmethod(write)
+        import bridge_train.loop as loop
+        real_step = loop.train_step
+        def step(run, fs, iteration):
+            if iteration == 12:  # the trainer went on while the writer of iteration 10 is still busy
+                open(marker + ".12", "w").write("running")
+            return real_step(run, fs, iteration)
+        loop.train_step = step
+        cfg = make_run_config({hf!r}, **{{"train.train_iters": 20, "checkpoint.save": ckpt,
+                                           "checkpoint.save_interval": 5, "checkpoint.async_save": True}})
     else:
         cfg = make_run_config({hf!r}, **{{"train.train_iters": 100000, "checkpoint.save": ckpt,
                                            "logger.log_interval": 1}})
@@ -59,7 +81,7 @@ def _launch(tmp_path: Path, hf: str, mode: str) -> tuple[subprocess.Popen, Path,
     ckpt, marker = tmp_path / "ckpt", tmp_path / "marker"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script), mode, str(ckpt), str(marker)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     return proc, ckpt, marker
 
 
@@ -69,26 +91,30 @@ def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 240.0) -> N
         if proc.poll() is not None:
             raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
         if time.monotonic() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # with any background writer
             raise AssertionError("timed out waiting for the training process")
         time.sleep(0.2)
 
 
-def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(tmp_path, tiny_llama):
-    proc, ckpt, marker = _launch(tmp_path, tiny_llama, "sigterm")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_termination_signal_saves_a_final_checkpoint_and_exits_cleanly(tmp_path, tiny_llama, signum):
+    proc, ckpt, marker = _launch(tmp_path, tiny_llama, "signal")
     _wait_for(marker, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
-    assert "clean exit" in out and "(SIGTERM)" in out
+    assert "clean exit" in out and f"({signum.name})" in out and "Traceback" not in out
     iteration = int((ckpt / TRACKER_FILE).read_text())
     assert iteration >= 4 and (ckpt / f"iter_{iteration:07d}" / "bridge.json").exists()
 
 
-def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, run_config):
-    proc, ckpt, marker = _launch(tmp_path, tiny_llama, "kill-in-save")
+@pytest.mark.parametrize("mode", ["kill-in-save", "kill-in-async-save"])
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama, run_config, mode):
+    proc, ckpt, marker = _launch(tmp_path, tiny_llama, mode)
     _wait_for(marker, proc)
-    proc.kill()  # SIGKILL: no handler, no cleanup
+    if mode == "kill-in-async-save":
+        _wait_for(marker.with_name(marker.name + ".12"), proc, timeout=120)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its background writers: no handler, no cleanup
     proc.communicate(timeout=60)
     assert (ckpt / TRACKER_FILE).read_text().strip() == "5"
     assert (ckpt / "iter_0000010.tmp").exists() and not (ckpt / "iter_0000010").exists()

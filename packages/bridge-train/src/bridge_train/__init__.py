@@ -16,11 +16,15 @@ _EXPORTS = {
     **dict.fromkeys(_CONFIG_NAMES, ".config"),
     "finetune": ".entrypoints",
     "pretrain": ".entrypoints",
+    "user_errors_exit": ".entrypoints",
     "gpt_forward_step": ".forward_step",
+    "CheckpointError": ".checkpoint_discovery",
 }
 
 __all__ = [
     "CheckpointConfig",
+    "CheckpointError",
+    "CheckpointError",
     "ConfigContainer",
     "ConfigError",
     "DDPConfig",
@@ -37,6 +41,7 @@ __all__ = [
     "get_mixed_precision_config",
     "gpt_forward_step",
     "pretrain",
+    "user_errors_exit",
 ]
 
 
@@ -69,5 +74,6 @@ if TYPE_CHECKING:
         apply_overrides,
         get_mixed_precision_config,
     )
-    from .entrypoints import finetune, pretrain
+    from .checkpoint_discovery import CheckpointError
+    from .entrypoints import finetune, pretrain, user_errors_exit
     from .forward_step import gpt_forward_step

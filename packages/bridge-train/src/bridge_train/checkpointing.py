@@ -1,38 +1,55 @@
 """Training checkpoints: bridge-convert's Megatron checkpoint format plus the state an exact resume needs.
 
 One iteration directory holds (megatron-core dist-checkpointing, written to ``iter_*.tmp`` and renamed when
-complete; the ``latest_checkpointed_iteration.txt`` tracker is replaced only after that):
+complete; the ``latest_checkpointed_iteration.txt`` tracker is replaced only after that, so a process killed
+mid-save leaves the previous checkpoint as the latest):
 
 - ``model`` / ``model0..``: the weights, in bridge-convert's format, so ``bridge-convert export`` reads them;
 - ``optimizer``: megatron-core's optimizer state (``fully_reshardable`` for the distributed optimizer);
 - ``rng_state``: every rank's Python / NumPy / torch / CUDA / model-parallel-tracker RNG states;
 - common entries: ``opt_param_scheduler`` and ``train_state`` (iteration, consumed samples, ...);
 - ``run_config.yaml``: the resolved config of the run.
+
+With ``checkpoint.async_save`` the tensors are planned and staged at the save iteration (all ranks together),
+written by a forked process per rank (megatron-core's ``AsyncCallsQueue``) while training goes on, and finalized
+(DCP ``.metadata``, ``bridge.json``, rename, tracker) at a later iteration once every rank's writer has finished.
+An existing ``iter_*`` directory is never overwritten: a save into one is refused.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
+import queue
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from bridge_convert.megatron_ckpt import (
+    FORMAT_VERSION,
+    HF_ASSET_FILES,
+    HF_ASSETS_DIR,
     METADATA_FILE,
     TRACKER_FILE,
+    checkpoint_iteration_dir,
     load_model_state,
-    resolve_checkpoint_dir,
-    save_checkpoint,
     sharded_model_state,
 )
 
-__all__ = ["TrainState", "adapter_only_checkpoints", "find_resume_checkpoint", "load_training_checkpoint",
-           "save_training_checkpoint"]
+from .checkpoint_discovery import CheckpointError, find_resume_checkpoint
+from .resume_schedule import describe_schedule, reconcile_param_groups
+
+__all__ = ["AsyncSaves", "CheckpointError", "TrainState", "adapter_only_checkpoints", "check_save_dir_writable",
+           "find_resume_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
 
 logger = logging.getLogger("bridge")
 
@@ -84,12 +101,200 @@ def _rng_sharded_object(state, value):
     return ShardedObject("rng_state", value, (state.world_size,), (state.rank,), replica_id=0)
 
 
-def save_training_checkpoint(run, train_state: TrainState) -> Path:
+def check_save_dir_writable(save_dir: str) -> None:
+    """Create ``save_dir`` and write a probe file into it, before any model is built.
+
+    Raises:
+        CheckpointError: naming the directory and the OS's reason (read-only file system, permission, a file in
+            the way, no space).
+    """
+    root = Path(save_dir)
+    probe = root / f".write-probe-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint.save={save_dir} is not writable ({exc.strerror or exc}); point "
+                              "checkpoint.save at a writable directory") from None
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _agree(ok: bool, device: torch.device) -> bool:
+    """True when ``ok`` holds on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _find_no_space(exc: BaseException, seen: set[int] | None = None) -> bool:
+    """Whether an ENOSPC / EDQUOT error is somewhere in ``exc``'s chain (DCP wraps per-rank failures in a
+    ``CheckpointException``)."""
+    seen = set() if seen is None else seen
+    if id(exc) in seen:
+        return False
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    children = [exc.__cause__, exc.__context__]
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        children += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return any(_find_no_space(child, seen) for child in children if isinstance(child, BaseException))
+
+
+class _WriterErrors(logging.Handler):
+    """Collects megatron-core's file-writer error log lines: its threaded writer reports a worker's ``OSError``
+    there and raises only ``<class 'OSError'>``, losing the errno."""
+
+    _LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> _WriterErrors:
+        logging.getLogger(self._LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self._LOGGER).removeHandler(self)
+
+    def no_space(self) -> bool:
+        marks = [f"[Errno {n}]" for n in _NO_SPACE]
+        return any(mark in line for line in self.lines for mark in marks)
+
+
+def _checkpoint_bytes(state: dict, device: torch.device) -> int:
+    """Bytes of tensor data the save writes, summed over all ranks (each tensor's main replica once)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    local = sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+                if isinstance(v, ShardedTensor) and v.data is not None and is_main_replica(v.replica_id))
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    total = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        return 2**62
+
+
+def _no_space_error(path: Path, needed: int | None) -> CheckpointError:
+    free = _free_bytes(path)
+    sizes = []
+    if needed:
+        sizes.append(f"needs about {needed / 2**20:,.1f} MiB")
+    if free < 2**62:
+        sizes.append(f"{free / 2**20:,.1f} MiB free")
+    detail = f" ({', '.join(sizes)})" if sizes else ""
+    return CheckpointError(f"no space left on the device while saving the checkpoint to {path}{detail}; free "
+                           "space there or set checkpoint.save to a larger disk (the previous checkpoint is intact)")
+
+
+@contextmanager
+def _write_results_queue(async_save: bool):
+    """The queue megatron-core's file writer reports its results on.
+
+    Its default is a ``spawn`` Manager queue (~5 s per process, and it re-imports the launching script). A
+    synchronous save writes from threads of this process (a thread queue suffices); an asynchronous one from a
+    forked child (a fork-context queue, made before the fork, reaches the parent).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    if async_save:
+        import multiprocessing as mp
+
+        filesystem_async._results_queue = mp.get_context("fork").Queue()
+    else:
+        filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
+class AsyncSaves:
+    """The background checkpoint writes of one run (megatron-core's ``AsyncCallsQueue``, one forked writer per
+    save and rank). Every rank calls :meth:`poll` once per iteration and :meth:`wait` before exiting."""
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+        self._paths: list[Path] = []
+
+    @property
+    def pending(self) -> int:
+        return self._queue.get_num_unfinalized_calls()
+
+    def schedule(self, request, path: Path) -> None:
+        self._paths.append(path)
+        self._queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Finalize the saves whose writers have finished on every rank (one all-reduce while any is pending)."""
+        if self.pending:
+            self._finalize(blocking=False)
+
+    def wait(self) -> None:
+        """Block until every pending save is durable and finalized."""
+        if self.pending:
+            self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            reason = ("no space left on the device" if _find_no_space(exc) or "No space left" in str(exc)
+                      else (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
+            raise CheckpointError(f"the background save to {self._paths[0]} failed ({reason}); the previous "
+                                  "checkpoint stays the latest") from None
+        del self._paths[:len(self._paths) - self.pending]
+
+
+def save_training_checkpoint(run, train_state: TrainState, *, async_saves: AsyncSaves | None = None) -> Path:
     """Save model, optimizer, scheduler, RNG, counters and the resolved config as ``train_state.iteration``.
 
-    Every rank calls this. ``run`` is the :class:`bridge_train.setup.TrainingRun`.
+    Every rank calls this. ``run`` is the :class:`bridge_train.setup.TrainingRun`. With ``async_saves`` the
+    files are written in the background and the iteration becomes the latest only when
+    :meth:`AsyncSaves.poll` / :meth:`AsyncSaves.wait` finalizes it.
+
+    Raises:
+        CheckpointError: the iteration directory exists already (never overwritten), or the disk is full.
     """
+    from megatron.core import dist_checkpointing
+
     cfg, state = run.cfg, run.parallel
+    root = Path(cfg.checkpoint.save)
+    iteration = train_state.iteration
+    final = checkpoint_iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if not _agree(not final.exists(), state.device):
+        raise CheckpointError(f"refusing to save iteration {iteration}: {final} exists already (a checkpoint "
+                              "this run did not write is never overwritten); move it away, or set checkpoint.save "
+                              "to another directory")
     model_state = _model_state(run)
     extra: dict[str, Any] = {
         "opt_param_scheduler": run.scheduler.state_dict(),
@@ -100,23 +305,66 @@ def save_training_checkpoint(run, train_state: TrainState) -> Path:
     if cfg.checkpoint.save_rng:
         extra["rng_state"] = _rng_sharded_object(state, _rng_state(state))
     extra["saved_entries"] = sorted(k for k in ("optimizer", "rng_state") if k in extra)
-    files = {RUN_CONFIG_FILE: cfg.to_yaml()}
-    root = Path(cfg.checkpoint.save)
+    sharded = {**model_state, **extra}
     if run.bridge is not None:
-        metadata = run.bridge.checkpoint_metadata(run.model)
+        metadata = {"format_version": FORMAT_VERSION, "iteration": iteration,
+                    **run.bridge.checkpoint_metadata(run.model)}
         assets = run.bridge.hf_path
     else:
-        metadata, assets = {"architecture": None}, None
+        metadata, assets = {"format_version": FORMAT_VERSION, "iteration": iteration, "architecture": None}, None
     if adapter_only_checkpoints(cfg):
         metadata = {**metadata, "peft": _peft_metadata(cfg.peft)}
-    path = save_checkpoint(run.model, root, iteration=train_state.iteration, metadata=metadata,
-                           extra_state=extra, hf_assets_from=assets, model_state=model_state, extra_files=files,
-                           sharded_strategy=_save_strategy(run))
-    if cfg.checkpoint.save_hf and run.bridge is not None:
-        run.bridge.save_hf_pretrained(run.model, path / "hf")
-    if state.rank == 0:
-        _prune(root, keep=cfg.checkpoint.keep_last_n, current=train_state.iteration)
-    return path
+    files = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n", RUN_CONFIG_FILE: cfg.to_yaml()}
+    needed = _checkpoint_bytes(sharded, state.device)
+
+    def finalize() -> None:
+        """Runs on every rank once all writers are done: rank 0 completes the directory and moves the tracker."""
+        if state.rank == 0:
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+            if assets is not None:
+                (tmp / HF_ASSETS_DIR).mkdir()
+                for name in HF_ASSET_FILES:
+                    if (Path(assets) / name).exists():
+                        shutil.copy2(Path(assets) / name, tmp / HF_ASSETS_DIR / name)
+            os.replace(tmp, final)
+            tracker_tmp = root / (TRACKER_FILE + ".tmp")
+            tracker_tmp.write_text(f"{iteration}\n")
+            os.replace(tracker_tmp, root / TRACKER_FILE)
+        _barrier()
+        if state.rank == 0:
+            _prune(root, keep=cfg.checkpoint.keep_last_n, current=iteration)
+
+    if async_saves is not None:
+        async_saves.wait()  # one save in flight at a time: its leftovers are pruned by the next one
+    writer_errors = _WriterErrors()
+    try:
+        if state.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # a leftover of an interrupted save of this very iteration
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        if not _agree(_free_bytes(tmp) >= needed, state.device):  # too little room (on a shared file system)
+            raise _no_space_error(tmp, needed)
+        if cfg.checkpoint.save_hf and run.bridge is not None:  # now: the weights move on during an async save
+            run.bridge.save_hf_pretrained(run.model, tmp / "hf")
+        with _write_results_queue(async_saves is not None), writer_errors:
+            request = dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy(run),
+                                              async_sharded_save=async_saves is not None, async_strategy="mcore")
+        if async_saves is None:
+            finalize()
+    except BaseException as exc:
+        no_space = isinstance(exc, CheckpointError) or _find_no_space(exc) or writer_errors.no_space()
+        if not no_space:
+            raise
+        if state.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _no_space_error(tmp, needed) from None
+    if async_saves is not None:
+        request.add_finalize_fn(finalize)
+        async_saves.schedule(request, tmp)
+    return final
 
 
 def adapter_only_checkpoints(cfg) -> bool:
@@ -142,9 +390,10 @@ def _peft_metadata(peft) -> dict[str, Any]:
 
 def _save_strategy(run):
     """torch_dist, with the writing of replicated tensors spread over the data-parallel ranks when asked."""
-    if not run.cfg.checkpoint.fully_parallel_save or run.parallel.dp_size == 1:
-        return None
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    if not run.cfg.checkpoint.fully_parallel_save or run.parallel.dp_size == 1:
+        return get_default_save_sharded_strategy()
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
@@ -162,16 +411,6 @@ def _prune(root: Path, *, keep: int | None, current: int) -> None:
                       and not p.name.endswith(".tmp"))
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def find_resume_checkpoint(load_dir: str | None) -> Path | None:
-    """The newest complete checkpoint under ``load_dir`` (via its tracker), or None when there is none yet."""
-    if not load_dir:
-        return None
-    root = Path(load_dir)
-    if not (root / TRACKER_FILE).exists() and not (root / METADATA_FILE).exists():
-        return None
-    return resolve_checkpoint_dir(root)
 
 
 def load_training_checkpoint(run, path: Path) -> TrainState:
@@ -199,9 +438,22 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
         request["rng_state"] = _rng_sharded_object(state, None)
     loaded = load_model_state(run.model, path, extra_state=request, model_state=model_state,
                               strict=not adapter_only_checkpoints(cfg))
+    sched = run.scheduler
+    checkpoint_schedule = sched.use_checkpoint_opt_param_scheduler and not sched.override_opt_param_scheduler
+    line = describe_schedule(sched, common["opt_param_scheduler"], train_iters=cfg.train.train_iters,
+                             resumed_iteration=saved.iteration)
     if "optimizer" in request:
+        reconcile_param_groups(run.optimizer, loaded["optimizer"], checkpoint_schedule=checkpoint_schedule)
         run.optimizer.load_state_dict(loaded["optimizer"])
-    run.scheduler.load_state_dict(common["opt_param_scheduler"])
+    elif checkpoint_schedule:  # fresh optimizer groups carry this config's rates: give them the checkpoint's
+        old = common["opt_param_scheduler"]
+        for group in run.optimizer.param_groups:
+            for key in ("max_lr", "min_lr"):
+                if group.get(key) == getattr(sched, key) and key in old:
+                    group[key] = old[key]
+    sched.load_state_dict(common["opt_param_scheduler"])
+    if state.rank == 0:
+        print(line, flush=True)
     if load_rng:
         _set_rng_state(loaded["rng_state"], state)
     return saved

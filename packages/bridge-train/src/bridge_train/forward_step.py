@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-__all__ = ["batch_to_device", "gpt_forward_step", "masked_next_token_loss"]
+__all__ = ["ForwardStepSignatureError", "adapt_forward_step", "batch_to_device", "gpt_forward_step", "masked_next_token_loss"]
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -69,3 +69,39 @@ def gpt_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model) ->
                    labels=batch["labels"] if last else None, packed_seq_params=batch["packed_seq_params"],
                    loss_mask=batch["loss_mask"] if last else None)
     return output, partial(masked_next_token_loss, batch["loss_mask"])
+
+
+class ForwardStepSignatureError(TypeError):
+    """The forward step passed to ``pretrain`` / ``finetune`` has neither accepted signature."""
+
+
+def adapt_forward_step(forward_step: Callable, state) -> Callable:
+    """``forward_step`` in the ``(data_iterator, model)`` form megatron-core's schedules call.
+
+    A Megatron Bridge-style ``forward_step(state, data_iterator, model)`` gets ``state`` (the
+    :class:`bridge_train.setup.TrainingRun`: ``cfg``, ``train_state``, ``model``, ...) bound as its first
+    argument; any other signature is refused here rather than with a TypeError deep in the schedule.
+
+    Raises:
+        ForwardStepSignatureError: a TypeError naming the function, its signature and the two accepted ones.
+    """
+    import inspect
+
+    try:
+        signature = inspect.signature(forward_step)
+    except (TypeError, ValueError):  # a builtin or C callable: trust it
+        return forward_step
+    params = list(signature.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    required_kw = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if not required_kw:
+        if len(required) == 3 or (len(required) < 3 <= len(positional) and positional[0].name == "state"):
+            return partial(forward_step, state)
+        if len(required) <= 2 and (len(positional) >= 2 or varargs):
+            return forward_step
+    name = getattr(forward_step, "__qualname__", repr(forward_step))
+    raise ForwardStepSignatureError(f"forward_step {name}{signature} has an unsupported signature; expected "
+                    "forward_step(data_iterator, model) -> (output, loss_func), or Megatron Bridge's "
+                    "forward_step(state, data_iterator, model)")

@@ -11,13 +11,15 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .checkpointing import save_training_checkpoint
+from .checkpointing import AsyncSaves, save_training_checkpoint
+from .forward_step import adapt_forward_step
 from .metrics import MetricsLogger, flops_per_token
+from .params_norm import params_l2_norm
 from .profiling import IterationProfiler
 from .setup import TrainingRun
 from .signals import ExitRequests
 
-__all__ = ["NonFiniteLossError", "evaluate", "train", "train_step"]
+__all__ = ["NonFiniteLossError", "TrainingResult", "evaluate", "train", "train_step"]
 
 logger = logging.getLogger("bridge")
 
@@ -115,9 +117,79 @@ def evaluate(run: TrainingRun, forward_step: Callable) -> float:
     return total / max(count, 1)
 
 
-def train(run: TrainingRun, forward_step: Callable) -> list[float]:
-    """Run iterations until ``train.train_iters`` (or an exit condition); returns the per-iteration losses."""
+class TrainingResult(list):
+    """What :func:`train` (and so ``pretrain`` / ``finetune``) returns: the loss of every iteration this call ran
+    (it *is* that list, so code that used the list keeps working), plus the trained pieces, for use in the same
+    process (e.g. ``bridge.save_hf_pretrained(result.model, "out")``)."""
+
+    def __init__(self, losses: list[float], run: TrainingRun, exit_reason: str | None) -> None:
+        super().__init__(losses)
+        self.run = run
+        self.exit_reason = exit_reason
+        """Why the loop stopped early ("SIGTERM", "SIGINT", "exit_interval", "exit_duration"), None at train_iters."""
+
+    @property
+    def losses(self) -> list[float]:
+        return list(self)
+
+    @property
+    def model(self) -> list:
+        """This rank's trained model chunks (DDP-wrapped), as ``AutoBridge.save_hf_pretrained`` takes them."""
+        return self.run.model
+
+    @property
+    def state(self):
+        """The counters (:class:`bridge_train.checkpointing.TrainState`): iteration, consumed samples, ..."""
+        return self.run.train_state
+
+    @property
+    def bridge(self):
+        """The model's ``AutoBridge`` (None when the provider names no HF architecture)."""
+        return self.run.bridge
+
+
+class _Housekeeping:
+    """The documented memory settings: ``train.manual_gc*`` and ``train.empty_unused_memory_level``."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg.train
+
+    def start(self) -> None:
+        if self.cfg.manual_gc:
+            gc.disable()
+
+    def stop(self) -> None:
+        if self.cfg.manual_gc:
+            gc.enable()
+
+    def after_step(self, iteration: int) -> None:
+        if self.cfg.empty_unused_memory_level >= 1:
+            torch.cuda.empty_cache()  # a no-op without CUDA
+        if self.cfg.manual_gc and self.cfg.manual_gc_interval and iteration % self.cfg.manual_gc_interval == 0:
+            gc.collect()
+
+    def around_evaluation(self, after: bool) -> None:
+        if self.cfg.manual_gc and self.cfg.manual_gc_eval:
+            gc.collect()
+        if after and self.cfg.empty_unused_memory_level >= 2:
+            torch.cuda.empty_cache()
+
+    def at_checkpoint(self) -> None:
+        if self.cfg.manual_gc and not self.cfg.manual_gc_interval:
+            gc.collect()
+
+
+def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
+    """Run iterations until ``train.train_iters`` (or an exit condition).
+
+    ``forward_step`` is ``forward_step(data_iterator, model)`` or Megatron Bridge's
+    ``forward_step(state, data_iterator, model)`` (``state`` is ``run``).
+
+    Returns:
+        A :class:`TrainingResult`: the per-iteration losses, and the model and counters.
+    """
     cfg, state = run.cfg, run.train_state
+    forward_step = adapt_forward_step(forward_step, run)
     seq = run.schedule_seq_length * run.schedule_micro_batch_size // cfg.train.micro_batch_size
     tokens_per_iteration = cfg.train.global_batch_size * seq
     flops_per_iteration = flops_per_token(cfg.model, seq) * tokens_per_iteration
@@ -127,11 +199,21 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
     exits = ExitRequests(cfg.robustness.exit_signals, enabled=cfg.robustness.exit_signal_handler,
                          exit_duration_in_mins=cfg.train.exit_duration_in_mins, device=run.parallel.device)
     profiler = IterationProfiler(cfg, run.parallel.rank)
+    housekeeping = _Housekeeping(cfg)
+    async_saves = AsyncSaves() if cfg.checkpoint.save and cfg.checkpoint.async_save else None
     history: list[float] = []
     consecutive_skips = 0
     saved_at = state.iteration if run.resumed_from else None
-    if cfg.train.manual_gc:
-        gc.disable()
+    save_due = postponed = False
+    reason = None
+
+    def save() -> None:
+        nonlocal saved_at, save_due, postponed
+        housekeeping.at_checkpoint()
+        save_training_checkpoint(run, state, async_saves=async_saves)
+        saved_at, save_due, postponed = state.iteration, False, False
+
+    housekeeping.start()
     for chunk in run.model:
         chunk.train()
     try:
@@ -140,8 +222,9 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
             loss, grad_norm, applied = train_step(run, forward_step, state.iteration + 1)
             state.iteration += 1
             profiler.after_iteration(state.iteration)
-            if cfg.train.empty_unused_memory_level >= 1 and not run.parallel.on_cpu:
-                torch.cuda.empty_cache()
+            housekeeping.after_step(state.iteration)
+            if async_saves is not None:
+                async_saves.poll()
             state.consumed_train_samples += cfg.train.global_batch_size
             if applied:
                 consecutive_skips = 0
@@ -154,21 +237,27 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
                     raise NonFiniteLossError(f"{consecutive_skips} consecutive iterations skipped (limit {limit}) "
                                              f"at iteration {state.iteration}")
             history.append(loss["lm loss"])
-            metrics_logger.training(state.iteration, {**loss, "lr": run.optimizer.param_groups[0]["lr"],
-                                                      "grad norm": grad_norm,
-                                                      "skipped iterations": state.skipped_iterations})
-            if cfg.train.manual_gc and cfg.train.manual_gc_interval and \
-                    state.iteration % cfg.train.manual_gc_interval == 0:
-                gc.collect()
+            scalars = {**loss, "lr": run.optimizer.param_groups[0]["lr"], "grad norm": grad_norm,
+                       "skipped iterations": state.skipped_iterations}
+            if cfg.logger.log_params_norm and metrics_logger.logs_at(state.iteration):
+                scalars["params norm"] = params_l2_norm(run.model, run.parallel.device)
+            metrics_logger.training(state.iteration, scalars)
             if cfg.train.eval_interval and run.valid_iterator is not None and \
                     state.iteration % cfg.train.eval_interval == 0:
+                housekeeping.around_evaluation(after=False)
                 metrics_logger.evaluation(state.iteration, "validation", evaluate(run, forward_step))
-                if cfg.train.manual_gc and cfg.train.manual_gc_eval:
-                    gc.collect()
+                housekeeping.around_evaluation(after=True)
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
                     state.iteration % cfg.checkpoint.save_interval == 0:
-                save_training_checkpoint(run, state)
-                saved_at = state.iteration
+                save_due = True
+            if save_due and consecutive_skips:  # never make a checkpoint inside a non-finite streak the latest
+                if not postponed:
+                    metrics_logger.message(f"checkpoint at iteration {state.iteration} postponed: the last "
+                                           f"{consecutive_skips} iteration(s) were skipped as non-finite; saving "
+                                           "after the next finite one")
+                postponed = True
+            elif save_due:
+                save()
             reason = exits.should_exit()
             if reason is None and cfg.train.exit_interval and state.iteration % cfg.train.exit_interval == 0:
                 reason = "exit_interval"
@@ -176,11 +265,22 @@ def train(run: TrainingRun, forward_step: Callable) -> list[float]:
                 metrics_logger.message(f"exiting at iteration {state.iteration} ({reason})")
                 break
         if cfg.checkpoint.save and saved_at != state.iteration:
-            save_training_checkpoint(run, state)
+            if consecutive_skips:
+                latest = (f"the latest checkpoint stays at iteration {saved_at}" if saved_at is not None
+                          else "no checkpoint was written")
+                metrics_logger.message(f"not saving a checkpoint at iteration {state.iteration}: the last "
+                                       f"{consecutive_skips} iteration(s) were skipped as non-finite; {latest}")
+            else:
+                save()
+        if async_saves is not None:
+            async_saves.wait()
+    except NonFiniteLossError:
+        if async_saves is not None:  # every rank raises it together: the pending save can still complete
+            async_saves.wait()
+        raise
     finally:
         profiler.stop()
         exits.close()
         metrics_logger.close()
-        if cfg.train.manual_gc:
-            gc.enable()
-    return history
+        housekeeping.stop()
+    return TrainingResult(history, run, reason)

@@ -70,6 +70,10 @@ class MetricsLogger:
             self._bar = tqdm(total=self.train_iters, initial=start_iteration, desc="training", unit="it",
                              dynamic_ncols=True)
 
+    def logs_at(self, iteration: int) -> bool:
+        """Whether :meth:`training` writes at ``iteration`` (the same answer on every rank)."""
+        return iteration % self.cfg.log_interval == 0 or iteration == self.train_iters
+
     def training(self, iteration: int, metrics: dict[str, float]) -> None:
         """Record one iteration; prints and writes every ``log_interval`` iterations."""
         if not self.active:
@@ -77,7 +81,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{metrics.get('lm loss', float('nan')):.4f}")
-        if iteration % self.cfg.log_interval and iteration != self.train_iters:
+        if not self.logs_at(iteration):
             return
         now = time.perf_counter()
         iters = max(iteration - self._last_iteration, 1)

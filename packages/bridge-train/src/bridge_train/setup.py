@@ -152,6 +152,8 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
 
     Raises:
         ConfigError: for any invalid setting, before anything is built.
+        CheckpointError: for an unwritable ``checkpoint.save`` (before anything is built) or a damaged resume
+            checkpoint.
         ValueError / FileNotFoundError: for a missing pretrained or resume checkpoint.
     """
     from megatron.core.distributed import finalize_model_grads
@@ -163,12 +165,21 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     world_size = _world_size()
     tokenizer = _build_tokenizer(cfg)  # before finalize: it may supply model.vocab_size; builds no model
     cfg.finalize(world_size=world_size)
+    if cfg.checkpoint.save:
+        from .checkpointing import check_save_dir_writable
+
+        check_save_dir_writable(cfg.checkpoint.save)
     parallel = initialize_parallel(ParallelLayout.from_config(cfg.model), seed=cfg.rng.seed)
     _seed(cfg.rng.seed, parallel, cfg.rng.data_parallel_random_init)
     if parallel.rank == 0 and cfg.logger.print_config:
         print("---- resolved config ----\n" + cfg.to_yaml() + "-------------------------", flush=True)
 
-    resume = find_resume_checkpoint(cfg.checkpoint.load)
+    def say(line: str) -> None:
+        if parallel.rank == 0:
+            print(line, flush=True)
+
+    resume = find_resume_checkpoint(cfg.checkpoint.load, fallback_to_previous=cfg.checkpoint.fallback_to_previous,
+                                    say=say)
     if cfg.checkpoint.load and resume is None and cfg.checkpoint.exit_on_missing_checkpoint:
         raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
                                 "checkpoint.exit_on_missing_checkpoint is set")
@@ -189,7 +200,6 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
         from .optim import use_fused_optimizer_kernels
 
         use_fused_optimizer_kernels(optimizer)
-    _warn_unhonoured(cfg)
     scheduler = OptimizerParamScheduler(optimizer, **cfg.scheduler.param_scheduler_kwargs(
         cfg.optimizer, cfg.train.train_iters))
     _wire_model_config(model, optimizer, cfg)
@@ -222,18 +232,6 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     run.schedule_seq_length = seq_length * cfg.train.micro_batch_size if packed else seq_length
     run.schedule_micro_batch_size = 1 if packed else cfg.train.micro_batch_size
     return run
-
-
-def _warn_unhonoured(cfg: ConfigContainer) -> None:
-    """Say so when a setting is accepted but not acted on (rather than dropping it silently)."""
-    import warnings
-
-    if cfg.checkpoint.async_save:
-        warnings.warn("checkpoint.async_save=True is not supported yet: checkpoints are written synchronously",
-                      stacklevel=3)
-    if cfg.logger.log_params_norm:
-        warnings.warn("logger.log_params_norm=True is not supported yet: the parameter norm is not logged",
-                      stacklevel=3)
 
 
 def _wire_model_config(model: list, optimizer, cfg: ConfigContainer) -> None:

@@ -1,12 +1,15 @@
-"""Exit requests: signals (SIGTERM from a scheduler, SIGUSR1 before a preemption) and a wall-clock budget.
+"""Exit requests: signals (SIGTERM from a scheduler, SIGINT from Ctrl-C, SIGUSR1 before a preemption) and a
+wall-clock budget.
 
-A handler only records the request; the loop asks :meth:`ExitRequests.should_exit` once per iteration, which
+A second Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` at once, for a user who does not want to wait for the
+save. Otherwise a handler only records the request; the loop asks :meth:`ExitRequests.should_exit` once per iteration, which
 agrees across all ranks (one all-reduce), so every rank saves the same final checkpoint and stops together.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from types import FrameType
 
@@ -31,7 +34,13 @@ class ExitRequests:
                 self._previous[number] = signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(number).name
+        name = signal.Signals(number).name
+        if number == signal.SIGINT and self.received == name:
+            raise KeyboardInterrupt
+        self.received = name
+        if number == signal.SIGINT and (not dist.is_initialized() or dist.get_rank() == 0):
+            sys.stderr.write("\nCtrl-C: finishing this iteration, saving a checkpoint (when checkpoint.save is set) "
+                             "and exiting; press Ctrl-C again to stop at once without saving\n")
 
     def should_exit(self) -> str | None:
         """The reason to stop now (a signal name or "exit_duration"), identical on every rank, or None."""

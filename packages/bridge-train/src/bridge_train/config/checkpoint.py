@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from .fields import at_least, type_problems
 
@@ -21,9 +20,8 @@ class CheckpointConfig:
     keep_last_n: int | None = None
     """Delete older checkpoints so that this many remain; None: keep all."""
     async_save: bool = False
-    """Write checkpoints in the background while training continues."""
-    format: Literal["torch_dist"] = "torch_dist"
-    """On-disk format: megatron-core dist-checkpointing (loadable at a different TP/PP)."""
+    """Write checkpoints in the background while training continues (megatron-core's asynchronous
+    dist-checkpoint save); a checkpoint becomes the latest only once its files are complete on every rank."""
     fully_parallel_save: bool = True
     """Spread the writing of replicated tensors over the data-parallel ranks."""
     save_optim: bool = True
@@ -38,6 +36,9 @@ class CheckpointConfig:
     """Restore the optimizer and scheduler state when resuming."""
     load_rng: bool = True
     """Restore the RNG states when resuming."""
+    fallback_to_previous: bool = False
+    """If the checkpoint to resume from is damaged (a truncated or missing file): resume from the previous complete
+    checkpoint instead of stopping (the damaged directory is renamed ``iter_N.damaged``)."""
     exit_on_missing_checkpoint: bool = False
     """If ``load`` holds no checkpoint: raise instead of starting from scratch."""
     finetune: bool = False

@@ -191,6 +191,11 @@ def run_problems(cfg: Any, world_size: int | None) -> list[str]:
         problems.append(f"dataset ({type(cfg.dataset).__name__}) has no build(tokenizer, ...) method; use a "
                         "bridge-data dataset config")
     else:
+        paths = getattr(cfg.dataset, "paths", None)
+        if getattr(cfg.dataset, "mock", False) is True and paths:
+            problems.append(f"dataset.mock is true and dataset.paths is set ({list(paths)}): the config names real "
+                            "data and random mock tokens at once; set dataset.mock=false to train on the paths, "
+                            "or dataset.paths=[] for mock data")
         data_seq = getattr(cfg.dataset, "seq_length", None)
         if isinstance(data_seq, int) and data_seq > cfg.model.seq_length:
             problems.append(f"dataset.seq_length ({data_seq}) exceeds model.seq_length ({cfg.model.seq_length}); "

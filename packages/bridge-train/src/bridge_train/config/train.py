@@ -33,7 +33,8 @@ class TrainConfig:
     """Disable Python's automatic garbage collector and collect every ``manual_gc_interval`` iterations on all
     ranks together (avoids stragglers from uncoordinated GC pauses)."""
     manual_gc_interval: int = 0
-    """Iterations between manual collections; 0: collect only at checkpoints and evaluation."""
+    """Iterations between manual collections; 0: collect at each checkpoint save instead (collections around
+    evaluations are ``manual_gc_eval``'s)."""
     manual_gc_eval: bool = True
     """With manual_gc, also collect before and after each evaluation."""
     empty_unused_memory_level: Literal[0, 1, 2] = 0
@@ -93,8 +94,8 @@ class RobustnessConfig:
     """With nan_policy="skip", stop anyway after this many non-finite iterations in a row; None: never."""
     exit_signal_handler: bool = True
     """Catch ``exit_signals``: finish the current iteration, save a checkpoint (if saving is on) and exit cleanly."""
-    exit_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
-    """Signal names the handler catches."""
+    exit_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    """Signal names the handler catches (SIGINT is Ctrl-C: a second Ctrl-C stops at once, without saving)."""
 
     def check(self, prefix: str = "robustness") -> list[str]:
         """Problems with this config alone."""
