@@ -58,6 +58,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .checkpoint_discovery import CheckpointError
     from .config import (
         CheckpointConfig,
         ConfigContainer,
@@ -74,6 +75,5 @@ if TYPE_CHECKING:
         apply_overrides,
         get_mixed_precision_config,
     )
-    from .checkpoint_discovery import CheckpointError
     from .entrypoints import finetune, pretrain, user_errors_exit
     from .forward_step import gpt_forward_step
