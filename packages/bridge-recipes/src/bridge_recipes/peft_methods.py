@@ -28,7 +28,11 @@ def peft_class(name: str) -> type:
     except ImportError as err:
         raise ImportError(f"PEFT recipes need bridge-peft, which is not importable ({err}); install bridge-peft") \
             from None
-    return getattr(bridge_peft, PEFT_METHODS[key])
+    cls = getattr(bridge_peft, PEFT_METHODS[key], None)
+    if cls is None:
+        raise ImportError(f"the installed bridge-peft has no {PEFT_METHODS[key]}; install a bridge-peft that "
+                          "provides LoRA and DoRA")
+    return cls
 
 
 def peft_method(name: str, *, dim: int, alpha: int, target_modules: list[str]) -> Any:

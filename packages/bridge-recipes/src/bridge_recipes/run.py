@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["build_config", "main"]
+__all__ = ["UsageError", "build_config", "config_yaml", "main", "run_recipe"]
 
 USAGE_ERROR = 2
 RUN_ERROR = 1
@@ -173,7 +173,15 @@ def _check_layout(recipe, cfg, world_size: int, launched: bool, dry_run: bool) -
         "model.tensor_model_parallel_size / pipeline_model_parallel_size / context_parallel_size")
 
 
-def _run(argv: Sequence[str]) -> int:
+def run_recipe(argv: Sequence[str]) -> list[float] | None:
+    """What ``bridge-run RECIPE [options] [key=value ...]`` does, without the error handling of :func:`main`.
+
+    Returns:
+        The loss of every iteration trained (on every rank), or None for ``--dry-run`` and the NeMo-Run launcher.
+
+    Raises:
+        UsageError / bridge_train.ConfigError: for bad input, before anything is built.
+    """
     args = _run_parser().parse_intermixed_args(argv)
     if args.launcher == "direct" and args.nproc_per_node is not None:
         raise UsageError("--nproc-per-node is for --launcher nemo-run; with the direct launcher start the "
@@ -198,11 +206,12 @@ def _run(argv: Sequence[str]) -> int:
         from .dry_run import describe
 
         print(describe(recipe, cfg, world_size, launched))
-        return 0
+        return None
     if args.launcher == "nemo-run":
         from .nemo_run_launcher import launch
 
-        return launch(recipe.name, _forwarded_args(argv), nproc_per_node=world_size)
+        launch(recipe.name, _forwarded_args(argv), nproc_per_node=world_size)
+        return None
     return _train(recipe, cfg)
 
 
@@ -222,7 +231,7 @@ def _forwarded_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _train(recipe, cfg) -> int:
+def _train(recipe, cfg) -> list[float]:
     global _training
     from bridge_train import finetune, gpt_forward_step, pretrain
 
@@ -232,7 +241,7 @@ def _train(recipe, cfg) -> int:
     if losses and os.environ.get("RANK", "0") == "0":
         print(f"{recipe.name}: trained {len(losses)} iterations, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
               flush=True)
-    return 0
+    return losses
 
 
 def _one_line(err: BaseException) -> str:
@@ -250,6 +259,8 @@ def _report(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bridge-run`` and ``python -m bridge_recipes.run``; returns the exit status."""
+    global _training
+    _training = False
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -266,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             silence_known_warnings()
         if command == "show":
             return _show(rest)
-        return _run(argv)
+        run_recipe(argv)
+        return 0
     except SystemExit as exit_:  # argparse: --help (0) or a usage error it has already printed (2)
         return int(exit_.code or 0)
     except KeyboardInterrupt:

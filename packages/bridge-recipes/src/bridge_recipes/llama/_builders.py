@@ -161,7 +161,7 @@ def pretrain_config(spec: LlamaSpec, *, hf_path: str | None = None, dir: str | N
         provider=provider, train_iters=train_iters, global_batch_size=global_batch_size,
         micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup=lr_warmup_iters, beta2=0.95,
         eval_interval=2000, save_interval=500, dir=dir, seed=seed,
-        dataset=PretrainDataConfig(seq_length=seq, paths=list(data_paths or []), seed=seed),
+        dataset=PretrainDataConfig(seq_length=seq, paths=list(data_paths or []), mock=not data_paths, seed=seed),
         tokenizer=_tokenizer(tokenizer_source), mixed_precision=mixed_precision, weight_decay_schedule=True)
 
 
