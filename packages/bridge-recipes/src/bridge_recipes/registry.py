@@ -78,8 +78,12 @@ def get_recipe(name: str) -> Recipe:
     """
     if name in RECIPES:
         return RECIPES[name]
-    near = difflib.get_close_matches(name, list(RECIPES), n=4, cutoff=0.6)
-    prefix = [r for r in RECIPES if r.startswith(name.rstrip("_") + "_")] if name else []
-    near = list(dict.fromkeys(near + prefix))[:6]
+    base, _, task = name.rpartition("_")
+    if task not in TASKS:
+        base, task = name, ""
+    near = []
+    for model in difflib.get_close_matches(base, list(SPECS), n=2, cutoff=0.75):  # the model's recipes first
+        near += [f"{model}_{task}"] if task else [f"{model}_{t}" for t in TASKS]
+    near = list(dict.fromkeys(near + difflib.get_close_matches(name, list(RECIPES), n=4, cutoff=0.6)))[:6]
     hint = f"; did you mean {', '.join(near)}?" if near else ""
     raise KeyError(f"unknown recipe {name!r}{hint} (`bridge-run list` shows all {len(RECIPES)})")

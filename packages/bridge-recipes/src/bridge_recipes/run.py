@@ -54,6 +54,19 @@ def _recipe_parser(command: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_weights(recipe, cfg, allow_random_init: bool) -> None:
+    """A fine-tuning run needs weights: a pretrained checkpoint, or a checkpoint of this run to resume."""
+    if not recipe.is_finetune or allow_random_init or cfg.checkpoint.pretrained_checkpoint:
+        return
+    from bridge_train.checkpointing import find_resume_checkpoint
+
+    if cfg.checkpoint.load and find_resume_checkpoint(cfg.checkpoint.load) is None:
+        raise UsageError(f"{recipe.name} fine-tunes pretrained weights, but checkpoint.pretrained_checkpoint is not "
+                         f"set and checkpoint.load ({cfg.checkpoint.load}) holds no checkpoint to resume; pass "
+                         "--hf-path DIR (or checkpoint.pretrained_checkpoint=DIR), or --allow-random-init for a "
+                         "benchmark with random weights")
+
+
 def _run_parser() -> argparse.ArgumentParser:
     parser = _recipe_parser("", "Run a recipe (or check it with --dry-run). Launch with torchrun for several "
                                 "processes: torchrun --nproc-per-node N $(which bridge-run) RECIPE ...")
@@ -194,6 +207,7 @@ def run_recipe(argv: Sequence[str]) -> list[float] | None:
         world_size, launched = args.nproc_per_node or cfg.model.tensor_model_parallel_size * \
             cfg.model.pipeline_model_parallel_size * cfg.model.context_parallel_size, True
     world_size = _check_layout(recipe, cfg, world_size, launched, args.dry_run)
+    _check_weights(recipe, cfg, args.allow_random_init)
     try:
         cfg.validate(world_size=world_size)
     except ValueError as err:
