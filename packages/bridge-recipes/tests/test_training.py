@@ -62,7 +62,7 @@ def test_torchrun_launches_the_console_script(tmp_path):
     bridge_run = os.path.join(os.path.dirname(sys.executable), "bridge-run")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", "0", bridge_run,
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", bridge_run,
            *_argv("llama32_1b_pretrain", "model.tensor_model_parallel_size=2"), "--dir", str(tmp_path / "run"),
            "checkpoint.save_interval=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
