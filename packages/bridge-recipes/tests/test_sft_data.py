@@ -63,9 +63,10 @@ def test_mock_sft_rejects_bad_settings(changes, message):
 
 
 def test_squad_preset_reads_an_hf_datasets_directory_with_answer_only_loss(tmp_path):
+    from datasets import Dataset
+
     from bridge_data import TokenizerConfig, build_tokenizer
     from bridge_data.testing import save_tiny_tokenizer
-    from datasets import Dataset
 
     rows = [{"id": str(i), "title": "t", "context": f"the fox number {i} sat on a mat", "question": "who sat?",
              "answers": {"text": [f"fox {i}"], "answer_start": [4]}} for i in range(6)]
@@ -93,4 +94,4 @@ def test_squad_preset_reads_an_hf_datasets_directory_with_answer_only_loss(tmp_p
 def test_lengths_default_to_fractions_of_the_row():
     cfg = MockSFTDataConfig(seq_length=4096)
     lengths = [len(ids) for ids, _ in cfg.sequences(_NullTokenizer(), 200, 0)]
-    assert 512 <= min(lengths) and max(lengths) <= 2048 and np.std(lengths) > 100
+    assert min(lengths) >= 512 and max(lengths) <= 2048 and np.std(lengths) > 100

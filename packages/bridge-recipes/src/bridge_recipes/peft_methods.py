@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PEFT_METHODS", "peft_class", "peft_method"]
+__all__ = ["PEFT_METHODS", "peft_class", "peft_method", "register_with_bridge_train"]
 
 PEFT_METHODS = {"lora": "LoRA", "dora": "DoRA"}
 """Scheme name -> class name in ``bridge_peft``."""
@@ -38,3 +38,23 @@ def peft_class(name: str) -> type:
 def peft_method(name: str, *, dim: int, alpha: int, target_modules: list[str]) -> Any:
     """A bridge-peft ``LoRA`` / ``DoRA`` with these adapter settings (other fields at bridge-peft's defaults)."""
     return peft_class(name)(target_modules=list(target_modules), dim=dim, alpha=alpha)
+
+
+def _lora() -> Any:
+    return peft_class("lora")()
+
+
+def _dora() -> Any:
+    return peft_class("dora")()
+
+
+def register_with_bridge_train() -> None:
+    """Make ``peft=lora`` / ``peft=dora`` resolve in bridge-train's overrides and YAML (bridge-peft's defaults;
+    the recipes' own adapter settings come from :func:`peft_method`). Idempotent; a bridge-train without a PEFT
+    registry is left alone. bridge-peft is imported only when such an override is applied."""
+    try:
+        from bridge_train.config import register_peft_method
+    except ImportError:
+        return
+    register_peft_method("lora", _lora)
+    register_peft_method("dora", _dora)

@@ -145,6 +145,7 @@ def config_yaml(cfg) -> str:
     import dataclasses
 
     import yaml
+
     from bridge_train.config import ConfigWarning
     from bridge_train.config.yaml_io import container_to_dict, to_plain
 

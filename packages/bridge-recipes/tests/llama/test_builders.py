@@ -6,13 +6,12 @@ import inspect
 
 import pytest
 import torch
+from conftest import needs_peft
+from test_spec import HF_VALUES
 
 from bridge_recipes.llama import MODELS
 from bridge_recipes.llama._builders import pipeline_layout_with_embedding_and_loss
 from bridge_recipes.registry import RECIPES
-
-from conftest import needs_peft
-from test_spec import HF_VALUES
 
 # Megatron Bridge's published recipes: recipe -> (TP, PP, VP, CP, SP, seq, global batch)
 PUBLISHED = {

@@ -90,6 +90,9 @@ def _container(*, provider, train_iters: int, global_batch_size: int, micro_batc
         TrainConfig,
     )
 
+    from ..peft_methods import register_with_bridge_train
+
+    register_with_bridge_train()
     checkpoint = CheckpointConfig()
     logger = LoggerConfig(log_interval=10)
     if dir is not None:
