@@ -161,10 +161,12 @@ def test_nemo_run_launcher_wiring(monkeypatch, capsys):
     """Only the wiring: the real nemo-run package is not in the workspace lock (see the package README)."""
     calls: list = []
     monkeypatch.setitem(sys.modules, "nemo_run", _fake_nemo_run(calls))
-    argv = ["llama3_8b_pretrain", "--launcher", "nemo-run", "train.train_iters=3", "--dir", "/tmp/x"]
+    argv = ["llama3_8b_pretrain", "--launcher", "nemo-run", "train.train_iters=3", "scheduler.lr_warmup_iters=1",
+            "--dir", "/tmp/x"]
     assert main(argv) == 0, capsys.readouterr().err
     (script, executor, kwargs), = calls
-    assert script == {"path": _bridge_run(), "args": ["llama3_8b_pretrain", "train.train_iters=3", "--dir", "/tmp/x"],
+    assert script == {"path": _bridge_run(), "args": ["llama3_8b_pretrain", "train.train_iters=3",
+                                                      "scheduler.lr_warmup_iters=1", "--dir", "/tmp/x"],
                       "entrypoint": "python"}
     assert executor == {"ntasks_per_node": 2, "launcher": "torchrun"}  # the recipe's CP 2
     assert kwargs["name"] == "llama3_8b_pretrain" and kwargs["detach"] is False
