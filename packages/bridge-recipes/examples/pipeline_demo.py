@@ -62,7 +62,11 @@ def run(workdir: Path) -> dict[str, float]:
         if bridge_peft(argv) != 0:
             raise RuntimeError(f"bridge-peft {' '.join(argv)} failed")
 
-    from peft import PeftModel
+    try:
+        from peft import PeftModel
+    except Exception as err:  # noqa: BLE001 - the optional `demo` extra
+        raise SystemExit(f"the last step loads the adapter with HF peft, which is not importable ({err}); install "
+                         "bridge-recipes[demo]") from None
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(workdir / "pretrained-hf", dtype=torch.float32)

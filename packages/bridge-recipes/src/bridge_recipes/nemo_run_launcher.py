@@ -8,6 +8,7 @@ land where NeMo-Run keeps them (``NEMORUN_HOME``, default ``~/.nemo_run``).
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -17,8 +18,10 @@ __all__ = ["launch", "script_and_executor"]
 
 
 def _nemo_run():
+    # nemo-run is deliberately not a declared extra (it pins urllib3 < 1.27 through torchx for the whole workspace;
+    # see the README), so it is looked up by name at run time in whatever environment the user installed it into.
     try:
-        import nemo_run
+        nemo_run = importlib.import_module("nemo_run")
     except Exception as err:  # noqa: BLE001 - a broken install counts as absent
         raise ImportError(f"--launcher nemo-run needs the nemo-run package, which is not importable ({err}); "
                           "install it with `pip install nemo-run` (or use the direct launcher: torchrun "

@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 from conftest import needs_peft
-from test_spec import HF_VALUES
+from test_llama_spec import HF_VALUES
 
 from bridge_recipes.llama import MODELS
 from bridge_recipes.llama._builders import pipeline_layout_with_embedding_and_loss
