@@ -31,9 +31,9 @@ def _step_make(workdir: Path, dtype: str, shard_size: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bridge_convert.testing import LLAMA_32_1B_HF_CONFIG
+    from bridge_recipes.llama import hf_config
 
-    raw = dict(LLAMA_32_1B_HF_CONFIG, torch_dtype=dtype)
+    raw = dict(hf_config("Llama-3.2-1B"), torch_dtype=dtype)
     model_type = raw.pop("model_type")
     config = AutoConfig.for_model(model_type, **raw)
     torch.manual_seed(0)

@@ -46,8 +46,23 @@ MEGATRON_ROWS = {"native": "native", "native-lean": "native", "native-compile": 
                  "te": "transformer_engine"}
 RESULT_TAG = "BENCH_RESULT "
 
-LLAMA_32_1B = dict(layers=16, hidden=2048, heads=32, kv_heads=8, ffn=8192, vocab=128256, rope_theta=500000.0,
-                   rope_factor=32.0, rope_original_max=8192, eps=1e-5)
+
+
+def _shape(raw: dict) -> dict:
+    """The fields this benchmark reads, from an HF config.json."""
+    return dict(layers=raw["num_hidden_layers"], hidden=raw["hidden_size"], heads=raw["num_attention_heads"],
+                kv_heads=raw["num_key_value_heads"], ffn=raw["intermediate_size"], vocab=raw["vocab_size"],
+                rope_theta=raw["rope_theta"], rope_factor=raw["rope_scaling"]["factor"],
+                rope_original_max=raw["rope_scaling"]["original_max_position_embeddings"], eps=raw["rms_norm_eps"])
+
+
+def _llama32_1b() -> dict:
+    from bridge_recipes.llama import hf_config  # the shipped config.json of the hub model
+
+    return _shape(hf_config("Llama-3.2-1B"))
+
+
+LLAMA_32_1B = _llama32_1b()
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512, rope_theta=500000.0, rope_factor=32.0,
             rope_original_max=64, eps=1e-5)
 

@@ -4,7 +4,6 @@ from .checkpoints import assert_same_checkpoint, read_tensors
 from .distributed import find_free_port, run_multiprocess
 from .models import (
     FAMILIES,
-    LLAMA_32_1B_HF_CONFIG,
     TINY_HF_CONFIGS,
     build_tiny_gpt,
     full_state_dict,
@@ -16,7 +15,6 @@ from .models import (
 
 __all__ = [
     "FAMILIES",
-    "LLAMA_32_1B_HF_CONFIG",
     "TINY_HF_CONFIGS",
     "assert_same_checkpoint",
     "build_tiny_gpt",

@@ -14,7 +14,6 @@ import torch
 
 __all__ = [
     "FAMILIES",
-    "LLAMA_32_1B_HF_CONFIG",
     "TINY_HF_CONFIGS",
     "build_tiny_gpt",
     "full_state_dict",
@@ -82,18 +81,6 @@ TINY_HF_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-
-#: The hub's config.json of Llama-3.2-1B (legacy rope layout), for shape-true benchmarks and random-init runs.
-LLAMA_32_1B_HF_CONFIG: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
-    "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
-    "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.45.0",
-    "use_cache": True, "vocab_size": 128256,
-}
 
 #: The tiny checkpoints the conversion tests run for every supported family.
 FAMILIES = ("llama", "llama31", "llama32", "qwen2", "qwen3", "mistral")

@@ -1,0 +1,60 @@
+"""The PEFT methods the recipes use, by name: ``lora`` and ``dora`` (bridge-peft's ``LoRA`` / ``DoRA``).
+
+bridge-peft is imported only when a PEFT recipe is built, so pretraining and SFT recipes work without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PEFT_METHODS", "peft_class", "peft_method", "register_with_bridge_train"]
+
+PEFT_METHODS = {"lora": "LoRA", "dora": "DoRA"}
+"""Scheme name -> class name in ``bridge_peft``."""
+
+
+def peft_class(name: str) -> type:
+    """bridge-peft's class for scheme ``name``.
+
+    Raises:
+        ValueError: for an unknown scheme.
+        ImportError: when bridge-peft is not installed.
+    """
+    key = str(name).strip().lower()
+    if key not in PEFT_METHODS:
+        raise ValueError(f"unknown PEFT scheme {name!r}; choose one of {', '.join(PEFT_METHODS)}")
+    try:
+        import bridge_peft
+    except ImportError as err:
+        raise ImportError(f"PEFT recipes need bridge-peft, which is not importable ({err}); install bridge-peft") \
+            from None
+    cls = getattr(bridge_peft, PEFT_METHODS[key], None)
+    if cls is None:
+        raise ImportError(f"the installed bridge-peft has no {PEFT_METHODS[key]}; install a bridge-peft that "
+                          "provides LoRA and DoRA")
+    return cls
+
+
+def peft_method(name: str, *, dim: int, alpha: int, target_modules: list[str]) -> Any:
+    """A bridge-peft ``LoRA`` / ``DoRA`` with these adapter settings (other fields at bridge-peft's defaults)."""
+    return peft_class(name)(target_modules=list(target_modules), dim=dim, alpha=alpha)
+
+
+def _lora() -> Any:
+    return peft_class("lora")()
+
+
+def _dora() -> Any:
+    return peft_class("dora")()
+
+
+def register_with_bridge_train() -> None:
+    """Make ``peft=lora`` / ``peft=dora`` resolve in bridge-train's overrides and YAML (bridge-peft's defaults;
+    the recipes' own adapter settings come from :func:`peft_method`). Idempotent; a bridge-train without a PEFT
+    registry is left alone. bridge-peft is imported only when such an override is applied."""
+    try:
+        from bridge_train.config import register_peft_method
+    except ImportError:
+        return
+    register_peft_method("lora", _lora)
+    register_peft_method("dora", _dora)

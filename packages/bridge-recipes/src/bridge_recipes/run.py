@@ -1,0 +1,318 @@
+"""``bridge-run``: list, show and run the recipes.
+
+    bridge-run list
+    bridge-run show llama3_8b_lora peft.dim=4
+    bridge-run llama32_1b_pretrain train.train_iters=100 --dry-run
+    torchrun --nproc-per-node 2 $(which bridge-run) llama3_8b_pretrain train.global_batch_size=16
+    python -m bridge_recipes.run llama32_1b_sft --hf-path /models/Llama-3.2-1B
+
+Overrides use bridge-train's grammar (``section.field=value``, YAML values, ``--config file.yaml`` merged first);
+``peft=lora`` / ``peft=dora`` picks the PEFT method (keeping the recipe's adapter settings) before the other
+overrides apply. Bad input is reported in one line on stderr (exit status 2) before anything is built or written;
+a failure while training is one line too (exit status 1; ``BRIDGE_RUN_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["UsageError", "build_config", "config_yaml", "main", "run_recipe"]
+
+USAGE_ERROR = 2
+RUN_ERROR = 1
+
+
+class UsageError(Exception):
+    """Bad input: a one-line message for the user."""
+
+
+_training = False
+"""Set once training starts: a failure before that is bad input (exit 2), after it a run failure (exit 1)."""
+
+
+def _recipe_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"bridge-run {command}".strip(), description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="recipe name, <model>_<task> (see `bridge-run list`)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. train.train_iters=10 optimizer.lr=1e-4 peft=dora")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML file (whole or partial config) merged before the overrides; repeatable")
+    parser.add_argument("--hf-path", metavar="DIR",
+                        help="local HF checkpoint of the recipe's model: its weights are trained (pretrain) or "
+                             "fine-tuned (sft, lora, dora)")
+    parser.add_argument("--dir", metavar="DIR",
+                        help="run directory for checkpoints (resumed from) and TensorBoard logs; default: none")
+    parser.add_argument("--allow-random-init", action="store_true",
+                        help="sft / lora / dora: fine-tune random weights (benchmarks); otherwise a pretrained "
+                             "checkpoint is required")
+    return parser
+
+
+def _check_weights(recipe, cfg, allow_random_init: bool) -> None:
+    """A fine-tuning run needs weights: a pretrained checkpoint, or a checkpoint of this run to resume."""
+    if not recipe.is_finetune or allow_random_init or cfg.checkpoint.pretrained_checkpoint:
+        return
+    from bridge_train.checkpointing import find_resume_checkpoint
+
+    if cfg.checkpoint.load and find_resume_checkpoint(cfg.checkpoint.load) is None:
+        raise UsageError(f"{recipe.name} fine-tunes pretrained weights, but checkpoint.pretrained_checkpoint is not "
+                         f"set and checkpoint.load ({cfg.checkpoint.load}) holds no checkpoint to resume; pass "
+                         "--hf-path DIR (or checkpoint.pretrained_checkpoint=DIR), or --allow-random-init for a "
+                         "benchmark with random weights")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = _recipe_parser("", "Run a recipe (or check it with --dry-run). Launch with torchrun for several "
+                                "processes: torchrun --nproc-per-node N $(which bridge-run) RECIPE ...")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config and print what would run, without building the model")
+    parser.add_argument("--launcher", choices=("direct", "nemo-run"), default="direct",
+                        help="direct: train in this process (under torchrun, in each); nemo-run: hand the same "
+                             "command to NeMo-Run's local executor with torchrun (needs the nemo-run package)")
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                        help="with --launcher nemo-run: processes to start (default: the recipe's TP x PP x CP)")
+    return parser
+
+
+def _list(argv: Sequence[str]) -> int:
+    from .registry import RECIPES
+
+    parser = argparse.ArgumentParser(prog="bridge-run list", description="List every recipe with a one-line "
+                                                                         "description.")
+    parser.parse_args(argv)
+    width = max(len(name) for name in RECIPES)
+    for recipe in RECIPES.values():
+        print(f"{recipe.name:<{width}}  {recipe.description}")
+    return 0
+
+
+def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_files: Sequence[str] = (),
+                 hf_path: str | None = None, dir: str | None = None, allow_random_init: bool = False):
+    """The recipe's config with ``--config`` files and overrides applied (what ``bridge-run`` trains).
+
+    Returns:
+        ``(recipe, cfg)``.
+
+    Raises:
+        UsageError: for an unknown recipe or an option that does not apply to it.
+        bridge_train.ConfigError: for bad overrides (every one named).
+    """
+    from bridge_train.config import apply_overrides
+
+    from .peft_methods import PEFT_METHODS
+    from .registry import get_recipe
+
+    try:
+        recipe = get_recipe(recipe_name)
+    except KeyError as err:
+        raise UsageError(err.args[0]) from None
+    kwargs: dict[str, Any] = {"hf_path": hf_path, "dir": dir}
+    rest = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if sep and key.strip().lstrip("+") == "peft" and value.strip().lower() in PEFT_METHODS:
+            if not recipe.is_finetune:
+                raise UsageError(f"override {text!r}: {recipe.name} pretrains; PEFT applies to the fine-tuning "
+                                 f"recipes ({recipe.spec.name}_lora, {recipe.spec.name}_dora)")
+            kwargs["peft"] = value.strip().lower()
+        else:
+            rest.append(text)
+    if recipe.is_finetune:
+        kwargs["allow_random_init"] = allow_random_init
+    elif allow_random_init:
+        raise UsageError(f"--allow-random-init applies to the sft / lora / dora recipes; {recipe.name} starts "
+                         "from random weights unless --hf-path is given")
+    if "peft" in kwargs and recipe.task == "sft":
+        recipe = get_recipe(f"{recipe.spec.name}_{kwargs['peft']}")
+    cfg = recipe.build(**kwargs)
+    apply_overrides(cfg, rest, config_files=list(config_files))
+    return recipe, cfg
+
+
+def _config_from_args(args: argparse.Namespace):
+    return build_config(args.recipe, args.overrides, config_files=args.config, hf_path=args.hf_path, dir=args.dir,
+                        allow_random_init=args.allow_random_init)
+
+
+def config_yaml(cfg) -> str:
+    """The resolved config as YAML, with the PEFT method written out field by field when it is a dataclass."""
+    import dataclasses
+
+    import yaml
+
+    from bridge_train.config import ConfigWarning
+    from bridge_train.config.yaml_io import container_to_dict, to_plain
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        data = container_to_dict(cfg, warn=False)
+        if dataclasses.is_dataclass(cfg.peft) and not isinstance(cfg.peft, type):
+            data["peft"] = to_plain(cfg.peft)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
+
+
+def _show(argv: Sequence[str]) -> int:
+    parser = _recipe_parser("show", "Print a recipe's resolved config as YAML (overrides applied; not validated, "
+                                    "nothing built).")
+    args = parser.parse_intermixed_args(argv)
+    _, cfg = _config_from_args(args)
+    print(config_yaml(cfg), end="")
+    return 0
+
+
+def _world_size() -> tuple[int, bool]:
+    """(processes of this launch, whether a launcher such as torchrun set it)."""
+    value = os.environ.get("WORLD_SIZE")
+    return (int(value), True) if value else (1, False)
+
+
+def _check_layout(recipe, cfg, world_size: int, launched: bool, dry_run: bool) -> int:
+    """The world size to validate with; raises UsageError when the layout does not fit this launch."""
+    model = cfg.model
+    need = model.tensor_model_parallel_size * model.pipeline_model_parallel_size * model.context_parallel_size
+    if world_size % need == 0:
+        return world_size
+    if dry_run and not launched:
+        return need  # a dry run on one machine checks the layout at its smallest size
+    raise UsageError(
+        f"{recipe.name} needs a multiple of {need} processes (TP {model.tensor_model_parallel_size} x PP "
+        f"{model.pipeline_model_parallel_size} x CP {model.context_parallel_size}), this launch has {world_size}; "
+        f"run torchrun --nproc-per-node {need} $(which bridge-run) {recipe.name} ..., or lower "
+        "model.tensor_model_parallel_size / pipeline_model_parallel_size / context_parallel_size")
+
+
+def run_recipe(argv: Sequence[str]) -> list[float] | None:
+    """What ``bridge-run RECIPE [options] [key=value ...]`` does, without the error handling of :func:`main`.
+
+    Returns:
+        The loss of every iteration trained (on every rank), or None for ``--dry-run`` and the NeMo-Run launcher.
+
+    Raises:
+        UsageError / bridge_train.ConfigError: for bad input, before anything is built.
+    """
+    args = _run_parser().parse_intermixed_args(argv)
+    if args.launcher == "direct" and args.nproc_per_node is not None:
+        raise UsageError("--nproc-per-node is for --launcher nemo-run; with the direct launcher start the "
+                         "processes with torchrun --nproc-per-node N $(which bridge-run) ...")
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    recipe, cfg = _config_from_args(args)
+    world_size, launched = _world_size()
+    if args.launcher == "nemo-run":
+        world_size, launched = args.nproc_per_node or cfg.model.tensor_model_parallel_size * \
+            cfg.model.pipeline_model_parallel_size * cfg.model.context_parallel_size, True
+    world_size = _check_layout(recipe, cfg, world_size, launched, args.dry_run)
+    _check_weights(recipe, cfg, args.allow_random_init)
+    try:
+        cfg.validate(world_size=world_size)
+    except ValueError as err:
+        problems = getattr(err, "problems", None) or [str(err)]
+        if recipe.is_finetune and any("checkpoint.finetune is true" in p for p in problems):
+            problems = [p + " (--hf-path DIR sets it; --allow-random-init trains random weights, for benchmarks)"
+                        if "checkpoint.finetune is true" in p else p for p in problems]
+        raise UsageError("; ".join(problems)) from None
+    if args.dry_run:
+        from .dry_run import describe
+
+        print(describe(recipe, cfg, world_size, launched))
+        return None
+    if args.launcher == "nemo-run":
+        from .nemo_run_launcher import launch
+
+        launch(recipe.name, _forwarded_args(argv), nproc_per_node=world_size)
+        return None
+    return _train(recipe, cfg)
+
+
+def _forwarded_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` minus the launcher options (what each torchrun process gets)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--launcher", "--nproc-per-node"):
+            skip = True
+            continue
+        if arg.startswith(("--launcher=", "--nproc-per-node=")):
+            continue
+        out.append(arg)
+    return out
+
+
+def _train(recipe, cfg) -> list[float]:
+    global _training
+    from bridge_train import finetune, gpt_forward_step, pretrain
+
+    _training = True
+    entry = finetune if recipe.is_finetune else pretrain
+    losses = entry(cfg, gpt_forward_step)
+    if losses and os.environ.get("RANK", "0") == "0":
+        print(f"{recipe.name}: trained {len(losses)} iterations, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+              flush=True)
+    return losses
+
+
+def _one_line(err: BaseException) -> str:
+    problems = getattr(err, "problems", None)
+    if problems:
+        return "; ".join(problems)
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split())
+
+
+def _report(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        print(f"bridge-run: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bridge-run`` and ``python -m bridge_recipes.run``; returns the exit status."""
+    global _training
+    _training = False
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\ncommands: list | show RECIPE [key=value ...] | RECIPE [key=value ...]; "
+              "each takes --help")
+        return 0 if argv else USAGE_ERROR
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "list":
+            return _list(rest)
+        if command not in ("-h", "--help") and "--help" not in rest and "-h" not in rest:
+            from bridge_convert.runtime import silence_known_warnings
+
+            silence_known_warnings()
+        if command == "show":
+            return _show(rest)
+        run_recipe(argv)
+        return 0
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error it has already printed (2)
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        _report("interrupted")
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line; the traceback on request
+        if os.environ.get("BRIDGE_RUN_TRACEBACK"):
+            raise
+        usage = not _training
+        rank = os.environ.get("RANK")
+        prefix = "" if usage or rank in (None, "0") else f"[rank {rank}] "
+        message = _one_line(err) if usage else f"{type(err).__name__}: {_one_line(err)}"
+        if usage:
+            _report(message)
+        else:
+            print(f"bridge-run: error: {prefix}{message} (BRIDGE_RUN_TRACEBACK=1 shows the traceback)",
+                  file=sys.stderr, flush=True)
+        return USAGE_ERROR if usage else RUN_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""bridge-run: list, show, --help, --dry-run, the NeMo-Run launcher's wiring, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import yaml
+from conftest import needs_peft
+
+from bridge_recipes.registry import RECIPES
+from bridge_recipes.run import main
+
+
+@pytest.fixture(autouse=True)
+def _single_process_and_no_training(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "BRIDGE_RUN_TRACEBACK"):
+        monkeypatch.delenv(name, raising=False)
+
+    def refuse(recipe, cfg):
+        raise AssertionError(f"{recipe.name} started training in a test that must stop before")
+
+    monkeypatch.setattr("bridge_recipes.run._train", refuse)
+
+
+def _bridge_run() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "bridge-run")
+
+
+def test_list_shows_all_28_recipes_one_per_line():
+    out = subprocess.run([_bridge_run(), "list"], capture_output=True, text=True, check=True, timeout=120).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 28 == len(RECIPES)
+    names = [line.split()[0] for line in lines]
+    models = ["llama32_1b", "llama32_3b", "llama3_8b", "llama3_70b", "llama31_8b", "llama31_70b", "llama31_405b"]
+    assert names == [f"{m}_{t}" for m in models for t in ("pretrain", "sft", "lora", "dora")]
+    by_name = dict(zip(names, lines))
+    assert "LoRA (dim 8, alpha 16, all linear layers) of Meta-Llama-3-8B" in by_name["llama3_8b_lora"]
+    assert "TP4 PP4 VP5 CP2 SP, 32 processes per replica" in by_name["llama3_70b_pretrain"]
+    assert "seq 2048, global batch 32" in by_name["llama31_405b_dora"]
+
+
+def test_help_everywhere(capsys):
+    for argv in (["--help"], ["list", "--help"], ["show", "--help"], ["llama32_1b_pretrain", "--help"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "usage" in out.lower() or "commands:" in out
+    assert "--dry-run" in (main(["llama32_1b_pretrain", "--help"]), capsys.readouterr().out)[1]
+    out = subprocess.run([sys.executable, "-m", "bridge_recipes.run", "--help"], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert "bridge-run list" in out and "torchrun --nproc-per-node 2" in out
+
+
+def test_show_prints_the_resolved_yaml(capsys):
+    assert main(["show", "llama32_1b_pretrain", "train.train_iters=7", "optimizer.lr=1e-3"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["train"]["train_iters"] == 7 and data["optimizer"]["lr"] == 1e-3
+    assert data["model"]["num_layers"] == 16 and data["model"]["share_embeddings_and_output_weights"] is True
+    assert data["dataset"]["seq_length"] == 8192 and data["mixed_precision"] == "bf16_mixed"
+
+
+@needs_peft
+def test_show_llama3_8b_lora_with_peft_dim_override(capsys):
+    assert main(["show", "llama3_8b_lora", "peft.dim=4"]) == 0
+    peft = yaml.safe_load(capsys.readouterr().out)["peft"]
+    assert peft["_target_"].endswith(".LoRA") and peft["dim"] == 4 and peft["alpha"] == 16
+    assert peft["target_modules"] == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    assert main(["show", "llama3_8b_lora", "peft=dora"]) == 0
+    peft = yaml.safe_load(capsys.readouterr().out)["peft"]
+    assert peft["_target_"].endswith(".DoRA") and (peft["dim"], peft["alpha"]) == (8, 16)
+
+
+def test_dry_run_validates_and_prints_without_building(capsys, monkeypatch, tmp_path):
+    from bridge_convert.provider import GPTModelProvider
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("--dry-run built a model")
+
+    monkeypatch.setattr(GPTModelProvider, "provide", refuse)
+    assert main(["llama3_70b_pretrain", "--dry-run", "--dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "needs a multiple of 32 processes: torchrun --nproc-per-node 32 $(which bridge-run) llama3_70b_pretrain" \
+        in out
+    assert "80 layers, hidden 8192, 64 heads (8 KV groups), FFN 28672, vocab 128256, 70.55B parameters" in out
+    assert "TP 4, PP 4, VP 5, CP 2, SP on" in out and "pretrain(cfg, gpt_forward_step)" in out
+    assert not (tmp_path / "run").exists()
+    assert main(["llama32_1b_sft", "--dry-run", "--allow-random-init"]) == 0
+    out = capsys.readouterr().out
+    assert "1.24B parameters" in out and "mock SFT conversations (packed), seq 4096" in out
+    assert "finetune(cfg, gpt_forward_step)" in out and "random initialisation (allow_random_init)" in out
+
+
+BAD_INPUT = {
+    "unknown recipe": (["llama32_1b_pretrian"],
+                       "unknown recipe 'llama32_1b_pretrian'; did you mean llama32_1b_pretrain"),
+    "unknown model": (["llama33_1b"], "did you mean llama32_1b_pretrain, llama32_1b_sft"),
+    "misspelled key": (["llama32_1b_pretrain", "train.train_iter=5"], "did you mean 'train.train_iters'"),
+    "wrong type": (["llama32_1b_pretrain", "train.train_iters=ten"], "train.train_iters"),
+    "layout does not fit": (["llama3_8b_pretrain"],
+                            "llama3_8b_pretrain needs a multiple of 2 processes (TP 1 x PP 1 x CP 2), this launch "
+                            "has 1; run torchrun --nproc-per-node 2"),
+    "no pretrained weights": (["llama32_1b_sft"], "llama32_1b_sft fine-tunes pretrained weights, but "
+                              "checkpoint.pretrained_checkpoint is not set and checkpoint.load"),
+    "random init on pretrain": (["llama32_1b_pretrain", "--allow-random-init"], "--allow-random-init applies"),
+    "peft on pretrain": (["llama32_1b_pretrain", "peft=lora"], "PEFT applies to the fine-tuning recipes"),
+    "missing config file": (["llama32_1b_pretrain", "--config", "/nonexistent/run.yaml"], "does not exist"),
+    "nproc without nemo-run": (["llama32_1b_pretrain", "--nproc-per-node", "2"], "--nproc-per-node is for"),
+    "invalid value": (["llama32_1b_pretrain", "train.global_batch_size=3", "train.micro_batch_size=2"],
+                      "train.global_batch_size (3) must be divisible by train.micro_batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(case, capsys, tmp_path):
+    argv, expected = BAD_INPUT[case]
+    run_dir = tmp_path / "run"
+    argv = [*argv, "--dir", str(run_dir)] if argv[0] not in ("show",) else argv
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bridge-run: error: "), captured.err
+    assert expected in lines[0] and "Traceback" not in captured.err + captured.out
+    assert not run_dir.exists()
+
+
+def test_finetuning_without_weights_or_run_dir(capsys):
+    assert main(["llama32_3b_sft"]) == 2
+    assert "point checkpoint.pretrained_checkpoint at the weights to fine-tune (--hf-path DIR sets it; " \
+        "--allow-random-init" in capsys.readouterr().err
+
+
+def test_bad_input_from_the_console_script_is_one_line(tmp_path):
+    proc = subprocess.run([_bridge_run(), "llama3_8b_pretrain", "model.tensor_model_parallel_size=three",
+                           "--dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("bridge-run: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "model.tensor_model_parallel_size" in errors[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def _fake_nemo_run(calls: list):
+    fake = types.ModuleType("nemo_run")
+
+    class Script:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LocalExecutor:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    fake.Script, fake.LocalExecutor = Script, LocalExecutor
+    fake.run = lambda task, **kwargs: calls.append((task.kwargs, kwargs["executor"].kwargs, kwargs))
+    return fake
+
+
+def test_nemo_run_launcher_wiring(monkeypatch, capsys):
+    """Only the wiring: the real nemo-run package is not in the workspace lock (see the package README)."""
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "nemo_run", _fake_nemo_run(calls))
+    argv = ["llama3_8b_pretrain", "--launcher", "nemo-run", "train.train_iters=3", "scheduler.lr_warmup_iters=1",
+            "--dir", "/tmp/x"]
+    assert main(argv) == 0, capsys.readouterr().err
+    (script, executor, kwargs), = calls
+    assert script == {"path": _bridge_run(), "args": ["llama3_8b_pretrain", "train.train_iters=3",
+                                                      "scheduler.lr_warmup_iters=1", "--dir", "/tmp/x"],
+                      "entrypoint": "python"}
+    assert executor == {"ntasks_per_node": 2, "launcher": "torchrun"}  # the recipe's CP 2
+    assert kwargs["name"] == "llama3_8b_pretrain" and kwargs["detach"] is False
+    assert main(["llama32_1b_pretrain", "--launcher=nemo-run", "--nproc-per-node", "3", "train.global_batch_size=5"]) == 2
+    assert "train.global_batch_size (5) must be divisible by train.micro_batch_size x data-parallel size (1 x 3)" in \
+        capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "nemo_run", None)
+    assert main(["llama32_1b_pretrain", "--launcher", "nemo-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the nemo-run package" in err
