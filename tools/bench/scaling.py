@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "packages" / "bridge-train" / "examples" / "pretrain_llama.py"
+LLAMA_32_1B = ROOT / "packages" / "bridge-recipes" / "src" / "bridge_recipes" / "llama" / "hf_configs" / "Llama-3.2-1B.json"
 _LINE = re.compile(r"^iteration\s+(\d+)/\d+ .*?tokens/s ([\d,]+)(?:.*?MFU ([\d.]+)%)?")
 
 
@@ -74,9 +75,9 @@ def run_point(args, layout: str, gpus: int, workdir: Path) -> Point | None:
     overrides = layout_overrides(layout, gpus, args.micro_batch)
     if overrides is None:
         return None
-    source = ["--tiny", str(workdir / "tiny-hf")] if args.tiny else ["--shape", args.shape]
+    source = ["--tiny", str(workdir / "tiny-hf")] if args.tiny else ["--hf-config", args.hf_config]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", str(EXAMPLE),
-           *source, "--workdir", str(workdir / f"{layout}-{gpus}"), "--no-export",
+           *source, "--mock", "--workdir", str(workdir / f"{layout}-{gpus}"), "--no-export",
            f"train.train_iters={args.iters}", f"train.micro_batch_size={args.micro_batch}",
            f"dataset.seq_length={args.seq}", "train.eval_interval=null", f"logger.log_interval={args.log_interval}",
            "logger.progress_bar=false", "checkpoint.save=null", "checkpoint.load=null",
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", default="1,2,4,8", help="comma-separated process counts (default 1,2,4,8)")
     parser.add_argument("--layouts", default="dp", help="comma-separated: dp, tp2, tp4, ... (default dp)")
-    parser.add_argument("--shape", default="llama32-1b", help="model shape of the example's --shape (default "
-                        "llama32-1b, random init)")
+    parser.add_argument("--hf-config", default=str(LLAMA_32_1B),
+                        help="HF config.json of the model, random init (default: bridge-recipes' Llama-3.2-1B)")
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU model instead (gloo; checks the script)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 4096; 64 with --tiny)")
     parser.add_argument("--micro-batch", type=int, default=None, help="per-GPU micro-batch (default 8; 2 --tiny)")

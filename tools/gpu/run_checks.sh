@@ -23,7 +23,7 @@ for step in $steps; do
     optim) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-train/tests/optim/test_fused_step_gpu.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -30 > "$OUT/optim_gpu.log" ;;
     train) timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider -rA packages/bridge-train/tests/test_gpu_training.py 2>&1 | grep -v Warning | tail -40 > "$OUT/train_gpu.log" ;;
     train1b)
-      args=(--shape llama32-1b --mock --workdir /tmp/run1b --no-export mixed_precision=bf16_mixed dataset.seq_length=4096
+      args=(--hf-config packages/bridge-recipes/src/bridge_recipes/llama/hf_configs/Llama-3.2-1B.json --mock --workdir /tmp/run1b --no-export mixed_precision=bf16_mixed dataset.seq_length=4096
             train.micro_batch_size=4 train.global_batch_size=4 train.eval_interval=null logger.log_interval=5
             checkpoint.save_interval=20 checkpoint.keep_last_n=1 logger.progress_bar=false)
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=20 2>&1 | grep -v -i warn | tail -15 > "$OUT/train1b.log"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 TINY_VOCAB = 256
 
 #: Overrides that turn any recipe into a 2-layer, hidden-64, fp32 run of 2 iterations on one CPU process.
@@ -24,14 +22,3 @@ def shrink(recipe: str) -> list[str]:
     if recipe.endswith("_pretrain"):
         return [o for o in SHRINK if not o.startswith("dataset.pad_to_multiple_of")]
     return list(SHRINK)
-
-
-def peft_available() -> bool:
-    try:
-        import bridge_peft
-    except ImportError:
-        return False
-    return hasattr(bridge_peft, "LoRA") and hasattr(bridge_peft, "DoRA")
-
-
-needs_peft = pytest.mark.skipif(not peft_available(), reason="bridge_peft not importable (LoRA / DoRA missing)")

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from conftest import needs_peft
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -37,6 +36,5 @@ def test_llama32_3b_sft_at_real_size():
     assert "llama32_3b_sft: trained 3 iterations" in _bridge_run("llama32_3b_sft", "--allow-random-init", *QUICK)
 
 
-@needs_peft
 def test_llama3_8b_lora_at_real_size_with_random_weights():
     assert "llama3_8b_lora: trained 3 iterations" in _bridge_run("llama3_8b_lora", "--allow-random-init", *QUICK)

@@ -6,7 +6,6 @@ import inspect
 
 import pytest
 import torch
-from conftest import needs_peft
 from test_llama_spec import HF_VALUES
 
 from bridge_recipes.llama import MODELS
@@ -99,7 +98,6 @@ def test_model_fields_equal_the_hf_config(model_name):
     assert finalized.kv_channels == head_dim
 
 
-@needs_peft
 @pytest.mark.parametrize("name", [n for n in RECIPES if n.endswith(("_lora", "_dora"))])
 def test_peft_recipes_carry_bridge_peft_methods(name):
     import bridge_peft

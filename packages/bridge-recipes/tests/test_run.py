@@ -9,7 +9,6 @@ import types
 
 import pytest
 import yaml
-from conftest import needs_peft
 
 from bridge_recipes.registry import RECIPES
 from bridge_recipes.run import main
@@ -62,7 +61,6 @@ def test_show_prints_the_resolved_yaml(capsys):
     assert data["dataset"]["seq_length"] == 8192 and data["mixed_precision"] == "bf16_mixed"
 
 
-@needs_peft
 def test_show_llama3_8b_lora_with_peft_dim_override(capsys):
     assert main(["show", "llama3_8b_lora", "peft.dim=4"]) == 0
     peft = yaml.safe_load(capsys.readouterr().out)["peft"]

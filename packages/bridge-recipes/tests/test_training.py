@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, needs_peft, peft_available, shrink
+from conftest import TINY_VOCAB, shrink
 
 from bridge_convert.testing import run_multiprocess
 from bridge_recipes.registry import RECIPES
@@ -25,11 +25,7 @@ def _argv(name: str, *extra: str) -> list[str]:
     return [name, *flags, *shrink(name), *extra]
 
 
-def _mark(name: str):
-    return pytest.param(name, marks=needs_peft) if name.endswith(("_lora", "_dora")) else name
-
-
-@pytest.mark.parametrize("name", [_mark(n) for n in RECIPES])
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_trains_two_iterations_on_one_process(name, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     losses = run_recipe(_argv(name))
@@ -46,14 +42,11 @@ def _two_process_body(tasks: list[str]) -> dict[str, list[float]]:
 @pytest.mark.multiproc
 def test_llama32_1b_tasks_on_two_processes_match_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    tasks = [t for t in TASKS if peft_available() or t in ("pretrain", "sft")]
-    reference = {task: run_recipe(_argv(f"llama32_1b_{task}")) for task in tasks}
-    ranks = run_multiprocess(_two_process_body, 2, tasks)
+    reference = {task: run_recipe(_argv(f"llama32_1b_{task}")) for task in TASKS}
+    ranks = run_multiprocess(_two_process_body, 2, list(TASKS))
     for key in ranks[0]:
         for rank in ranks:
             torch.testing.assert_close(rank[key], reference[key.split("/")[0]], rtol=0, atol=2e-5, msg=key)
-    if not peft_available():
-        pytest.skip("lora / dora on two processes: bridge_peft not importable (pretrain and sft passed)")
 
 
 @pytest.mark.multiproc

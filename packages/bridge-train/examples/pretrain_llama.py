@@ -9,7 +9,8 @@ checkpoints, export to HF.
         --data-path data/corpus_text_document --config my.yaml model.tensor_model_parallel_size=2
 
     # the Llama-3.2-1B shape with random weights (no download), bf16 mixed precision, mock data
-    torchrun --nproc-per-node=1 pretrain_llama.py --shape llama32-1b --mock --workdir runs/1b-random \\
+    torchrun --nproc-per-node=1 pretrain_llama.py --mock \\
+        --hf-config packages/bridge-recipes/src/bridge_recipes/llama/hf_configs/Llama-3.2-1B.json --workdir runs/1b-random \\
         mixed_precision=bf16_mixed train.micro_batch_size=4 dataset.seq_length=4096
 
 The data is named explicitly: ``--mock`` (random tokens, to try the loop) or ``--data-path PREFIX ...`` (indexed
@@ -42,10 +43,11 @@ def build_config(args, overrides: list[str]):
     )
     from bridge_train.config import apply_cli_args
 
-    if args.shape == "llama32-1b":
-        from bridge_convert.testing import LLAMA_32_1B_HF_CONFIG
+    if args.hf_config:
+        import json
 
-        provider = AutoBridge.from_hf_config(LLAMA_32_1B_HF_CONFIG).to_megatron_provider(load_weights=False)
+        hf_config = json.loads(Path(args.hf_config).read_text())
+        provider = AutoBridge.from_hf_config(hf_config).to_megatron_provider(load_weights=False)
         provider.params_dtype = __import__("torch").float32  # bf16 comes from the mixed-precision recipe
     else:
         hf_model = args.hf_model or args.tiny
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-model", help="HF model directory (or hub id) to start from")
     source.add_argument("--tiny", metavar="DIR", help="make a tiny random HF Llama 3.2 in DIR and start from it")
-    source.add_argument("--shape", choices=["llama32-1b"], help="random init with this model shape")
+    source.add_argument("--hf-config", metavar="CONFIG_JSON",
+                        help="random init with the shape of this HF config.json (no weights, no download); "
+                             "bridge-recipes ships the Llama ones in bridge_recipes/llama/hf_configs/")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--mock", action="store_true", help="train on random mock tokens (to try the loop)")
     data.add_argument("--data-path", nargs="+", metavar="PREFIX",

@@ -46,3 +46,11 @@ def make_run_config(hf_path: str, **changes: Any):
 def run_config(tiny_llama):
     """``run_config(**{"train.train_iters": 10, ...})`` -> a fresh ConfigContainer for one run."""
     return lambda **changes: make_run_config(tiny_llama, **changes)
+
+
+@pytest.fixture
+def runtime():
+    """A world-size-1 runtime (gloo on CPU, NCCL on a GPU) with a fixed seed (the optimizer-step tests)."""
+    from bridge_convert.runtime import initialize_parallel
+
+    return initialize_parallel(seed=1234)

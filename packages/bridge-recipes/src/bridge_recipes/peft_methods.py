@@ -5,11 +5,12 @@ bridge-peft is imported only when a PEFT recipe is built, so pretraining and SFT
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 __all__ = ["PEFT_METHODS", "peft_class", "peft_method", "register_with_bridge_train"]
 
-PEFT_METHODS = {"lora": "LoRA", "dora": "DoRA"}
+PEFT_METHODS = {"lora": "LoRA", "dora": "DoRA", "canonical_lora": "CanonicalLoRA"}
 """Scheme name -> class name in ``bridge_peft``."""
 
 
@@ -40,21 +41,19 @@ def peft_method(name: str, *, dim: int, alpha: int, target_modules: list[str]) -
     return peft_class(name)(target_modules=list(target_modules), dim=dim, alpha=alpha)
 
 
-def _lora() -> Any:
-    return peft_class("lora")()
-
-
-def _dora() -> Any:
-    return peft_class("dora")()
-
-
 def register_with_bridge_train() -> None:
-    """Make ``peft=lora`` / ``peft=dora`` resolve in bridge-train's overrides and YAML (bridge-peft's defaults;
-    the recipes' own adapter settings come from :func:`peft_method`). Idempotent; a bridge-train without a PEFT
-    registry is left alone. bridge-peft is imported only when such an override is applied."""
-    try:
-        from bridge_train.config import register_peft_method
-    except ImportError:
-        return
-    register_peft_method("lora", _lora)
-    register_peft_method("dora", _dora)
+    """Make ``peft=lora`` / ``peft=dora`` / ``peft=canonical_lora`` resolve in bridge-train's overrides and YAML
+    (bridge-peft's defaults; the recipes' own adapter settings come from :func:`peft_method`). Idempotent;
+    bridge-peft is imported only when such an override is applied."""
+    from bridge_train.config import register_peft_method
+
+    for name, factory in _FACTORIES.items():
+        register_peft_method(name, factory)
+
+
+def _default_method(name: str) -> Any:
+    return peft_class(name)()
+
+
+_FACTORIES = {name: functools.partial(_default_method, name) for name in PEFT_METHODS}
+"""One factory per name: registering them again (another recipe built) is then a no-op."""
