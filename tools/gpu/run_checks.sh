@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # GPU acceptance checks for the lent GPU machines (device tool): run from the repo root with wheels in .whl/.
-#   bash tools/gpu/run_checks.sh [convert] [native] [optim] [train] [train1b]
+#   bash tools/gpu/run_checks.sh [convert] [native] [optim] [train] [train1b] [peft] [recipes] [te]
 # Writes logs to $OUT (or ./gpu-logs). The GPU image has torch 2.11 and transformers but not these; fetch them here:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform any -d .whl megatron-core==0.19.2 liger-kernel==0.8.5 omegaconf==2.4.0
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 # and carry .whl (git-ignored). "convert" and "train" need 2 GPUs (about 2 and 3 minutes), "native" (the native
 # spec's kernels against torch / the local spec, ~1.5 minutes), "optim" (bridge-train's fused optimizer step inside
-# megatron-core's bf16 optimizer, ~1 minute) and "train1b" one.
+# megatron-core's bf16 optimizer, ~1 minute), "train1b", "peft" (bridge-peft's GPU tests, the TE spec's when TE
+# imports) and "recipes" (llama32_1b_pretrain at seq 8192, llama32_3b_sft and llama3_8b_lora with random weights,
+# 20 iterations each through bridge-run, ~4 minutes) one. "te" runs every GPU test with Transformer Engine
+# importable (build it first: tools/gpu/README.md).
 set -uo pipefail
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/packages/bridge-convert/src:$PWD/packages/bridge-data/src:$PWD/packages/bridge-train/src
+export PYTHONPATH=/tmp/site:$PWD/packages/bridge-convert/src:$PWD/packages/bridge-data/src:$PWD/packages/bridge-train/src:$PWD/packages/bridge-peft/src:$PWD/packages/bridge-recipes/src
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpus.txt"
@@ -28,6 +31,19 @@ for step in $steps; do
             checkpoint.save_interval=20 checkpoint.keep_last_n=1 logger.progress_bar=false)
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=20 2>&1 | grep -v -i warn | tail -15 > "$OUT/train1b.log"
       CUDA_VISIBLE_DEVICES=0 timeout 200 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=25 2>&1 | grep -v -i warn | tail -10 >> "$OUT/train1b.log" ;;
+    peft) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-peft/tests 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -30 > "$OUT/peft_gpu.log" ;;
+    recipes)
+      quick=(train.train_iters=20 train.eval_interval=null logger.log_interval=5 logger.progress_bar=false)
+      : > "$OUT/recipes_gpu.log"
+      for recipe in "llama32_1b_pretrain train.global_batch_size=8" "llama32_3b_sft --allow-random-init" \
+                    "llama3_8b_lora --allow-random-init"; do
+        echo "== bridge-run $recipe" >> "$OUT/recipes_gpu.log"
+        # shellcheck disable=SC2086
+        timeout 240 python3 -m bridge_recipes.run $recipe "${quick[@]}" 2>&1 | grep -v -i warn | tail -8 >> "$OUT/recipes_gpu.log"
+      done ;;
+    te) python3 -c "import transformer_engine.pytorch" || { echo "te: Transformer Engine does not import; build it first (tools/gpu/README.md)" > "$OUT/te_gpu.log"; continue; }
+      timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests packages/bridge-peft/tests packages/bridge-train/tests/optim 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -60 > "$OUT/te_gpu.log" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
 tail -n 5 "$OUT"/*.log

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, shrink
+from recipe_helpers import TINY_VOCAB, shrink
 
 from bridge_convert.testing import run_multiprocess
 from bridge_recipes.registry import RECIPES

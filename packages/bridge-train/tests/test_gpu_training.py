@@ -14,7 +14,7 @@ LAYOUTS = {"single": {}, "dp2": {}, "tp2": {"model.tensor_model_parallel_size": 
 
 
 def _body(hf_path: str, layouts: list[str], precision: str) -> dict[str, list[float]]:
-    from conftest import make_run_config
+    from train_helpers import make_run_config
 
     from bridge_train import pretrain
 
@@ -35,7 +35,7 @@ def test_dp2_and_tp2_match_one_gpu(tiny_llama, precision, tolerance):
 
 
 def _async_body(hf_path: str, ckpt: str) -> tuple[list[float], list[float], str]:
-    from conftest import make_run_config
+    from train_helpers import make_run_config
 
     from bridge_train import pretrain
 

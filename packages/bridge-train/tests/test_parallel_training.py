@@ -19,7 +19,7 @@ LAYOUTS = {
 
 
 def _body(hf_path: str) -> dict[str, tuple[list[float], float]]:
-    from conftest import make_run_config
+    from train_helpers import make_run_config
 
     from bridge_train.params_norm import params_l2_norm
 
@@ -47,7 +47,7 @@ def test_parallel_layouts_match_single_process(run_config, tiny_llama):
 
 
 def _save_body(hf_path: str, ckpt: str) -> tuple[list[float], list[float]]:
-    from conftest import make_run_config
+    from train_helpers import make_run_config
 
     # (Not the distributed optimizer: without TE/apex, megatron-core cannot describe its state for loading
     # before a first step, `assert len(steps) == 1` in DistributedOptimizer.state_dict.)

@@ -36,7 +36,7 @@ class _CountingGC:
 @pytest.fixture(scope="module")
 def base(tiny_llama, tmp_path_factory):
     """The shared run: its directory, result, TensorBoard dir and the loop's gc / empty_cache calls."""
-    from conftest import make_run_config
+    from train_helpers import make_run_config
 
     import bridge_train.loop as loop
 

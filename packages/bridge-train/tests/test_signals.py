@@ -19,7 +19,7 @@ from bridge_train import pretrain
 SCRIPT = '''
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from conftest import make_run_config
+from train_helpers import make_run_config
 from bridge_train import pretrain
 
 def main():

@@ -1,4 +1,5 @@
-"""Shared helpers: the overrides that shrink any recipe to a tiny CPU run, and the bridge-peft probe."""
+"""Shared helpers: the overrides that shrink any recipe to a tiny CPU run (a module of its own, not conftest:
+`conftest` is not a unique module name when several packages' tests run in one pytest process)."""
 
 from __future__ import annotations
 
