@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,11 @@ from .megatron_ckpt import (
     resolve_checkpoint_dir,
     save_checkpoint,
 )
+from .outputs import CONVERTED_MARKER, OutputError, check_output_dir, staged_output_dir
 from .provider import GPTModelProvider
 from .registry import get_bridge, supported_architectures
 from .runtime import get_parallel_state, log_rank0
-from .safetensors_io import LazyHFCheckpoint, ShardedSafetensorsWriter, SourceLayout, atomic_output_dir
+from .safetensors_io import LazyHFCheckpoint, ShardedSafetensorsWriter, SourceLayout
 
 __all__ = ["AutoBridge"]
 
@@ -175,7 +177,7 @@ class AutoBridge:
         return self.model_bridge.provider_to_config(provider, self.hf_config)
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                           max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:
+                           max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
         """Write the model as an HF checkpoint: config, generation config, tokenizer files, safetensors shards.
 
         When this bridge knows the source HF checkpoint's layout (it was made from that checkpoint, or from a
@@ -184,8 +186,11 @@ class AutoBridge:
         Otherwise, or when ``dtype`` is given, files are cut at ``max_shard_size`` in ``dtype`` (default: the
         model's params dtype). Tensors are written to their final place as they stream in, so memory holds one
         tensor at a time. All ranks call this; rank 0 writes. The directory appears only when complete: a failure
-        leaves no partial output behind.
+        leaves no partial output behind. A non-empty ``path`` is refused unless ``overwrite`` (see
+        :mod:`bridge_convert.outputs` for what is never overwritten).
         """
+        inputs = [self.hf_path] if self.hf_path is not None else []
+        check_output_dir(path, overwrite=overwrite, inputs=inputs)
         state = get_parallel_state()
         provider = self._provider_of(model)
         config = self.hf_config_for(provider)
@@ -207,7 +212,7 @@ class AutoBridge:
             return
         from tqdm.auto import tqdm
 
-        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        with staged_output_dir(path, overwrite=overwrite, inputs=inputs) as tmp:
             if layout is not None:
                 writer = ShardedSafetensorsWriter.from_source(tmp, layout)
                 dtypes = layout.dtypes
@@ -300,21 +305,63 @@ class AutoBridge:
         load_model_state(model, path)
 
     @classmethod
-    def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike,
+    def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike, *, overwrite: bool = False,
                     **provider_overrides: Any) -> Path:
-        """HF checkpoint -> Megatron checkpoint (at the layout in ``provider_overrides``, e.g. TP=2)."""
+        """HF checkpoint -> Megatron checkpoint (at the layout in ``provider_overrides``, e.g. TP=2).
+
+        ``megatron_path`` is written whole or not at all; a non-empty one is refused unless ``overwrite`` (an
+        input, or a training checkpoint, never).
+        """
+        check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
         bridge = cls.from_hf_pretrained(hf_path)
         model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **provider_overrides)
-        return bridge.save_megatron_checkpoint(model, megatron_path)
+        metadata = {**bridge.checkpoint_metadata(model), CONVERTED_MARKER: "bridge-convert import"}
+        with _staged_on_every_rank(megatron_path, overwrite=overwrite, inputs=[hf_path]) as tmp:
+            directory = save_checkpoint(model, tmp, iteration=0, metadata=metadata, hf_assets_from=bridge.hf_path)
+        return Path(megatron_path) / directory.name
 
     @classmethod
     def export_ckpt(cls, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
-                    dtype: torch.dtype | str | None = None, **provider_overrides: Any) -> None:
-        """Megatron checkpoint -> HF checkpoint, loading at the layout in ``provider_overrides`` (default 1x1)."""
+                    dtype: torch.dtype | str | None = None, overwrite: bool = False,
+                    max_shard_size: int | str = "5GB", **provider_overrides: Any) -> None:
+        """Megatron checkpoint -> HF checkpoint, loading at the layout in ``provider_overrides`` (default 1x1).
+
+        ``hf_path`` is written whole or not at all; a non-empty one is refused unless ``overwrite``.
+        """
+        check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
         bridge = cls.from_megatron_checkpoint(megatron_path)
         meta = read_checkpoint_metadata(megatron_path)
         overrides = {"params_dtype": meta.get("params_dtype", "float32"), "perform_initialization": False,
                      **provider_overrides}
         model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
         bridge.load_megatron_checkpoint(model, megatron_path)
-        bridge.save_hf_pretrained(model, hf_path, dtype=dtype)
+        bridge.save_hf_pretrained(model, hf_path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+@contextmanager
+def _staged_on_every_rank(out: str | os.PathLike, *, overwrite: bool, inputs: list) -> Iterator[Path]:
+    """:func:`staged_output_dir` on rank 0, its temporary path shared with every rank (for collective saves)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        with staged_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+            yield tmp
+        return
+    if dist.get_rank() != 0:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            raise OutputError(f"rank 0 could not prepare the output {out}")
+        yield Path(box[0])
+        dist.barrier()
+        return
+    stack = ExitStack()
+    try:
+        tmp = stack.enter_context(staged_output_dir(out, overwrite=overwrite, inputs=inputs))
+    except BaseException:
+        dist.broadcast_object_list([None], src=0)
+        raise
+    with stack:
+        dist.broadcast_object_list([str(tmp)], src=0)
+        yield tmp
+        dist.barrier()

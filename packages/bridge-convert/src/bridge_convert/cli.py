@@ -37,6 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_path", help="HF model directory (config.json + safetensors)")
     p.add_argument("megatron_path", help="output Megatron checkpoint directory")
     _layout_args(p)
+    _output_args(p)
 
     p = sub.add_parser("export", help="Megatron checkpoint -> HF checkpoint")
     p.add_argument("megatron_path", help="Megatron checkpoint (root with a tracker file, or an iter_* directory)")
@@ -44,11 +45,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="shard size when not reproducing a source layout")
     p.add_argument("--no-overwrite", action="store_true", help="fail if the output directory is not empty")
     _layout_args(p)
+    _output_args(p)
 
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF in memory, then verify every tensor is identical")
     p.add_argument("hf_path", help="HF model directory")
     p.add_argument("out_path", help="where to write the exported HF checkpoint")
     _layout_args(p)
+    _output_args(p)
 
     p = sub.add_parser("compare", help="HF transformers vs Megatron logits on the same input")
     p.add_argument("hf_path", help="HF model directory")
@@ -60,6 +63,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _layout_args(p)
     return parser
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output directory (never an input, a file or a training "
+                             "checkpoint; the old one is removed only once the new one is complete)")
 
 
 def _overrides(args) -> dict:
@@ -95,7 +104,7 @@ def _cmd_list(args) -> int:
 def _cmd_import(args) -> int:
     from .auto_bridge import AutoBridge
 
-    out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, **_overrides(args))
+    out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, overwrite=args.overwrite, **_overrides(args))
     _print0(f"imported {args.hf_path} -> {out}")
     return 0
 
@@ -103,17 +112,12 @@ def _cmd_import(args) -> int:
 def _cmd_export(args) -> int:
     from .auto_bridge import AutoBridge
 
+    if args.overwrite and args.no_overwrite:
+        raise ValueError("--overwrite and --no-overwrite contradict each other; pass one")
     overrides = _overrides(args)
     dtype = overrides.pop("params_dtype", None)
-    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
-    from .megatron_ckpt import read_checkpoint_metadata
-
-    overrides["params_dtype"] = read_checkpoint_metadata(args.megatron_path).get("params_dtype", "float32")
-    model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, perform_initialization=False,
-                                     **overrides)
-    bridge.load_megatron_checkpoint(model, args.megatron_path)
-    bridge.save_hf_pretrained(model, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
-                              overwrite=not args.no_overwrite)
+    AutoBridge.export_ckpt(args.megatron_path, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
+                           overwrite=args.overwrite, **overrides)
     _print0(f"exported {args.megatron_path} -> {args.hf_path}")
     return 0
 
@@ -126,7 +130,7 @@ def _cmd_roundtrip(args) -> int:
 
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
     model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **_overrides(args))
-    bridge.save_hf_pretrained(model, args.out_path)
+    bridge.save_hf_pretrained(model, args.out_path, overwrite=args.overwrite)
     import torch.distributed as dist
 
     if dist.get_rank() != 0:
