@@ -38,6 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("megatron_path", help="output Megatron checkpoint directory")
     _layout_args(p)
     _output_args(p)
+    _offline_args(p)
 
     p = sub.add_parser("export", help="Megatron checkpoint -> HF checkpoint")
     p.add_argument("megatron_path", help="Megatron checkpoint (root with a tracker file, or an iter_* directory)")
@@ -46,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overwrite", action="store_true", help="fail if the output directory is not empty")
     _layout_args(p)
     _output_args(p)
+    _offline_args(p)
 
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF in memory, then verify every tensor is identical")
     p.add_argument("hf_path", help="HF model directory")
@@ -69,6 +71,18 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty output directory (never an input, a file or a training "
                              "checkpoint; the old one is removed only once the new one is complete)")
+
+
+def _offline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="parallel readers / writers of the offline converter (default: 1 for import, 2 for "
+                             "export; each holds one layer slice of one tensor)")
+
+
+def _builds_model(args) -> bool:
+    """A layout or layer implementation asks for the model-building path; the default converts offline."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return args.tp != 1 or args.pp != 1 or bool(args.vp) or args.impl != "auto" or world > 1
 
 
 def _overrides(args) -> dict:
@@ -104,7 +118,12 @@ def _cmd_list(args) -> int:
 def _cmd_import(args) -> int:
     from .auto_bridge import AutoBridge
 
-    out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, overwrite=args.overwrite, **_overrides(args))
+    if _builds_model(args):
+        out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, overwrite=args.overwrite, offline=False,
+                                     **_overrides(args))
+    else:
+        out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, overwrite=args.overwrite, dtype=args.dtype,
+                                     threads=args.threads or 1)
     _print0(f"imported {args.hf_path} -> {out}")
     return 0
 
@@ -114,10 +133,14 @@ def _cmd_export(args) -> int:
 
     if args.overwrite and args.no_overwrite:
         raise ValueError("--overwrite and --no-overwrite contradict each other; pass one")
-    overrides = _overrides(args)
-    dtype = overrides.pop("params_dtype", None)
-    AutoBridge.export_ckpt(args.megatron_path, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
-                           overwrite=args.overwrite, **overrides)
+    if _builds_model(args):
+        overrides = _overrides(args)
+        dtype = overrides.pop("params_dtype", None)
+        AutoBridge.export_ckpt(args.megatron_path, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite, offline=False, **overrides)
+    else:
+        AutoBridge.export_ckpt(args.megatron_path, args.hf_path, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite, threads=args.threads or 2)
     _print0(f"exported {args.megatron_path} -> {args.hf_path}")
     return 0
 
