@@ -77,9 +77,12 @@ class ObjectSpec:
     data: object
 
 
-def _properties(dtype: torch.dtype, shape: tuple[int, ...]) -> TensorProperties:
-    # As TensorProperties.create_from_tensor records a contiguous CPU tensor of the chunk's global shape.
-    return TensorProperties.create_from_tensor(torch.empty(shape, dtype=dtype, device="meta"))
+def _properties(chunk: ChunkSpec) -> TensorProperties:
+    """As megatron-core records them: strides only for a tensor saved whole, none for one saved in chunks."""
+    properties = TensorProperties.create_from_tensor(torch.empty(chunk.global_shape, dtype=chunk.dtype, device="meta"))
+    if tuple(chunk.sizes) != tuple(chunk.global_shape):
+        properties.strides = None
+    return properties
 
 
 class _LazySavePlanner(SavePlanner):
@@ -102,7 +105,7 @@ class _LazySavePlanner(SavePlanner):
                 index=MetadataIndex(chunk.key, torch.Size(chunk.offsets)), type=WriteItemType.SHARD,
                 tensor_data=TensorWriteData(
                     chunk=ChunkStorageMetadata(offsets=torch.Size(chunk.offsets), sizes=torch.Size(chunk.sizes)),
-                    properties=_properties(chunk.dtype, chunk.global_shape), size=torch.Size(chunk.global_shape))))
+                    properties=_properties(chunk), size=torch.Size(chunk.global_shape))))
         for key in self._objects:
             items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO,
                                    bytes_io_data=BytesIOWriteData(nbytes=0)))
