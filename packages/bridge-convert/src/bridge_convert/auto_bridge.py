@@ -353,8 +353,8 @@ class AutoBridge:
             from .offline import import_hf_checkpoint
 
             return import_hf_checkpoint(hf_path, megatron_path, dtype=dtype, overwrite=overwrite, threads=threads)
-        check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
         bridge = cls.from_hf_pretrained(hf_path)
+        check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
         if dtype is not None:
             provider_overrides["params_dtype"] = dtype
         model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **provider_overrides)
@@ -391,8 +391,8 @@ class AutoBridge:
             export_megatron_checkpoint(megatron_path, hf_path, dtype=dtype, max_shard_size=max_shard_size,
                                        overwrite=overwrite, threads=threads)
             return
-        check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
         bridge = cls.from_megatron_checkpoint(megatron_path)
+        check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
         meta = read_checkpoint_metadata(megatron_path)
         overrides = {"params_dtype": meta.get("params_dtype", "float32"), "perform_initialization": False,
                      **provider_overrides}

@@ -72,8 +72,8 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
     """
     from ..auto_bridge import AutoBridge, record_tensor_dtype
 
+    directory = resolve_checkpoint_dir(megatron_path)  # a missing input is the first thing to say
     check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
-    directory = resolve_checkpoint_dir(megatron_path)
     bridge = AutoBridge.from_megatron_checkpoint(directory)
     cfg = model_config(bridge.model_bridge, bridge.hf_config)
     reader = DistCheckpointReader(directory)

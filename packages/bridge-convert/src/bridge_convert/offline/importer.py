@@ -149,8 +149,8 @@ def import_hf_checkpoint(hf_path: str | os.PathLike, megatron_path: str | os.Pat
             non-finite tensor (named), or an unusable output (:class:`bridge_convert.outputs.OutputError`).
     """
     hf_path = Path(hf_path)
+    config = load_hf_config(hf_path)  # a missing input is the first thing to say
     check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
-    config = load_hf_config(hf_path)
     architectures = config.get("architectures") or [None]
     bridge = get_bridge(architectures[0])
     cfg = model_config(bridge, config)
