@@ -6,10 +6,12 @@ A ``torch_dist`` checkpoint is a ``torch.distributed.checkpoint`` (DCP) director
 every ``ShardedObject`` as a byte item keyed ``<key>/shard_<offset>_<shape>`` holding ``torch.save([data])``; its
 common (non-sharded) state is the object ``common_state/shard_0_1``.
 
-Writing goes through DCP's own planner protocol and ``FileSystemWriter`` with a planner whose ``resolve_data``
-produces each chunk on demand, so memory holds one chunk per writer thread, never the model. Reading asks DCP
-for one region (a layer slice) at a time through a load planner that copies into a caller-provided tensor, so a
-checkpoint written at any TP / PP layout (by training, or by this module) is read the same way.
+Writing goes through DCP's own planner protocol with a planner whose ``resolve_data`` produces each chunk on
+demand and a file-system writer that drops each chunk once written, so memory holds one chunk per writer thread,
+never the model. Reading takes one region (a layer slice) at a time from DCP's metadata: each stored chunk is a
+``torch.save`` archive inside a data file, read straight into its tensor; a region stored in several chunks (a
+checkpoint saved at TP > 1) is assembled from them. So a checkpoint written at any TP / PP layout, by training or
+by this module, is read the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable
+import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +38,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import (
     BytesIOWriteData,
-    LoadItemType,
-    LoadPlan,
-    LoadPlanner,
-    ReadItem,
     SavePlan,
     SavePlanner,
     TensorWriteData,
@@ -132,7 +131,54 @@ class _LazySavePlanner(SavePlanner):
             raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tensor.dtype}{tuple(tensor.shape)}, the "
                              f"checkpoint layout expects {chunk.dtype}{tuple(chunk.sizes)}")
         self._on_chunk(chunk)
-        return tensor.contiguous()
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:  # torch.save writes a view's whole storage
+            tensor = tensor.clone()
+        return tensor
+
+
+class _StreamingWriter(FileSystemWriter):
+    """DCP's file-system writer, writing each item as DCP does (``torch.save`` per chunk, raw bytes per object) but
+    dropping each tensor once written: torch's own ``write_data`` keeps every tensor of a file alive until the file
+    is done, which would hold the whole model in memory."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.storage import WriteResult
+
+        buckets: list[list[WriteItem]] = [[] for _ in range(self.thread_count)]
+        sizes = [0] * self.thread_count
+        for item in plan.items:  # in plan order, each to the least-filled file
+            i = sizes.index(min(sizes))
+            buckets[i].append(item)
+            sizes[i] += item.tensor_storage_size() or 0
+
+        def write(index: int, items: list[WriteItem]) -> list:
+            name = f"{plan.storage_data.prefix}{index}.distcp"
+            results = []
+            with open(Path(self.path) / name, "wb") as stream:
+                for item in items:
+                    data = planner.resolve_data(item)
+                    offset = stream.tell()
+                    if item.type == WriteItemType.BYTE_IO:
+                        stream.write(data.getbuffer())
+                    else:
+                        torch.save(data, stream)
+                    length = stream.tell() - offset
+                    size = length if item.type == WriteItemType.BYTE_IO else data.numel() * data.element_size()
+                    results.append(WriteResult(index=item.index, size_in_bytes=size,
+                                               storage_data=_StorageInfo(name, offset, length)))
+                    del data
+            return results
+
+        with ThreadPoolExecutor(max_workers=self.thread_count) as pool:
+            futures = [pool.submit(write, i, items) for i, items in enumerate(buckets) if items]
+            results = [r for f in futures for r in f.result()]
+        done = torch.futures.Future()
+        done.set_result(results)
+        return done
 
 
 def write_dist_checkpoint(directory: str | os.PathLike, chunks: list[ChunkSpec], objects: list[ObjectSpec], *,
@@ -150,7 +196,10 @@ def write_dist_checkpoint(directory: str | os.PathLike, chunks: list[ChunkSpec],
     from torch.distributed.checkpoint import save
 
     planner = _LazySavePlanner(chunks, objects, on_chunk)
-    writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=max(1, threads))
+    # No fsync per file (as the safetensors writer): the staged directory is renamed into place only when
+    # complete, which is what protects against a killed run.
+    writer = _StreamingWriter(str(directory), single_file_per_rank=True, thread_count=max(1, threads),
+                              sync_files=False)
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -178,49 +227,58 @@ def _original(exc: Exception) -> BaseException:
     return exc
 
 
-class _SliceLoadPlanner(LoadPlanner):
-    """Read requested regions of stored tensors (and whole byte objects) into caller-provided buffers."""
+class _Slice(io.RawIOBase):
+    """A read-only window ``[start, start + length)`` of a file, as a seekable file of its own."""
 
-    def __init__(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]], objects: Iterable[str]) -> None:
-        self._regions = regions
-        self._objects = list(objects)
-        self.loaded_objects: dict[str, object] = {}
+    def __init__(self, f, start: int, length: int) -> None:
+        self._f, self._start, self._length, self._pos = f, start, length, 0
 
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
-        self.metadata = metadata
+    def readable(self) -> bool:
+        return True
 
-    def create_local_plan(self) -> LoadPlan:
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    def seekable(self) -> bool:
+        return True
 
-        items: list[ReadItem] = []
-        for key, (offsets, buffer) in self._regions.items():
-            stored = self.metadata.state_dict_metadata[key]
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buffer.shape)
-            items += create_read_items_for_chunk_list(key, stored, [chunk])
-        for key in self._objects:
-            index = MetadataIndex(key)
-            items.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=index, dest_offsets=torch.Size([0]),
-                                  storage_index=index, storage_offsets=torch.Size([0]), lengths=torch.Size([0])))
-        return LoadPlan(items)
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence]
+        return self._pos
 
-    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
-        return global_plan
+    def tell(self) -> int:
+        return self._pos
 
-    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
-        return central_plan
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
 
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        value.seek(0)
-        self.loaded_objects[read_item.dest_index.fqn] = torch.load(value, weights_only=True)[0]
 
-    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        region = self._regions[read_item.dest_index.fqn][1]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            region = region.narrow(dim, start, length)
-        return region
+def _read_saved_tensor(f, start: int, length: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor of a ``torch.save`` archive at ``[start, start + length)`` of ``f``.
 
-    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        pass
+    torch.save stores a tensor's bytes uncompressed as the archive's ``data/0`` record; it is read straight into
+    the result. Anything else (several storages, a compressed record) goes through ``torch.load``.
+    """
+    window = _Slice(f, start, length)
+    with zipfile.ZipFile(window) as archive:
+        records = [i for i in archive.infolist() if i.filename.split("/", 1)[-1].startswith("data/")]
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        if len(records) == 1 and records[0].compress_type == zipfile.ZIP_STORED and records[0].file_size == nbytes:
+            info = records[0]
+            window.seek(info.header_offset)
+            header = window.read(30)
+            if header[:4] != b"PK\x03\x04":
+                raise ValueError("bad local header in a saved tensor")
+            data_start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
+                int.from_bytes(header[28:30], "little")
+            tensor = torch.empty(shape, dtype=dtype)
+            window.seek(data_start)
+            if nbytes and window.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
+                raise ValueError("short read")
+            return tensor
+    window.seek(0)
+    return torch.load(io.BufferedReader(window), map_location="cpu", weights_only=True).reshape(shape)
 
 
 class DistCheckpointReader:
@@ -265,28 +323,51 @@ class DistCheckpointReader:
     def object_keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
 
-    def read(self, regions: dict[str, tuple[tuple[int, ...], torch.Tensor]], objects: Iterable[str] = ()
-             ) -> dict[str, object]:
-        """Fill each buffer with the stored region starting at its offsets; return the requested objects."""
-        from torch.distributed.checkpoint import load
+    def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The stored tensor ``key`` from ``offsets`` on, of ``shape``, whatever chunks wrote it.
 
-        for key, (offsets, buffer) in regions.items():
-            stored = self.metadata.state_dict_metadata.get(key)
-            if not isinstance(stored, TensorStorageMetadata):
-                raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
-            end = [o + s for o, s in zip(offsets, buffer.shape)]
-            if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
-                raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(buffer.shape)} lies outside the stored "
-                                 f"shape {tuple(stored.size)} in {self.directory}")
-        planner = _SliceLoadPlanner(regions, objects)
-        reader = FileSystemReader(str(self.directory))
+        A region that is one stored chunk (every checkpoint megatron-core writes at TP=1 stores one chunk per
+        layer slice) is read straight from the data file into the returned tensor: memory holds it once.
+        """
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        stored = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(stored, TensorStorageMetadata):
+            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
+        end = [o + s for o, s in zip(offsets, shape)]
+        if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
+            raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(shape)} lies outside the stored shape "
+                             f"{tuple(stored.size)} in {self.directory}")
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
+        items = create_read_items_for_chunk_list(key, stored, [chunk])
+        out = None
+        for item in items:
+            piece = self._load_chunk(item.storage_index, stored.properties.dtype)
+            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                piece = piece.narrow(dim, start, length)
+            if len(items) == 1 and tuple(piece.shape) == tuple(shape):
+                return piece
+            if out is None:
+                out = torch.empty(shape, dtype=stored.properties.dtype)
+            target = out
+            for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+                target = target.narrow(dim, start, length)
+            target.copy_(piece)
+        if out is None:
+            raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
+        return out
+
+    def _load_chunk(self, index: MetadataIndex, dtype: torch.dtype) -> torch.Tensor:
+        """One stored chunk (a ``torch.save`` archive inside a data file), read without an intermediate copy."""
+        info = self.metadata.storage_data[index]
+        path = self.directory / info.relative_path
+        if info.transform_descriptors:
+            raise ValueError(f"{path}: chunks stored with transforms {info.transform_descriptors} are not supported")
+        sizes = next(c.sizes for c in self.metadata.state_dict_metadata[index.fqn].chunks
+                     if tuple(c.offsets) == tuple(index.offset))
         try:
-            with _single_process():
-                load({}, storage_reader=reader, planner=planner, no_dist=True)
-        except Exception as exc:
-            exc = _original(exc)
-            if isinstance(exc, OSError):
-                raise exc
-            raise ValueError(f"cannot read {sorted(regions) or list(objects)} from the checkpoint {self.directory}: "
+            with open(path, "rb") as f:
+                return _read_saved_tensor(f, info.offset, info.length, dtype, tuple(sizes))
+        except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"cannot read {index.fqn!r} from the checkpoint data file {path}: "
                              f"{type(exc).__name__}: {exc}") from exc
-        return planner.loaded_objects

@@ -102,10 +102,10 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
 
     def read(entry: CheckpointEntry, layer: int | None) -> list[tuple[str, torch.Tensor]]:
         shape = shapes[entry.key]
-        buffer = torch.empty(((1,) if entry.layered else ()) + shape, dtype=stored_dtypes[entry.key])
+        region = ((1,) if entry.layered else ()) + shape
         offsets = ((layer,) + (0,) * len(shape)) if entry.layered else (0,) * len(shape)
-        reader.read({entry.key: (offsets, buffer)})
-        full = buffer[0] if entry.layered else buffer
+        full = reader.read_region(entry.key, offsets, region)
+        full = full[0] if entry.layered else full
         outs = entry.mapping.to_hf(full, entry.context(cfg, megatron_shape=shape))
         return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), outs)]
 
