@@ -73,14 +73,22 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
                              "checkpoint; the old one is removed only once the new one is complete)")
 
 
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of threads")
+    return int(text)
+
+
 def _offline_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_thread_count, default=None, metavar="N",
                         help="parallel readers / writers of the offline converter (default: 1 for import, 2 for "
                              "export; each holds one layer slice of one tensor)")
 
 
 def _builds_model(args) -> bool:
     """A layout or layer implementation asks for the model-building path; the default converts offline."""
+    import os
+
     world = int(os.environ.get("WORLD_SIZE", 1))
     return args.tp != 1 or args.pp != 1 or bool(args.vp) or args.impl != "auto" or world > 1
 

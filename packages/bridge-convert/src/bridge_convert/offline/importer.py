@@ -27,11 +27,21 @@ from .layout import (
 __all__ = ["import_hf_checkpoint"]
 
 
-def _all_finite(tensor: torch.Tensor, block: int = 2**22) -> bool:
-    """No NaN / inf: float32-accumulated sums of blocks are finite (3x faster than ``isfinite`` on bf16 on a CPU,
-    and blocks keep the upcast temporaries small); only a block whose sum overflows is checked element by element."""
+_EXPONENT_BITS = {  # dtype -> (same-size integer view, mask without the sign, smallest non-finite pattern)
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+}
+
+
+def _all_finite(tensor: torch.Tensor, block: int = 2**24) -> bool:
+    """No NaN / inf, read off the exponent bits (all ones only for inf and NaN): an integer mask and max over
+    blocks, twice as fast as ``isfinite`` on a CPU and with small temporaries."""
+    if tensor.dtype not in _EXPONENT_BITS:
+        return bool(torch.isfinite(tensor).all())
+    view, mask, first_non_finite = _EXPONENT_BITS[tensor.dtype]
     for part in tensor.reshape(-1).split(block):
-        if not bool(torch.isfinite(part.sum(dtype=torch.float32))) and not bool(torch.isfinite(part).all()):
+        if part.numel() and int((part.view(view) & mask).max()) >= first_non_finite:
             return False
     return True
 
