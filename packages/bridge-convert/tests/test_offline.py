@@ -80,8 +80,15 @@ def test_offline_import_equals_the_model_building_import(family, hf_checkpoints,
     assert json.loads((exported / "config.json").read_text()) == source_config
 
 
-def _parallel_body(checkpoints: dict[str, str], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+def _parallel_body(checkpoints: dict[str, str], reference: dict[str, torch.Tensor], out: str) -> dict[str, float]:
     initialize_parallel()
+    # Called from every rank of a job, an offline conversion runs once (rank 0) and all ranks share its outcome.
+    AutoBridge.export_ckpt(checkpoints["qwen2"], out)
+    try:
+        AutoBridge.export_ckpt(checkpoints["qwen2"], out)
+        raise AssertionError("a second export into a non-empty directory must fail on every rank")
+    except ValueError as exc:
+        assert "is not empty" in str(exc)
     diffs = {}
     for tp, pp in ((2, 1), (1, 2)):  # the provider rebuilds megatron-core's groups for each layout
         for family, path in checkpoints.items():
@@ -91,11 +98,12 @@ def _parallel_body(checkpoints: dict[str, str], reference: dict[str, torch.Tenso
 
 
 @pytest.mark.multiproc
-def test_offline_checkpoints_load_at_tp2_and_pp2(hf_checkpoints, offline_checkpoints):
+def test_offline_checkpoints_load_at_tp2_and_pp2(hf_checkpoints, offline_checkpoints, tmp_path):
     families = ("llama32", "qwen2", "qwen3", "mistral")  # tied embeddings, QKV bias, q/k norm + head_dim, GQA
     reference = {f: _hf_logits(hf_checkpoints[f]) for f in families}
     checkpoints = {f: offline_checkpoints[f] for f in families}
-    diffs = run_multiprocess(_parallel_body, 2, checkpoints, reference, timeout=600)[0]
+    diffs = run_multiprocess(_parallel_body, 2, checkpoints, reference, str(tmp_path / "hf"), timeout=600)[0]
+    assert_same_checkpoint(hf_checkpoints["qwen2"], tmp_path / "hf")
     assert len(diffs) == 2 * len(families)
     assert all(d <= 1e-4 for d in diffs.values()), diffs
 

@@ -352,7 +352,8 @@ class AutoBridge:
                                  "checkpoint loads at any layout; pass offline=False to build the model with them")
             from .offline import import_hf_checkpoint
 
-            return import_hf_checkpoint(hf_path, megatron_path, dtype=dtype, overwrite=overwrite, threads=threads)
+            return _on_rank0(lambda: import_hf_checkpoint(hf_path, megatron_path, dtype=dtype, overwrite=overwrite,
+                                                          threads=threads))
         bridge = cls.from_hf_pretrained(hf_path)
         check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
         if dtype is not None:
@@ -388,8 +389,9 @@ class AutoBridge:
                                  "offline=False to build the model with them")
             from .offline import export_megatron_checkpoint
 
-            export_megatron_checkpoint(megatron_path, hf_path, dtype=dtype, max_shard_size=max_shard_size,
-                                       overwrite=overwrite, threads=threads)
+            _on_rank0(lambda: export_megatron_checkpoint(megatron_path, hf_path, dtype=dtype,
+                                                         max_shard_size=max_shard_size, overwrite=overwrite,
+                                                         threads=threads))
             return
         bridge = cls.from_megatron_checkpoint(megatron_path)
         check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
@@ -399,6 +401,29 @@ class AutoBridge:
         model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
         bridge.load_megatron_checkpoint(model, megatron_path)
         bridge.save_hf_pretrained(model, hf_path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def _on_rank0(convert):
+    """Run an offline conversion once: on rank 0 when called from every rank of a job (the others wait and share
+    its outcome, so all ranks return or raise together)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return convert()
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = convert()
+            outcome = [("ok", result)]
+        except Exception as exc:
+            outcome = [("error", f"{type(exc).__name__}: {exc}")]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise ValueError(f"the conversion failed on rank 0: {value}")
+    return value
 
 
 @contextmanager
