@@ -1,12 +1,20 @@
-"""Time and peak memory of converting a Llama-3.2-1B-shaped checkpoint both ways (CPU or GPU).
+"""Time and peak memory of HF <-> Megatron conversion on a CPU, against ``cp`` of the same bytes.
 
-    uv run python tools/bench/convert_bench.py --workdir /tmp/convert-bench [--shard-size 1GB] [--dtype bfloat16]
+    uv run python tools/bench/convert_bench.py --shape 1b --workdir /tmp/convert-bench
+    uv run python tools/bench/convert_bench.py --shape 8b --workdir /tmp/convert-bench-8b --skip-building
 
-Steps, each in its own process so that its peak RSS is its own:
-  make     random HF checkpoint of the Llama-3.2-1B shape (config of the hub model), written with save_pretrained
-  import   HF -> Megatron checkpoint (AutoBridge.import_ckpt)
-  export   Megatron checkpoint -> HF (AutoBridge.export_ckpt), then checked byte-identical to the source
-Prints a markdown table with time, peak RSS and the budget "Megatron model bytes + largest shard + 1 GiB".
+Every step runs in its own process, so its peak RSS (``ru_maxrss``) is its own:
+  make             random bf16 HF checkpoint of the shape: 1b = the hub config of Llama-3.2-1B (one 2.3 GiB file,
+                   via transformers' save_pretrained); 8b = Llama-3-8B's shape (~16 GB), written tensor by tensor
+                   into 5 GB shards named as save_pretrained names them, so the generator holds one tensor
+  cp-hf            ``cp -r`` of the HF directory (the bytes import reads and writes)
+  import           offline HF -> Megatron (AutoBridge.import_ckpt, the default)
+  cp-megatron      ``cp -r`` of the Megatron checkpoint (the bytes export reads)
+  export           offline Megatron -> HF (AutoBridge.export_ckpt, the default), checked byte-identical
+  import-building  the model-building path (offline=False), for comparison (``--skip-building`` skips)
+  export-building  the same for export
+  transformers     from_pretrained + save_pretrained of the HF checkpoint (1b only: it holds the whole model)
+Prints a markdown table; files are deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -22,39 +31,75 @@ from pathlib import Path
 
 GiB = 2**30
 
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _step_make(workdir: Path, dtype: str, shard_size: str) -> dict:
+def _config(shape: str) -> dict:
+    """The real HF config of the model (bridge-recipes ships them), in bf16."""
+    from bridge_recipes.llama import hf_config
+
+    return dict(hf_config("Llama-3.2-1B" if shape == "1b" else "Meta-Llama-3-8B"), torch_dtype="bfloat16")
+
+
+def _make_small(workdir: Path, shape: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bridge_recipes.llama import hf_config
-
-    raw = dict(hf_config("Llama-3.2-1B"), torch_dtype=dtype)
-    model_type = raw.pop("model_type")
-    config = AutoConfig.for_model(model_type, **raw)
+    raw = _config(shape)
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.save_pretrained(workdir / "hf", max_shard_size=shard_size)
-    return {}
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(workdir / "hf", max_shard_size="5GB")
 
 
-def _step_import(workdir: Path, dtype: str, shard_size: str) -> dict:
-    from bridge_convert import AutoBridge
+def _make_large(workdir: Path, shape: str) -> None:
+    """Names and shapes from transformers' model on the meta device; random data one tensor at a time."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    AutoBridge.import_ckpt(workdir / "hf", workdir / "mcore")
-    return {}
+    from bridge_convert.safetensors_io import ShardedSafetensorsWriter
+
+    raw = _config(shape)
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tensors = [(n, torch.bfloat16, tuple(p.shape)) for n, p in model.named_parameters()]
+    out = workdir / "hf"
+    out.mkdir(parents=True)
+    writer = ShardedSafetensorsWriter.by_size(out, tensors, max_shard_size="5GB")
+    generator = torch.Generator().manual_seed(0)
+    for name, dtype, shape_ in tensors:
+        writer.add(name, torch.empty(shape_, dtype=dtype).normal_(0, 0.02, generator=generator))
+    writer.close()
+    (out / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}, indent=2) + "\n")
 
 
-def _step_export(workdir: Path, dtype: str, shard_size: str) -> dict:
-    from bridge_convert import AutoBridge
+def _cp(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)  # the copy is deleted after the step
 
-    AutoBridge.export_ckpt(workdir / "mcore", workdir / "hf-out")
-    return {}
+
+STEPS = {
+    "make": lambda w, s: (_make_small if s == "1b" else _make_large)(w, s),
+    "cp-hf": lambda w, s: _cp(w / "hf", w / "hf-cp"),
+    "import": lambda w, s: __import__("bridge_convert").AutoBridge.import_ckpt(w / "hf", w / "mcore"),
+    "cp-megatron": lambda w, s: _cp(w / "mcore", w / "mcore-cp"),
+    "export": lambda w, s: __import__("bridge_convert").AutoBridge.export_ckpt(w / "mcore", w / "hf-out"),
+    "import-building": lambda w, s: __import__("bridge_convert").AutoBridge.import_ckpt(
+        w / "hf", w / "mcore-building", offline=False),
+    "export-building": lambda w, s: __import__("bridge_convert").AutoBridge.export_ckpt(
+        w / "mcore-building", w / "hf-out-building", offline=False),
+    "transformers": lambda w, s: _transformers(w),
+}
+
+
+def _transformers(workdir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.bfloat16)
+    model.save_pretrained(workdir / "hf-transformers", max_shard_size="5GB")
+    shutil.rmtree(workdir / "hf-transformers")
 
 
 def _same_bytes(a: Path, b: Path, block: int = 64 * 2**20) -> bool:
@@ -67,21 +112,27 @@ def _same_bytes(a: Path, b: Path, block: int = 64 * 2**20) -> bool:
     return True
 
 
-STEPS = {"make": _step_make, "import": _step_import, "export": _step_export}
-
-
 def _run_child(step: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", step, "--workdir", str(args.workdir), "--dtype", args.dtype,
-           "--shard-size", args.shard_size]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, __file__, "--child", step, "--workdir", str(args.workdir), "--shape", args.shape]
+    wall = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"step {step} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - wall  # includes Python start-up and imports
+    return result
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"))
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--shard-size", default="5GB", help="save_pretrained max_shard_size of the source")
+    parser.add_argument("--shape", choices=["1b", "8b"], default="1b", help="checkpoint shape (default 1b)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"), help="scratch directory")
+    parser.add_argument("--skip-building", action="store_true", help="skip the model-building path and transformers")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     parser.add_argument("--child", choices=sorted(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -89,33 +140,46 @@ def main() -> int:
 
         silence_known_warnings()
         start = time.perf_counter()
-        extra = STEPS[args.child](args.workdir, args.dtype, args.shard_size)
-        print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes(), **extra}))
+        STEPS[args.child](args.workdir, args.shape)
+        print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes()}))
         return 0
-
-    import shutil
 
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True)
-    results = {step: _run_child(step, args) for step in STEPS}
-    shards = sorted((args.workdir / "hf").glob("*.safetensors"))
-    identical = all(_same_bytes(f, args.workdir / "hf-out" / f.name) for f in shards)
-    largest = max(f.stat().st_size for f in shards)
-    model_bytes = sum(f.stat().st_size for f in shards)  # the Megatron model holds the same parameters in dtype
-    budget = model_bytes + largest + GiB
+    steps = ["make", "cp-hf", "import", "cp-megatron", "export"]
+    if not args.skip_building:
+        steps += ["import-building", "export-building"] + (["transformers"] if args.shape == "1b" else [])
+    results = {}
+    try:
+        for step in steps:
+            results[step] = _run_child(step, args)
+            for copy in ("hf-cp", "mcore-cp"):
+                shutil.rmtree(args.workdir / copy, ignore_errors=True)
+            print(f"{step}: {results[step]['process_seconds']:.1f} s, peak RSS "
+                  f"{results[step]['peak_rss'] / GiB:.2f} GiB", file=sys.stderr, flush=True)
+        shards = sorted((args.workdir / "hf").glob("*.safetensors"))
+        identical = all(_same_bytes(f, args.workdir / "hf-out" / f.name) for f in shards)
+        hf_bytes, mc_bytes = _size(args.workdir / "hf"), _size(args.workdir / "mcore")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
     import torch
 
-    print(f"Llama-3.2-1B shape, {args.dtype}, {len(shards)} shard(s), largest {largest / GiB:.2f} GiB; "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs, CUDA: {torch.cuda.is_available()}")
-    print("| step | seconds | peak RSS GiB | budget GiB (model + largest shard + 1) | within |")
+    print(f"{args.shape} shape, bf16, {len(shards)} HF shard(s), {hf_bytes / GiB:.2f} GiB HF, {mc_bytes / GiB:.2f} GiB "
+          f"Megatron; torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print("| step | seconds (whole process) | seconds (work) | whole process / cp | peak RSS GiB |")
     print("|---|---|---|---|---|")
-    for step in ("import", "export"):
+    cp_of = {"import": "cp-hf", "import-building": "cp-hf", "transformers": "cp-hf", "export": "cp-megatron",
+             "export-building": "cp-megatron"}
+    for step in steps[1:]:
         r = results[step]
-        print(f"| {step} | {r['seconds']:.1f} | {r['peak_rss'] / GiB:.2f} | {budget / GiB:.2f} | "
-              f"{'yes' if r['peak_rss'] <= budget else 'NO'} |")
+        ratio = f"{r['process_seconds'] / results[cp_of[step]]['seconds']:.2f}" if step in cp_of else "1"
+        rss = "-" if step.startswith("cp") else f"{r['peak_rss'] / GiB:.2f}"
+        whole = "-" if step.startswith("cp") else f"{r['process_seconds']:.1f}"
+        print(f"| {step} | {whole} | {r['seconds']:.1f} | {ratio} | {rss} |")
     print(f"exported shards byte-identical to the source: {identical}")
-    return 0 if all(results[s]["peak_rss"] <= budget for s in ("import", "export")) else 1
+    return 0 if identical else 1
 
 
 if __name__ == "__main__":

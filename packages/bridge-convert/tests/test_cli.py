@@ -122,3 +122,21 @@ def test_compare_fails_on_non_finite_logits(hf_checkpoints, tmp_path, capsys):
     [error] = [line for line in captured.err.splitlines() if "error:" in line]  # tqdm bars aside
     assert error.startswith("bridge-convert compare: error: Megatron logits hold") and "NaN" in error
     assert "weights with NaN/inf: model.layers.1.mlp.down_proj.weight" in error
+
+
+def test_export_into_a_non_empty_directory_is_refused_and_keeps_its_files(hf_checkpoints, tmp_path, capsys):
+    assert main(["import", hf_checkpoints["llama"], str(tmp_path / "mcore")]) == 0
+    target = tmp_path / "hf"
+    (target / "sub").mkdir(parents=True)
+    (target / "important.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "mcore"), str(target)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty" in err and "--overwrite" in err
+    assert (target / "important.txt").read_text() == "keep me" and (target / "sub").is_dir()
+    assert main(["import", hf_checkpoints["llama"], str(tmp_path / "mcore")]) == 1  # a second run refuses
+    assert main(["import", hf_checkpoints["llama"], str(tmp_path / "mcore"), "--overwrite"]) == 0
+    assert main(["export", str(tmp_path / "mcore"), str(target), "--overwrite"]) == 0
+    assert_same_checkpoint(hf_checkpoints["llama"], target)
+    assert not (target / "important.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mcore"]

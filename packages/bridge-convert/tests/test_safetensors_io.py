@@ -11,7 +11,6 @@ from bridge_convert.safetensors_io import (
     LazyHFCheckpoint,
     ShardedSafetensorsWriter,
     SourceLayout,
-    atomic_output_dir,
     parse_size,
 )
 
@@ -123,21 +122,6 @@ def test_writer_shards_by_size_like_save_pretrained(tmp_path):
     assert writer.close() == {"t": "model.safetensors"}
     assert not (single / "model.safetensors.index.json").exists()
     assert torch.equal(load_file(str(single / "model.safetensors"))["t"], torch.zeros(3, dtype=torch.bfloat16))
-
-
-def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(RuntimeError), atomic_output_dir(target) as tmp:
-        (tmp / "half.safetensors").write_bytes(b"x")
-        raise RuntimeError("export failed")
-    assert list(tmp_path.iterdir()) == []
-    target.mkdir()
-    (target / "old").write_text("1")
-    with atomic_output_dir(target) as tmp:
-        (tmp / "new").write_text("2")
-    assert [p.name for p in target.iterdir()] == ["new"] and len(list(tmp_path.iterdir())) == 1
-    with pytest.raises(FileExistsError, match="not empty"), atomic_output_dir(target, overwrite=False):
-        pass
 
 
 @pytest.mark.parametrize("text,value", [("5GB", 5 * 10**9), ("150KB", 150_000), ("2GiB", 2 * 2**30), (7, 7)])

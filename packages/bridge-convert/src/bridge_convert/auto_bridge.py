@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,12 +23,22 @@ from .megatron_ckpt import (
     resolve_checkpoint_dir,
     save_checkpoint,
 )
-from .provider import GPTModelProvider
+from .outputs import CONVERTED_MARKER, OutputError, check_output_dir, staged_output_dir
 from .registry import get_bridge, supported_architectures
 from .runtime import get_parallel_state, log_rank0
-from .safetensors_io import LazyHFCheckpoint, ShardedSafetensorsWriter, SourceLayout, atomic_output_dir
+from .safetensors_io import LazyHFCheckpoint, ShardedSafetensorsWriter, SourceLayout
+
+if TYPE_CHECKING:
+    from .provider import GPTModelProvider
 
 __all__ = ["AutoBridge"]
+
+
+def _provider_class() -> type[GPTModelProvider]:
+    """GPTModelProvider, imported on first use: it imports megatron-core, which offline conversion never needs."""
+    from .provider import GPTModelProvider
+
+    return GPTModelProvider
 
 
 def _resolve_hf_path(path: str | os.PathLike) -> Path:
@@ -55,6 +66,18 @@ def _apply_overrides(provider: GPTModelProvider, overrides: dict[str, Any]) -> N
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"GPTModelProvider has no field {key!r}{hint}")
         setattr(provider, key, parse_dtype(value) if key in ("params_dtype", "pipeline_dtype") else value)
+
+
+def record_tensor_dtype(config: dict[str, Any], dtypes: dict[str, torch.dtype]) -> None:
+    """Set the config's ``dtype`` (or legacy ``torch_dtype``) to the dtype the written floating tensors have.
+
+    Left alone when they have several (a source checkpoint with mixed dtypes, reproduced as it was).
+    """
+    floating = {d for d in dtypes.values() if d.is_floating_point}
+    if len(floating) != 1:
+        return
+    key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+    config[key] = dtype_to_hf(floating.pop())
 
 
 class AutoBridge:
@@ -117,7 +140,7 @@ class AutoBridge:
 
     def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
         """A ``GPTModelProvider`` for this model; with ``load_weights`` its models come with the HF weights."""
-        provider = GPTModelProvider(**self.model_bridge.config_to_provider(self.hf_config),
+        provider = _provider_class()(**self.model_bridge.config_to_provider(self.hf_config),
                                     hf_architecture=self.model_bridge.hf_architecture)
         provider._hf_bridge = self  # runtime link (not a config field) so trainers can export with the source assets
         if self.hf_path is not None and (self.hf_path / "generation_config.json").exists():
@@ -146,7 +169,7 @@ class AutoBridge:
         from megatron.core.utils import unwrap_model
 
         config = unwrap_model(model[0]).config
-        if not isinstance(config, GPTModelProvider):
+        if not isinstance(config, _provider_class()):
             raise TypeError(f"model config is a {type(config).__name__}, not a GPTModelProvider; build the model "
                             "with AutoBridge.to_megatron_model or a GPTModelProvider")
         return config
@@ -170,12 +193,12 @@ class AutoBridge:
 
     def hf_config_for(self, model_or_provider) -> dict[str, Any]:
         """The HF config dict that describes ``model_or_provider``, keeping this bridge's source config keys."""
-        provider = model_or_provider if isinstance(model_or_provider, GPTModelProvider) else \
+        provider = model_or_provider if isinstance(model_or_provider, _provider_class()) else \
             self._provider_of(model_or_provider)
         return self.model_bridge.provider_to_config(provider, self.hf_config)
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                           max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:
+                           max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
         """Write the model as an HF checkpoint: config, generation config, tokenizer files, safetensors shards.
 
         When this bridge knows the source HF checkpoint's layout (it was made from that checkpoint, or from a
@@ -184,21 +207,17 @@ class AutoBridge:
         Otherwise, or when ``dtype`` is given, files are cut at ``max_shard_size`` in ``dtype`` (default: the
         model's params dtype). Tensors are written to their final place as they stream in, so memory holds one
         tensor at a time. All ranks call this; rank 0 writes. The directory appears only when complete: a failure
-        leaves no partial output behind.
+        leaves no partial output behind. A non-empty ``path`` is refused unless ``overwrite`` (see
+        :mod:`bridge_convert.outputs` for what is never overwritten).
         """
+        inputs = [self.hf_path] if self.hf_path is not None else []
+        check_output_dir(path, overwrite=overwrite, inputs=inputs)
         state = get_parallel_state()
         provider = self._provider_of(model)
         config = self.hf_config_for(provider)
         shapes = engine.export_hf_shapes(self.model_bridge, provider, model, state)
         layout, aliases = self._matching_source_layout(provider, shapes) if dtype is None else (None, {})
         target_dtype = parse_dtype(dtype) if dtype is not None else provider.params_dtype
-        if layout is None:
-            key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
-            config[key] = dtype_to_hf(target_dtype)
-        else:  # tensors keep their source dtypes, and so does the config
-            for key in ("dtype", "torch_dtype"):
-                if key in self.hf_config:
-                    config[key] = self.hf_config[key]
         stream = self.export_hf_weights(model)
         if state.rank != 0:
             for _ in stream:
@@ -207,7 +226,7 @@ class AutoBridge:
             return
         from tqdm.auto import tqdm
 
-        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        with staged_output_dir(path, overwrite=overwrite, inputs=inputs) as tmp:
             if layout is not None:
                 writer = ShardedSafetensorsWriter.from_source(tmp, layout)
                 dtypes = layout.dtypes
@@ -220,6 +239,9 @@ class AutoBridge:
                 for alias in aliases.get(name, ()):
                     writer.add(alias, tensor.to(dtypes[alias]))
             writer.close()
+            if layout is not None:  # tensors keep their source dtypes, and so does the config
+                config.update({k: self.hf_config[k] for k in ("dtype", "torch_dtype") if k in self.hf_config})
+            record_tensor_dtype(config, dtypes)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             self._write_assets(tmp, provider)
         state.barrier()
@@ -300,21 +322,134 @@ class AutoBridge:
         load_model_state(model, path)
 
     @classmethod
-    def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike,
+    def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike, *, overwrite: bool = False,
+                    dtype: torch.dtype | str | None = None, offline: bool | None = None, threads: int = 1,
                     **provider_overrides: Any) -> Path:
-        """HF checkpoint -> Megatron checkpoint (at the layout in ``provider_overrides``, e.g. TP=2)."""
+        """HF checkpoint -> Megatron checkpoint, written whole or not at all.
+
+        By default (``offline``) the tensors go straight from the safetensors files into megatron-core's
+        torch_dist format (:mod:`bridge_convert.offline`): no model is built, megatron-core is not imported, memory
+        holds one layer slice at a time, and the result loads at any TP / PP / VP layout. With
+        ``provider_overrides`` (e.g. ``tensor_model_parallel_size=2``) or ``offline=False`` the model is built
+        at that layout (every rank calls this) and saved by megatron-core.
+
+        Args:
+            dtype: parameter dtype (default: the HF config's); same as ``params_dtype=``.
+            overwrite: replace a non-empty ``megatron_path`` (never an input or a training checkpoint).
+            threads: writer threads of the offline converter.
+
+        Returns:
+            The iteration directory.
+        """
+        if "params_dtype" in provider_overrides:
+            if dtype is not None:
+                raise ValueError("pass dtype or params_dtype, not both")
+            dtype = provider_overrides.pop("params_dtype")
+        offline = not provider_overrides if offline is None else offline
+        if offline:
+            if provider_overrides:
+                raise ValueError(f"offline import takes no model overrides ({sorted(provider_overrides)}): its "
+                                 "checkpoint loads at any layout; pass offline=False to build the model with them")
+            from .offline import import_hf_checkpoint
+
+            return _on_rank0(lambda: import_hf_checkpoint(hf_path, megatron_path, dtype=dtype, overwrite=overwrite,
+                                                          threads=threads))
         bridge = cls.from_hf_pretrained(hf_path)
+        check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
+        if dtype is not None:
+            provider_overrides["params_dtype"] = dtype
         model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **provider_overrides)
-        return bridge.save_megatron_checkpoint(model, megatron_path)
+        metadata = {**bridge.checkpoint_metadata(model), CONVERTED_MARKER: "bridge-convert import"}
+        with _staged_on_every_rank(megatron_path, overwrite=overwrite, inputs=[hf_path]) as tmp:
+            directory = save_checkpoint(model, tmp, iteration=0, metadata=metadata, hf_assets_from=bridge.hf_path)
+        return Path(megatron_path) / directory.name
 
     @classmethod
     def export_ckpt(cls, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
-                    dtype: torch.dtype | str | None = None, **provider_overrides: Any) -> None:
-        """Megatron checkpoint -> HF checkpoint, loading at the layout in ``provider_overrides`` (default 1x1)."""
+                    dtype: torch.dtype | str | None = None, overwrite: bool = False,
+                    max_shard_size: int | str = "5GB", offline: bool | None = None, threads: int = 2,
+                    **provider_overrides: Any) -> None:
+        """Megatron checkpoint -> HF checkpoint, written whole or not at all.
+
+        By default (``offline``) the checkpoint's tensors are read slice by slice and written through the
+        shard-preserving safetensors writer, without building the model. With ``provider_overrides`` (a layout to
+        load at, e.g. ``tensor_model_parallel_size=2``) or ``offline=False`` the model is built, loaded and saved
+        with :meth:`save_hf_pretrained`. Both give the same files.
+
+        Args:
+            dtype: HF tensor dtype (default: the source HF layout's dtypes, else the checkpoint's).
+            overwrite: replace a non-empty ``hf_path`` (never an input or a training checkpoint).
+            max_shard_size: largest safetensors file when not reproducing the source layout.
+            threads: tensors the offline converter reads ahead in parallel.
+        """
+        offline = not provider_overrides if offline is None else offline
+        if offline:
+            if provider_overrides:
+                raise ValueError(f"offline export takes no model overrides ({sorted(provider_overrides)}); pass "
+                                 "offline=False to build the model with them")
+            from .offline import export_megatron_checkpoint
+
+            _on_rank0(lambda: export_megatron_checkpoint(megatron_path, hf_path, dtype=dtype,
+                                                         max_shard_size=max_shard_size, overwrite=overwrite,
+                                                         threads=threads))
+            return
         bridge = cls.from_megatron_checkpoint(megatron_path)
+        check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
         meta = read_checkpoint_metadata(megatron_path)
         overrides = {"params_dtype": meta.get("params_dtype", "float32"), "perform_initialization": False,
                      **provider_overrides}
         model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
         bridge.load_megatron_checkpoint(model, megatron_path)
-        bridge.save_hf_pretrained(model, hf_path, dtype=dtype)
+        bridge.save_hf_pretrained(model, hf_path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def _on_rank0(convert):
+    """Run an offline conversion once: on rank 0 when called from every rank of a job (the others wait and share
+    its outcome, so all ranks return or raise together)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return convert()
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = convert()
+            outcome = [("ok", result)]
+        except Exception as exc:
+            outcome = [("error", f"{type(exc).__name__}: {exc}")]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise ValueError(f"the conversion failed on rank 0: {value}")
+    return value
+
+
+@contextmanager
+def _staged_on_every_rank(out: str | os.PathLike, *, overwrite: bool, inputs: list) -> Iterator[Path]:
+    """:func:`staged_output_dir` on rank 0, its temporary path shared with every rank (for collective saves)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        with staged_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+            yield tmp
+        return
+    if dist.get_rank() != 0:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            raise OutputError(f"rank 0 could not prepare the output {out}")
+        yield Path(box[0])
+        dist.barrier()
+        return
+    stack = ExitStack()
+    try:
+        tmp = stack.enter_context(staged_output_dir(out, overwrite=overwrite, inputs=inputs))
+    except BaseException:
+        dist.broadcast_object_list([None], src=0)
+        raise
+    with stack:
+        dist.broadcast_object_list([str(tmp)], src=0)
+        yield tmp
+        dist.barrier()

@@ -57,6 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_path", help="HF model directory (config.json + safetensors)")
     p.add_argument("megatron_path", help="output Megatron checkpoint directory")
     _layout_args(p)
+    _output_args(p)
+    _offline_args(p)
 
     p = sub.add_parser("export", help="Megatron checkpoint -> HF checkpoint")
     p.add_argument("megatron_path", help="Megatron checkpoint (root with a tracker file, or an iter_* directory)")
@@ -66,11 +68,14 @@ def _build_parser() -> argparse.ArgumentParser:
                         "KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of 1024), e.g. 500MB, 2GiB (default 5GB)")
     p.add_argument("--no-overwrite", action="store_true", help="fail if the output directory is not empty")
     _layout_args(p)
+    _output_args(p)
+    _offline_args(p)
 
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF in memory, then verify every tensor is identical")
     p.add_argument("hf_path", help="HF model directory")
     p.add_argument("out_path", help="where to write the exported HF checkpoint")
     _layout_args(p)
+    _output_args(p)
 
     p = sub.add_parser("compare", help="HF transformers vs Megatron logits on the same input")
     p.add_argument("hf_path", help="HF model directory")
@@ -85,6 +90,32 @@ def _build_parser() -> argparse.ArgumentParser:
         # --debug after the subcommand too; SUPPRESS keeps a subcommand from resetting a --debug given before it.
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty output directory (never an input, a file or a training "
+                             "checkpoint; the old one is removed only once the new one is complete)")
+
+
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of threads")
+    return int(text)
+
+
+def _offline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+                        help="parallel readers / writers of the offline converter (default: 1 for import, 2 for "
+                             "export; each holds one layer slice of one tensor)")
+
+
+def _builds_model(args) -> bool:
+    """A layout or layer implementation asks for the model-building path; the default converts offline."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return args.tp != 1 or args.pp != 1 or bool(args.vp) or args.impl != "auto" or world > 1
 
 
 def _overrides(args) -> dict:
@@ -117,7 +148,12 @@ def _cmd_list(args) -> int:
 def _cmd_import(args) -> int:
     from .auto_bridge import AutoBridge
 
-    out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, **_overrides(args))
+    if _builds_model(args):
+        out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, overwrite=args.overwrite, offline=False,
+                                     **_overrides(args))
+    else:
+        out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, overwrite=args.overwrite, dtype=args.dtype,
+                                     threads=args.threads or 1)
     _print0(f"imported {args.hf_path} -> {out}")
     return 0
 
@@ -125,17 +161,16 @@ def _cmd_import(args) -> int:
 def _cmd_export(args) -> int:
     from .auto_bridge import AutoBridge
 
-    overrides = _overrides(args)
-    dtype = overrides.pop("params_dtype", None)
-    bridge = AutoBridge.from_megatron_checkpoint(args.megatron_path)
-    from .megatron_ckpt import read_checkpoint_metadata
-
-    overrides["params_dtype"] = read_checkpoint_metadata(args.megatron_path).get("params_dtype", "float32")
-    model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, perform_initialization=False,
-                                     **overrides)
-    bridge.load_megatron_checkpoint(model, args.megatron_path)
-    bridge.save_hf_pretrained(model, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
-                              overwrite=not args.no_overwrite)
+    if args.overwrite and args.no_overwrite:
+        raise ValueError("--overwrite and --no-overwrite contradict each other; pass one")
+    if _builds_model(args):
+        overrides = _overrides(args)
+        dtype = overrides.pop("params_dtype", None)
+        AutoBridge.export_ckpt(args.megatron_path, args.hf_path, dtype=dtype, max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite, offline=False, **overrides)
+    else:
+        AutoBridge.export_ckpt(args.megatron_path, args.hf_path, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite, threads=args.threads or 2)
     _print0(f"exported {args.megatron_path} -> {args.hf_path}")
     return 0
 
@@ -148,7 +183,7 @@ def _cmd_roundtrip(args) -> int:
 
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
     model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **_overrides(args))
-    bridge.save_hf_pretrained(model, args.out_path)
+    bridge.save_hf_pretrained(model, args.out_path, overwrite=args.overwrite)
     import torch.distributed as dist
 
     if dist.get_rank() != 0:

@@ -22,7 +22,17 @@ from typing import Literal
 
 import torch
 
-__all__ = ["QKV", "Direct", "GatedMLP", "Mapping", "MappingContext", "VocabParallel"]
+__all__ = ["DEFAULT_VOCAB_DIVISOR", "QKV", "Direct", "GatedMLP", "Mapping", "MappingContext", "VocabParallel",
+           "padded_vocab_size"]
+
+DEFAULT_VOCAB_DIVISOR = 128
+"""megatron-core's default ``make_vocab_size_divisible_by`` (GPTModelProvider's too)."""
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron's vocab padding: round up to a multiple of ``divisible_by x TP`` so every TP shard is equal."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
 
 TPKind = Literal["auto", "column", "row", "replicated"]
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from .mappings import Mapping, MappingContext, VocabParallel
-from .provider import GPTModelProvider
+
+if TYPE_CHECKING:  # the provider imports megatron-core; the tables and the offline converter must not
+    from .provider import GPTModelProvider
 
 __all__ = ["ModelBridge", "ParamTask", "megatron_param_tasks"]
 

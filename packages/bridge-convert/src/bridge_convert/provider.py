@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from .mappings import DEFAULT_VOCAB_DIVISOR, padded_vocab_size
 from .runtime import ParallelLayout, initialize_parallel
 from .specs import TRANSFORMER_IMPLS, layer_spec, resolve_transformer_impl, te_available
 
@@ -29,12 +29,6 @@ __all__ = ["GPTModelProvider", "padded_vocab_size"]
 logger = logging.getLogger(__name__)
 
 TransformerImpl = Literal["auto", "native", "local", "transformer_engine"]
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
-    """Megatron's vocab padding: round up to a multiple of ``divisible_by x TP`` so every TP shard is equal."""
-    multiple = divisible_by * tensor_parallel_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 # Fusions that need CUDA kernels (apex / TE / jit-fused CUDA code); off when the model is built on a CPU.
@@ -77,7 +71,7 @@ class GPTModelProvider(TransformerConfig):
     """Vocabulary size of the tokenizer / HF checkpoint (unpadded)."""
     seq_length: int = 4096
     """Maximum sequence length (the model's ``max_sequence_length``)."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR
     """The embedding and output layer are padded to a multiple of this times TP."""
     share_embeddings_and_output_weights: bool = False
     """Tied input embedding and output layer (Llama 3.2 1B/3B)."""

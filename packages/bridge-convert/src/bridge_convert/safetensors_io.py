@@ -12,10 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +22,6 @@ __all__ = [
     "LazyHFCheckpoint",
     "ShardedSafetensorsWriter",
     "SourceLayout",
-    "atomic_output_dir",
     "parse_size",
 ]
 
@@ -357,33 +352,3 @@ class ShardedSafetensorsWriter:
         if self.index_text is not None:
             (self.out_dir / SAFE_INDEX).write_text(self.index_text)
         return dict(self._where)
-
-
-@contextmanager
-def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path`` that replaces ``path`` only if the block succeeds.
-
-    A failure (exception, interrupt) removes the temporary directory: no partial output is ever left behind.
-
-    Raises:
-        FileExistsError: if ``path`` exists, is not empty and ``overwrite`` is False.
-    """
-    target = Path(path).resolve()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / "prev")
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)

@@ -6,13 +6,15 @@ window, which config keys exist); the family modules call these with their switc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..hf_config import RopeSettings, dtype_from_hf, dtype_to_hf, read_rope, write_rope
 from ..mappings import QKV, Direct, GatedMLP, Mapping, VocabParallel
-from ..provider import GPTModelProvider
+
+if TYPE_CHECKING:
+    from ..provider import GPTModelProvider
 
 L = "decoder.layers.*."
 H = "model.layers.*."

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..model_bridge import ModelBridge
-from ..provider import GPTModelProvider
 from ._dense_decoder import (
     IGNORE_HF,
     dense_config_to_provider,
     dense_decoder_mappings,
     dense_provider_to_config,
 )
+
+if TYPE_CHECKING:
+    from ..provider import GPTModelProvider
 
 
 def mistral_config_to_provider(raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,387 @@
+"""megatron-core's ``torch_dist`` checkpoint format, written and read piece by piece without megatron-core.
+
+A ``torch_dist`` checkpoint is a ``torch.distributed.checkpoint`` (DCP) directory (``.metadata`` plus
+``__*_*.distcp`` data files) and megatron-core's ``metadata.json`` naming the backend. megatron-core saves every
+``ShardedTensor`` as DCP chunks of one global tensor (per-layer weights stacked on a prepended layer axis) and
+every ``ShardedObject`` as a byte item keyed ``<key>/shard_<offset>_<shape>`` holding ``torch.save([data])``; its
+common (non-sharded) state is the object ``common_state/shard_0_1``.
+
+Writing goes through DCP's own planner protocol with a planner whose ``resolve_data`` produces each chunk on
+demand and a file-system writer that drops each chunk once written, so memory holds one chunk per writer thread,
+never the model. Reading takes one region (a layer slice) at a time from DCP's metadata: each stored chunk is a
+``torch.save`` archive inside a data file, read straight into its tensor; a region stored in several chunks (a
+checkpoint saved at TP > 1) is assembled from them. So a checkpoint written at any TP / PP layout, by training or
+by this module, is read the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    BytesIOWriteData,
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+__all__ = ["BACKEND_CONFIG", "ChunkSpec", "DistCheckpointReader", "ObjectSpec", "write_dist_checkpoint"]
+
+BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+"""megatron-core's ``metadata.json`` for a torch_dist checkpoint (``dist_checkpointing.core.CheckpointingConfig``)."""
+CONFIG_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One DCP chunk of a global tensor and the function that produces its data (shape ``sizes``, ``dtype``)."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.sizes).numel()) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """A megatron-core ``ShardedObject``: stored as ``torch.save([data])`` under ``unique_key``."""
+
+    unique_key: str
+    data: object
+
+
+def _properties(chunk: ChunkSpec) -> TensorProperties:
+    """As megatron-core records them: strides only for a tensor saved whole, none for one saved in chunks."""
+    properties = TensorProperties.create_from_tensor(torch.empty(chunk.global_shape, dtype=chunk.dtype, device="meta"))
+    if tuple(chunk.sizes) != tuple(chunk.global_shape):
+        properties.strides = None
+    return properties
+
+
+class _LazySavePlanner(SavePlanner):
+    """A save planner over chunk specs: the plan comes from the specs, the data from ``produce`` when written."""
+
+    def __init__(self, chunks: list[ChunkSpec], objects: list[ObjectSpec], on_chunk: Callable[[ChunkSpec], None]):
+        self._chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
+        if len(self._chunks) != len(chunks):
+            raise ValueError("two chunks of the same tensor start at the same offset")
+        self._objects = {o.unique_key: o for o in objects}
+        self._on_chunk = on_chunk
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
+        self._storage_meta = storage_meta
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for chunk in self._chunks.values():
+            items.append(WriteItem(
+                index=MetadataIndex(chunk.key, torch.Size(chunk.offsets)), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(chunk.offsets), sizes=torch.Size(chunk.sizes)),
+                    properties=_properties(chunk), size=torch.Size(chunk.global_shape))))
+        for key in self._objects:
+            items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO,
+                                   bytes_io_data=BytesIOWriteData(nbytes=0)))
+        return SavePlan(items)
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+
+        plans, metadata = create_default_global_save_plan(all_plans)
+        metadata.storage_meta = self._storage_meta
+        return plans, metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            buffer = io.BytesIO()
+            torch.save([self._objects[write_item.index.fqn].data], buffer)
+            return buffer
+        chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        tensor = chunk.produce()
+        if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != chunk.dtype:
+            raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tensor.dtype}{tuple(tensor.shape)}, the "
+                             f"checkpoint layout expects {chunk.dtype}{tuple(chunk.sizes)}")
+        self._on_chunk(chunk)
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:  # torch.save writes a view's whole storage
+            tensor = tensor.clone()
+        return tensor
+
+
+@contextmanager
+def _without_crc32():
+    """torch.save without the zip CRC-32 of each record: it costs more than the rest of the write (12x on a CPU)
+    and nothing checks it (``torch.load``, hence DCP and megatron-core, reads the records without it)."""
+    from torch.utils.serialization import config
+
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = previous
+
+
+class _StreamingWriter(FileSystemWriter):
+    """DCP's file-system writer, writing each item as DCP does (``torch.save`` per chunk, raw bytes per object) but
+    dropping each tensor once written: torch's own ``write_data`` keeps every tensor of a file alive until the file
+    is done, which would hold the whole model in memory."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.storage import WriteResult
+
+        buckets: list[list[WriteItem]] = [[] for _ in range(self.thread_count)]
+        sizes = [0] * self.thread_count
+        for item in plan.items:  # in plan order, each to the least-filled file
+            i = sizes.index(min(sizes))
+            buckets[i].append(item)
+            sizes[i] += item.tensor_storage_size() or 0
+
+        def write(index: int, items: list[WriteItem]) -> list:
+            name = f"{plan.storage_data.prefix}{index}.distcp"
+            results = []
+            with open(Path(self.path) / name, "wb") as stream:
+                for item in items:
+                    data = planner.resolve_data(item)
+                    offset = stream.tell()
+                    if item.type == WriteItemType.BYTE_IO:
+                        stream.write(data.getbuffer())
+                    else:
+                        torch.save(data, stream)
+                    length = stream.tell() - offset
+                    size = length if item.type == WriteItemType.BYTE_IO else data.numel() * data.element_size()
+                    results.append(WriteResult(index=item.index, size_in_bytes=size,
+                                               storage_data=_StorageInfo(name, offset, length)))
+                    del data
+            return results
+
+        with _without_crc32(), ThreadPoolExecutor(max_workers=self.thread_count) as pool:
+            futures = [pool.submit(write, i, items) for i, items in enumerate(buckets) if items]
+            results = [r for f in futures for r in f.result()]
+        done = torch.futures.Future()
+        done.set_result(results)
+        return done
+
+
+def write_dist_checkpoint(directory: str | os.PathLike, chunks: list[ChunkSpec], objects: list[ObjectSpec], *,
+                          threads: int = 2, on_chunk: Callable[[ChunkSpec], None] = lambda chunk: None) -> None:
+    """Write a torch_dist checkpoint into the existing, empty ``directory`` (no process group needed).
+
+    Args:
+        directory: the (staging) checkpoint directory.
+        chunks: every tensor chunk, each produced on demand from its ``produce`` (called once, from a writer
+            thread).
+        objects: the sharded objects (including megatron-core's ``common_state``).
+        threads: writer threads (one data file each).
+        on_chunk: called after each chunk is produced (progress).
+    """
+    from torch.distributed.checkpoint import save
+
+    planner = _LazySavePlanner(chunks, objects, on_chunk)
+    # No fsync per file (as the safetensors writer): the staged directory is renamed into place only when
+    # complete, which is what protects against a killed run.
+    writer = _StreamingWriter(str(directory), single_file_per_rank=True, thread_count=max(1, threads),
+                              sync_files=False)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process():
+            save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as exc:
+        raise _original(exc) from exc
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))
+
+
+@contextmanager
+def _single_process():
+    """Without a process group DCP warns that it assumes a single process, which is the point here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _original(exc: Exception) -> BaseException:
+    """The exception a DCP step raised, out of the CheckpointException that wraps it per rank."""
+    for failure in getattr(exc, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return exc
+
+
+class _Slice(io.RawIOBase):
+    """A read-only window ``[start, start + length)`` of a file, as a seekable file of its own."""
+
+    def __init__(self, f, start: int, length: int) -> None:
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+
+def _read_saved_tensor(f, start: int, length: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor of a ``torch.save`` archive at ``[start, start + length)`` of ``f``.
+
+    torch.save stores a tensor's bytes uncompressed as the archive's ``data/0`` record; it is read straight into
+    the result. Anything else (several storages, a compressed record) goes through ``torch.load``.
+    """
+    window = _Slice(f, start, length)
+    with zipfile.ZipFile(window) as archive:
+        records = [i for i in archive.infolist() if i.filename.split("/", 1)[-1].startswith("data/")]
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        if len(records) == 1 and records[0].compress_type == zipfile.ZIP_STORED and records[0].file_size == nbytes:
+            info = records[0]
+            window.seek(info.header_offset)
+            header = window.read(30)
+            if header[:4] != b"PK\x03\x04":
+                raise ValueError("bad local header in a saved tensor")
+            data_start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
+                int.from_bytes(header[28:30], "little")
+            tensor = torch.empty(shape, dtype=dtype)
+            window.seek(data_start)
+            if nbytes and window.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
+                raise ValueError("short read")
+            return tensor
+    window.seek(0)
+    return torch.load(io.BufferedReader(window), map_location="cpu", weights_only=True).reshape(shape)
+
+
+class DistCheckpointReader:
+    """Read regions of a torch_dist checkpoint's tensors, whatever layout wrote them.
+
+    Raises:
+        ValueError: for a directory that is not a readable torch_dist checkpoint (the file is named).
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        config = self.directory / CONFIG_FILE
+        try:
+            backend = json.loads(config.read_text()).get("sharded_backend")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{config} is missing or unreadable ({exc}); not a megatron-core dist checkpoint") from exc
+        if backend != "torch_dist":
+            raise ValueError(f"{config} names the {backend!r} backend; only torch_dist checkpoints are supported")
+        try:
+            self.metadata: Metadata = FileSystemReader(str(self.directory)).read_metadata()
+        except Exception as exc:
+            raise ValueError(f"unreadable checkpoint metadata {self.directory / '.metadata'}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        self._check_data_files()
+
+    def _check_data_files(self) -> None:
+        """Every data file the metadata points into exists and is long enough (a truncated copy is named)."""
+        needed: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in needed.items():
+            path = self.directory / name
+            if not path.exists():
+                raise ValueError(f"checkpoint data file {path} is missing")
+            if path.stat().st_size < size:
+                raise ValueError(f"truncated checkpoint data file {path}: the metadata needs {size} bytes, the file "
+                                 f"has {path.stat().st_size}")
+
+    def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
+        return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+    def object_keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+
+    def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The stored tensor ``key`` from ``offsets`` on, of ``shape``, whatever chunks wrote it.
+
+        A region that is one stored chunk (every checkpoint megatron-core writes at TP=1 stores one chunk per
+        layer slice) is read straight from the data file into the returned tensor: memory holds it once.
+        """
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        stored = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(stored, TensorStorageMetadata):
+            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
+        end = [o + s for o, s in zip(offsets, shape)]
+        if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
+            raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(shape)} lies outside the stored shape "
+                             f"{tuple(stored.size)} in {self.directory}")
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
+        items = create_read_items_for_chunk_list(key, stored, [chunk])
+        out = None
+        for item in items:
+            piece = self._load_chunk(item.storage_index, stored.properties.dtype)
+            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                piece = piece.narrow(dim, start, length)
+            if len(items) == 1 and tuple(piece.shape) == tuple(shape):
+                return piece
+            if out is None:
+                out = torch.empty(shape, dtype=stored.properties.dtype)
+            target = out
+            for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+                target = target.narrow(dim, start, length)
+            target.copy_(piece)
+        if out is None:
+            raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
+        return out
+
+    def _load_chunk(self, index: MetadataIndex, dtype: torch.dtype) -> torch.Tensor:
+        """One stored chunk (a ``torch.save`` archive inside a data file), read without an intermediate copy."""
+        info = self.metadata.storage_data[index]
+        path = self.directory / info.relative_path
+        if info.transform_descriptors:
+            raise ValueError(f"{path}: chunks stored with transforms {info.transform_descriptors} are not supported")
+        sizes = next(c.sizes for c in self.metadata.state_dict_metadata[index.fqn].chunks
+                     if tuple(c.offsets) == tuple(index.offset))
+        try:
+            with open(path, "rb") as f:
+                return _read_saved_tensor(f, info.offset, info.length, dtype, tuple(sizes))
+        except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"cannot read {index.fqn!r} from the checkpoint data file {path}: "
+                             f"{type(exc).__name__}: {exc}") from exc

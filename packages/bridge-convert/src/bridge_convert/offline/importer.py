@@ -1,0 +1,227 @@
+"""HF safetensors -> megatron-core torch_dist checkpoint, one layer slice at a time, without building the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from ..hf_config import dtype_to_hf, load_hf_config, parse_dtype
+from ..megatron_ckpt import FORMAT_VERSION, HF_ASSET_FILES, HF_ASSETS_DIR, METADATA_FILE, TRACKER_FILE
+from ..outputs import CONVERTED_MARKER, check_output_dir, staged_output_dir
+from ..registry import get_bridge
+from ..safetensors_io import LazyHFCheckpoint, SourceLayout
+from .dist_ckpt import ChunkSpec, ObjectSpec, write_dist_checkpoint
+from .layout import (
+    CheckpointEntry,
+    checkpoint_entries,
+    expected_megatron_shapes,
+    extra_state_keys,
+    model_config,
+)
+
+__all__ = ["import_hf_checkpoint"]
+
+
+_EXPONENT_BITS = {  # dtype -> (same-size integer view, mask without the sign, smallest non-finite pattern)
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+}
+
+
+def _all_finite(tensor: torch.Tensor, block: int = 2**24) -> bool:
+    """No NaN / inf, read off the exponent bits (all ones only for inf and NaN): an integer mask and max over
+    blocks, twice as fast as ``isfinite`` on a CPU and with small temporaries."""
+    if tensor.dtype not in _EXPONENT_BITS:
+        return bool(torch.isfinite(tensor).all())
+    view, mask, first_non_finite = _EXPONENT_BITS[tensor.dtype]
+    for part in tensor.reshape(-1).split(block):
+        if part.numel() and int((part.view(view) & mask).max()) >= first_non_finite:
+            return False
+    return True
+
+
+class _LayerTensors:
+    """Builds each (entry, layer) megatron tensor once through its mapping and hands out its chunks.
+
+    A gated-MLP weight is saved as two chunks; the full tensor is kept until both have been taken, then dropped,
+    so memory holds at most the tensors of the chunks being written.
+    """
+
+    def __init__(self, reader: LazyHFCheckpoint, cfg, dtype: torch.dtype, progress) -> None:
+        self.reader, self.cfg, self.dtype, self.progress = reader, cfg, dtype, progress
+        self.non_finite: list[str] = []
+        self._cache: dict[tuple[str, int | None], list] = {}
+        self._lock = threading.Lock()
+
+    def _build(self, entry: CheckpointEntry, layer: int | None) -> torch.Tensor:
+        tensors = []
+        for name in entry.hf_names(layer):
+            tensor = self.reader.get(name)
+            self.progress(tensor.nbytes)
+            if tensor.is_floating_point() and not _all_finite(tensor):
+                with self._lock:
+                    self.non_finite.append(name)
+            tensors.append(tensor.to(self.dtype))
+        shapes = [tuple(t.shape) for t in tensors]
+        return entry.mapping.to_megatron(tensors, entry.context(self.cfg, shapes))
+
+    def chunk(self, entry: CheckpointEntry, layer: int | None, piece: int, pieces: int) -> torch.Tensor:
+        key = (entry.key, layer)
+        with self._lock:
+            slot = self._cache.setdefault(key, [threading.Lock(), None, pieces])
+        with slot[0]:
+            if slot[1] is None:
+                slot[1] = self._build(entry, layer)
+            full = slot[1]
+            slot[2] -= 1
+            if slot[2] == 0:
+                with self._lock:
+                    del self._cache[key]
+        part = full if pieces == 1 else torch.chunk(full, pieces, dim=0)[piece]
+        return part.unsqueeze(0) if layer is not None else part
+
+
+def _plan(entries, reader: LazyHFCheckpoint, cfg, dtype: torch.dtype, tensors: _LayerTensors, bridge
+          ) -> list[ChunkSpec]:
+    """Every chunk of the checkpoint, with shapes checked against the model config before anything is written."""
+    expected = expected_megatron_shapes(cfg)
+    num_layers = cfg.num_layers
+    used: set[str] = set()
+    chunks: list[ChunkSpec] = []
+    for entry in entries:
+        layers = list(range(num_layers)) if entry.layered else [None]
+        shape = None
+        for layer in layers:
+            names = entry.hf_names(layer)
+            missing = [n for n in names if n not in reader]
+            if missing:
+                raise ValueError(f"HF checkpoint {reader.path} is missing tensor {missing[0]!r} (needed for "
+                                 f"{entry.key}{'' if layer is None else f' of layer {layer}'})")
+            used.update(names)
+            hf_shapes = [reader.shape_of(n) for n in names]
+            try:
+                this = entry.megatron_shape(hf_shapes, cfg)
+            except ValueError as exc:
+                raise ValueError(f"HF checkpoint {reader.path}: {exc}") from exc
+            want = expected.get(entry.key, this)
+            if this != want or (shape is not None and this != shape):
+                got = ", ".join(f"{n} {list(s)}" for n, s in zip(names, hf_shapes))
+                raise ValueError(f"HF checkpoint {reader.path}: wrong shape: {got} make {entry.key} {list(this)}, the "
+                                 f"config ({bridge.hf_architecture}) needs {list(want if this != want else shape)}")
+            shape = this
+        pieces = entry.mapping.stride
+        if shape[0] % pieces:
+            raise ValueError(f"{entry.key}: {shape[0]} rows do not split into {pieces} halves")
+        global_shape = (num_layers, *shape) if entry.layered else shape
+        piece_rows = shape[0] // pieces
+        for layer in layers:
+            for piece in range(pieces):
+                offsets = [0] * len(global_shape)
+                offsets[1 if entry.layered else 0] = piece * piece_rows
+                if entry.layered:
+                    offsets[0] = layer
+                sizes = list(global_shape)
+                sizes[1 if entry.layered else 0] = piece_rows
+                if entry.layered:
+                    sizes[0] = 1
+                chunks.append(ChunkSpec(
+                    entry.key, global_shape, tuple(offsets), tuple(sizes), dtype,
+                    lambda e=entry, lay=layer, p=piece, n=pieces: tensors.chunk(e, lay, p, n)))
+    allowed = set(used)
+    if cfg.share_embeddings_and_output_weights:
+        allowed.update(alias for alias, target in bridge.tied_aliases.items() if target in used)
+    unexpected = sorted(n for n in set(reader.keys()) - allowed if not bridge.is_ignored(n))
+    if unexpected:
+        raise ValueError(f"HF checkpoint {reader.path} has {len(unexpected)} tensors the {bridge.hf_architecture} "
+                         f"model built from its config does not have: {', '.join(unexpected[:10])}")
+    return chunks
+
+
+def import_hf_checkpoint(hf_path: str | os.PathLike, megatron_path: str | os.PathLike, *,
+                         dtype: torch.dtype | str | None = None, overwrite: bool = False, threads: int = 1,
+                         progress: bool = True) -> Path:
+    """Convert an HF checkpoint directory into a Megatron checkpoint that megatron-core loads at any layout.
+
+    Writes ``megatron_path/latest_checkpointed_iteration.txt`` and ``iter_0000000/`` (torch_dist data,
+    ``bridge.json``, the HF tokenizer and generation files) through :func:`staged_output_dir`, so the output
+    appears only when complete.
+
+    Args:
+        hf_path: HF model directory (config.json + safetensors or .bin).
+        megatron_path: output checkpoint root.
+        dtype: parameter dtype of the checkpoint (default: the HF config's ``dtype`` / ``torch_dtype``).
+        overwrite: replace a non-empty output (see :func:`bridge_convert.outputs.check_output_dir`).
+        threads: writer threads (one data file each); each holds one chunk in memory.
+        progress: show a progress bar in bytes read.
+
+    Returns:
+        The iteration directory.
+
+    Raises:
+        ValueError: an unsupported architecture, a missing, unexpected, wrongly shaped, truncated or
+            non-finite tensor (named), or an unusable output (:class:`bridge_convert.outputs.OutputError`).
+    """
+    hf_path = Path(hf_path)
+    config = load_hf_config(hf_path)  # a missing input is the first thing to say
+    check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
+    architectures = config.get("architectures") or [None]
+    bridge = get_bridge(architectures[0])
+    cfg = model_config(bridge, config)
+    params_dtype = parse_dtype(dtype) if dtype is not None else cfg.params_dtype
+    reader = LazyHFCheckpoint(hf_path)
+    entries = checkpoint_entries(bridge, cfg)
+    from tqdm.auto import tqdm
+
+    total = sum(torch.Size(reader.shape_of(n)).numel() * reader.dtype_of(n).itemsize for n in reader.keys()
+                if not bridge.is_ignored(n))
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Importing", disable=not progress)
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    tensors = _LayerTensors(reader, cfg, params_dtype, advance)
+    chunks = _plan(entries, reader, cfg, params_dtype, tensors, bridge)
+    objects = [ObjectSpec(key, None) for key in extra_state_keys(entries, cfg.num_layers)]
+    objects.append(ObjectSpec("common_state/shard_0_1", {}))
+    layout = SourceLayout.from_checkpoint(hf_path)
+    saved_config = dict(config)
+    saved_config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = \
+        dtype_to_hf(params_dtype)
+    metadata = {
+        "format_version": FORMAT_VERSION, "iteration": 0, "architecture": bridge.hf_architecture,
+        "hf_config": saved_config, "params_dtype": dtype_to_hf(params_dtype),
+        "saved_layout": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                         "virtual_pipeline_model_parallel_size": None},
+        CONVERTED_MARKER: "bridge-convert import (offline)",
+    }
+    if layout is not None:
+        metadata["hf_source_layout"] = layout.to_json()
+    needed = sum(c.nbytes for c in chunks)
+    try:
+        with staged_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path], needed_bytes=needed) as tmp:
+            directory = tmp / "iter_0000000"
+            directory.mkdir()
+            write_dist_checkpoint(directory, chunks, objects, threads=threads)
+            if tensors.non_finite:
+                names = sorted(tensors.non_finite)
+                raise ValueError(f"HF checkpoint {hf_path} has non-finite (NaN / inf) values in {len(names)} "
+                                 f"tensors: {', '.join(names[:10])}; refusing to import them")
+            (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+            assets = directory / HF_ASSETS_DIR
+            assets.mkdir()
+            for name in HF_ASSET_FILES:
+                if (hf_path / name).exists():
+                    shutil.copy2(hf_path / name, assets / name)
+            (tmp / TRACKER_FILE).write_text("0\n")
+    finally:
+        bar.close()
+        reader.close()
+    return Path(megatron_path) / "iter_0000000"

@@ -1,0 +1,273 @@
+"""Offline conversion against the model-building path (megatron-core's own save and load) and transformers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from bridge_convert import AutoBridge
+from bridge_convert.forward import forward_logits
+from bridge_convert.megatron_ckpt import save_checkpoint
+from bridge_convert.offline import export_megatron_checkpoint, import_hf_checkpoint
+from bridge_convert.runtime import initialize_parallel
+from bridge_convert.testing import FAMILIES, assert_same_checkpoint, run_multiprocess
+
+SEQ = 16
+
+
+def _input_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(5))
+
+
+def _hf_logits(path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(_input_ids()).logits.float()
+
+
+def _load(path, **layout) -> list:
+    """A megatron-core model built at ``layout`` and loaded from the checkpoint by megatron-core."""
+    bridge = AutoBridge.from_megatron_checkpoint(path)
+    model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, params_dtype=torch.float32,
+                                     perform_initialization=False, **layout)
+    bridge.load_megatron_checkpoint(model, path)
+    return model
+
+
+def _layout(path) -> dict:
+    """Keys -> (global shape, dtype, chunks) of the tensors, plus the object keys, of a torch_dist checkpoint."""
+    md = FileSystemReader(str(Path(path) / "iter_0000000")).read_metadata()
+    out = {}
+    for key, item in md.state_dict_metadata.items():
+        if hasattr(item, "chunks"):
+            chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in item.chunks)
+            out[key] = (tuple(item.size), item.properties.dtype, item.properties.strides, chunks)
+        else:
+            out[key] = "object"
+    return out
+
+
+@pytest.fixture(scope="module")
+def offline_checkpoints(hf_checkpoints, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("offline")
+    return {family: str(import_hf_checkpoint(path, root / family, progress=False).parent)
+            for family, path in hf_checkpoints.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offline_import_equals_the_model_building_import(family, hf_checkpoints, offline_checkpoints, tmp_path,
+                                                         runtime):
+    built = AutoBridge.import_ckpt(hf_checkpoints[family], tmp_path / "built", offline=False).parent
+    offline = offline_checkpoints[family]
+    assert _layout(offline) == _layout(built)  # the keys, shapes, dtypes and chunks megatron-core itself writes
+    from_offline = _load(offline)[0].state_dict()
+    from_built = _load(built)[0].state_dict()
+    assert sorted(from_offline) == sorted(from_built)
+    for name, value in from_built.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(from_offline[name], value), name
+    logits = forward_logits(_load(offline), _input_ids())
+    assert (logits - _hf_logits(hf_checkpoints[family])).abs().max().item() <= 1e-4
+    exported = tmp_path / "hf"
+    export_megatron_checkpoint(offline, exported, progress=False)
+    assert_same_checkpoint(hf_checkpoints[family], exported)
+    source_config = json.loads((Path(hf_checkpoints[family]) / "config.json").read_text())
+    assert json.loads((exported / "config.json").read_text()) == source_config
+
+
+def _parallel_body(checkpoints: dict[str, str], reference: dict[str, torch.Tensor], out: str) -> dict[str, float]:
+    initialize_parallel()
+    # Called from every rank of a job, an offline conversion runs once (rank 0) and all ranks share its outcome.
+    AutoBridge.export_ckpt(checkpoints["qwen2"], out)
+    try:
+        AutoBridge.export_ckpt(checkpoints["qwen2"], out)
+        raise AssertionError("a second export into a non-empty directory must fail on every rank")
+    except ValueError as exc:
+        assert "is not empty" in str(exc)
+    diffs = {}
+    for tp, pp in ((2, 1), (1, 2)):  # the provider rebuilds megatron-core's groups for each layout
+        for family, path in checkpoints.items():
+            model = _load(path, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            diffs[f"{family} tp{tp} pp{pp}"] = (forward_logits(model, _input_ids()) - reference[family]).abs().max().item()
+    return diffs
+
+
+@pytest.mark.multiproc
+def test_offline_checkpoints_load_at_tp2_and_pp2(hf_checkpoints, offline_checkpoints, tmp_path):
+    families = ("llama32", "qwen2", "qwen3", "mistral")  # tied embeddings, QKV bias, q/k norm + head_dim, GQA
+    reference = {f: _hf_logits(hf_checkpoints[f]) for f in families}
+    checkpoints = {f: offline_checkpoints[f] for f in families}
+    diffs = run_multiprocess(_parallel_body, 2, checkpoints, reference, str(tmp_path / "hf"), timeout=600)[0]
+    assert_same_checkpoint(hf_checkpoints["qwen2"], tmp_path / "hf")
+    assert len(diffs) == 2 * len(families)
+    assert all(d <= 1e-4 for d in diffs.values()), diffs
+
+
+def test_offline_export_of_a_training_checkpoint_matches_the_model_building_export(hf_checkpoints, tmp_path,
+                                                                                   runtime):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    bridge = AutoBridge.from_hf_pretrained(hf_checkpoints["qwen3"])
+    model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, params_dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # "training" moved every weight
+        for param in model[0].parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
+    root = tmp_path / "train"
+    state = torch.randn(64, generator=generator)
+    for iteration in (10, 20):
+        optimizer = {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.exp_avg.final_norm", state.clone())}
+        save_checkpoint(model, root, iteration=iteration, metadata=bridge.checkpoint_metadata(model),
+                        extra_state={"optimizer": optimizer}, hf_assets_from=bridge.hf_path)
+    AutoBridge.export_ckpt(root, tmp_path / "built", offline=False)
+    AutoBridge.export_ckpt(root, tmp_path / "offline")
+    built = sorted(p.name for p in (tmp_path / "built").iterdir())
+    assert built == sorted(p.name for p in (tmp_path / "offline").iterdir())
+    for name in built:
+        assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "built" / name).read_bytes(), name
+    AutoBridge.export_ckpt(root, tmp_path / "bf16", dtype="bfloat16")  # not the source layout: sharded by size
+    exported = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert exported.get("dtype", exported.get("torch_dtype")) == "bfloat16"  # the dtype the tensors have
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    from megatron.core.utils import unwrap_model
+
+    weight = unwrap_model(model[0]).decoder.final_layernorm.weight.detach()
+    assert torch.equal(tensors["model.norm.weight"], weight)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _copy(src, dst) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def _nothing_left(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")] == []
+
+
+def _shards(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _rewrite_shard(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", r"truncated safetensors file .*model-00003-of-00003\.safetensors"),
+    ("header", r"unreadable safetensors file .*model-00001-of-00003\.safetensors"),
+    ("missing", r"is missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"),
+    ("shape", r"wrong shape: model\.layers\.0\.self_attn\.o_proj\.weight \[64, 32\] make "
+              r"decoder\.layers\.self_attention\.linear_proj\.weight \[64, 32\], the config .* needs \[64, 64\]"),
+    ("architecture", r"unsupported architecture 'GPT2LMHeadModel'"),
+    ("nan", r"non-finite \(NaN / inf\) values in 1 tensors: model\.layers\.0\.mlp\.down_proj\.weight"),
+])
+def test_bad_hf_input_is_one_clear_error_and_leaves_nothing(damage, message, hf_checkpoints, tmp_path):
+    hf = _copy(hf_checkpoints["llama"], tmp_path / "hf")
+    shards = _shards(hf)
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    if damage == "truncate":
+        data = shards[-1].read_bytes()
+        shards[-1].write_bytes(data[:-100])
+    elif damage == "header":
+        data = shards[0].read_bytes()
+        shards[0].write_bytes((2**40).to_bytes(8, "little") + data[8:])
+    elif damage == "missing":
+        name = "model.layers.1.mlp.up_proj.weight"
+        _rewrite_shard(hf / index["weight_map"].pop(name), lambda t: t.pop(name))
+        (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif damage == "shape":
+        name = "model.layers.0.self_attn.o_proj.weight"
+        _rewrite_shard(hf / index["weight_map"][name], lambda t: t.update({name: torch.randn(64, 32)}))
+    elif damage == "architecture":
+        config = json.loads((hf / "config.json").read_text())
+        (hf / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    elif damage == "nan":
+        name = "model.layers.0.mlp.down_proj.weight"
+        _rewrite_shard(hf / index["weight_map"][name], lambda t: t[name].view(-1).__setitem__(7, float("nan")))
+    with pytest.raises(ValueError, match=message):
+        import_hf_checkpoint(hf, tmp_path / "mc", progress=False)
+    _nothing_left(tmp_path, "mc")
+
+
+def test_full_disk_on_import_names_the_output_and_leaves_nothing(hf_checkpoints, tmp_path, monkeypatch):
+    import errno
+
+    from bridge_convert.offline import dist_ckpt
+    from bridge_convert.outputs import OutputError
+
+    class FullDisk(dist_ckpt._StreamingWriter):
+        def write_data(self, plan, planner):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dist_ckpt, "_StreamingWriter", FullDisk)
+    with pytest.raises(OutputError, match=r"no space left on the device of .*mc; it needs .* KiB"):
+        import_hf_checkpoint(hf_checkpoints["llama"], tmp_path / "mc", progress=False)
+    _nothing_left(tmp_path, "mc")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", r"truncated checkpoint data file .*__0_0\.distcp"),
+    ("metadata", r"unreadable checkpoint metadata .*\.metadata"),
+    ("architecture", r"has no tensor 'decoder\.layers\.self_attention\.q_layernorm\.weight'"),
+    ("layers", r"decoder\.layers\.self_attention\.linear_qkv\.layer_norm_weight stacks 2 layers, the config has "
+               r"num_hidden_layers=3"),
+])
+def test_bad_megatron_input_is_one_clear_error_and_leaves_nothing(damage, message, offline_checkpoints, tmp_path):
+    root = _copy(offline_checkpoints["llama"], tmp_path / "mc")
+    iteration = root / "iter_0000000"
+    bridge_json = json.loads((iteration / "bridge.json").read_text())
+    if damage == "truncate":
+        data = (iteration / "__0_0.distcp").read_bytes()
+        (iteration / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+    elif damage == "metadata":
+        (iteration / ".metadata").write_bytes((iteration / ".metadata").read_bytes()[:50])
+    elif damage == "architecture":
+        bridge_json["hf_config"].update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+        bridge_json["architecture"] = "Qwen3ForCausalLM"
+    elif damage == "layers":
+        bridge_json["hf_config"]["num_hidden_layers"] = 3
+    (iteration / "bridge.json").write_text(json.dumps(bridge_json))
+    with pytest.raises(ValueError, match=message):
+        export_megatron_checkpoint(root, tmp_path / "hf", progress=False)
+    _nothing_left(tmp_path, "hf")
+
+
+def test_import_dtype_and_a_second_run_refuses(hf_checkpoints, tmp_path):
+    out = tmp_path / "mc"
+    import_hf_checkpoint(hf_checkpoints["mistral"], out, dtype="bfloat16", progress=False)
+    layout = _layout(out)
+    assert {v[1] for v in layout.values() if v != "object"} == {torch.bfloat16}
+    meta = json.loads((out / "iter_0000000" / "bridge.json").read_text())
+    saved = meta["hf_config"]
+    assert meta["params_dtype"] == "bfloat16" and saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+    with pytest.raises(ValueError, match="is not empty .* pass --overwrite"):
+        import_hf_checkpoint(hf_checkpoints["mistral"], out, progress=False)
+    import_hf_checkpoint(hf_checkpoints["mistral"], out, overwrite=True, progress=False)
+    assert {v[1] for v in _layout(out).values() if v != "object"} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_finite_check_matches_isfinite(dtype):
+    from bridge_convert.offline.importer import _all_finite
+
+    values = torch.randn(3000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    largest = torch.full((5,), torch.finfo(dtype).max, dtype=dtype)  # finite, however large
+    assert _all_finite(values, block=1000) and _all_finite(largest)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        damaged = values.clone()
+        damaged[2500] = bad
+        assert _all_finite(damaged, block=1000) == bool(torch.isfinite(damaged).all()) is False
