@@ -33,7 +33,8 @@ for step in $steps; do
       CUDA_VISIBLE_DEVICES=0 timeout 200 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=25 2>&1 | grep -v -i warn | tail -10 >> "$OUT/train1b.log" ;;
     peft) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-peft/tests 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -30 > "$OUT/peft_gpu.log" ;;
     recipes)
-      quick=(train.train_iters=20 train.eval_interval=null logger.log_interval=5 logger.progress_bar=false)
+      quick=(train.train_iters=20 scheduler.lr_warmup_iters=2 train.eval_interval=null logger.log_interval=5
+             logger.progress_bar=false)
       : > "$OUT/recipes_gpu.log"
       for recipe in "llama32_1b_pretrain train.global_batch_size=8" "llama32_3b_sft --allow-random-init" \
                     "llama3_8b_lora --allow-random-init"; do
