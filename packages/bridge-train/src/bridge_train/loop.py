@@ -132,6 +132,11 @@ class TrainingResult(list):
     def losses(self) -> list[float]:
         return list(self)
 
+    def __reduce__(self):
+        # Pickled (sent to another process, saved) it is the plain loss list: the model and its process groups
+        # belong to this process.
+        return list, (list(self),)
+
     @property
     def model(self) -> list:
         """This rank's trained model chunks (DDP-wrapped), as ``AutoBridge.save_hf_pretrained`` takes them."""
