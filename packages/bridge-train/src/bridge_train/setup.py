@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
-import torch
 
 from bridge_convert.runtime import ParallelLayout, ParallelState, initialize_parallel
 
@@ -56,19 +52,6 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _seed(seed: int, parallel: ParallelState, data_parallel_random_init: bool) -> None:
-    """megatron-LM's seeding: one stream per pipeline stage (and per DP rank when asked), TP ranks tracked apart."""
-    from megatron.core import tensor_parallel
-
-    seed = seed + 100 * parallel.pp_rank
-    if data_parallel_random_init:
-        seed += 10 * parallel.dp_rank
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
 def _build_tokenizer(cfg: ConfigContainer):
@@ -170,7 +153,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
 
         check_save_dir_writable(cfg.checkpoint.save)
     parallel = initialize_parallel(ParallelLayout.from_config(cfg.model), seed=cfg.rng.seed)
-    _seed(cfg.rng.seed, parallel, cfg.rng.data_parallel_random_init)
+    parallel.seed(cfg.rng.seed, per_stage=True, data_parallel_random_init=cfg.rng.data_parallel_random_init)
     if parallel.rank == 0 and cfg.logger.print_config:
         print("---- resolved config ----\n" + cfg.to_yaml() + "-------------------------", flush=True)
 

@@ -141,10 +141,25 @@ class ParallelState:
     def cp_size(self) -> int:
         return _mpu().get_context_parallel_world_size()
 
-    def seed(self, seed: int) -> None:
-        """Seed the CPU generator and megatron-core's model-parallel RNG tracker (per TP rank)."""
+    def seed(self, seed: int, *, per_stage: bool = False, data_parallel_random_init: bool = False) -> None:
+        """Seed Python's, NumPy's and torch's generators and megatron-core's model-parallel RNG tracker (which
+        gives each TP rank its own stream for TP-split weights and dropout).
+
+        Args:
+            seed: the base seed.
+            per_stage: megatron-LM's training seeding: each pipeline stage draws from its own stream
+                (``seed + 100 * pp_rank``), so stages initialise different layers differently.
+            data_parallel_random_init: with ``per_stage``, each data-parallel rank too (``+ 10 * dp_rank``).
+        """
+        import random
+
+        import numpy as np
         from megatron.core import tensor_parallel
 
+        if per_stage:
+            seed += 100 * self.pp_rank + (10 * self.dp_rank if data_parallel_random_init else 0)
+        random.seed(seed)
+        np.random.seed(seed)
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
