@@ -48,6 +48,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Like bridge_convert's names: hide megatron-core's known-harmless import-time warnings before it is imported
+    # (BRIDGE_SHOW_WARNINGS=1 shows them; bridge_convert/runtime/warnings_filter.py).
+    from bridge_convert.runtime.warnings_filter import silence_known_warnings
+
+    silence_known_warnings()
     value = getattr(import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value
     return value
