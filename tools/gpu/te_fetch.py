@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="bytes per part of the core wheel (default 50,000,000: a call stays under 64 MiB)")
     parser.add_argument("--root", type=Path, default=ROOT, help="where the .teK folders go (the repo root)")
     args = parser.parse_args(argv)
-    for old in args.root.glob(".te[0-9]*"):
+    for old in args.root.glob(".te[0-9]*"):  # an earlier run's parts; anything else there is not ours to delete
+        ours = all(f.is_file() and (f.name.startswith("part") or f.name == "MANIFEST" or f.suffix in (".whl", ".gz"))
+                   for f in old.iterdir())
+        if not ours:
+            raise SystemExit(f"{old} holds files this script did not write; move them away first")
         shutil.rmtree(old)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

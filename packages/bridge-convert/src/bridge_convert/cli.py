@@ -66,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", type=_shard_size, metavar="SIZE",
                    help="largest safetensors file when not reproducing the source layout: bytes, or a number with "
                         "KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of 1024), e.g. 500MB, 2GiB (default 5GB)")
-    p.add_argument("--no-overwrite", action="store_true", help="fail if the output directory is not empty")
+    p.add_argument("--no-overwrite", action="store_true", help="refuse a non-empty output directory: the default now (kept for older scripts); an error together with --overwrite")
     _layout_args(p)
     _output_args(p)
     _offline_args(p)
