@@ -74,3 +74,38 @@ def test_gradient_accumulation_fusion_resolves_off_without_ddp(runtime):
     assert provider.gradient_accumulation_fusion is None
     provider.provide()
     assert provider.gradient_accumulation_fusion is False
+
+
+@pytest.mark.parametrize("impl,on_gpu,te,rope,loss,loss_impl", [
+    ("transformer_engine", True, True, True, True, "te"),
+    ("local", True, True, True, True, "te"),
+    ("local", True, False, False, True, "native"),
+    ("native", True, True, False, False, "te"),  # the native spec has its own fused RoPE and loss
+    ("transformer_engine", False, True, False, False, "te"),
+    ("local", False, False, False, False, "native"),
+])
+def test_fused_rope_and_loss_default_per_spec_and_machine(impl, on_gpu, te, rope, loss, loss_impl):
+    provider = _provider(transformer_impl=impl)
+    provider._resolve_fused_kernels(on_gpu=on_gpu, te=te)
+    assert (provider.apply_rope_fusion, provider.cross_entropy_loss_fusion,
+            provider.cross_entropy_fusion_impl) == (rope, loss, loss_impl)
+
+
+def test_explicit_fusion_settings_are_kept_or_refused():
+    provider = _provider(transformer_impl="transformer_engine", apply_rope_fusion=False,
+                         cross_entropy_loss_fusion=False, cross_entropy_fusion_impl="native")
+    provider._resolve_fused_kernels(on_gpu=True, te=True)
+    assert (provider.apply_rope_fusion, provider.cross_entropy_loss_fusion,
+            provider.cross_entropy_fusion_impl) == (False, False, "native")
+    with pytest.raises(ValueError, match="apply_rope_fusion=True needs Transformer Engine"):
+        _provider(transformer_impl="local", apply_rope_fusion=True)._resolve_fused_kernels(on_gpu=True, te=False)
+    with pytest.raises(ValueError, match="cross_entropy_fusion_impl='te' needs Transformer Engine"):
+        _provider(transformer_impl="local", cross_entropy_loss_fusion=True,
+                  cross_entropy_fusion_impl="te")._resolve_fused_kernels(on_gpu=True, te=False)
+
+
+def test_fusions_resolve_off_when_finalized_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU resolution")
+    provider = _provider(transformer_impl="local").finalize()
+    assert provider.apply_rope_fusion is False and provider.cross_entropy_loss_fusion is False

@@ -139,13 +139,13 @@ def test_validate_accepts_valid_config(make_cfg, world_size, microbatches):
 def test_python_assignment_of_wrong_type_is_reported_for_any_field(make_cfg):
     cfg = make_cfg()
     cfg.model.num_layers = "2"
-    cfg.model.apply_rope_fusion = "yes"  # a field no rule reads: still checked
+    cfg.model.persist_layer_norm = "yes"  # a field no rule reads: still checked
     cfg.ddp.bucket_size = 1.5
     with pytest.raises(ConfigError) as info:
         cfg.validate()
     assert info.value.problems == ["ddp.bucket_size must be int | None, got 1.5 (float)",
                                    "model.num_layers must be int, got '2' (str)",
-                                   "model.apply_rope_fusion must be bool, got 'yes' (str)"]
+                                   "model.persist_layer_norm must be bool, got 'yes' (str)"]
 
 
 def test_a_bug_in_a_rule_is_raised_not_hidden(make_cfg, monkeypatch):
