@@ -8,8 +8,22 @@ Every row is a full training step (forward, backward, optimizer step) on random 
 * ``native-compile``  the same with ``compile_layers=True`` (``torch.compile`` of each transformer layer)
 * ``local``           megatron-core GPTModel, megatron-core's local spec
 * ``te``              megatron-core GPTModel, megatron-core's Transformer Engine spec (only when TE imports)
+* ``te-fp8cs``        the ``te`` row with FP8 (hybrid) per-tensor current scaling in every layer (TE's
+                      ``Float8CurrentScaling``); ``te-fp8delayed`` delayed scaling (amax history 1024, max);
+                      ``te-fp8block`` 128-element block scaling (``Float8BlockScaling``, Hopper)
+* ``te-plain``        a plain megatron-core GPTModel with the TE spec: bf16 parameters and torch's fused AdamW, no
+                      DDP / megatron optimizer (no fp32 master weights); ``te-plain-fp8cs`` the same in FP8
+                      current scaling: the fastest step megatron-core + TE give, what the loop is held against
 * ``hf``              HF transformers ``LlamaForCausalLM`` with SDPA attention
 * ``hf-liger``        the same after ``liger_kernel.transformers.apply_liger_kernel_to_llama``
+* ``hf-liger-amp``    HF + liger the way HF Trainer's ``bf16=True`` trains: fp32 parameters and AdamW state,
+                      forward under ``torch.autocast(bfloat16)`` (the precision recipe of megatron's bf16_mixed)
+* ``loop-native``     ``pretrain()`` itself (bridge-train's example ``pretrain_llama.py`` on mock data, the same
+                      shape and micro-batch, distributed optimizer as the recipes use) with the native spec and
+                      ``bf16_mixed``; ``loop-te`` the TE spec; ``loop-te-fp8cs`` / ``loop-te-fp8delayed`` /
+                      ``loop-te-fp8block`` the TE spec with ``bf16_with_fp8_current_scaling_mixed`` /
+                      ``..._delayed_scaling_...`` / ``..._subchannel_scaling_...``. Timed by the loop's own
+                      per-interval log (the first interval, with the first iteration, is left out)
 
 megatron-core rows train the way megatron-core trains: bf16 params inside ``Float16Module``, megatron's
 ``DistributedDataParallel`` with fp32 main grads, ``get_megatron_optimizer`` (fp32 main params, AdamW, grad
@@ -41,9 +55,24 @@ import subprocess
 import sys
 import time
 
-ROWS = ("native", "native-lean", "native-compile", "local", "te", "hf", "hf-liger")
+ROWS = ("native", "native-lean", "native-compile", "local", "te", "te-fp8cs", "te-fp8delayed", "te-fp8block",
+        "te-plain", "te-plain-fp8cs", "hf", "hf-liger", "hf-liger-amp", "loop-native", "loop-te", "loop-te-fp8cs",
+        "loop-te-fp8delayed", "loop-te-fp8block")
 MEGATRON_ROWS = {"native": "native", "native-lean": "native", "native-compile": "native", "local": "local",
-                 "te": "transformer_engine"}
+                 "te": "transformer_engine", "te-fp8cs": "transformer_engine", "te-fp8delayed": "transformer_engine",
+                 "te-fp8block": "transformer_engine"}
+PLAIN_ROWS = {"te-plain": None, "te-plain-fp8cs": "fp8cs"}
+# FP8 settings of the megatron rows: the format and scaling of bridge-train's FP8 recipes, in every layer.
+FP8 = {"fp8cs": dict(fp8="hybrid", fp8_recipe="tensorwise"),
+       "fp8delayed": dict(fp8="hybrid", fp8_recipe="delayed", fp8_amax_history_len=1024, fp8_amax_compute_algo="max"),
+       "fp8block": dict(fp8="hybrid", fp8_recipe="blockwise")}
+LOOP_ROWS = {"loop-native": ("native", "bf16_mixed"), "loop-te": ("transformer_engine", "bf16_mixed"),
+             "loop-te-fp8cs": ("transformer_engine", "bf16_with_fp8_current_scaling_mixed"),
+             "loop-te-fp8delayed": ("transformer_engine", "bf16_with_fp8_delayed_scaling_mixed"),
+             "loop-te-fp8block": ("transformer_engine", "bf16_with_fp8_subchannel_scaling_mixed")}
+TE_ROWS = {*(r for r in MEGATRON_ROWS if r.startswith("te")), *PLAIN_ROWS,
+           *(r for r, (impl, _) in LOOP_ROWS.items() if impl == "transformer_engine")}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -123,6 +152,7 @@ def _megatron_trainer(row: str, args, shape: dict):
     )
     if row == "native-lean":
         settings.update(recompute_granularity="selective", recompute_modules=["layernorm"])
+    settings.update(FP8.get(row.removeprefix("te-"), {}))
     settings.update(json.loads(args.provider_overrides or "{}"))  # the command line has the last word
     provider = GPTModelProvider(**settings)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -176,7 +206,7 @@ def _hf_trainer(row: str, args, shape: dict, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if row == "hf-liger":
+    if row in ("hf-liger", "hf-liger-amp"):
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
@@ -193,14 +223,16 @@ def _hf_trainer(row: str, args, shape: dict, device):
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    amp = row == "hf-liger-amp"  # fp32 weights and optimizer state, bf16 autocast: HF Trainer's bf16=True
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.float32 if amp else torch.bfloat16)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     timer = _PhaseTimer()
 
     def step(ids, labels):
         timer.mark(0)
-        loss = model(input_ids=ids, labels=labels).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(input_ids=ids, labels=labels).loss
         _forward_done()
         loss.backward()
         timer.mark(1)
@@ -211,6 +243,139 @@ def _hf_trainer(row: str, args, shape: dict, device):
         return loss.detach()
 
     return timer, step, [model]
+
+
+def _plain_te_trainer(row: str, args, shape: dict):
+    """megatron-core GPTModel + TE spec trained like a plain PyTorch model: bf16 weights, torch fused AdamW."""
+    import torch
+
+    from bridge_convert.provider import GPTModelProvider
+
+    settings = dict(
+        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+        num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"], kv_channels=shape["hidden"] // shape["heads"],
+        vocab_size=shape["vocab"], seq_length=args.seq, share_embeddings_and_output_weights=True,
+        rotary_base=shape["rope_theta"], rope_scaling=True, rope_scaling_factor=shape["rope_factor"],
+        rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
+        params_dtype=torch.bfloat16, transformer_impl="transformer_engine", gradient_accumulation_fusion=False,
+        apply_rope_fusion=True, cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te",
+        **FP8.get(PLAIN_ROWS[row] or "", {}),
+    )
+    settings.update(json.loads(args.provider_overrides or "{}"))
+    model = GPTModelProvider(**settings).provide_distributed_model(wrap_with_ddp=False)[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    timer = _PhaseTimer()
+
+    def step(ids, labels):
+        micro_batch, seq = ids.shape
+        position_ids = torch.arange(seq, device=ids.device).unsqueeze(0).expand(micro_batch, seq)
+        timer.mark(0)
+        loss = model(ids, position_ids, None, labels=labels).float().mean()
+        _forward_done()
+        loss.backward()
+        timer.mark(1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.mark(2)
+        return loss.detach()
+
+    return timer, step, [model]
+
+
+def run_loop_row(row: str, args) -> list[dict]:
+    """Time ``pretrain()`` itself: bridge-train's example on mock data, one process per micro-batch."""
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from scaling import parse_log  # the loop's log-line parser, shared with the scaling benchmark
+
+    impl, precision = LOOP_ROWS[row]
+    if impl == "transformer_engine":
+        import torch
+
+        from bridge_convert.specs import te_available
+
+        if not torch.cuda.is_available():
+            return [{"row": row, "micro_batch": None, "status": "skipped: needs a CUDA GPU"}]
+        if not te_available():
+            return [{"row": row, "micro_batch": None, "status": "skipped: transformer_engine does not import"}]
+    interval = 5
+    iters = interval * (1 + -(-args.steps // interval))  # the first interval is warm-up
+    results = []
+    for micro_batch in args.micro_batches:
+        workdir = tempfile.mkdtemp(prefix="bridge-loop-")
+        source = (["--tiny", os.path.join(workdir, "tiny-hf")] if args.tiny else
+                  ["--hf-config", os.path.join(ROOT, "packages/bridge-recipes/src/bridge_recipes/llama/hf_configs/"
+                                                     "Llama-3.2-1B.json"), f"mixed_precision={precision}"])
+        cmd = [sys.executable, os.path.join(ROOT, "packages/bridge-train/examples/pretrain_llama.py"), *source,
+               "--mock", "--workdir", workdir, "--no-export", f"model.transformer_impl={impl}",
+               f"dataset.seq_length={args.seq}", f"train.micro_batch_size={micro_batch}",
+               f"train.global_batch_size={micro_batch}", f"train.train_iters={iters}", "train.eval_interval=null",
+               f"logger.log_interval={interval}", "logger.progress_bar=false", "logger.tensorboard_dir=null",
+               "checkpoint.save=null", "checkpoint.load=null", "checkpoint.save_interval=null",
+               "checkpoint.keep_last_n=null", "optimizer.use_distributed_optimizer=true",
+               "ddp.use_distributed_optimizer=true", "optimizer.lr=1e-4", "optimizer.min_lr=1e-5",
+               "optimizer.weight_decay=0.1", *args.loop_overrides]
+        trace_dir = os.path.join(workdir, "trace")
+        if args.profile_dir:  # one iteration of the second interval under torch.profiler
+            cmd += ["profiling.use_pytorch_profiler=true", f"profiling.profile_step_start={interval + 2}",
+                    f"profiling.profile_step_end={interval + 3}", f"profiling.profile_dir={trace_dir}"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if args.alloc_conf:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
+        print(f"[bench] {row} mb{micro_batch}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env)
+        log = done.stdout + done.stderr
+        if done.returncode:
+            status = "OOM" if "OutOfMemoryError" in log else f"error (exit {done.returncode}): " + " | ".join(
+                [line for line in log.splitlines() if line.strip()][-3:])
+            results.append({"row": row, "micro_batch": micro_batch, "status": status})
+            print(log[-4000:], file=sys.stderr)
+            break
+        tokens, _ = parse_log(log, skip=1)
+        if args.profile_dir:
+            traces = [os.path.join(trace_dir, f) for f in os.listdir(trace_dir)] if os.path.isdir(trace_dir) else []
+            os.makedirs(args.profile_dir, exist_ok=True)
+            with open(os.path.join(args.profile_dir, f"{row}-mb{micro_batch}.txt"), "w") as f:
+                f.write(summarize_trace(traces[0]) if traces else "no trace was written\n")
+        memory = [float(m) for m in __import__("re").findall(r"memory max allocated \(GB\) ([\d.]+)", log)]
+        losses = __import__("re").findall(r"lm loss ([\d.]+)", log)
+        results.append({"row": row, "micro_batch": micro_batch, "status": "ok", "tokens_per_s": tokens,
+                        "peak_gb": memory[-1] * 2**30 / 1e9 if memory else None,
+                        "loss": float(losses[-1]) if losses else None})
+        print(f"[bench] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+    return results
+
+
+def summarize_trace(path: str, top: int = 30) -> str:
+    """GPU time of a torch.profiler Chrome trace: busy vs idle over the profiled span, and the top kernels."""
+    import collections
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not kernels:
+        return "no GPU events in the trace\n"
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, spans[0][0]
+    for start, stop in spans:  # union of the kernel intervals (streams may overlap)
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    wall = spans[-1][1] - spans[0][0]
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by_name[e["name"]][0] += e["dur"]
+        by_name[e["name"]][1] += 1
+    lines = [f"profiled span {wall / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({busy / wall:.1%}), idle "
+             f"{(wall - busy) / 1e3:.1f} ms; {len(kernels)} kernels, sum {sum(v[0] for v in by_name.values()) / 1e3:.1f}"
+             " ms", "", f"{'ms':>9} {'count':>6}  kernel"]
+    for name, (dur, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{dur / 1e3:9.2f} {count:6d}  {name[:110]}")
+    return "\n".join(lines) + "\n"
 
 
 class _PhaseTimer:
@@ -259,10 +424,10 @@ def run_worker(row: str, args) -> None:
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     shape = TINY if args.tiny else LLAMA_32_1B
-    if row in ("hf-liger", "te", "native-compile") and device.type != "cuda":
+    if (row.startswith("hf-liger") or row in TE_ROWS or row == "native-compile") and device.type != "cuda":
         _emit(row, None, status="skipped: needs a CUDA GPU")
         return
-    if row == "te":
+    if row in TE_ROWS:
         from bridge_convert.specs import te_available
 
         if not te_available():
@@ -270,6 +435,8 @@ def run_worker(row: str, args) -> None:
             return
     if row in MEGATRON_ROWS:
         timer, step, modules = _megatron_trainer(row, args, shape)
+    elif row in PLAIN_ROWS:
+        timer, step, modules = _plain_te_trainer(row, args, shape)
     else:
         timer, step, modules = _hf_trainer(row, args, shape, device)
     for micro_batch in args.micro_batches:
@@ -316,8 +483,11 @@ def _profile_step(row: str, micro_batch: int, step, ids, labels, out_dir: str) -
     table = (averages.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
              + "\n\nHost side (self CPU time):\n"
              + averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90))
+    trace = os.path.join(out_dir, f".{row}-mb{micro_batch}.json")
+    prof.export_chrome_trace(trace)
     with open(os.path.join(out_dir, f"{row}-mb{micro_batch}.txt"), "w") as f:
-        f.write(table)
+        f.write(summarize_trace(trace) + "\n" + table)
+    os.remove(trace)
 
 
 _FORWARD_DONE: list = []
@@ -425,6 +595,8 @@ def _versions() -> dict:
 
 
 def _run_row(row: str, args) -> list[dict]:
+    if row in LOOP_ROWS:
+        return run_loop_row(row, args)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--seq", str(args.seq),
            "--micro-batches", ",".join(map(str, args.micro_batches)), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--optimizer-kernels", args.optimizer_kernels]
@@ -491,7 +663,21 @@ def render(results: list[dict], args, versions: dict) -> str:
             ratios = [_fmt(r["tokens_per_s"] / best[ref]["tokens_per_s"], ".2f") + "x" if ref in best else "n/a"
                       for ref in ("hf", "hf-liger")]
             lines.append(f"| {row} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} |")
+        pairs = [(a, b) for a, b in TARGETS if a in best and b in best]
+        if pairs:
+            lines += ["", "The loop against its references (best micro-batch of each, this run):", "",
+                      "| ratio | value | target |", "|---|---|---|"]
+            for a, b in pairs:
+                ratio = best[a]["tokens_per_s"] / best[b]["tokens_per_s"]
+                lines.append(f"| {a} / {b} | {ratio:.3f}x | {TARGETS[(a, b)]} |")
     return "\n".join(lines) + "\n"
+
+
+# (row, reference) -> target of the ratio: the training loop against the step it is built from
+TARGETS = {("loop-native", "native"): ">= 0.97x", ("loop-te", "te"): ">= 0.97x",
+           ("loop-te-fp8cs", "te-plain-fp8cs"): ">= 0.95x", ("loop-te-fp8cs", "te-fp8cs"): "-",
+           ("loop-te-fp8cs", "hf-liger"): ">= 1.25x", ("loop-te-fp8cs", "hf-liger-amp"): "-",
+           ("loop-te-fp8delayed", "te-fp8delayed"): "-", ("loop-te-fp8block", "te-fp8block"): "-"}
 
 
 def parse_args(argv=None):
@@ -519,6 +705,8 @@ def parse_args(argv=None):
     parser.add_argument("--provider-overrides", default=None,
                         help="JSON object of GPTModelProvider fields applied to every megatron row (after the row's "
                              "own settings), e.g. '{\"recompute_activation_output\": false}'")
+    parser.add_argument("--loop-overrides", default="",
+                        help="space-separated key=value config overrides for the loop-* rows (after their own)")
     parser.add_argument("--row-timeout", type=float, default=1800, help="seconds before a row is abandoned")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -528,6 +716,7 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     args.micro_batches = [int(x) for x in (args.micro_batches or ("1,2" if args.tiny else "1,2,4,8,16,32")).split(",")]
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    args.loop_overrides = args.loop_overrides.split()
     if args.provider_overrides:
         try:
             overrides = json.loads(args.provider_overrides)

@@ -10,12 +10,11 @@
 # megatron-core's bf16 optimizer, ~1 minute), "train1b", "peft" (bridge-peft's GPU tests, the TE spec's when TE
 # imports) and "recipes" (llama32_1b_pretrain at seq 8192, llama32_3b_sft and llama3_8b_lora with random weights,
 # 20 iterations each through bridge-run, ~4 minutes) one. "te" runs every GPU test with Transformer Engine
-# importable (build it first: tools/gpu/README.md).
+# importable (build it first: tools/gpu/README.md): conversion per spec (TE with and without TF32), the
+# native tests, bridge-peft's, the optimizer step and bf16 / FP8 training with the TE spec.
 set -uo pipefail
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/packages/bridge-convert/src:$PWD/packages/bridge-data/src:$PWD/packages/bridge-train/src:$PWD/packages/bridge-peft/src:$PWD/packages/bridge-recipes/src
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# shellcheck source=tools/gpu/env.sh
+source "$(dirname "$0")/env.sh" || exit 1
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpus.txt"
 steps=${*:-convert native optim train train1b}
@@ -43,7 +42,10 @@ for step in $steps; do
         timeout 240 python3 -m bridge_recipes.run $recipe "${quick[@]}" 2>&1 | grep -v -i warn | tail -8 >> "$OUT/recipes_gpu.log"
       done ;;
     te) python3 -c "import transformer_engine.pytorch" || { echo "te: Transformer Engine does not import; build it first (tools/gpu/README.md)" > "$OUT/te_gpu.log"; continue; }
-      timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests packages/bridge-peft/tests packages/bridge-train/tests/optim 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -60 > "$OUT/te_gpu.log" ;;
+      timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests packages/bridge-peft/tests \
+        packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py 2>&1 \
+        | grep -v -i "warn\|DEBUG\|__trace" > "$OUT/te_gpu_full.log"
+      grep -E "max \||max relative|PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/te_gpu_full.log" | tail -80 > "$OUT/te_gpu.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
