@@ -40,6 +40,7 @@ def run(precision: str, args, workdir: str) -> dict[int, float]:
            "logger.tensorboard_dir=null", "checkpoint.save=null", "checkpoint.load=null",
            "checkpoint.save_interval=null", "checkpoint.keep_last_n=null", f"rng.seed={args.seed}",
            "optimizer.use_distributed_optimizer=true", "ddp.use_distributed_optimizer=true",
+           "ddp.overlap_grad_reduce=true", "ddp.overlap_param_gather=true", "optimizer.overlap_param_gather=true",
            f"scheduler.lr_warmup_iters={args.warmup}", *args.overrides]
     print(f"[fp8-sanity] {precision}: running", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,

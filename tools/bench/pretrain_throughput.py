@@ -315,7 +315,7 @@ def run_loop_row(row: str, args) -> list[dict]:
                f"logger.log_interval={interval}", "logger.progress_bar=false", "logger.tensorboard_dir=null",
                "checkpoint.save=null", "checkpoint.load=null", "checkpoint.save_interval=null",
                "checkpoint.keep_last_n=null", "optimizer.use_distributed_optimizer=true",
-               "ddp.use_distributed_optimizer=true", "optimizer.lr=1e-4", "optimizer.min_lr=1e-5",
+               "ddp.use_distributed_optimizer=true", "ddp.overlap_grad_reduce=true", "ddp.overlap_param_gather=true", "optimizer.overlap_param_gather=true", "optimizer.lr=1e-4", "optimizer.min_lr=1e-5",
                "optimizer.weight_decay=0.1", *args.loop_overrides]
         trace_dir = os.path.join(workdir, "trace")
         if args.profile_dir:  # one iteration of the second interval under torch.profiler

@@ -11,7 +11,7 @@ for d in .te[0-9]*; do [ -d "$d" ] && cp -n "$d"/* "$PARTS"/ 2>/dev/null || true
 [ "${1:-}" = stash ] && { ls -la "$PARTS"; exit 0; }
 
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-if python3 -c "import transformer_engine.pytorch as te, sys; sys.exit(0 if te.__version__.startswith('2.20.2') else 1)" 2>/dev/null; then
+if python3 -c "import transformer_engine as te, transformer_engine.pytorch, sys; sys.exit(0 if te.__version__.startswith('2.20.2') else 1)" 2>/dev/null; then
   echo "transformer_engine 2.20.2 already importable"; exit 0
 fi
 read -r wheel sum count < "$PARTS/MANIFEST"
@@ -29,4 +29,4 @@ start=$(date +%s)
 # The build's transformer_engine/ folder holds only the extension: merge it into the python package, not over it.
 cp -r "$build"/* "$SITE"/
 echo "built transformer-engine-torch in $(( $(date +%s) - start )) s"
-python3 -c "import transformer_engine.pytorch as te; print('transformer_engine', te.__version__)"
+python3 -c "import transformer_engine as te, transformer_engine.pytorch; print('transformer_engine', te.__version__)"

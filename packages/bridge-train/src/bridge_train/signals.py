@@ -49,10 +49,11 @@ class ExitRequests:
             local = 2
         elif self.deadline is not None and time.monotonic() >= self.deadline:
             local = 1
-        flag = torch.tensor([local], dtype=torch.int32, device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        value = local
+        if dist.is_initialized() and dist.get_world_size() > 1:  # one process needs no device round trip
+            flag = torch.tensor([local], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        value = int(flag.item())
+            value = int(flag.item())
         if value == 2:
             return self.received or "signal on another rank"
         return "exit_duration" if value == 1 else None

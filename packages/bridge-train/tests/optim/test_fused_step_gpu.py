@@ -13,11 +13,38 @@ TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_group
             vocab_size=128, seq_length=64, rotary_base=10000.0, make_vocab_size_divisible_by=64)
 
 
+def _te_importable() -> bool:
+    from bridge_convert.specs import te_available
+
+    return te_available()
+
+
+def test_with_transformer_engine_nothing_is_replaced(runtime):
+    """With TE, megatron-core steps with TE's FusedAdam and multi-tensor kernels: nothing of its to replace."""
+    if not _te_importable():
+        pytest.skip("checks the TE case")
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from bridge_convert.provider import GPTModelProvider
+    from bridge_train.optim import use_fused_optimizer_kernels
+
+    provider = GPTModelProvider(transformer_impl="native", params_dtype=torch.bfloat16, bf16=True, **TINY)
+    (model,) = provider.provide_distributed_model(ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, bf16=True,
+                                                       params_dtype=torch.bfloat16), [model])
+    (inner,) = getattr(optimizer, "chained_optimizers", [optimizer])
+    assert type(inner.optimizer).__module__.startswith("transformer_engine"), type(inner.optimizer)
+    assert use_fused_optimizer_kernels(optimizer) == []
+
+
 @pytest.mark.parametrize("clip", [1.0, 1e-3], ids=["unclipped", "clipped"])
 def test_cuda_fused_mixed_precision_adam_matches_megatron_step(runtime, clip):
     """megatron's bf16 optimizer stepping through the fused kernel (grad clip folded in, model copy in the same
     pass) == its own path (clip pass, torch AdamW, main->model copy) on one step from the same state, and == a
     float64 AdamW on every step of three."""
+    if _te_importable():
+        pytest.skip("the fused kernels replace megatron-core's fallbacks for machines without TE / apex")
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
