@@ -35,12 +35,9 @@ def data_parallel_size(model: Any, world_size: int | None) -> int:
 
 def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
     """Shape and parallel layout of the model: heads, KV groups, layers, sequence length against TP/PP/VP/CP."""
-    problems = []
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
-        message = at_least(f"model.{name}", getattr(model, name), 1)
-        if message:
-            problems.append(message)
+    problems = at_least(model, "model", **dict.fromkeys((
+        "num_layers", "hidden_size", "num_attention_heads", "seq_length", "tensor_model_parallel_size",
+        "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"), 1))
     if model.vocab_size is None or model.vocab_size < 1:
         problems.append(f"model.vocab_size must be a positive integer, got {model.vocab_size!r}; set it from the "
                         "tokenizer (the bridge does this when importing an HF model)")

@@ -10,7 +10,6 @@ DistributedDataParallelConfig). FP8 and FP4 run through Transformer Engine on ca
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import logging
 from collections.abc import Callable
@@ -22,7 +21,8 @@ import torch
 from bridge_convert.dtypes import dtype_name as _name
 from bridge_convert.specs import transformer_engine_status
 
-from .fields import type_problems
+from .errors import unknown_name_message
+from .fields import at_least, type_problems
 
 __all__ = [
     "MIXED_PRECISION_RECIPES",
@@ -129,12 +129,8 @@ class MixedPrecisionConfig:
         if self.fp8 and self.fp8_recipe == "delayed" and self.first_last_layers_bf16:
             problems.append(f"{prefix}: delayed FP8 scaling cannot keep first/last layers in bf16; set "
                             f"{prefix}.first_last_layers_bf16=false or use fp8_recipe=tensorwise")
-        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16", "fp8_margin"):
-            if getattr(self, name) < 0:
-                problems.append(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
-        if self.fp8_amax_history_len < 1:
-            problems.append(f"{prefix}.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
-        return problems
+        return problems + at_least(self, prefix, num_layers_at_start_in_bf16=0, num_layers_at_end_in_bf16=0,
+                                   fp8_margin=0, fp8_amax_history_len=1)
 
     def apply(self, model_config: Any, optimizer_config: Any = None, ddp_config: Any = None) -> None:
         """Copy the precision fields onto the megatron-core configs (in place).
@@ -305,6 +301,4 @@ def get_mixed_precision_config(name: str | MixedPrecisionConfig) -> MixedPrecisi
     key = str(name).strip().replace("-", "_")
     if key in MIXED_PRECISION_RECIPES:
         return MIXED_PRECISION_RECIPES[key]()
-    close = difflib.get_close_matches(key, list(MIXED_PRECISION_RECIPES), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown mixed precision recipe {name!r}{hint} Known: {', '.join(MIXED_PRECISION_RECIPES)}")
+    raise ValueError(unknown_name_message("mixed precision recipe", name, list(MIXED_PRECISION_RECIPES)))

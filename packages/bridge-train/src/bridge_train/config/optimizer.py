@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from megatron.core.optimizer import OptimizerConfig as MCoreOptimizerConfig
 
-from .fields import at_least, type_problems
+from .fields import at_least
 
 __all__ = ["OptimizerConfig", "SchedulerConfig"]
 
@@ -37,9 +37,7 @@ class OptimizerConfig(MCoreOptimizerConfig):
 
     def check(self, prefix: str = "optimizer") -> list[str]:
         """Problems with this config alone, as messages naming ``prefix.field``."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
+        problems = at_least(self, prefix, hysteresis=1, loss_scale_window=1)
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"{prefix}.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is None:
@@ -64,10 +62,6 @@ class OptimizerConfig(MCoreOptimizerConfig):
             problems.append(f"{prefix}.fp16 and {prefix}.bf16 are both true; pick one (mixed_precision sets them)")
         if self.loss_scale is not None and self.loss_scale <= 0:
             problems.append(f"{prefix}.loss_scale must be > 0 or null (dynamic scaling), got {self.loss_scale}")
-        for message in (at_least(f"{prefix}.hysteresis", self.hysteresis, 1),
-                        at_least(f"{prefix}.loss_scale_window", self.loss_scale_window, 1)):
-            if message:
-                problems.append(message)
         if self.initial_loss_scale <= 0 or self.min_loss_scale <= 0:
             problems.append(f"{prefix}.initial_loss_scale and {prefix}.min_loss_scale must be > 0, got "
                             f"{self.initial_loss_scale} and {self.min_loss_scale}")
@@ -135,14 +129,8 @@ class SchedulerConfig:
 
     def check(self, prefix: str = "scheduler") -> list[str]:
         """Problems with this config alone (relations to optimizer.lr and train_iters are the container's)."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
-        problems += [m for m in (
-            at_least(f"{prefix}.lr_warmup_iters", self.lr_warmup_iters, 0),
-            at_least(f"{prefix}.lr_decay_iters", self.lr_decay_iters, 1, optional=True),
-            at_least(f"{prefix}.lr_warmup_init", self.lr_warmup_init, 0),
-        ) if m]
+        problems = at_least(self, prefix, lr_warmup_iters=0, lr_decay_iters=1, lr_warmup_init=0, start_weight_decay=0,
+                            end_weight_decay=0)
         if self.lr_warmup_fraction is not None:
             if not 0 <= self.lr_warmup_fraction < 1:
                 problems.append(f"{prefix}.lr_warmup_fraction must be in [0, 1), got {self.lr_warmup_fraction}")
@@ -153,10 +141,6 @@ class SchedulerConfig:
         if self.lr_decay_style == "WSD" and (self.lr_wsd_decay_iters is None or self.lr_wsd_decay_iters < 1):
             problems.append(f"{prefix}.lr_decay_style=WSD needs {prefix}.lr_wsd_decay_iters >= 1, got "
                             f"{self.lr_wsd_decay_iters}")
-        for name in ("start_weight_decay", "end_weight_decay"):
-            message = at_least(f"{prefix}.{name}", getattr(self, name), 0, optional=True)
-            if message:
-                problems.append(message)
         start, end = self.start_weight_decay, self.end_weight_decay
         if start is not None and end is not None:
             if end < start:

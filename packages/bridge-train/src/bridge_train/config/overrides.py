@@ -34,12 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .container import ConfigContainer
-from .errors import ConfigError, ConfigWarning
-from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert
-from .import_paths import import_object
+from .errors import ConfigError, ConfigWarning, unknown_key_message
+from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert, import_object
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
 from .peft_methods import peft_method
-from .suggest import unknown_key_message
 from .yaml_io import load_yaml, to_dict
 
 __all__ = ["apply_cli_args", "apply_overrides", "parse_cli_args"]

@@ -9,10 +9,10 @@ Then ``apply_overrides(cfg, ["peft=lora", "peft.dim=16"])`` sets ``cfg.peft = Lo
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable
 
+from .errors import unknown_name_message
 from .protocols import PeftLike
 
 __all__ = ["peft_method", "peft_method_names", "register_peft_method"]
@@ -56,6 +56,4 @@ def peft_method(name: str) -> PeftLike:
     if not _METHODS:
         raise ValueError(f"unknown PEFT method {name!r}: none is registered (bridge-recipes registers lora and dora "
                          "when imported); import it, or set cfg.peft to a PEFT object in Python")
-    close = difflib.get_close_matches(key, list(_METHODS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown PEFT method {name!r}{hint} Registered: {', '.join(peft_method_names())}")
+    raise ValueError(unknown_name_message("PEFT method", name, peft_method_names()))

@@ -29,8 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from bridge_convert.dtypes import dtype_name as dtype_to_hf
 
 from .errors import ConfigError, ConfigWarning
-from .fields import REPR_KEY, TARGET_KEY, type_hints
-from .import_paths import import_path_of
+from .fields import REPR_KEY, TARGET_KEY, import_path_of, type_hints
 
 __all__ = ["RUNTIME_FIELDS", "container_to_dict", "load_yaml", "read_yaml", "to_dict", "to_plain", "to_yaml"]
 
