@@ -133,7 +133,7 @@ class MixedPrecisionConfig:
                                    fp8_margin=0, fp8_amax_history_len=1)
 
     def apply(self, model_config: Any, optimizer_config: Any = None, ddp_config: Any = None) -> None:
-        """Copy the precision fields onto the megatron-core configs (in place).
+        """Copy the precision fields onto megatron-core's configs, in place.
 
         Args:
             model_config: A TransformerConfig (the GPTModelProvider).
@@ -141,55 +141,36 @@ class MixedPrecisionConfig:
             ddp_config: A megatron-core DistributedDataParallelConfig, or None.
         """
         pipeline_dtype = self.pipeline_dtype or self.params_dtype
-        model_values = {
-            "bf16": self.bf16, "fp16": self.fp16, "params_dtype": self.params_dtype,
+        model = self._pick("bf16", "fp16", "params_dtype", "fp8", "fp4") | {
             "pipeline_dtype": pipeline_dtype, "enable_autocast": self.autocast_enabled,
-            "autocast_dtype": self.autocast_dtype or pipeline_dtype,
-            "fp8": self.fp8, "fp8_param": self.fp8_param_gather, "fp4": self.fp4, "fp4_param": self.fp4_param_gather,
-        }
-        if self.fp8:  # the FP8 details only matter (and are only copied) when FP8 is on
-            model_values |= {
-                "fp8_recipe": self.fp8_recipe, "fp8_margin": self.fp8_margin,
-                "fp8_amax_history_len": self.fp8_amax_history_len,
-                "fp8_amax_compute_algo": self.fp8_amax_compute_algo, "fp8_wgrad": self.fp8_wgrad,
-                "fp8_dot_product_attention": self.fp8_dot_product_attention,
-                "fp8_multi_head_attention": self.fp8_multi_head_attention,
-            }
-        if self.fp4:
-            model_values["fp4_recipe"] = self.fp4_recipe
-        if self.fp8 or self.fp4:
-            model_values |= {
-                "first_last_layers_bf16": self.first_last_layers_bf16,
-                "num_layers_at_start_in_bf16": self.num_layers_at_start_in_bf16,
-                "num_layers_at_end_in_bf16": self.num_layers_at_end_in_bf16,
-            }
-        _assign(model_config, model_values, "model", self.label)
-        if optimizer_config is not None:
-            _assign(optimizer_config, {
-                "bf16": self.bf16, "fp16": self.fp16, "params_dtype": self.params_dtype,
-                "fp8_recipe": self.fp8_recipe if self.fp8 else None,
-                "reuse_grad_buf_for_mxfp8_param_ag": self.reuse_grad_buf_for_mxfp8_param_ag,
-                "loss_scale": self.loss_scale, "initial_loss_scale": self.initial_loss_scale,
-                "min_loss_scale": self.min_loss_scale, "loss_scale_window": self.loss_scale_window,
-                "hysteresis": self.hysteresis,
-            }, "optimizer", self.label)
-        if ddp_config is not None:
-            _assign(ddp_config, {
-                "grad_reduce_in_fp32": self.grad_reduce_in_fp32, "fp8_param_gather": self.fp8_param_gather,
-                "fp4_param_gather": self.fp4_param_gather,
-                "reuse_grad_buf_for_mxfp8_param_ag": self.reuse_grad_buf_for_mxfp8_param_ag,
-            }, "ddp", self.label)
+            "autocast_dtype": self.autocast_dtype or pipeline_dtype, "fp8_param": self.fp8_param_gather,
+            "fp4_param": self.fp4_param_gather}
+        # the FP8/FP4 details only matter (and are only copied) when FP8/FP4 is on
+        model |= self._pick(*(_FP8_DETAILS if self.fp8 else ()), *(("fp4_recipe",) if self.fp4 else ()),
+                            *(_BF16_EDGES if self.fp8 or self.fp4 else ()))
+        optimizer = self._pick("bf16", "fp16", "params_dtype", "reuse_grad_buf_for_mxfp8_param_ag", "loss_scale",
+                               "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+        optimizer["fp8_recipe"] = self.fp8_recipe if self.fp8 else None
+        ddp = self._pick("grad_reduce_in_fp32", "fp8_param_gather", "fp4_param_gather",
+                         "reuse_grad_buf_for_mxfp8_param_ag")
+        for section, config, values in (("model", model_config, model), ("optimizer", optimizer_config, optimizer),
+                                        ("ddp", ddp_config, ddp)):
+            names = {f.name for f in dataclasses.fields(config)} if config is not None else set()
+            for name, value in values.items() if config is not None else ():
+                if name not in names:
+                    raise TypeError(f"{type(config).__name__} has no field {name!r}; {self.label} targets "
+                                    "megatron-core 0.19")
+                if getattr(config, name) != value:
+                    logger.info("%s sets %s.%s: %r -> %r", self.label, section, name, getattr(config, name), value)
+                    setattr(config, name, value)
+
+    def _pick(self, *names: str) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in names}
 
 
-def _assign(config: Any, values: dict[str, Any], section: str, label: str) -> None:
-    names = {f.name for f in dataclasses.fields(config)}
-    for name, value in values.items():
-        if name not in names:
-            raise TypeError(f"{type(config).__name__} has no field {name!r}; {label} targets megatron-core 0.19")
-        old = getattr(config, name)
-        if old != value:
-            logger.info("%s sets %s.%s: %r -> %r", label, section, name, old, value)
-            setattr(config, name, value)
+_FP8_DETAILS = ("fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_wgrad",
+                "fp8_dot_product_attention", "fp8_multi_head_attention")
+_BF16_EDGES = ("first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
 
 
 # ------------------------------------------------------------------------------------ hardware support
