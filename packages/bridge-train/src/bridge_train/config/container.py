@@ -31,9 +31,8 @@ from .fields import NotRestorable, build, type_problems
 from .logger import LoggerConfig
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
 from .optimizer import OptimizerConfig, SchedulerConfig
-from .peft_methods import peft_method
 from .profiling import ProfilingConfig
-from .protocols import DatasetConfigLike, PeftLike, TokenizerConfigLike
+from .protocols import DatasetConfigLike, PeftLike, TokenizerConfigLike, peft_method
 from .train import RNGConfig, RobustnessConfig, TrainConfig
 
 __all__ = ["ConfigContainer", "section_copy"]

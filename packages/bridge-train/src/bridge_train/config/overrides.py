@@ -37,7 +37,7 @@ from .container import ConfigContainer
 from .errors import ConfigError, ConfigWarning, unknown_key_message
 from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert, dotted_keys, import_object
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
-from .peft_methods import peft_method
+from .protocols import peft_method
 from .yaml_io import load_yaml, to_dict
 
 __all__ = ["apply_cli_args", "apply_overrides", "parse_cli_args"]
