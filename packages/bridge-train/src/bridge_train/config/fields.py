@@ -362,9 +362,11 @@ def type_problems(obj: Any, prefix: str) -> list[str]:
     return []
 
 
-def at_least(obj: Any, prefix: str, **minimums: float) -> list[str]:
-    """``"train.train_iters must be >= 1, got 0"`` for each named field of ``obj`` below its minimum (None passes:
-    the type check has refused None where it is not allowed)."""
-    return [f"{prefix}.{name} must be >= {minimum}, got {getattr(obj, name)}"
+def at_least(obj: Any, prefix: str, *, above: bool = False, **minimums: float) -> list[str]:
+    """``"train.train_iters must be >= 1, got 0"`` for each named field of ``obj`` below its minimum (``above``:
+    ``> minimum``). None passes: the type check has refused None where the field does not allow it."""
+    values = {name: getattr(obj, name) for name in minimums}
+    return [f"{prefix}.{name} must be {'>' if above else '>='} {minimum}, got {values[name]}"
             + ("; set it to null to disable" if type(None) in typing.get_args(type_hints(type(obj))[name]) else "")
-            for name, minimum in minimums.items() if getattr(obj, name) is not None and getattr(obj, name) < minimum]
+            for name, minimum in minimums.items()
+            if values[name] is not None and (values[name] <= minimum if above else values[name] < minimum)]

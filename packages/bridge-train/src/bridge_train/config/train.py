@@ -47,9 +47,7 @@ class TrainConfig:
         if self.eval_interval is not None and self.eval_iters == 0:
             problems.append(f"{prefix}.eval_iters is 0 but {prefix}.eval_interval is {self.eval_interval}: "
                             f"set {prefix}.eval_iters >= 1, or {prefix}.eval_interval=null to turn evaluation off")
-        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
-            problems.append(f"{prefix}.exit_duration_in_mins must be > 0, got {self.exit_duration_in_mins}; "
-                            "set it to null for no time limit")
+        problems += at_least(self, prefix, above=True, exit_duration_in_mins=0)
         if self.manual_gc_interval and not self.manual_gc:
             problems.append(f"{prefix}.manual_gc_interval={self.manual_gc_interval} has no effect while "
                             f"{prefix}.manual_gc is false; set {prefix}.manual_gc=true or the interval to 0")
