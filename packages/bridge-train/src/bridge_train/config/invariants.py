@@ -22,8 +22,8 @@ def data_parallel_size(model: Any, world_size: int | None) -> int:
     """``world_size / (TP x PP x CP)``; 1 when the world size is not known yet."""
     if world_size is None:
         return 1
-    return max(world_size // (model.tensor_model_parallel_size * model.pipeline_model_parallel_size
-                              * model.context_parallel_size), 1)
+    return max(world_size // max(model.tensor_model_parallel_size * model.pipeline_model_parallel_size
+                                  * model.context_parallel_size, 1), 1)
 
 
 def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
@@ -81,7 +81,7 @@ def batch_problems(train: Any, model: Any, world_size: int | None) -> list[str]:
     """The global batch must split into whole micro-batches on every data-parallel rank."""
     dp = data_parallel_size(model, world_size)
     gbs, mbs = train.global_batch_size, train.micro_batch_size
-    if gbs is None or gbs % (mbs * dp) == 0:
+    if gbs is None or mbs < 1 or gbs % (mbs * dp) == 0:  # mbs < 1: train.micro_batch_size's own rule
         return []
     unknown = "" if world_size is not None else " (data-parallel size 1: the world size is not known yet)"
     return [f"train.global_batch_size ({gbs}) must be divisible by train.micro_batch_size x data-parallel size "

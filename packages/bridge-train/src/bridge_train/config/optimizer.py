@@ -37,7 +37,7 @@ class OptimizerConfig(MCoreOptimizerConfig):
 
     def check(self, prefix: str = "optimizer") -> list[str]:
         """Problems with this config alone, as messages naming ``prefix.field``."""
-        problems = at_least(self, prefix, hysteresis=1, loss_scale_window=1, weight_decay=0, clip_grad=0)
+        problems = at_least(self, prefix, hysteresis=1, loss_scale_window=1, weight_decay=0)
         problems += at_least(self, prefix, above=True, lr=0, adam_eps=0, loss_scale=0, initial_loss_scale=0,
                              min_loss_scale=0)
         if self.optimizer not in OPTIMIZERS:
@@ -50,6 +50,8 @@ class OptimizerConfig(MCoreOptimizerConfig):
             problems.append(f"{prefix}.min_lr ({self.min_lr}) must be <= {prefix}.lr ({self.lr})")
         problems += [f"{prefix}.{name} must be in [0, 1), got {getattr(self, name)}"
                      for name in ("adam_beta1", "adam_beta2", "sgd_momentum") if not 0 <= getattr(self, name) < 1]
+        if self.clip_grad < 0:
+            problems.append(f"{prefix}.clip_grad must be >= 0 (0 turns clipping off), got {self.clip_grad}")
         if self.fp16 and self.bf16:
             problems.append(f"{prefix}.fp16 and {prefix}.bf16 are both true; pick one (mixed_precision sets them)")
         if self.use_precision_aware_optimizer:
