@@ -141,20 +141,13 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def config_yaml(cfg) -> str:
-    """The resolved config as YAML, with the PEFT method written out field by field when it is a dataclass."""
-    import dataclasses
-
-    import yaml
-
+    """The resolved config as YAML (a dataclass PEFT method field by field); values without a YAML form are left
+    out without a warning."""
     from bridge_train.config import ConfigWarning
-    from bridge_train.config.yaml_io import container_to_dict, to_plain
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
-        data = container_to_dict(cfg, warn=False)
-        if dataclasses.is_dataclass(cfg.peft) and not isinstance(cfg.peft, type):
-            data["peft"] = to_plain(cfg.peft)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
+        return cfg.to_yaml()
 
 
 def _show(argv: Sequence[str]) -> int:

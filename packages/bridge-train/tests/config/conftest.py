@@ -30,8 +30,8 @@ def make_cfg():
 @pytest.fixture
 def lora_registered(monkeypatch):
     """``lora`` and ``dora`` registered as bridge-recipes registers bridge-peft's methods (undone afterwards)."""
-    from bridge_train.config import peft_methods
+    from bridge_train.config import protocols
 
-    monkeypatch.setattr(peft_methods, "_METHODS", dict(peft_methods._METHODS))
-    peft_methods.register_peft_method("lora", FakeLoRA)
-    peft_methods.register_peft_method("dora", FakeDoRA)
+    monkeypatch.setattr(protocols, "_METHODS", dict(protocols._METHODS))
+    protocols.register_peft_method("lora", FakeLoRA)
+    protocols.register_peft_method("dora", FakeDoRA)

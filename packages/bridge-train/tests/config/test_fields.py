@@ -16,8 +16,7 @@ from config_stubs import MockDataConfig
 from megatron.core.transformer.enums import AttnBackend
 
 from bridge_train.config import ConfigError
-from bridge_train.config.fields import build, type_problems
-from bridge_train.config.import_paths import import_object, import_path_of
+from bridge_train.config.fields import build, import_object, import_path_of, type_problems
 from bridge_train.config.protocols import DatasetConfigLike
 
 GOOD = [

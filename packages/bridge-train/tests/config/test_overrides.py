@@ -152,9 +152,9 @@ def test_peft_by_registered_name_then_edited(make_cfg, lora_registered):
 
 
 def test_peft_name_without_any_registered_method_says_what_to_do(make_cfg, monkeypatch):
-    from bridge_train.config import peft_methods
+    from bridge_train.config import protocols
 
-    monkeypatch.setattr(peft_methods, "_METHODS", {})
+    monkeypatch.setattr(protocols, "_METHODS", {})
     with pytest.raises(ConfigError, match=r"peft: unknown PEFT method 'lora': none is registered \(bridge-recipes "
                                           r"registers lora and dora when imported\)"):
         apply_overrides(make_cfg(), ["peft=lora"])

@@ -16,7 +16,7 @@ _EXPORTS = {
     "MIXED_PRECISION_RECIPES": "mixed_precision", "MixedPrecisionConfig": "mixed_precision",
     "get_mixed_precision_config": "mixed_precision", "OptimizerConfig": "optimizer", "SchedulerConfig": "optimizer",
     "apply_cli_args": "overrides", "apply_overrides": "overrides", "parse_cli_args": "overrides",
-    "peft_method": "peft_methods", "peft_method_names": "peft_methods", "register_peft_method": "peft_methods",
+    "peft_method": "protocols", "peft_method_names": "protocols", "register_peft_method": "protocols",
     "ProfilingConfig": "profiling", "DatasetConfigLike": "protocols", "PeftLike": "protocols",
     "TokenizerConfigLike": "protocols", "RNGConfig": "train", "RobustnessConfig": "train", "TrainConfig": "train",
 }

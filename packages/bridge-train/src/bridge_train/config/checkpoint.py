@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import at_least, type_problems
+from .fields import at_least
 
 __all__ = ["CheckpointConfig"]
 
@@ -47,14 +47,8 @@ class CheckpointConfig:
     """Megatron or HF checkpoint directory with the weights to fine-tune (used when ``load`` has none)."""
 
     def check(self, prefix: str = "checkpoint") -> list[str]:
-        """Problems with this config alone."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
-        for message in (at_least(f"{prefix}.save_interval", self.save_interval, 1, optional=True),
-                        at_least(f"{prefix}.keep_last_n", self.keep_last_n, 1, optional=True)):
-            if message:
-                problems.append(message)
+        """Problems with this config alone (its values have the declared types: the container checked them)."""
+        problems = at_least(self, prefix, save_interval=1, keep_last_n=1)
         if self.save is None:
             for name in ("save_interval", "keep_last_n"):
                 if getattr(self, name) is not None:

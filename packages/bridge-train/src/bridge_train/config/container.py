@@ -31,9 +31,8 @@ from .fields import NotRestorable, build, type_problems
 from .logger import LoggerConfig
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
 from .optimizer import OptimizerConfig, SchedulerConfig
-from .peft_methods import peft_method
 from .profiling import ProfilingConfig
-from .protocols import DatasetConfigLike, PeftLike, TokenizerConfigLike
+from .protocols import DatasetConfigLike, PeftLike, TokenizerConfigLike, peft_method
 from .train import RNGConfig, RobustnessConfig, TrainConfig
 
 __all__ = ["ConfigContainer", "section_copy"]
@@ -123,8 +122,8 @@ class ConfigContainer:
         """True after :meth:`finalize` succeeded."""
         return self._finalized
 
-    def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel size for ``world_size`` processes: ``world_size / (TP x PP x CP)``."""
+    def data_parallel_size(self, world_size: int | None) -> int:
+        """Data-parallel size for ``world_size`` processes: ``world_size / (TP x PP x CP)``; 1 when None."""
         return invariants.data_parallel_size(self.model, world_size)
 
     def num_microbatches(self, world_size: int) -> int:
@@ -193,14 +192,16 @@ class ConfigContainer:
         if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
                                        or world_size < 1):
             return [f"world_size must be a positive integer, got {world_size!r}"]
-        problems = self._section_type_problems()
-        if problems:
-            return problems
+        problems = [f"{name} must be a {cls.__module__}.{cls.__qualname__}, got {type(getattr(self, name)).__name__}"
+                    for name, cls in _CHECKED_SECTIONS.items() if not isinstance(getattr(self, name), cls)]
+        if not isinstance(self.model, TransformerConfig) or not callable(getattr(self.model, "provide", None)):
+            problems.append(f"model must be a model provider (e.g. bridge_convert's GPTModelProvider), got "
+                            f"{type(self.model).__name__}")
         # One type pass over every section (the same schema that reads YAML and overrides); the rules below may
         # then compare and do arithmetic on any field: an exception from a rule is a bug in the rule.
-        for name in (*_CHECKED_SECTIONS, "model", "mixed_precision"):
-            if dataclasses.is_dataclass(getattr(self, name)):
-                problems += type_problems(getattr(self, name), name)
+        problems = problems or [message for name in (*_CHECKED_SECTIONS, "model", "mixed_precision")
+                                if dataclasses.is_dataclass(getattr(self, name))
+                                for message in type_problems(getattr(self, name), name)]
         if problems:
             return problems
         mixed_precision, problems = self._resolve_mixed_precision()
@@ -216,18 +217,11 @@ class ConfigContainer:
         ]
         if problems:
             return problems
-        return self._derive(world_size)
-
-    def _section_type_problems(self) -> list[str]:
-        problems = []
-        for name, cls in _CHECKED_SECTIONS.items():
-            if not isinstance(getattr(self, name), cls):
-                problems.append(f"{name} must be a {cls.__module__}.{cls.__qualname__}, got "
-                                f"{type(getattr(self, name)).__name__}")
-        if not isinstance(self.model, TransformerConfig) or not callable(getattr(self.model, "provide", None)):
-            problems.append(f"model must be a model provider (e.g. bridge_convert's GPTModelProvider), got "
-                            f"{type(self.model).__name__}")
-        return problems
+        if self.train.global_batch_size is None:
+            self.train.global_batch_size = self.train.micro_batch_size * self.data_parallel_size(world_size)
+        self.scheduler.finalize(self.train.train_iters, self.optimizer.weight_decay)
+        return [message for name in ("model", "optimizer", "ddp", "dataset", "tokenizer")
+                for message in _finalize_section(name, getattr(self, name))]
 
     def _resolve_mixed_precision(self) -> tuple[MixedPrecisionConfig | None, list[str]]:
         value = self.mixed_precision
@@ -250,16 +244,6 @@ class ConfigContainer:
             self.mixed_precision = value
         return value, problems
 
-    def _derive(self, world_size: int | None) -> list[str]:
-        if self.train.global_batch_size is None:
-            dp = invariants.data_parallel_size(self.model, world_size)
-            self.train.global_batch_size = self.train.micro_batch_size * dp
-        self.scheduler.finalize(self.train.train_iters, self.optimizer.weight_decay)
-        problems = []
-        for name in ("model", "optimizer", "ddp", "dataset", "tokenizer"):
-            problems += _finalize_section(name, getattr(self, name))
-        return problems
-
 
 def section_copy(section: Any) -> Any:
     """A deep copy of a sub-config that shares its private attributes (``_pre_wrap_hooks`` may hold closures over
@@ -271,14 +255,12 @@ def section_copy(section: Any) -> Any:
 def _finalize_section(name: str, section: Any) -> list[str]:
     """Run a sub-config's own finalize(); its exceptions become problems named after the section."""
     method = getattr(section, "finalize", None)
-    if section is None or not callable(method):
+    try:
+        inspect.signature(method).bind()
+    except TypeError:  # no finalize, or one that needs arguments (the loop's to call)
         return []
-    if any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-           for p in inspect.signature(method).parameters.values()):
-        return []  # a finalize that needs arguments is the loop's to call
     try:
         method()
     except (ValueError, AssertionError, TypeError, RuntimeError) as err:
         return [f"{name}: {err}"]
     return []
-

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from megatron.core.distributed import DistributedDataParallelConfig as MCoreDDPConfig
 
-from .fields import type_problems
-
 __all__ = ["DDPConfig"]
 
 @dataclass(kw_only=True)
@@ -24,9 +22,7 @@ class DDPConfig(MCoreDDPConfig):
 
     def check(self, prefix: str = "ddp") -> list[str]:
         """Problems with this config alone, as messages naming ``prefix.field``."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
+        problems = []
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             problems.append(f"{prefix}.overlap_param_gather needs {prefix}.use_distributed_optimizer=true "
                             "(and optimizer.use_distributed_optimizer=true)")

@@ -1,11 +1,10 @@
 """What each config field accepts, checked in one place: a pydantic schema built from the dataclass annotations.
 
-YAML files and ``key=value`` overrides arrive as text-like values (OmegaConf parses ``3e-4`` to a float, ``[1, 2]``
-to a list); Python code assigns real objects. Both go through the same per-class schema: :func:`build` and
-:func:`convert` read parsed values in pydantic's lax mode (``"10"`` -> 10 for an ``int``), :func:`type_problems`
-checks the values a config holds in strict mode (``cfg.train.train_iters = "10"`` is reported, not converted).
-pydantic knows ``int``/``float``/``bool``/``str``/``X | None``/``Literal``/containers/``Path``; this module adds
-only what it cannot know: ``torch.dtype`` by name, callables and classes by import path, enums by member name
+YAML files and ``key=value`` overrides arrive parsed by OmegaConf (``3e-4`` a float, ``[1, 2]`` a list); Python code
+assigns real objects. Both go through one schema per class: :func:`build` and :func:`convert` read parsed values in
+pydantic's lax mode (``"10"`` -> 10 for an ``int``), :func:`type_problems` checks the values a config holds in strict
+mode (``cfg.train.train_iters = "10"`` is reported, not converted). This module adds only what pydantic cannot know:
+``torch.dtype`` by name, callables and classes by import path (``torch.nn.functional.silu``), enums by member name
 (how YAML writes them), case-insensitive ``Literal`` strings, and nested dataclasses named by ``_target_``.
 """
 
@@ -15,7 +14,7 @@ import collections.abc
 import dataclasses
 import enum
 import functools
-import inspect
+import importlib
 import types
 import typing
 from typing import Annotated, Any, Literal, NotRequired, TypedDict, Union
@@ -25,19 +24,17 @@ from pydantic import BeforeValidator, ConfigDict, PlainValidator, TypeAdapter, V
 
 from bridge_convert.dtypes import parse_dtype
 
-from .errors import ConfigError
-from .import_paths import import_object
-from .suggest import unknown_key_message
+from .errors import ConfigError, unknown_key_message
 
-__all__ = ["REPR_KEY", "TARGET_KEY", "NotRestorable", "at_least", "build", "convert", "describe", "type_hints",
-           "type_problems"]
+__all__ = ["REPR_KEY", "TARGET_KEY", "NotRestorable", "at_least", "build", "convert", "describe", "dotted_keys",
+           "import_object", "import_path_of", "type_hints", "type_problems"]
 
 TARGET_KEY = "_target_"
 """Key of a mapping that names the class to build (Hydra's spelling)."""
 REPR_KEY = "_repr_"
 """Key of a mapping that records an object which cannot be rebuilt from YAML (only its class and repr are saved)."""
 
-_CONFIG = ConfigDict(arbitrary_types_allowed=True, coerce_numbers_to_str=True)
+_PUBLIC_HOMES = ("torch.nn.functional", "torch", "torch.nn.init")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,22 +45,60 @@ class NotRestorable:
     repr: str
 
 
+def import_object(path: str) -> Any:
+    """The object at ``path``: the longest importable module prefix, then attribute lookups.
+
+    Raises:
+        ImportError: if no prefix imports or an attribute is missing.
+    """
+    if not isinstance(path, str) or not path or path.startswith(".") or " " in path:
+        raise ImportError(f"{path!r} is not an import path like 'package.module.name'")
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as err:
+            # Only "this prefix is not a module" means try a shorter one; a module that fails while importing
+            # its own dependencies is a real error.
+            if err.name is not None and not module_name.startswith(err.name) and not err.name.startswith(module_name):
+                raise
+            continue
+        try:
+            return functools.reduce(getattr, parts[cut:], obj)
+        except AttributeError:
+            raise ImportError(f"cannot import {path!r}: {module_name!r} has no attribute path "
+                              f"{'.'.join(parts[cut:])!r}") from None
+    raise ImportError(f"cannot import {path!r}: no module {parts[0]!r}")
+
+
+def import_path_of(obj: Any) -> str | None:
+    """``module.qualname`` of a function or class if importing that path gives back ``obj``, else None (lambdas,
+    closures, bound methods and ``functools.partial`` objects have none)."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        return None
+    # Builtins defined in private places (F.gelu lives in torch._C._nn, torch.tanh's qualname is
+    # _VariableFunctionsClass.tanh): prefer the public name.
+    name = getattr(obj, "__name__", qualname)
+    private = "._" in f".{module}.{qualname}"
+    for path in [f"{home}.{name}" for home in (*_PUBLIC_HOMES, module) if private] + [f"{module}.{qualname}"]:
+        try:
+            if import_object(path) is obj:
+                return path
+        except ImportError:
+            continue
+    return None
+
+
 @functools.cache
 def type_hints(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a dataclass; one that cannot be resolved (a TYPE_CHECKING-only name) maps to Any."""
+    """Resolved annotations of a dataclass; if they cannot be resolved (a TYPE_CHECKING-only name), every field
+    accepts any value."""
     try:
         return typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 - resolve field by field below
-        pass
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        namespace = vars(inspect.getmodule(klass) or types.ModuleType("empty"))
-        for name, ann in getattr(klass, "__annotations__", {}).items():
-            try:
-                hints[name] = eval(ann, dict(namespace), dict(vars(klass))) if isinstance(ann, str) else ann  # noqa: S307
-            except Exception:  # noqa: BLE001
-                hints[name] = Any
-    return hints
+    except Exception:  # noqa: BLE001
+        return {f.name: Any for f in dataclasses.fields(cls)}
 
 
 def _is_node(tp: Any) -> bool:
@@ -81,29 +116,33 @@ def describe(tp: Any, python: bool = False) -> str:
     if tp is Any or tp is object:
         return "any value"
     if tp is type(None):
-        return "null" if not python else "None"
+        return "None" if python else "null"
     if origin in (Union, types.UnionType):
         return " | ".join(describe(a, python) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if tp is torch.dtype:
-        return "a torch dtype name (e.g. bfloat16, float16, float32)" if not python else "a torch.dtype"
+        return "a torch.dtype" if python else "a torch dtype name (e.g. bfloat16, float16, float32)"
     if _is_callable(tp):
-        return "a callable's import path (e.g. torch.nn.functional.silu)" if not python else "a callable"
+        return "a callable" if python else "a callable's import path (e.g. torch.nn.functional.silu)"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return f"one of {[m.name for m in tp]}" if not python else f"a member of {tp.__name__}"
+        return f"a member of {tp.__name__}" if python else f"one of {[m.name for m in tp]}"
     if origin is not None:
-        inner = ", ".join("..." if a is ... else describe(a, python) for a in args)
-        return f"{getattr(origin, '__name__', origin)}[{inner}]"
-    if _is_node(tp):
-        return f"a mapping for {tp.__name__}"
-    return getattr(tp, "__name__", str(tp))
+        return f"{getattr(origin, '__name__', origin)}[{', '.join('...' if a is ... else describe(a, python) for a in args)}]"
+    return f"a mapping for {tp.__name__}" if _is_node(tp) else getattr(tp, "__name__", str(tp))
 
 
 # ------------------------------------------------------------------------------------ what pydantic cannot know
 
 def _lax(info: ValidationInfo) -> bool:
     return not (info.context or {}).get("strict")
+
+
+def _imported(path: str) -> Any:
+    try:
+        return import_object(path)
+    except ImportError as err:
+        raise ValueError(str(err)) from None
 
 
 def _dtype(value: Any, info: ValidationInfo) -> torch.dtype:
@@ -114,10 +153,7 @@ def _dtype(value: Any, info: ValidationInfo) -> torch.dtype:
 
 def _callable(value: Any, info: ValidationInfo) -> Any:
     if isinstance(value, str) and _lax(info):
-        try:
-            obj = import_object(value)
-        except ImportError as err:
-            raise ValueError(str(err)) from None
+        obj = _imported(value)
         if not callable(obj):
             raise ValueError(f"{value!r} imports {obj!r}, which is not callable")
         return obj
@@ -129,13 +165,9 @@ def _callable(value: Any, info: ValidationInfo) -> Any:
 def _instance_of(tp: type):
     def check(value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str) and _lax(info) and (tp is type or typing.get_origin(tp) is type):
-            try:
-                value = import_object(value)
-            except ImportError as err:
-                raise ValueError(str(err)) from None
-        if isinstance(value, typing.get_origin(tp) or tp):
-            return value
-        if getattr(tp, "_is_protocol", False) and not getattr(tp, "_is_runtime_protocol", False):
+            value = _imported(value)
+        if isinstance(value, typing.get_origin(tp) or tp) or (
+                getattr(tp, "_is_protocol", False) and not getattr(tp, "_is_runtime_protocol", False)):
             return value
         raise ValueError(f"expected {describe(tp)}")
 
@@ -159,13 +191,14 @@ def _enum_by_name(tp: type[enum.Enum]):
 
 
 def _fold_literal(choices: tuple):
+    """``"2"`` for ``Literal[2]``, ``wsd`` for ``Literal["WSD"]`` (when only one choice matches)."""
     def read(value: Any, info: ValidationInfo) -> Any:
-        if not _lax(info) or value in choices:
+        if not _lax(info) or value in choices or isinstance(value, bool) or not isinstance(value, str | int):
             return value
-        text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
-        same = [c for c in choices if text is not None and str(c) == text]  # "2" for Literal[2]
-        folded = [c for c in choices if isinstance(c, str) and isinstance(value, str) and c.lower() == value.lower()]
-        return (same or folded or [value])[0] if len(same) <= 1 and len(folded) <= 1 else value
+        text = str(value)
+        same = [c for c in choices if str(c) == text] or [
+            c for c in choices if isinstance(c, str) and c.lower() == text.lower()]
+        return same[0] if len(same) == 1 else value
 
     return read
 
@@ -190,8 +223,8 @@ def _accepts(tp: Any) -> Any:
     if origin in (list, tuple, dict, set, frozenset, collections.abc.Sequence, collections.abc.Mapping) and args:
         base = {collections.abc.Sequence: list, collections.abc.Mapping: dict}.get(origin, origin)
         return base[tuple(a if a is ... else _accepts(a) for a in args)]
-    if origin is type or tp is type or _is_node(tp) or (isinstance(tp, type) and tp.__module__ != "builtins"
-                                                         and tp.__module__ != "pathlib"):
+    if origin is type or tp is type or _is_node(tp) or (
+            isinstance(tp, type) and tp.__module__ not in ("builtins", "pathlib")):
         return Annotated[Any, PlainValidator(_instance_of(tp))]
     return tp
 
@@ -207,7 +240,7 @@ def _adapter(cls: type) -> tuple[TypeAdapter, dict[str, Any]]:
             # megatron-core writes ``pipeline_dtype: torch.dtype = None``: None stays allowed there
             declared[f.name] = tp | None if f.default is None and tp is not Any else tp
     schema = TypedDict(f"{cls.__name__}Fields", {n: NotRequired[_accepts(tp)] for n, tp in declared.items()})
-    schema.__pydantic_config__ = _CONFIG
+    schema.__pydantic_config__ = ConfigDict(arbitrary_types_allowed=True, coerce_numbers_to_str=True)
     return TypeAdapter(schema), declared
 
 
@@ -215,21 +248,19 @@ def _problems(err: ValidationError, declared: dict[str, Any], data: dict, path: 
     out = []
     for e in err.errors(include_url=False):
         name, *inner = e["loc"]
-        dotted = f"{path}.{name}" if path else str(name)
-        value = data[name]
-        items = [f" (item {i}: {e['msg']})" for i in inner if isinstance(i, int)][:1]
-        shown = f"{value!r} ({type(value).__name__})" if value is not None else "null"
-        if e["type"] in ("value_error", "import_error") or "error" in e.get("ctx", {}):
+        dotted, value, tp = f"{path}.{name}" if path else str(name), data[name], declared[name]
+        if strict:
+            out.append(f"{dotted} must be {describe(tp, python=True)}, got {value!r} ({type(value).__name__})")
+            continue
+        if e["type"] == "value_error" or "error" in e.get("ctx", {}):
             detail = str(e["ctx"]["error"])
         else:
-            detail = f"expected {describe(declared[name])}, got {shown}"
-            if "[" in describe(declared[name]) and not isinstance(value, list | tuple | dict):
+            shown = f"{value!r} ({type(value).__name__})" if value is not None else "null"
+            detail = f"expected {describe(tp)}, got {shown}"
+            if "[" in describe(tp) and not isinstance(value, list | tuple | dict):
                 detail += "; write a list as [a, b]"
-        if strict:
-            out.append(f"{dotted} must be {describe(declared[name], python=True)}, got {value!r} "
-                       f"({type(value).__name__})")
-        else:
-            out.append(f"{dotted}: cannot use {value!r}: {detail}{''.join(items)}")
+        items = [f" (item {i}: {e['msg']})" for i in inner if isinstance(i, int)][:1]
+        out.append(f"{dotted}: cannot use {value!r}: {detail}{''.join(items)}")
     return list(dict.fromkeys(out))
 
 
@@ -240,7 +271,7 @@ def convert(cls: type, data: dict[str, Any], path: str = "",
     A mapping for a dataclass or Protocol field is built by :func:`build`; an unknown key gets a suggestion among
     its siblings and ``everywhere`` (every valid dotted key, for a key put in the wrong section).
     """
-    _, declared = _adapter(cls)
+    adapter, declared = _adapter(cls)
     problems, nodes, plain = [], {}, {}
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else key
@@ -249,7 +280,7 @@ def convert(cls: type, data: dict[str, Any], path: str = "",
             continue
         members = [a for a in typing.get_args(declared[key]) if a is not type(None)] or [declared[key]]
         node = next((m for m in members if _is_node(m) or m is Any), None)
-        if isinstance(value, dict) and (node is not None and (_is_node(node) or TARGET_KEY in value)):
+        if isinstance(value, dict) and node is not None and (_is_node(node) or TARGET_KEY in value):
             try:
                 nodes[key] = build(node, value, dotted, everywhere)
             except ConfigError as err:
@@ -257,7 +288,7 @@ def convert(cls: type, data: dict[str, Any], path: str = "",
         else:
             plain[key] = value
     try:
-        plain = _adapter(cls)[0].validate_python(plain)
+        plain = adapter.validate_python(plain)
     except ValidationError as err:
         problems += _problems(err, declared, plain, path, strict=False)
     return {**plain, **nodes}, problems
@@ -285,18 +316,15 @@ def build(tp: Any, data: dict[str, Any], path: str = "", everywhere: tuple[str, 
             cls = import_object(target)
         except ImportError as err:
             raise ConfigError([f"{where}: {err}"]) from None
-        if _is_node(tp) and not getattr(tp, "_is_protocol", False) and not (isinstance(cls, type)
-                                                                             and issubclass(cls, tp)):
+        if _is_node(tp) and not getattr(tp, "_is_protocol", False) and not (
+                isinstance(cls, type) and issubclass(cls, tp)):
             raise ConfigError([f"{where}: {target!r} is not a subclass of {tp.__name__}"])
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise ConfigError([f"{path or 'value'}: {describe(tp)} needs {TARGET_KEY}: <import path of a dataclass>"])
-    everywhere = _dotted_keys(cls, path) if everywhere is None else everywhere
-    values, problems = convert(cls, data, path, everywhere)
-    for f in dataclasses.fields(cls):
-        if f.init and f.name not in data and f.default is dataclasses.MISSING \
-                and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{path + '.' if path else ''}{f.name} is required "
-                            f"({describe(type_hints(cls).get(f.name, Any))}) but missing")
+    values, problems = convert(cls, data, path, dotted_keys(cls, path) if everywhere is None else everywhere)
+    problems += [f"{path + '.' if path else ''}{f.name} is required ({describe(type_hints(cls).get(f.name, Any))}) "
+                 "but missing" for f in dataclasses.fields(cls) if f.init and f.name not in data
+                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if problems:
         raise ConfigError(problems)
     try:
@@ -305,12 +333,17 @@ def build(tp: Any, data: dict[str, Any], path: str = "", everywhere: tuple[str, 
         raise ConfigError([f"{path or cls.__name__}: cannot build {cls.__name__}: {err}"]) from None
 
 
-def _dotted_keys(cls: type, path: str) -> tuple[str, ...]:
+def dotted_keys(node: Any, path: str = "") -> tuple[str, ...]:
+    """Every dotted key below ``node``: a dataclass instance (through its values) or class (its annotations)."""
     keys = []
-    for name, tp in _adapter(cls)[1].items():
+    for name, tp in _adapter(node if isinstance(node, type) else type(node))[1].items():
         dotted = f"{path}.{name}" if path else name
-        nested = [m for m in (*typing.get_args(tp), tp) if isinstance(m, type) and dataclasses.is_dataclass(m)]
-        keys += [dotted, *(_dotted_keys(nested[0], dotted) if nested else ())]
+        if isinstance(node, type):
+            child = next((m for m in (*typing.get_args(tp), tp) if isinstance(m, type) and dataclasses.is_dataclass(m)),
+                         None)
+        else:
+            child = getattr(node, name)
+        keys += [dotted, *(dotted_keys(child, dotted) if dataclasses.is_dataclass(child) else ())]
     return tuple(keys)
 
 
@@ -329,10 +362,11 @@ def type_problems(obj: Any, prefix: str) -> list[str]:
     return []
 
 
-def at_least(name: str, value: Any, minimum: int | float, *, optional: bool = False) -> str | None:
-    """``"train.train_iters must be >= 1, got 0"`` when ``value < minimum`` (None allowed when ``optional``)."""
-    if value is None:
-        return None if optional else f"{name} must be set (>= {minimum})"
-    if value < minimum:
-        return f"{name} must be >= {minimum}, got {value}" + ("; set it to null to disable" if optional else "")
-    return None
+def at_least(obj: Any, prefix: str, *, above: bool = False, **minimums: float) -> list[str]:
+    """``"train.train_iters must be >= 1, got 0"`` for each named field of ``obj`` below its minimum (``above``:
+    ``> minimum``). None passes: the type check has refused None where the field does not allow it."""
+    values = {name: getattr(obj, name) for name in minimums}
+    return [f"{prefix}.{name} must be {'>' if above else '>='} {minimum}, got {values[name]}"
+            + ("; set it to null to disable" if type(None) in typing.get_args(type_hints(type(obj))[name]) else "")
+            for name, minimum in minimums.items()
+            if values[name] is not None and (values[name] <= minimum if above else values[name] < minimum)]

@@ -14,33 +14,24 @@ from bridge_convert.dtypes import dtype_name as _name
 from .fields import at_least
 from .mixed_precision import MixedPrecisionConfig, quantization_support_problems
 
-__all__ = [
-    "batch_problems",
-    "data_parallel_size",
-    "model_layout_problems",
-    "optimizer_ddp_problems",
-    "precision_problems",
-    "run_problems",
-    "schedule_problems",
-]
+__all__ = ["batch_problems", "data_parallel_size", "model_layout_problems", "optimizer_ddp_problems",
+           "precision_problems", "run_problems", "schedule_problems"]
+
 
 def data_parallel_size(model: Any, world_size: int | None) -> int:
     """``world_size / (TP x PP x CP)``; 1 when the world size is not known yet."""
     if world_size is None:
         return 1
-    model_parallel = model.tensor_model_parallel_size * model.pipeline_model_parallel_size \
-        * model.context_parallel_size
-    return max(world_size // model_parallel, 1)
+    return max(world_size // max(model.tensor_model_parallel_size * model.pipeline_model_parallel_size
+                                  * model.context_parallel_size, 1), 1)
 
 
 def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
     """Shape and parallel layout of the model: heads, KV groups, layers, sequence length against TP/PP/VP/CP."""
-    problems = []
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
-        message = at_least(f"model.{name}", getattr(model, name), 1)
-        if message:
-            problems.append(message)
+    problems = at_least(model, "model", **dict.fromkeys((
+        "num_layers", "hidden_size", "num_attention_heads", "seq_length", "tensor_model_parallel_size",
+        "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
+        "virtual_pipeline_model_parallel_size"), 1))
     if model.vocab_size is None or model.vocab_size < 1:
         problems.append(f"model.vocab_size must be a positive integer, got {model.vocab_size!r}; set it from the "
                         "tokenizer (the bridge does this when importing an HF model)")
@@ -61,9 +52,7 @@ def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
     if model.kv_channels is None and model.hidden_size % heads:
         problems.append(f"model.hidden_size ({model.hidden_size}) must be divisible by model.num_attention_heads "
                         f"({heads}), or set model.kv_channels")
-    if vp is not None and vp < 1:
-        problems.append(f"model.virtual_pipeline_model_parallel_size must be >= 1 or null, got {vp}")
-    elif vp is not None and vp > 1 and pp == 1:
+    if vp is not None and vp > 1 and pp == 1:
         problems.append(f"model.virtual_pipeline_model_parallel_size ({vp}) needs "
                         "model.pipeline_model_parallel_size > 1; set it to null")
     stages = pp * (vp or 1)
@@ -81,15 +70,10 @@ def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
     experts, ep = model.num_moe_experts, model.expert_model_parallel_size
     if ep > 1 and (not experts or experts % ep):
         problems.append(f"model.expert_model_parallel_size ({ep}) must divide model.num_moe_experts ({experts})")
-    if world_size is not None:
-        model_parallel = tp * pp * cp
-        if world_size % model_parallel:
-            problems.append(f"world size {world_size} must be divisible by model.tensor_model_parallel_size x "
-                            f"pipeline_model_parallel_size x context_parallel_size ({tp} x {pp} x {cp} = "
-                            f"{model_parallel}); change the parallel sizes or the number of processes")
-    impl = getattr(model, "transformer_impl", "auto")
-    if impl not in ("auto", "native", "local", "transformer_engine"):
-        problems.append(f"model.transformer_impl must be one of auto, native, local, transformer_engine; got {impl!r}")
+    if world_size is not None and world_size % (tp * pp * cp):
+        problems.append(f"world size {world_size} must be divisible by model.tensor_model_parallel_size x "
+                        f"pipeline_model_parallel_size x context_parallel_size ({tp} x {pp} x {cp} = "
+                        f"{tp * pp * cp}); change the parallel sizes or the number of processes")
     return problems
 
 
@@ -97,7 +81,7 @@ def batch_problems(train: Any, model: Any, world_size: int | None) -> list[str]:
     """The global batch must split into whole micro-batches on every data-parallel rank."""
     dp = data_parallel_size(model, world_size)
     gbs, mbs = train.global_batch_size, train.micro_batch_size
-    if gbs is None or gbs % (mbs * dp) == 0:
+    if gbs is None or mbs < 1 or gbs % (mbs * dp) == 0:  # mbs < 1: train.micro_batch_size's own rule
         return []
     unknown = "" if world_size is not None else " (data-parallel size 1: the world size is not known yet)"
     return [f"train.global_batch_size ({gbs}) must be divisible by train.micro_batch_size x data-parallel size "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from .fields import at_least, type_problems
+from .fields import at_least
 
 __all__ = ["LoggerConfig"]
 
@@ -39,12 +39,7 @@ class LoggerConfig:
 
     def check(self, prefix: str = "logger") -> list[str]:
         """Problems with this config alone; a W&B project without the ``wandb`` package is one."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
-        message = at_least(f"{prefix}.log_interval", self.log_interval, 1)
-        if message:
-            problems.append(message)
+        problems = at_least(self, prefix, log_interval=1)
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             problems.append(f"{prefix}.wandb_project is {self.wandb_project!r} but wandb is not installed; "
                             f"install bridge-train[wandb] or set {prefix}.wandb_project=null")

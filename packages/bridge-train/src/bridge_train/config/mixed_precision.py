@@ -10,7 +10,6 @@ DistributedDataParallelConfig). FP8 and FP4 run through Transformer Engine on ca
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import logging
 from collections.abc import Callable
@@ -22,7 +21,8 @@ import torch
 from bridge_convert.dtypes import dtype_name as _name
 from bridge_convert.specs import transformer_engine_status
 
-from .fields import type_problems
+from .errors import unknown_name_message
+from .fields import at_least, type_problems
 
 __all__ = [
     "MIXED_PRECISION_RECIPES",
@@ -129,15 +129,11 @@ class MixedPrecisionConfig:
         if self.fp8 and self.fp8_recipe == "delayed" and self.first_last_layers_bf16:
             problems.append(f"{prefix}: delayed FP8 scaling cannot keep first/last layers in bf16; set "
                             f"{prefix}.first_last_layers_bf16=false or use fp8_recipe=tensorwise")
-        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16", "fp8_margin"):
-            if getattr(self, name) < 0:
-                problems.append(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
-        if self.fp8_amax_history_len < 1:
-            problems.append(f"{prefix}.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
-        return problems
+        return problems + at_least(self, prefix, num_layers_at_start_in_bf16=0, num_layers_at_end_in_bf16=0,
+                                   fp8_margin=0, fp8_amax_history_len=1)
 
     def apply(self, model_config: Any, optimizer_config: Any = None, ddp_config: Any = None) -> None:
-        """Copy the precision fields onto the megatron-core configs (in place).
+        """Copy the precision fields onto megatron-core's configs, in place.
 
         Args:
             model_config: A TransformerConfig (the GPTModelProvider).
@@ -145,55 +141,36 @@ class MixedPrecisionConfig:
             ddp_config: A megatron-core DistributedDataParallelConfig, or None.
         """
         pipeline_dtype = self.pipeline_dtype or self.params_dtype
-        model_values = {
-            "bf16": self.bf16, "fp16": self.fp16, "params_dtype": self.params_dtype,
+        model = self._pick("bf16", "fp16", "params_dtype", "fp8", "fp4") | {
             "pipeline_dtype": pipeline_dtype, "enable_autocast": self.autocast_enabled,
-            "autocast_dtype": self.autocast_dtype or pipeline_dtype,
-            "fp8": self.fp8, "fp8_param": self.fp8_param_gather, "fp4": self.fp4, "fp4_param": self.fp4_param_gather,
-        }
-        if self.fp8:  # the FP8 details only matter (and are only copied) when FP8 is on
-            model_values |= {
-                "fp8_recipe": self.fp8_recipe, "fp8_margin": self.fp8_margin,
-                "fp8_amax_history_len": self.fp8_amax_history_len,
-                "fp8_amax_compute_algo": self.fp8_amax_compute_algo, "fp8_wgrad": self.fp8_wgrad,
-                "fp8_dot_product_attention": self.fp8_dot_product_attention,
-                "fp8_multi_head_attention": self.fp8_multi_head_attention,
-            }
-        if self.fp4:
-            model_values["fp4_recipe"] = self.fp4_recipe
-        if self.fp8 or self.fp4:
-            model_values |= {
-                "first_last_layers_bf16": self.first_last_layers_bf16,
-                "num_layers_at_start_in_bf16": self.num_layers_at_start_in_bf16,
-                "num_layers_at_end_in_bf16": self.num_layers_at_end_in_bf16,
-            }
-        _assign(model_config, model_values, "model", self.label)
-        if optimizer_config is not None:
-            _assign(optimizer_config, {
-                "bf16": self.bf16, "fp16": self.fp16, "params_dtype": self.params_dtype,
-                "fp8_recipe": self.fp8_recipe if self.fp8 else None,
-                "reuse_grad_buf_for_mxfp8_param_ag": self.reuse_grad_buf_for_mxfp8_param_ag,
-                "loss_scale": self.loss_scale, "initial_loss_scale": self.initial_loss_scale,
-                "min_loss_scale": self.min_loss_scale, "loss_scale_window": self.loss_scale_window,
-                "hysteresis": self.hysteresis,
-            }, "optimizer", self.label)
-        if ddp_config is not None:
-            _assign(ddp_config, {
-                "grad_reduce_in_fp32": self.grad_reduce_in_fp32, "fp8_param_gather": self.fp8_param_gather,
-                "fp4_param_gather": self.fp4_param_gather,
-                "reuse_grad_buf_for_mxfp8_param_ag": self.reuse_grad_buf_for_mxfp8_param_ag,
-            }, "ddp", self.label)
+            "autocast_dtype": self.autocast_dtype or pipeline_dtype, "fp8_param": self.fp8_param_gather,
+            "fp4_param": self.fp4_param_gather}
+        # the FP8/FP4 details only matter (and are only copied) when FP8/FP4 is on
+        model |= self._pick(*(_FP8_DETAILS if self.fp8 else ()), *(("fp4_recipe",) if self.fp4 else ()),
+                            *(_BF16_EDGES if self.fp8 or self.fp4 else ()))
+        optimizer = self._pick("bf16", "fp16", "params_dtype", "reuse_grad_buf_for_mxfp8_param_ag", "loss_scale",
+                               "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+        optimizer["fp8_recipe"] = self.fp8_recipe if self.fp8 else None
+        ddp = self._pick("grad_reduce_in_fp32", "fp8_param_gather", "fp4_param_gather",
+                         "reuse_grad_buf_for_mxfp8_param_ag")
+        for section, config, values in (("model", model_config, model), ("optimizer", optimizer_config, optimizer),
+                                        ("ddp", ddp_config, ddp)):
+            names = {f.name for f in dataclasses.fields(config)} if config is not None else set()
+            for name, value in values.items() if config is not None else ():
+                if name not in names:
+                    raise TypeError(f"{type(config).__name__} has no field {name!r}; {self.label} targets "
+                                    "megatron-core 0.19")
+                if getattr(config, name) != value:
+                    logger.info("%s sets %s.%s: %r -> %r", self.label, section, name, getattr(config, name), value)
+                    setattr(config, name, value)
+
+    def _pick(self, *names: str) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in names}
 
 
-def _assign(config: Any, values: dict[str, Any], section: str, label: str) -> None:
-    names = {f.name for f in dataclasses.fields(config)}
-    for name, value in values.items():
-        if name not in names:
-            raise TypeError(f"{type(config).__name__} has no field {name!r}; {label} targets megatron-core 0.19")
-        old = getattr(config, name)
-        if old != value:
-            logger.info("%s sets %s.%s: %r -> %r", label, section, name, old, value)
-            setattr(config, name, value)
+_FP8_DETAILS = ("fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_wgrad",
+                "fp8_dot_product_attention", "fp8_multi_head_attention")
+_BF16_EDGES = ("first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
 
 
 # ------------------------------------------------------------------------------------ hardware support
@@ -305,6 +282,4 @@ def get_mixed_precision_config(name: str | MixedPrecisionConfig) -> MixedPrecisi
     key = str(name).strip().replace("-", "_")
     if key in MIXED_PRECISION_RECIPES:
         return MIXED_PRECISION_RECIPES[key]()
-    close = difflib.get_close_matches(key, list(MIXED_PRECISION_RECIPES), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown mixed precision recipe {name!r}{hint} Known: {', '.join(MIXED_PRECISION_RECIPES)}")
+    raise ValueError(unknown_name_message("mixed precision recipe", name, list(MIXED_PRECISION_RECIPES)))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from megatron.core.optimizer import OptimizerConfig as MCoreOptimizerConfig
 
-from .fields import at_least, type_problems
+from .fields import at_least
 
 __all__ = ["OptimizerConfig", "SchedulerConfig"]
 
@@ -37,40 +37,23 @@ class OptimizerConfig(MCoreOptimizerConfig):
 
     def check(self, prefix: str = "optimizer") -> list[str]:
         """Problems with this config alone, as messages naming ``prefix.field``."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
+        problems = at_least(self, prefix, hysteresis=1, loss_scale_window=1, weight_decay=0)
+        problems += at_least(self, prefix, above=True, lr=0, adam_eps=0, loss_scale=0, initial_loss_scale=0,
+                             min_loss_scale=0)
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"{prefix}.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is None:
             problems.append(f"{prefix}.lr is not set; set the peak learning rate, e.g. {prefix}.lr=3e-4")
-        elif self.lr <= 0:
-            problems.append(f"{prefix}.lr must be > 0, got {self.lr}")
         if self.min_lr is not None and self.min_lr < 0:
             problems.append(f"{prefix}.min_lr must be >= 0, got {self.min_lr}")
         if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
             problems.append(f"{prefix}.min_lr ({self.min_lr}) must be <= {prefix}.lr ({self.lr})")
-        if self.weight_decay < 0:
-            problems.append(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
-        for name in ("adam_beta1", "adam_beta2", "sgd_momentum"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                problems.append(f"{prefix}.{name} must be in [0, 1), got {value}")
-        if self.adam_eps <= 0:
-            problems.append(f"{prefix}.adam_eps must be > 0, got {self.adam_eps}")
+        problems += [f"{prefix}.{name} must be in [0, 1), got {getattr(self, name)}"
+                     for name in ("adam_beta1", "adam_beta2", "sgd_momentum") if not 0 <= getattr(self, name) < 1]
         if self.clip_grad < 0:
             problems.append(f"{prefix}.clip_grad must be >= 0 (0 turns clipping off), got {self.clip_grad}")
         if self.fp16 and self.bf16:
             problems.append(f"{prefix}.fp16 and {prefix}.bf16 are both true; pick one (mixed_precision sets them)")
-        if self.loss_scale is not None and self.loss_scale <= 0:
-            problems.append(f"{prefix}.loss_scale must be > 0 or null (dynamic scaling), got {self.loss_scale}")
-        for message in (at_least(f"{prefix}.hysteresis", self.hysteresis, 1),
-                        at_least(f"{prefix}.loss_scale_window", self.loss_scale_window, 1)):
-            if message:
-                problems.append(message)
-        if self.initial_loss_scale <= 0 or self.min_loss_scale <= 0:
-            problems.append(f"{prefix}.initial_loss_scale and {prefix}.min_loss_scale must be > 0, got "
-                            f"{self.initial_loss_scale} and {self.min_loss_scale}")
         if self.use_precision_aware_optimizer:
             if self.optimizer != "adam" or not self.use_distributed_optimizer:
                 problems.append(f"{prefix}.use_precision_aware_optimizer needs {prefix}.optimizer='adam' and "
@@ -134,15 +117,10 @@ class SchedulerConfig:
     """On resume, use this config's schedule settings instead of the checkpoint's."""
 
     def check(self, prefix: str = "scheduler") -> list[str]:
-        """Problems with this config alone (relations to optimizer.lr and train_iters are the container's)."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
-        problems += [m for m in (
-            at_least(f"{prefix}.lr_warmup_iters", self.lr_warmup_iters, 0),
-            at_least(f"{prefix}.lr_decay_iters", self.lr_decay_iters, 1, optional=True),
-            at_least(f"{prefix}.lr_warmup_init", self.lr_warmup_init, 0),
-        ) if m]
+        """Problems with this config alone (relations to optimizer.lr / weight_decay and train_iters are the
+        container's)."""
+        problems = at_least(self, prefix, lr_warmup_iters=0, lr_decay_iters=1, lr_warmup_init=0, start_weight_decay=0,
+                            end_weight_decay=0)
         if self.lr_warmup_fraction is not None:
             if not 0 <= self.lr_warmup_fraction < 1:
                 problems.append(f"{prefix}.lr_warmup_fraction must be in [0, 1), got {self.lr_warmup_fraction}")
@@ -153,18 +131,6 @@ class SchedulerConfig:
         if self.lr_decay_style == "WSD" and (self.lr_wsd_decay_iters is None or self.lr_wsd_decay_iters < 1):
             problems.append(f"{prefix}.lr_decay_style=WSD needs {prefix}.lr_wsd_decay_iters >= 1, got "
                             f"{self.lr_wsd_decay_iters}")
-        for name in ("start_weight_decay", "end_weight_decay"):
-            message = at_least(f"{prefix}.{name}", getattr(self, name), 0, optional=True)
-            if message:
-                problems.append(message)
-        start, end = self.start_weight_decay, self.end_weight_decay
-        if start is not None and end is not None:
-            if end < start:
-                problems.append(f"{prefix}.end_weight_decay ({end}) must be >= {prefix}.start_weight_decay "
-                                f"({start})")
-            if self.weight_decay_incr_style == "constant" and start != end:
-                problems.append(f"{prefix}.weight_decay_incr_style=constant needs start_weight_decay == "
-                                f"end_weight_decay (got {start} and {end}); choose linear or cosine")
         if self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler:
             problems.append(f"{prefix}.use_checkpoint_opt_param_scheduler and {prefix}.override_opt_param_scheduler "
                             "are both true; set one to false")

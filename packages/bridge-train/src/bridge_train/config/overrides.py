@@ -34,18 +34,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .container import ConfigContainer
-from .errors import ConfigError, ConfigWarning
-from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert
-from .import_paths import import_object
+from .errors import ConfigError, ConfigWarning, unknown_key_message
+from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert, dotted_keys, import_object
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
-from .peft_methods import peft_method
-from .suggest import unknown_key_message
+from .protocols import peft_method
 from .yaml_io import load_yaml, to_dict
 
 __all__ = ["apply_cli_args", "apply_overrides", "parse_cli_args"]
 
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_NO_VALUE = object()
 
 
 class _Patch(NamedTuple):
@@ -77,8 +74,7 @@ def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
     if cfg.finalized:
         raise ConfigError(["the config is already finalized; apply overrides before finalize()"],
                           "cannot apply overrides")
-    patches: list[_Patch] = []
-    problems: list[str] = []
+    patches, problems = [], []
     for path in config_files:
         try:
             patches.append(_Patch(f"file {str(path)!r}", "", "", load_yaml(pathlib.Path(path))))
@@ -86,17 +82,13 @@ def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
             problems += err.problems
     for text in overrides:
         parsed = _parse_override(text)
-        if isinstance(parsed, str):
-            problems.append(parsed)
-        else:
-            patches.append(parsed)
+        (problems if isinstance(parsed, str) else patches).append(parsed)
     with warnings.catch_warnings():  # the dry run's warnings would repeat the real run's
         warnings.simplefilter("ignore", ConfigWarning)
         problems += _apply_patches(cfg._working_copy([f.name for f in dataclasses.fields(cfg) if f.init]), patches)
+    # the dry run saw the same state as the real run; a difference would be a bug, reported all the same
+    problems = problems or _apply_patches(cfg, patches)
     if problems:
-        raise ConfigError(problems, "cannot apply overrides")
-    problems = _apply_patches(cfg, patches)
-    if problems:  # the dry run saw the same state; a difference is a bug, reported all the same
         raise ConfigError(problems, "cannot apply overrides")
     return cfg
 
@@ -131,38 +123,34 @@ def _parse_override(text: Any) -> _Patch | str:
     if not isinstance(text, str) or ("=" not in text and not text.startswith("~")):
         return f"override {text!r} must look like key=value (e.g. train.train_iters=10)"
     key, equals, value = text.partition("=")
-    key = key.strip()
-    op = next(p for p in ("++", "+", "~", "") if key.startswith(p))
-    key = key.removeprefix(op)
+    op = next(p for p in ("++", "+", "~", "") if key.strip().startswith(p))
+    key = key.strip().removeprefix(op)
     if not _KEY.match(key):
         return f"override {text!r}: {key!r} is not a dotted key like section.field"
-    if op == "~" and not equals:
-        return _Patch(f"override {text!r}", op, key, None)
     try:
-        return _Patch(f"override {text!r}", op, key, OmegaConf.from_dotlist([f"{key}={value}"]))
+        conf = OmegaConf.from_dotlist([f"{key}={value}"]) if equals or op != "~" else None
     except (OmegaConfBaseException, ValueError) as err:
         return f"override {text!r}: cannot parse the value: {err}"
+    return _Patch(f"override {text!r}", op, key, conf)
 
 
 def _apply_patches(cfg: ConfigContainer, patches: list[_Patch]) -> list[str]:
     """Apply each patch in turn; a patch with a problem is skipped whole. Returns every problem."""
     problems = []
     for patch in patches:
-        planner = _Planner(cfg, patch.source)
+        plan = _Plan(cfg, patch.source)
         try:
             data = _resolved(cfg, patch.conf) if patch.conf is not None else None
         except OmegaConfBaseException as err:
-            planner.problem(f"cannot resolve an interpolation: {str(err).splitlines()[0]}")
+            plan.problem(f"cannot resolve an interpolation: {str(err).splitlines()[0]}")
         else:
             if patch.op in ("+", "~"):
-                value = _NO_VALUE if data is None else functools.reduce(dict.__getitem__, patch.key.split("."), data)
-                planner.add_or_delete(patch.op, patch.key, value, data)
+                plan.add_or_remove(patch.op, patch.key, data)
             else:
-                planner.plan_node(cfg, data, "")
-        problems += planner.problems
-        if not planner.problems:
-            for obj, name, value in planner.assignments:
-                setattr(obj, name, value)
+                plan.node(cfg, data, "")
+        problems += plan.problems
+        for obj, name, value in plan.assignments if not plan.problems else ():
+            setattr(obj, name, value)
     return problems
 
 
@@ -172,18 +160,21 @@ def _resolved(cfg: ConfigContainer, patch: DictConfig) -> dict:
     if "${" not in repr(raw):
         return raw
     context = OmegaConf.merge(OmegaConf.create(to_dict(cfg, warn=False)), patch)
-    return _restrict(context, raw, "")
+
+    def restrict(shape: Any, key: str) -> Any:  # the values of context at the keys shape has (resolving only those)
+        if isinstance(shape, dict):
+            return {k: restrict(v, f"{key}.{k}" if key else k) for k, v in shape.items()}
+        value = OmegaConf.select(context, key, throw_on_resolution_failure=True)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    return restrict(raw, "")
 
 
-def _restrict(context: DictConfig, shape: Any, key: str) -> Any:
-    """The values of ``context`` at the keys ``shape`` has (resolving only those)."""
-    if isinstance(shape, dict):
-        return {k: _restrict(context, v, f"{key}.{k}" if key else k) for k, v in shape.items()}
-    value = OmegaConf.select(context, key, throw_on_resolution_failure=True)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
-class _Planner:
+class _Plan:
     """Walks a patch over the live config, converting values and recording assignments without making them."""
 
     def __init__(self, cfg: ConfigContainer, source: str) -> None:
@@ -194,22 +185,21 @@ class _Planner:
     def problem(self, message: str) -> None:
         self.problems.append(f"{message} (from {self.source})")
 
-    def _unknown(self, dotted: str, obj: Any, path: str) -> None:
-        siblings = [f"{path}.{f.name}" if path else f.name for f in dataclasses.fields(obj) if f.init]
-        self.problem(unknown_key_message(dotted, siblings, _dotted_keys(self.cfg, "")))
+    def unknown(self, dotted: str, obj: Any, path: str) -> None:
+        siblings = [_join(path, f.name) for f in dataclasses.fields(obj) if f.init]
+        self.problem(unknown_key_message(dotted, siblings, dotted_keys(self.cfg)))
 
-    def plan_node(self, obj: Any, patch: dict, path: str) -> None:
-        fields = {f.name: f for f in dataclasses.fields(obj) if f.init}
+    def node(self, obj: Any, patch: dict, path: str) -> None:
+        names = {f.name for f in dataclasses.fields(obj) if f.init}
         for key, value in patch.items():
-            dotted = f"{path}.{key}" if path else key
             if key in (TARGET_KEY, REPR_KEY):
                 continue  # handled by the parent: same class -> field-wise merge, other class -> rebuilt
-            if key not in fields:
-                self._unknown(dotted, obj, path)
+            if key not in names:
+                self.unknown(_join(path, key), obj, path)
             else:
-                self.plan_field(obj, key, value, dotted)
+                self.field(obj, key, value, _join(path, key))
 
-    def plan_field(self, obj: Any, name: str, value: Any, dotted: str) -> None:
+    def field(self, obj: Any, name: str, value: Any, dotted: str) -> None:
         current = getattr(obj, name)
         if obj is self.cfg and name == "peft" and isinstance(value, str):
             try:
@@ -220,18 +210,16 @@ class _Planner:
         if isinstance(value, dict):
             if REPR_KEY in value:
                 warnings.warn(f"{dotted} ({value.get(TARGET_KEY)}) was saved by class path and repr only; the "
-                              "current value is kept", ConfigWarning, stacklevel=4)
+                              "current value is kept", ConfigWarning, stacklevel=5)
                 return
             if obj is self.cfg and name == "mixed_precision" and isinstance(current, str | MixedPrecisionConfig):
                 try:  # a named recipe becomes its config (recipes may be shared: edit a copy)
                     current = dataclasses.replace(get_mixed_precision_config(current))
                 except ValueError as err:
-                    self.problem(f"{dotted}: {err}")
-                    return
+                    return self.problem(f"{dotted}: {err}")
                 self.assignments.append((obj, name, current))
-            if self._same_class(current, value.get(TARGET_KEY)):
-                self.plan_node(current, value, dotted)
-                return
+            if _same_class(current, value.get(TARGET_KEY)):
+                return self.node(current, value, dotted)
             if isinstance(current, dict):
                 value = _deep_merge(current, value)
         values, problems = convert(type(obj), {name: value}, dotted.rpartition(".")[0])
@@ -242,72 +230,56 @@ class _Planner:
         elif not problems:
             self.assignments.append((obj, name, values[name]))
 
-    def add_or_delete(self, op: str, key: str, value: Any, data: dict | None) -> None:
-        """``+key=value`` (a new dict entry) and ``~key[=value]`` (reset a field, remove a dict entry)."""
+    def add_or_remove(self, op: str, key: str, data: dict | None) -> None:
+        """``+key=value`` (a new dict entry) and ``~key[=value]`` (reset a field to its default, remove a dict entry)."""
         obj, path, parts = self.cfg, "", key.split(".")
-        while dataclasses.is_dataclass(getattr(obj, parts[0], None)) and len(parts) > 1:
-            path, obj, parts = f"{path}.{parts[0]}" if path else parts[0], getattr(obj, parts[0]), parts[1:]
-        name, entry = parts[0], parts[1:]
-        fields = {f.name: f for f in dataclasses.fields(obj) if f.init}
-        if name not in fields:
-            return self._unknown(f"{path}.{name}" if path else name, obj, path)
-        dotted = f"{path}.{name}" if path else name
+        while len(parts) > 1 and dataclasses.is_dataclass(getattr(obj, parts[0], None)):
+            path, obj, parts = _join(path, parts[0]), getattr(obj, parts[0]), parts[1:]
+        (name, *entry), dotted = parts, _join(path, parts[0])
+        field = next((f for f in dataclasses.fields(obj) if f.init and f.name == name), None)
+        if field is None:
+            return self.unknown(dotted, obj, path)
         current = getattr(obj, name)
         if entry and not isinstance(current, dict):
             return self.problem(f"{key}: {dotted} is {current!r}, which has no entries to add or remove")
-        holder = current
-        for part in entry[:-1]:
-            holder = holder.get(part) if isinstance(holder, dict) else None
-        exists = isinstance(holder, dict) and entry[-1] in holder if entry else True
+        holder = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, entry[:-1], current)
+        exists = not entry or (isinstance(holder, dict) and entry[-1] in holder)
         if op == "+":
             if exists:
                 return self.problem(f"+{key}: {key} already exists (config fields always do); write {key}=... to "
                                     f"set it, or ++{key}=... to set it whether or not it exists")
-            return self.plan_node(self.cfg, data, "")
+            return self.node(self.cfg, data, "")
         if not exists:
             return self.problem(f"~{key}: {key} does not exist; nothing to remove")
-        old = holder[entry[-1]] if entry else current
-        if value is not _NO_VALUE:
-            expected = value if entry else convert(type(obj), {name: value}, path)[0].get(name, value)
-            if expected != old:
+        if data is not None:  # ~key=value: only if the current value equals it
+            value = functools.reduce(dict.__getitem__, key.split("."), data)
+            old = holder[entry[-1]] if entry else current
+            if (value if entry else convert(type(obj), {name: value}, path)[0].get(name, value)) != old:
                 return self.problem(f"~{key}={value}: {key} is {old!r}, not {value!r}; nothing was removed")
         if entry:
             new = copy.deepcopy(current)
-            target = new
-            for part in entry[:-1]:
-                target = target[part]
-            del target[entry[-1]]
-        elif fields[name].default is not dataclasses.MISSING:
-            new = fields[name].default
-        elif fields[name].default_factory is not dataclasses.MISSING:
-            new = fields[name].default_factory()
+            del functools.reduce(dict.__getitem__, entry[:-1], new)[entry[-1]]
+        elif field.default is not dataclasses.MISSING:
+            new = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            new = field.default_factory()
         else:
             return self.problem(f"~{key}: {dotted} is required and has no default to reset to; set it instead")
         self.assignments.append((obj, name, new))
 
-    @staticmethod
-    def _same_class(current: Any, target: Any) -> bool:
-        if not dataclasses.is_dataclass(current) or isinstance(current, type):
-            return False
-        try:
-            return target is None or import_object(target) is type(current)
-        except ImportError:
-            return False  # convert() reports the bad _target_
+
+def _same_class(current: Any, target: Any) -> bool:
+    if not dataclasses.is_dataclass(current) or isinstance(current, type):
+        return False
+    try:
+        return target is None or import_object(target) is type(current)
+    except ImportError:
+        return False  # convert() reports the bad _target_
 
 
 def _deep_merge(base: dict, patch: dict) -> dict:
     out = dict(base)
     for key, value in patch.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else value
     return out
-
-
-def _dotted_keys(obj: Any, path: str) -> list[str]:
-    keys = []
-    for f in dataclasses.fields(obj):
-        if f.init:
-            dotted = f"{path}.{f.name}" if path else f.name
-            value = getattr(obj, f.name)
-            keys += [dotted, *(_dotted_keys(value, dotted) if dataclasses.is_dataclass(value) else [])]
-    return keys

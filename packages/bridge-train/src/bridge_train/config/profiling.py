@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import type_problems
-
 __all__ = ["ProfilingConfig"]
 
 
@@ -32,9 +30,7 @@ class ProfilingConfig:
 
     def check(self, prefix: str = "profiling") -> list[str]:
         """Problems with this config alone (the trace directory fallback is the container's)."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
+        problems: list[str] = []
         if not (self.use_pytorch_profiler or self.record_memory_history):
             return problems
         if self.profile_step_start < 0 or self.profile_step_end <= self.profile_step_start:

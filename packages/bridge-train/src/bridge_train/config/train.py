@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass
 from typing import Literal
 
-from .fields import at_least, type_problems
+from .fields import at_least
 
 __all__ = ["RNGConfig", "RobustnessConfig", "TrainConfig"]
 
@@ -42,24 +42,12 @@ class TrainConfig:
 
     def check(self, prefix: str = "train") -> list[str]:
         """Problems with this config alone (batch divisibility by DP is the container's check)."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
-        problems += [m for m in (
-            at_least(f"{prefix}.train_iters", self.train_iters, 1),
-            at_least(f"{prefix}.micro_batch_size", self.micro_batch_size, 1),
-            at_least(f"{prefix}.global_batch_size", self.global_batch_size, 1, optional=True),
-            at_least(f"{prefix}.eval_interval", self.eval_interval, 1, optional=True),
-            at_least(f"{prefix}.eval_iters", self.eval_iters, 0),
-            at_least(f"{prefix}.exit_interval", self.exit_interval, 1, optional=True),
-            at_least(f"{prefix}.manual_gc_interval", self.manual_gc_interval, 0),
-        ) if m]
+        problems = at_least(self, prefix, train_iters=1, micro_batch_size=1, global_batch_size=1, eval_interval=1,
+                            eval_iters=0, exit_interval=1, manual_gc_interval=0)
         if self.eval_interval is not None and self.eval_iters == 0:
             problems.append(f"{prefix}.eval_iters is 0 but {prefix}.eval_interval is {self.eval_interval}: "
                             f"set {prefix}.eval_iters >= 1, or {prefix}.eval_interval=null to turn evaluation off")
-        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
-            problems.append(f"{prefix}.exit_duration_in_mins must be > 0, got {self.exit_duration_in_mins}; "
-                            "set it to null for no time limit")
+        problems += at_least(self, prefix, above=True, exit_duration_in_mins=0)
         if self.manual_gc_interval and not self.manual_gc:
             problems.append(f"{prefix}.manual_gc_interval={self.manual_gc_interval} has no effect while "
                             f"{prefix}.manual_gc is false; set {prefix}.manual_gc=true or the interval to 0")
@@ -77,10 +65,7 @@ class RNGConfig:
 
     def check(self, prefix: str = "rng") -> list[str]:
         """Problems with this config alone."""
-        problems = type_problems(self, prefix)
-        if not problems and not 0 <= self.seed < 2**63:
-            problems.append(f"{prefix}.seed must be in [0, 2**63), got {self.seed}")
-        return problems
+        return [f"{prefix}.seed must be in [0, 2**63), got {self.seed}"] if not 0 <= self.seed < 2**63 else []
 
 
 @dataclass(kw_only=True, slots=True)
@@ -99,12 +84,7 @@ class RobustnessConfig:
 
     def check(self, prefix: str = "robustness") -> list[str]:
         """Problems with this config alone."""
-        problems = type_problems(self, prefix)
-        if problems:
-            return problems
-        message = at_least(f"{prefix}.max_consecutive_skips", self.max_consecutive_skips, 1, optional=True)
-        if message:
-            problems.append(message)
+        problems = at_least(self, prefix, max_consecutive_skips=1)
         valid = set(signal.Signals.__members__)
         unknown = [name for name in self.exit_signals if name not in valid]
         if unknown:

@@ -29,10 +29,9 @@ from omegaconf.errors import OmegaConfBaseException
 from bridge_convert.dtypes import dtype_name as dtype_to_hf
 
 from .errors import ConfigError, ConfigWarning
-from .fields import REPR_KEY, TARGET_KEY, type_hints
-from .import_paths import import_path_of
+from .fields import REPR_KEY, TARGET_KEY, import_path_of, type_hints
 
-__all__ = ["RUNTIME_FIELDS", "container_to_dict", "load_yaml", "read_yaml", "to_dict", "to_plain", "to_yaml"]
+__all__ = ["RUNTIME_FIELDS", "load_yaml", "read_yaml", "to_dict", "to_yaml"]
 
 RUNTIME_FIELDS = frozenset({
     "timers", "finalize_model_grads_func", "grad_scale_func", "moe_grad_scale_func", "mtp_grad_scale_func",
@@ -107,15 +106,6 @@ def to_dict(obj: Any, *, warn: bool = True) -> dict[str, Any]:
         warnings.warn("these config values have no YAML form and are not saved in full (set them in Python, or use "
                       "an importable function / a dataclass): " + "; ".join(skipped), ConfigWarning, stacklevel=3)
     return out
-
-
-def to_plain(value: Any) -> Any:
-    """One value as YAML-safe data (a dataclass as a mapping with ``_target_``); None when it has no YAML form."""
-    plain = _plain(value, "", [])
-    return None if plain is _UNSET else plain
-
-
-container_to_dict = to_dict  # the name bridge-recipes' run.py imports
 
 
 def to_yaml(obj: Any, path: str | pathlib.Path | None = None) -> str:
