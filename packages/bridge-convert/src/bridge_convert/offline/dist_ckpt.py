@@ -131,10 +131,16 @@ class _LazySavePlanner(SavePlanner):
             raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tensor.dtype}{tuple(tensor.shape)}, the "
                              f"checkpoint layout expects {chunk.dtype}{tuple(chunk.sizes)}")
         self._on_chunk(chunk)
-        tensor = tensor.contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:  # torch.save writes a view's whole storage
-            tensor = tensor.clone()
+        return _own_storage(tensor.contiguous())
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (contiguous) on a storage of exactly its bytes, sharing its memory: torch.save writes a view's
+    whole storage, and a copy of each half of a gated-MLP weight would cost a pass over memory."""
+    if tensor.untyped_storage().nbytes() == tensor.nbytes or not tensor.numel():
         return tensor
+    data = tensor.view(-1).view(torch.uint8).numpy()  # keeps the original storage alive
+    return torch.frombuffer(data, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
 
 
 @contextmanager
