@@ -45,6 +45,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
+from ..safetensors_io import mapped_tensor
+
 __all__ = ["BACKEND_CONFIG", "ChunkSpec", "DistCheckpointReader", "ObjectSpec", "write_dist_checkpoint"]
 
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
@@ -277,8 +279,9 @@ class _Slice(io.RawIOBase):
 def _read_saved_tensor(f, start: int, length: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor of a ``torch.save`` archive at ``[start, start + length)`` of ``f``.
 
-    torch.save stores a tensor's bytes uncompressed as the archive's ``data/0`` record; it is read straight into
-    the result. Anything else (several storages, a compressed record) goes through ``torch.load``.
+    torch.save stores a tensor's bytes uncompressed as the archive's ``data/0`` record; the result maps them
+    copy-on-write from the file (:func:`~bridge_convert.safetensors_io.mapped_tensor`), or, unaligned, reads them
+    straight into itself. Anything else (several storages, a compressed record) goes through ``torch.load``.
     """
     window = _Slice(f, start, length)
     with zipfile.ZipFile(window) as archive:
@@ -292,6 +295,10 @@ def _read_saved_tensor(f, start: int, length: int, dtype: torch.dtype, shape: tu
                 raise ValueError("bad local header in a saved tensor")
             data_start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
                 int.from_bytes(header[28:30], "little")
+            inside = start + data_start + nbytes <= os.fstat(f.fileno()).st_size  # a mapping past the end faults
+            mapped = mapped_tensor(f.name, start + data_start, dtype, shape) if inside else None
+            if mapped is not None:
+                return mapped
             tensor = torch.empty(shape, dtype=dtype)
             window.seek(data_start)
             if nbytes and window.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:

@@ -52,7 +52,7 @@ class _LayerTensors:
     def _build(self, entry: CheckpointEntry, layer: int | None) -> torch.Tensor:
         tensors = []
         for name in entry.hf_names(layer):
-            tensor = self.reader.get(name)
+            tensor = self.reader.get_mapped(name)
             self.progress(tensor.nbytes)
             if tensor.is_floating_point() and not _all_finite(tensor):
                 with self._lock:
