@@ -350,11 +350,14 @@ class DistCheckpointReader:
     def object_keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
 
-    def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """The stored tensor ``key`` from ``offsets`` on, of ``shape``, whatever chunks wrote it.
 
         A region that is one stored chunk (every checkpoint megatron-core writes at TP=1 stores one chunk per
-        layer slice) is read straight from the data file into the returned tensor: memory holds it once.
+        layer slice) is mapped from the data file: memory holds it once. A region of several chunks (a gated-MLP
+        weight's two halves, a TP > 1 save) is assembled into ``out`` when given (a buffer the caller reuses
+        from layer to layer, so its pages are not fresh each time), else into a new tensor.
         """
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -376,11 +379,14 @@ class DistCheckpointReader:
                 return piece
             if out is None:
                 out = torch.empty(shape, dtype=stored.properties.dtype)
+            elif tuple(out.shape) != tuple(shape) or out.dtype != stored.properties.dtype:
+                raise ValueError(f"{key}: a buffer {out.dtype}{tuple(out.shape)} for a region "
+                                 f"{stored.properties.dtype}{tuple(shape)}")
             target = out
             for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
                 target = target.narrow(dim, start, length)
             target.copy_(piece)
-        if out is None:
+        if not items:
             raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
         return out
 
