@@ -37,10 +37,11 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 class _LayerTensors:
-    """Builds each (entry, layer) megatron tensor once through its mapping and hands out its chunks.
+    """Builds each (entry, layer) megatron tensor once through its mapping, as the blocks it is saved in
+    (:meth:`~bridge_convert.mappings.Mapping.to_megatron_blocks`), and hands them out as chunks.
 
-    A gated-MLP weight is saved as two chunks; the full tensor is kept until both have been taken, then dropped,
-    so memory holds at most the tensors of the chunks being written.
+    A gated-MLP weight is saved as two chunks, its gate and up halves (the HF tensors themselves, never fused);
+    they are kept until both have been taken, so memory holds at most the tensors of the chunks being written.
     """
 
     def __init__(self, reader: LazyHFCheckpoint, cfg, dtype: torch.dtype, progress) -> None:
@@ -49,7 +50,7 @@ class _LayerTensors:
         self._cache: dict[tuple[str, int | None], list] = {}
         self._lock = threading.Lock()
 
-    def _build(self, entry: CheckpointEntry, layer: int | None) -> torch.Tensor:
+    def _build(self, entry: CheckpointEntry, layer: int | None) -> list[torch.Tensor]:
         tensors = []
         for name in entry.hf_names(layer):
             tensor = self.reader.get_mapped(name)
@@ -59,7 +60,7 @@ class _LayerTensors:
                     self.non_finite.append(name)
             tensors.append(tensor.to(self.dtype))
         shapes = [tuple(t.shape) for t in tensors]
-        return entry.mapping.to_megatron(tensors, entry.context(self.cfg, shapes))
+        return entry.mapping.to_megatron_blocks(tensors, entry.context(self.cfg, shapes))
 
     def chunk(self, entry: CheckpointEntry, layer: int | None, piece: int, pieces: int) -> torch.Tensor:
         key = (entry.key, layer)
@@ -68,12 +69,14 @@ class _LayerTensors:
         with slot[0]:
             if slot[1] is None:
                 slot[1] = self._build(entry, layer)
-            full = slot[1]
+            blocks = slot[1]
             slot[2] -= 1
             if slot[2] == 0:
                 with self._lock:
                     del self._cache[key]
-        part = full if pieces == 1 else torch.chunk(full, pieces, dim=0)[piece]
+        if len(blocks) != pieces:
+            raise ValueError(f"{entry.key}: the mapping made {len(blocks)} blocks, the checkpoint stores {pieces}")
+        part = blocks[piece]
         return part.unsqueeze(0) if layer is not None else part
 
 
