@@ -14,7 +14,10 @@ Every step runs in its own process, so its peak RSS (``ru_maxrss``) is its own:
   import-building  the model-building path (offline=False), for comparison (``--skip-building`` skips)
   export-building  the same for export
   transformers     from_pretrained + save_pretrained of the HF checkpoint (1b only: it holds the whole model)
-Prints a markdown table; files are deleted at the end unless ``--keep``.
+Prints a markdown table: per step the seconds of the whole process (start-up and imports included) and of the
+conversion call alone ("work"), both divided by the ``cp`` of the same bytes, the CPU seconds of the work (system
+time apart: on a VM, handing out fresh page-cache pages is most of it, for ``cp`` too) and the peak RSS, with the
+load average before and after. Files are deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -133,15 +137,24 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"), help="scratch directory")
     parser.add_argument("--skip-building", action="store_true", help="skip the model-building path and transformers")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run every step after 'make' N times (in order, cp next to its conversion) and report "
+                             "the median of each column (default 1); a shared machine varies by 2x from run to run")
     parser.add_argument("--child", choices=sorted(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.child:
         from bridge_convert.runtime import silence_known_warnings
 
         silence_known_warnings()
-        start = time.perf_counter()
+        before, start = os.times(), time.perf_counter()
         STEPS[args.child](args.workdir, args.shape)
-        print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes()}))
+        seconds, after = time.perf_counter() - start, os.times()
+        cpu = sum(getattr(after, f) - getattr(before, f)  # children: cp's own CPU time
+                  for f in ("user", "system", "children_user", "children_system"))
+        sys_cpu = after.system - before.system + after.children_system - before.children_system
+        print(json.dumps({"seconds": seconds, "cpu": cpu, "sys": sys_cpu, "peak_rss": _peak_rss_bytes()}))
         return 0
 
     if args.workdir.exists():
@@ -150,34 +163,49 @@ def main() -> int:
     steps = ["make", "cp-hf", "import", "cp-megatron", "export"]
     if not args.skip_building:
         steps += ["import-building", "export-building"] + (["transformers"] if args.shape == "1b" else [])
-    results = {}
+    load_before = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    runs: dict[str, list[dict]] = {}
+    identical = True
     try:
-        for step in steps:
-            results[step] = _run_child(step, args)
-            for copy in ("hf-cp", "mcore-cp"):
-                shutil.rmtree(args.workdir / copy, ignore_errors=True)
-            print(f"{step}: {results[step]['process_seconds']:.1f} s, peak RSS "
-                  f"{results[step]['peak_rss'] / GiB:.2f} GiB", file=sys.stderr, flush=True)
-        shards = sorted((args.workdir / "hf").glob("*.safetensors"))
-        identical = all(_same_bytes(f, args.workdir / "hf-out" / f.name) for f in shards)
-        hf_bytes, mc_bytes = _size(args.workdir / "hf"), _size(args.workdir / "mcore")
+        for rep in range(args.repeat):
+            for step in steps if rep == 0 else steps[1:]:
+                runs.setdefault(step, []).append(_run_child(step, args))
+                for copy in ("hf-cp", "mcore-cp"):
+                    shutil.rmtree(args.workdir / copy, ignore_errors=True)
+                print(f"{step}: {runs[step][-1]['process_seconds']:.1f} s, peak RSS "
+                      f"{runs[step][-1]['peak_rss'] / GiB:.2f} GiB", file=sys.stderr, flush=True)
+            shards = sorted((args.workdir / "hf").glob("*.safetensors"))
+            identical &= all(_same_bytes(f, args.workdir / "hf-out" / f.name) for f in shards)
+            hf_bytes, mc_bytes = _size(args.workdir / "hf"), _size(args.workdir / "mcore")
+            if rep + 1 < args.repeat:  # the outputs of this round go; the HF input stays
+                for out in ("mcore", "hf-out", "mcore-building", "hf-out-building"):
+                    shutil.rmtree(args.workdir / out, ignore_errors=True)
+        results = {step: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for step, rs in runs.items()}
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
     import torch
 
+    load_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     print(f"{args.shape} shape, bf16, {len(shards)} HF shard(s), {hf_bytes / GiB:.2f} GiB HF, {mc_bytes / GiB:.2f} GiB "
-          f"Megatron; torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print("| step | seconds (whole process) | seconds (work) | whole process / cp | peak RSS GiB |")
-    print("|---|---|---|---|---|")
+          f"Megatron; torch {torch.__version__}, {os.cpu_count()} CPUs; load average before {' '.join(load_before)}, "
+          f"after {' '.join(load_after)}")
+    print("| step | seconds (whole process) | seconds (work) | work / cp | whole process / cp "
+          "| CPU seconds of the work (of it system) | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
     cp_of = {"import": "cp-hf", "import-building": "cp-hf", "transformers": "cp-hf", "export": "cp-megatron",
              "export-building": "cp-megatron"}
     for step in steps[1:]:
         r = results[step]
-        ratio = f"{r['process_seconds'] / results[cp_of[step]]['seconds']:.2f}" if step in cp_of else "1"
+        cp = results[cp_of[step]]["seconds"] if step in cp_of else None
+        work_ratio = f"{r['seconds'] / cp:.2f}" if cp else "1"
+        whole_ratio = f"{r['process_seconds'] / cp:.2f}" if cp else "1"
         rss = "-" if step.startswith("cp") else f"{r['peak_rss'] / GiB:.2f}"
         whole = "-" if step.startswith("cp") else f"{r['process_seconds']:.1f}"
-        print(f"| {step} | {whole} | {r['seconds']:.1f} | {ratio} | {rss} |")
+        print(f"| {step} | {whole} | {r['seconds']:.1f} | {work_ratio} | {whole_ratio} | {r['cpu']:.1f} ({r['sys']:.1f}) "
+              f"| {rss} |")
+    print(f"median of {args.repeat} run(s); work = the conversion call alone; whole process = the step's process from start-up (Python, imports) to "
+          "exit; each ratio divides by the cp -r of the same bytes")
     print(f"exported shards byte-identical to the source: {identical}")
     return 0 if identical else 1
 

@@ -59,6 +59,19 @@ def test_gated_mlp_shards_are_gate_up_pairs_per_rank():
     assert all(torch.equal(a, b) for a, b in zip(m.to_hf(fused, _ctx()), [gate, up]))
 
 
+def test_blocks_are_the_gate_and_up_tensors_and_the_fused_weight_split():
+    gate, up = torch.randn(8, 3), torch.randn(8, 3)
+    m = GatedMLP("fc1", gate="g", up="u")
+    blocks = m.to_megatron_blocks([gate, up], _ctx())
+    assert blocks[0] is gate and blocks[1] is up  # handed over, not copied
+    with pytest.raises(ValueError, match="differ in shape"):
+        m.to_megatron_blocks([gate, up[:4]], _ctx())
+    q, k, v = torch.randn(32, 5), torch.randn(8, 5), torch.randn(8, 5)
+    qkv = QKV("qkv", q="q", k="k", v="v")
+    (block,) = qkv.to_megatron_blocks([q, k, v], _ctx())
+    assert torch.equal(block, qkv.to_megatron([q, k, v], _ctx()))
+
+
 @pytest.mark.parametrize("split", [(0, 1), (1, 1), (0, 2)])
 def test_unshard_inverts_shard(split):
     full = torch.randn(8, 12)

@@ -209,11 +209,11 @@ def test_full_disk_on_import_names_the_output_and_leaves_nothing(hf_checkpoints,
     from bridge_convert.offline import dist_ckpt
     from bridge_convert.outputs import OutputError
 
-    class FullDisk(dist_ckpt._StreamingWriter):
-        def write_data(self, plan, planner):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(directory, *args):  # the disk fills up part-way through the first data file
+        (directory / f"{dist_ckpt.DATA_FILE_PREFIX}0.distcp").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(dist_ckpt, "_StreamingWriter", FullDisk)
+    monkeypatch.setattr(dist_ckpt, "_write_data_files", full_disk)
     with pytest.raises(OutputError, match=r"no space left on the device of .*mc; it needs .* KiB"):
         import_hf_checkpoint(hf_checkpoints["llama"], tmp_path / "mc", progress=False)
     _nothing_left(tmp_path, "mc")
@@ -266,8 +266,8 @@ def test_finite_check_matches_isfinite(dtype):
 
     values = torch.randn(3000, generator=torch.Generator().manual_seed(0)).to(dtype)
     largest = torch.full((5,), torch.finfo(dtype).max, dtype=dtype)  # finite, however large
-    assert _all_finite(values, block=1000) and _all_finite(largest)
+    assert _all_finite(values) and _all_finite(largest) and _all_finite(values[:0])
     for bad in (float("inf"), -float("inf"), float("nan")):
         damaged = values.clone()
         damaged[2500] = bad
-        assert _all_finite(damaged, block=1000) == bool(torch.isfinite(damaged).all()) is False
+        assert _all_finite(damaged) == bool(torch.isfinite(damaged).all()) is False

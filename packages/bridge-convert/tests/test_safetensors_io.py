@@ -36,6 +36,26 @@ def test_reader_reads_by_name_across_shards(tmp_path):
         reader.get("z")
 
 
+def test_mapped_reads_equal_reads_and_writes_stay_private(tmp_path):
+    tensors = _sharded(tmp_path)
+    big = torch.randn(3000, 7, generator=torch.Generator().manual_seed(1))  # crosses pages, starts off a page
+    save_file({"pad": torch.ones(3), "big": big}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {"a": index["weight_map"]["a"], "b": index["weight_map"]["b"],
+                           "pad": "model-00002-of-00002.safetensors", "big": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    tensors = {"a": tensors["a"], "b": tensors["b"], "pad": torch.ones(3), "big": big}
+    before = (tmp_path / "model-00002-of-00002.safetensors").read_bytes()
+    reader = LazyHFCheckpoint(tmp_path)
+    for name, tensor in tensors.items():
+        mapped = reader.get_mapped(name)
+        assert mapped.dtype == tensor.dtype and torch.equal(mapped, tensor), name
+    mapped = reader.get_mapped("big")
+    mapped.mul_(2)  # copy-on-write: the file and a fresh read are unchanged
+    assert torch.equal(mapped, 2 * big) and torch.equal(reader.get_mapped("big"), big)
+    assert (tmp_path / "model-00002-of-00002.safetensors").read_bytes() == before
+
+
 def test_reader_names_truncated_file(tmp_path):
     _sharded(tmp_path)
     shard = tmp_path / "model-00001-of-00002.safetensors"

@@ -90,6 +90,13 @@ class Mapping(ABC):
     def to_hf(self, megatron: torch.Tensor, ctx: MappingContext) -> list[torch.Tensor]:
         """The full megatron tensor -> full HF tensors (in ``hf`` order)."""
 
+    def to_megatron_blocks(self, hf: Sequence[torch.Tensor], ctx: MappingContext) -> list[torch.Tensor]:
+        """The full megatron tensor as its ``stride`` blocks along dim 0 (what a checkpoint stores apart).
+
+        A mapping whose blocks are its inputs overrides this to hand them over without building the fused
+        tensor (the offline converter writes the blocks, so a copy of every fused weight is saved)."""
+        return list(torch.chunk(self.to_megatron(hf, ctx), self.stride, dim=0))
+
 
 @dataclass(frozen=True)
 class Direct(Mapping):
@@ -172,10 +179,13 @@ class GatedMLP(Mapping):
         super().__init__(megatron, (gate, up), "column", 2, True)
 
     def to_megatron(self, hf, ctx):
+        return torch.cat(self.to_megatron_blocks(hf, ctx), dim=0)
+
+    def to_megatron_blocks(self, hf, ctx):
         gate, up = hf
         if gate.shape != up.shape:
             raise ValueError(f"{self.hf[0]} {tuple(gate.shape)} and {self.hf[1]} {tuple(up.shape)} differ in shape")
-        return torch.cat([gate, up], dim=0)
+        return [gate, up]
 
     def to_hf(self, megatron, ctx):
         gate, up = torch.chunk(megatron, 2, dim=0)

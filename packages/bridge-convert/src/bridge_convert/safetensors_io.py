@@ -10,6 +10,7 @@ without one, files are cut by size and named like ``save_pretrained`` does.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ __all__ = [
     "LazyHFCheckpoint",
     "ShardedSafetensorsWriter",
     "SourceLayout",
+    "mapped_tensor",
     "parse_size",
 ]
 
@@ -71,6 +73,26 @@ def _read_safetensors_header(path: Path) -> tuple[dict, str]:
         raise ValueError(f"truncated safetensors file {path}: tensors need {8 + header_len + data_len} bytes, "
                          f"the file has {size}")
     return header, raw
+
+
+def mapped_tensor(path: str | os.PathLike, start: int, dtype: torch.dtype, shape: tuple[int, ...]
+                  ) -> torch.Tensor | None:
+    """The tensor stored at byte ``start`` of ``path``, mapped copy-on-write from the file (no copy, no fresh memory:
+    its pages are the page cache's until written, and a write stays private to this process).
+
+    Reading a checkpoint this way instead of into a new tensor saves a memory pass and the kernel's work of
+    handing out fresh pages (most of a conversion's system time). The mapping covers only this tensor and goes
+    away with the tensor, so memory holds the tensors in use, not the file. None when the bytes are not aligned
+    for ``dtype`` (a view needs it) or the tensor is empty: read it instead.
+    """
+    nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+    page_start = start - start % mmap.ALLOCATIONGRANULARITY
+    if not nbytes or (start - page_start) % dtype.itemsize:
+        return None
+    with open(path, "rb") as f:
+        window = mmap.mmap(f.fileno(), start + nbytes - page_start, offset=page_start, access=mmap.ACCESS_COPY)
+    data = torch.frombuffer(window, dtype=torch.uint8, offset=start - page_start, count=nbytes)
+    return data.view(dtype).view(shape)
 
 
 class LazyHFCheckpoint:
@@ -174,6 +196,20 @@ class LazyHFCheckpoint:
             except (OSError, ValueError) as exc:
                 raise ValueError(f"cannot read {name!r} from {self.path / file}: {exc}") from exc
         return tensor
+
+    def get_mapped(self, name: str) -> torch.Tensor:
+        """Like :meth:`get`, but a safetensors tensor is mapped copy-on-write from its file (see
+        :func:`mapped_tensor`) rather than read: for conversions that only read each tensor and write it on."""
+        if name not in self.weight_map or self.format != "safetensors":
+            return self.get(name)
+        file = self.weight_map[name]
+        info = self._headers[file][name]
+        try:
+            tensor = mapped_tensor(self.path / file, 8 + self._header_len[file] + info["data_offsets"][0],
+                                   _DTYPES[info["dtype"]], tuple(info["shape"]))
+        except OSError:  # a file system that cannot map files: read it (which names the file if that fails too)
+            tensor = None
+        return self.get(name) if tensor is None else tensor
 
     def close(self) -> None:
         self._bin_cache.clear()

@@ -6,50 +6,43 @@ A ``torch_dist`` checkpoint is a ``torch.distributed.checkpoint`` (DCP) director
 every ``ShardedObject`` as a byte item keyed ``<key>/shard_<offset>_<shape>`` holding ``torch.save([data])``; its
 common (non-sharded) state is the object ``common_state/shard_0_1``.
 
-Writing goes through DCP's own planner protocol with a planner whose ``resolve_data`` produces each chunk on
-demand and a file-system writer that drops each chunk once written, so memory holds one chunk per writer thread,
-never the model. Reading takes one region (a layer slice) at a time from DCP's metadata: each stored chunk is a
-``torch.save`` archive inside a data file, read straight into its tensor; a region stored in several chunks (a
-checkpoint saved at TP > 1) is assembled from them. So a checkpoint written at any TP / PP layout, by training or
+Writing lays the data files out as DCP's file-system writer does, producing each chunk when its turn comes and
+dropping it once written, so memory holds one chunk per writer thread, never the model; DCP's own save then writes
+the ``.metadata`` of those files (:mod:`.dcp_save`). Reading takes one region (a layer slice) at a time from DCP's
+metadata: each stored chunk is a ``torch.save`` archive inside a data file, mapped into its tensor; a region
+stored in several chunks (a gated-MLP weight, a checkpoint saved at TP > 1) is assembled from them. So a checkpoint written at any TP / PP layout, by training or
 by this module, is read the same way.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
-import warnings
+import sys
+import threading
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import (
-    BytesIOWriteData,
-    SavePlan,
-    SavePlanner,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
+
+from ..safetensors_io import mapped_tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 __all__ = ["BACKEND_CONFIG", "ChunkSpec", "DistCheckpointReader", "ObjectSpec", "write_dist_checkpoint"]
 
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 """megatron-core's ``metadata.json`` for a torch_dist checkpoint (``dist_checkpointing.core.CheckpointingConfig``)."""
 CONFIG_FILE = "metadata.json"
+DATA_FILE_PREFIX = "__0_"
+"""The data file names of a single-process save: DCP's file-system writer names rank 0's ``__0_<i>.distcp``."""
 
 
 @dataclass(frozen=True)
@@ -76,65 +69,31 @@ class ObjectSpec:
     data: object
 
 
-def _properties(chunk: ChunkSpec) -> TensorProperties:
-    """As megatron-core records them: strides only for a tensor saved whole, none for one saved in chunks."""
-    properties = TensorProperties.create_from_tensor(torch.empty(chunk.global_shape, dtype=chunk.dtype, device="meta"))
-    if tuple(chunk.sizes) != tuple(chunk.global_shape):
-        properties.strides = None
-    return properties
+@dataclass(frozen=True)
+class StoredItem:
+    """Where a chunk or object was written: data file, byte range, and the size DCP records for it."""
+
+    file: str
+    offset: int
+    length: int
+    size: int
 
 
-class _LazySavePlanner(SavePlanner):
-    """A save planner over chunk specs: the plan comes from the specs, the data from ``produce`` when written."""
+def _produce(chunk: ChunkSpec) -> torch.Tensor:
+    tensor = chunk.produce()
+    if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != chunk.dtype:
+        raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tensor.dtype}{tuple(tensor.shape)}, the "
+                         f"checkpoint layout expects {chunk.dtype}{tuple(chunk.sizes)}")
+    return _own_storage(tensor.contiguous())
 
-    def __init__(self, chunks: list[ChunkSpec], objects: list[ObjectSpec], on_chunk: Callable[[ChunkSpec], None]):
-        self._chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
-        if len(self._chunks) != len(chunks):
-            raise ValueError("two chunks of the same tensor start at the same offset")
-        self._objects = {o.unique_key: o for o in objects}
-        self._on_chunk = on_chunk
 
-    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
-        self._storage_meta = storage_meta
-
-    def create_local_plan(self) -> SavePlan:
-        items = []
-        for chunk in self._chunks.values():
-            items.append(WriteItem(
-                index=MetadataIndex(chunk.key, torch.Size(chunk.offsets)), type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=torch.Size(chunk.offsets), sizes=torch.Size(chunk.sizes)),
-                    properties=_properties(chunk), size=torch.Size(chunk.global_shape))))
-        for key in self._objects:
-            items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO,
-                                   bytes_io_data=BytesIOWriteData(nbytes=0)))
-        return SavePlan(items)
-
-    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-
-        plans, metadata = create_default_global_save_plan(all_plans)
-        metadata.storage_meta = self._storage_meta
-        return plans, metadata
-
-    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
-        return new_plan
-
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
-        if write_item.type == WriteItemType.BYTE_IO:
-            buffer = io.BytesIO()
-            torch.save([self._objects[write_item.index.fqn].data], buffer)
-            return buffer
-        chunk = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        tensor = chunk.produce()
-        if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != chunk.dtype:
-            raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tensor.dtype}{tuple(tensor.shape)}, the "
-                             f"checkpoint layout expects {chunk.dtype}{tuple(chunk.sizes)}")
-        self._on_chunk(chunk)
-        tensor = tensor.contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:  # torch.save writes a view's whole storage
-            tensor = tensor.clone()
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (contiguous) on a storage of exactly its bytes, sharing its memory: torch.save writes a view's
+    whole storage, and a copy would cost a pass over memory."""
+    if tensor.untyped_storage().nbytes() == tensor.nbytes or not tensor.numel():
         return tensor
+    data = tensor.view(-1).view(torch.uint8).numpy()  # keeps the original storage alive
+    return torch.frombuffer(data, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
 
 
 @contextmanager
@@ -151,53 +110,83 @@ def _without_crc32():
         config.save.compute_crc32 = previous
 
 
-class _StreamingWriter(FileSystemWriter):
-    """DCP's file-system writer, writing each item as DCP does (``torch.save`` per chunk, raw bytes per object) but
-    dropping each tensor once written: torch's own ``write_data`` keeps every tensor of a file alive until the file
-    is done, which would hold the whole model in memory."""
+def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[ObjectSpec], threads: int,
+                      on_chunk: Callable[[ChunkSpec], None]) -> dict[tuple, StoredItem]:
+    """Write the data files as DCP's file-system writer lays them out (``torch.save`` of each chunk, the
+    ``torch.save([data])`` bytes of each object, items dealt in order to the least-filled of ``threads`` files),
+    producing each chunk when its turn comes and dropping it once written.
 
-    def write_data(self, plan: SavePlan, planner: SavePlanner):
-        from concurrent.futures import ThreadPoolExecutor
+    Returns:
+        where each item went, keyed ``(tensor key, offsets)`` for chunks and ``(unique key, None)`` for objects.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-        from torch.distributed.checkpoint.storage import WriteResult
+    items = [(c.key, tuple(c.offsets), c) for c in chunks] + [(o.unique_key, None, o) for o in objects]
+    if len({(key, offsets) for key, offsets, _ in items}) != len(items):
+        raise ValueError("two chunks of the same tensor start at the same offset, or two objects share a key")
+    buckets: list[list] = [[] for _ in range(threads)]
+    sizes = [0] * threads
+    for item in items:
+        i = sizes.index(min(sizes))
+        buckets[i].append(item)
+        sizes[i] += item[2].nbytes if item[1] is not None else 0
 
-        buckets: list[list[WriteItem]] = [[] for _ in range(self.thread_count)]
-        sizes = [0] * self.thread_count
-        for item in plan.items:  # in plan order, each to the least-filled file
-            i = sizes.index(min(sizes))
-            buckets[i].append(item)
-            sizes[i] += item.tensor_storage_size() or 0
+    def write(index: int, bucket: list) -> dict[tuple, StoredItem]:
+        name = f"{DATA_FILE_PREFIX}{index}.distcp"
+        stored = {}
+        with open(directory / name, "wb") as stream:
+            for key, offsets, spec in bucket:
+                start = stream.tell()
+                if offsets is None:
+                    buffer = io.BytesIO()
+                    torch.save([spec.data], buffer)
+                    stream.write(buffer.getbuffer())
+                    size = stream.tell() - start
+                else:
+                    tensor = _produce(spec)
+                    on_chunk(spec)
+                    torch.save(tensor, stream)
+                    size = tensor.nbytes
+                    del tensor
+                stored[(key, offsets)] = StoredItem(name, start, stream.tell() - start, size)
+        return stored
 
-        def write(index: int, items: list[WriteItem]) -> list:
-            name = f"{plan.storage_data.prefix}{index}.distcp"
-            results = []
-            with open(Path(self.path) / name, "wb") as stream:
-                for item in items:
-                    data = planner.resolve_data(item)
-                    offset = stream.tell()
-                    if item.type == WriteItemType.BYTE_IO:
-                        stream.write(data.getbuffer())
-                    else:
-                        torch.save(data, stream)
-                    length = stream.tell() - offset
-                    size = length if item.type == WriteItemType.BYTE_IO else data.numel() * data.element_size()
-                    results.append(WriteResult(index=item.index, size_in_bytes=size,
-                                               storage_data=_StorageInfo(name, offset, length)))
-                    del data
-            return results
+    with _without_crc32(), ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(write, i, bucket) for i, bucket in enumerate(buckets) if bucket]
+        return {k: v for f in futures for k, v in f.result().items()}
 
-        with _without_crc32(), ThreadPoolExecutor(max_workers=self.thread_count) as pool:
-            futures = [pool.submit(write, i, items) for i, items in enumerate(buckets) if items]
-            results = [r for f in futures for r in f.result()]
-        done = torch.futures.Future()
-        done.set_result(results)
-        return done
+
+def _import_in_background(module: str) -> Callable[[], None]:
+    """Start importing ``module`` in a thread; the returned function waits for it (and raises what it raised)."""
+    if module in sys.modules:
+        return lambda: None
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"import {module}", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return wait
 
 
 def write_dist_checkpoint(directory: str | os.PathLike, chunks: list[ChunkSpec], objects: list[ObjectSpec], *,
                           threads: int = 2, on_chunk: Callable[[ChunkSpec], None] = lambda chunk: None) -> None:
     """Write a torch_dist checkpoint into the existing, empty ``directory`` (no process group needed).
+
+    The data files are written first, while ``torch.distributed.checkpoint`` is imported in the background
+    (1.4-4 s of CPU that would otherwise come first); then DCP's own save writes the ``.metadata`` of what was
+    written (:mod:`bridge_convert.offline.dcp_save`). Files are not fsynced (as the safetensors writer): the staged
+    directory is renamed into place only when complete, which is what protects against a killed run.
 
     Args:
         directory: the (staging) checkpoint directory.
@@ -207,38 +196,13 @@ def write_dist_checkpoint(directory: str | os.PathLike, chunks: list[ChunkSpec],
         threads: writer threads (one data file each).
         on_chunk: called after each chunk is produced (progress).
     """
-    from torch.distributed.checkpoint import save
+    wait_for_dcp = _import_in_background("torch.distributed.checkpoint")
+    stored = _write_data_files(Path(directory), chunks, objects, max(1, threads), on_chunk)
+    wait_for_dcp()
+    from .dcp_save import save_metadata
 
-    planner = _LazySavePlanner(chunks, objects, on_chunk)
-    # No fsync per file (as the safetensors writer): the staged directory is renamed into place only when
-    # complete, which is what protects against a killed run.
-    writer = _StreamingWriter(str(directory), single_file_per_rank=True, thread_count=max(1, threads),
-                              sync_files=False)
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        with _single_process():
-            save({}, storage_writer=writer, planner=planner, no_dist=True)
-    except CheckpointException as exc:
-        raise _original(exc) from exc
+    save_metadata(directory, chunks, objects, stored)
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))
-
-
-@contextmanager
-def _single_process():
-    """Without a process group DCP warns that it assumes a single process, which is the point here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _original(exc: Exception) -> BaseException:
-    """The exception a DCP step raised, out of the CheckpointException that wraps it per rank."""
-    for failure in getattr(exc, "failures", {}).values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, BaseException):
-            return inner
-    return exc
 
 
 class _Slice(io.RawIOBase):
@@ -271,8 +235,9 @@ class _Slice(io.RawIOBase):
 def _read_saved_tensor(f, start: int, length: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor of a ``torch.save`` archive at ``[start, start + length)`` of ``f``.
 
-    torch.save stores a tensor's bytes uncompressed as the archive's ``data/0`` record; it is read straight into
-    the result. Anything else (several storages, a compressed record) goes through ``torch.load``.
+    torch.save stores a tensor's bytes uncompressed as the archive's ``data/0`` record; the result maps them
+    copy-on-write from the file (:func:`~bridge_convert.safetensors_io.mapped_tensor`), or, unaligned, reads them
+    straight into itself. Anything else (several storages, a compressed record) goes through ``torch.load``.
     """
     window = _Slice(f, start, length)
     with zipfile.ZipFile(window) as archive:
@@ -286,6 +251,14 @@ def _read_saved_tensor(f, start: int, length: int, dtype: torch.dtype, shape: tu
                 raise ValueError("bad local header in a saved tensor")
             data_start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
                 int.from_bytes(header[28:30], "little")
+            mapped = None
+            if start + data_start + nbytes <= os.fstat(f.fileno()).st_size:  # a mapping past the end faults
+                try:
+                    mapped = mapped_tensor(f.name, start + data_start, dtype, shape)
+                except OSError:  # a file system that cannot map files: read instead
+                    mapped = None
+            if mapped is not None:
+                return mapped
             tensor = torch.empty(shape, dtype=dtype)
             window.seek(data_start)
             if nbytes and window.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
@@ -311,6 +284,8 @@ class DistCheckpointReader:
             raise ValueError(f"{config} is missing or unreadable ({exc}); not a megatron-core dist checkpoint") from exc
         if backend != "torch_dist":
             raise ValueError(f"{config} names the {backend!r} backend; only torch_dist checkpoints are supported")
+        from torch.distributed.checkpoint import FileSystemReader
+
         try:
             self.metadata: Metadata = FileSystemReader(str(self.directory)).read_metadata()
         except Exception as exc:
@@ -332,17 +307,25 @@ class DistCheckpointReader:
                                  f"has {path.stat().st_size}")
 
     def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
         return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
     def object_keys(self) -> list[str]:
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
 
-    def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """The stored tensor ``key`` from ``offsets`` on, of ``shape``, whatever chunks wrote it.
 
         A region that is one stored chunk (every checkpoint megatron-core writes at TP=1 stores one chunk per
-        layer slice) is read straight from the data file into the returned tensor: memory holds it once.
+        layer slice) is mapped from the data file: memory holds it once. A region of several chunks (a gated-MLP
+        weight's two halves, a TP > 1 save) is assembled into ``out`` when given (a buffer the caller reuses
+        from layer to layer, so its pages are not fresh each time), else into a new tensor.
         """
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         stored = self.metadata.state_dict_metadata.get(key)
@@ -363,11 +346,14 @@ class DistCheckpointReader:
                 return piece
             if out is None:
                 out = torch.empty(shape, dtype=stored.properties.dtype)
+            elif tuple(out.shape) != tuple(shape) or out.dtype != stored.properties.dtype:
+                raise ValueError(f"{key}: a buffer {out.dtype}{tuple(out.shape)} for a region "
+                                 f"{stored.properties.dtype}{tuple(shape)}")
             target = out
             for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
                 target = target.narrow(dim, start, length)
             target.copy_(piece)
-        if out is None:
+        if not items:
             raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
         return out
 

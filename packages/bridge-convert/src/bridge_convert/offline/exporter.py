@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -100,14 +101,22 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         dtypes = {n: target or stored_dtypes[source_of[n]] for n, _ in hf_shapes}
     total = sum(torch.Size(s).numel() * dtypes[n].itemsize for n, s in hf_shapes)
 
-    def read(entry: CheckpointEntry, layer: int | None) -> list[tuple[str, torch.Tensor]]:
+    spare: dict[str, list[torch.Tensor]] = {}  # region buffers by key, reused from layer to layer
+    spare_lock = threading.Lock()
+
+    def read(entry: CheckpointEntry, layer: int | None) -> tuple[list[tuple[str, torch.Tensor]], tuple]:
         shape = shapes[entry.key]
         region = ((1,) if entry.layered else ()) + shape
         offsets = ((layer,) + (0,) * len(shape)) if entry.layered else (0,) * len(shape)
-        full = reader.read_region(entry.key, offsets, region)
+        with spare_lock:
+            free = spare.setdefault(entry.key, [])
+            buffer = free.pop() if free else None
+        if buffer is None:  # untouched (so not resident) unless the region is assembled from several chunks
+            buffer = torch.empty(region, dtype=stored_dtypes[entry.key])
+        full = reader.read_region(entry.key, offsets, region, out=buffer)
         full = full[0] if entry.layered else full
         outs = entry.mapping.to_hf(full, entry.context(cfg, megatron_shape=shape))
-        return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), outs)]
+        return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), outs)], (entry.key, buffer)
 
     from tqdm.auto import tqdm
 
@@ -127,12 +136,16 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
             if len(pending) >= max(1, threads):
                 break
         while pending:
-            for name, tensor in pending.popleft().result():
+            tensors, (key, buffer) = pending.popleft().result()
+            for name, tensor in tensors:
                 writer.add(name, tensor)
                 for alias in aliases.get(name, ()):
                     writer.add(alias, tensor.to(dtypes[alias]))
                 bar.update(tensor.nbytes)
                 del tensor
+            del tensors
+            with spare_lock:  # written: the buffer may take the next layer's region
+                spare[key].append(buffer)
             task = next(queue, None)
             if task is not None:
                 pending.append(pool.submit(read, *task))

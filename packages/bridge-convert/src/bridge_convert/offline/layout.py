@@ -53,6 +53,16 @@ class CheckpointEntry:
         meta = [torch.empty(shape, device="meta") for shape in hf_shapes]
         return tuple(self.mapping.to_megatron(meta, self.context(cfg, hf_shapes)).shape)
 
+    def hf_shapes(self, megatron_shape: tuple[int, ...], cfg: SimpleNamespace) -> list[tuple[int, ...]]:
+        """The HF tensor shapes the mapping makes of a megatron tensor of ``megatron_shape``.
+
+        Only views and copies run on the meta tensors here, while ``torch.cat`` on meta tensors
+        (:meth:`megatron_shape`) imports ``torch._dynamo`` (1-3 s): the import checks HF shapes against these first.
+        """
+        outs = self.mapping.to_hf(torch.empty(megatron_shape, device="meta"),
+                                  self.context(cfg, megatron_shape=tuple(megatron_shape)))
+        return [tuple(t.shape) for t in outs]
+
     def context(self, cfg: SimpleNamespace, hf_shapes: list[tuple[int, ...]] | None = None,
                 megatron_shape: tuple[int, ...] | None = None):
         """The mapping context; vocab tables are padded as megatron-core pads them at TP=1."""
