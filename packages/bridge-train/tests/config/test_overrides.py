@@ -116,6 +116,9 @@ BAD = [
     ("bad_key", "train..x=1", "'train..x' is not a dotted key"),
     ("missing_interpolation", "train.eval_interval=${train.nope}",
      "cannot resolve an interpolation: Interpolation key 'train.nope' not found"),
+    ("unclosed_list", "profiling.profile_ranks=[0, 1",
+     "override 'profiling.profile_ranks=[0, 1': '[0, 1' is not valid YAML (while parsing a flow sequence, did "
+     "not find expected ',' or ']'); close the brackets"),
 ]
 
 
