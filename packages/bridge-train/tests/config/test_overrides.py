@@ -104,6 +104,7 @@ BAD = [
      "~train.train_iters: train.train_iters is required and has no default to reset to; set it instead"),
     ("reset_unless_value_matches", "~train.micro_batch_size=3",
      "~train.micro_batch_size=3: train.micro_batch_size is 2, not 3; nothing was removed"),
+    ("reset_section_unless_equal", "~model=3", "~model=3: model is a GPTModelProvider, not 3; nothing was removed"),
     ("remove_missing_entry", "~model.generation_config.top_k", "model.generation_config.top_k does not exist"),
     ("reset_unknown_key", "~train.eval_intervall", "unknown key 'train.eval_intervall'; did you mean "
      "'train.eval_interval'?"),

@@ -257,7 +257,8 @@ class _Plan:
             value = functools.reduce(dict.__getitem__, key.split("."), data)
             old = holder[entry[-1]] if entry else current
             if (value if entry else convert(type(obj), {name: value}, path)[0].get(name, value)) != old:
-                return self.problem(f"~{key}={value}: {key} is {old!r}, not {value!r}; nothing was removed")
+                shown = repr(old) if len(repr(old)) <= 80 else f"a {type(old).__name__}"  # not a whole section
+                return self.problem(f"~{key}={value}: {key} is {shown}, not {value!r}; nothing was removed")
         if entry:
             new = copy.deepcopy(current)
             del functools.reduce(dict.__getitem__, entry[:-1], new)[entry[-1]]
