@@ -113,6 +113,8 @@ BAD = [
      "unknown key 'optimizer.learning_rate'; did you mean 'optimizer.lr'?"),
     ("megatron_bridge_max_lr", "scheduler.max_lr=1e-4", "unknown key 'scheduler.max_lr'; did you mean 'optimizer.lr'?"),
     ("abbreviation", "train.mbs=4", "unknown key 'train.mbs'; did you mean 'train.micro_batch_size'?"),
+    ("unknown_recipe", "mixed_precision=bf16_mixd",
+     "mixed_precision: unknown mixed precision recipe 'bf16_mixd'; did you mean 'bf16_mixed'?"),
     ("unknown_peft_method", "peft=lorra", "peft: unknown PEFT method 'lorra'; did you mean 'lora'?"),
     ("bad_key", "train..x=1", "'train..x' is not a dotted key"),
     ("missing_interpolation", "train.eval_interval=${train.nope}",

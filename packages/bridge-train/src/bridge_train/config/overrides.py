@@ -211,6 +211,11 @@ class _Plan:
             except ValueError as err:
                 self.problem(f"{dotted}: {err}")
             return
+        if obj is self.cfg and name == "mixed_precision" and isinstance(value, str):
+            try:  # the name is kept (finalize() applies the recipe), but a typo is refused now
+                get_mixed_precision_config(value)
+            except ValueError as err:
+                return self.problem(f"{dotted}: {err}")
         if isinstance(value, dict):
             if REPR_KEY in value:
                 warnings.warn(f"{dotted} ({value.get(TARGET_KEY)}) was saved by class path and repr only; the "
