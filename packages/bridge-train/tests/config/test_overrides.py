@@ -104,6 +104,7 @@ BAD = [
      "~train.train_iters: train.train_iters is required and has no default to reset to; set it instead"),
     ("reset_unless_value_matches", "~train.micro_batch_size=3",
      "~train.micro_batch_size=3: train.micro_batch_size is 2, not 3; nothing was removed"),
+    ("reset_section_unless_equal", "~model=3", "~model=3: model is a GPTModelProvider, not 3; nothing was removed"),
     ("remove_missing_entry", "~model.generation_config.top_k", "model.generation_config.top_k does not exist"),
     ("reset_unknown_key", "~train.eval_intervall", "unknown key 'train.eval_intervall'; did you mean "
      "'train.eval_interval'?"),
@@ -112,10 +113,15 @@ BAD = [
      "unknown key 'optimizer.learning_rate'; did you mean 'optimizer.lr'?"),
     ("megatron_bridge_max_lr", "scheduler.max_lr=1e-4", "unknown key 'scheduler.max_lr'; did you mean 'optimizer.lr'?"),
     ("abbreviation", "train.mbs=4", "unknown key 'train.mbs'; did you mean 'train.micro_batch_size'?"),
+    ("unknown_recipe", "mixed_precision=bf16_mixd",
+     "mixed_precision: unknown mixed precision recipe 'bf16_mixd'; did you mean 'bf16_mixed'?"),
     ("unknown_peft_method", "peft=lorra", "peft: unknown PEFT method 'lorra'; did you mean 'lora'?"),
     ("bad_key", "train..x=1", "'train..x' is not a dotted key"),
     ("missing_interpolation", "train.eval_interval=${train.nope}",
      "cannot resolve an interpolation: Interpolation key 'train.nope' not found"),
+    ("unclosed_list", "profiling.profile_ranks=[0, 1",
+     "override 'profiling.profile_ranks=[0, 1': '[0, 1' is not valid YAML (while parsing a flow sequence, did "
+     "not find expected ',' or ']'); close the brackets"),
 ]
 
 

@@ -180,24 +180,14 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-def _enum_by_name(tp: type[enum.Enum]):
+def _by_name(named: dict[str, Any]):
+    """Text read as the choice it names: ``flash`` for ``AttnBackend.flash`` (enums are written by member name),
+    ``"2"`` for ``Literal[2]``; case-insensitively (``wsd`` for ``Literal["WSD"]``) when only one choice matches."""
     def read(value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, str) and _lax(info):
-            folded = {name.lower(): member for name, member in tp.__members__.items()}
-            return tp.__members__.get(value, folded.get(value.lower(), value))
-        return value
-
-    return read
-
-
-def _fold_literal(choices: tuple):
-    """``"2"`` for ``Literal[2]``, ``wsd`` for ``Literal["WSD"]`` (when only one choice matches)."""
-    def read(value: Any, info: ValidationInfo) -> Any:
-        if not _lax(info) or value in choices or isinstance(value, bool) or not isinstance(value, str | int):
+        if not _lax(info) or isinstance(value, bool) or not isinstance(value, str | int) or value in named.values():
             return value
         text = str(value)
-        same = [c for c in choices if str(c) == text] or [
-            c for c in choices if isinstance(c, str) and c.lower() == text.lower()]
+        same = [c for n, c in named.items() if n == text] or [c for n, c in named.items() if n.lower() == text.lower()]
         return same[0] if len(same) == 1 else value
 
     return read
@@ -217,9 +207,9 @@ def _accepts(tp: Any) -> Any:
     if origin in (Union, types.UnionType):
         return Union[tuple(_accepts(a) for a in args)]  # noqa: UP007
     if origin is Literal:
-        return Annotated[tp, BeforeValidator(_fold_literal(args))]
+        return Annotated[tp, BeforeValidator(_by_name({str(a): a for a in args}))]
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return Annotated[tp, BeforeValidator(_enum_by_name(tp))]
+        return Annotated[tp, BeforeValidator(_by_name(dict(tp.__members__)))]
     if origin in (list, tuple, dict, set, frozenset, collections.abc.Sequence, collections.abc.Mapping) and args:
         base = {collections.abc.Sequence: list, collections.abc.Mapping: dict}.get(origin, origin)
         return base[tuple(a if a is ... else _accepts(a) for a in args)]

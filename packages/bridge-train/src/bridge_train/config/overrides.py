@@ -30,12 +30,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .container import ConfigContainer
 from .errors import ConfigError, ConfigWarning, unknown_key_message
-from .fields import REPR_KEY, TARGET_KEY, NotRestorable, convert, dotted_keys, import_object
+from .fields import REPR_KEY, TARGET_KEY, convert, dotted_keys, import_object
 from .mixed_precision import MixedPrecisionConfig, get_mixed_precision_config
 from .protocols import peft_method
 from .yaml_io import load_yaml, to_dict
@@ -131,6 +132,11 @@ def _parse_override(text: Any) -> _Patch | str:
         conf = OmegaConf.from_dotlist([f"{key}={value}"]) if equals or op != "~" else None
     except (OmegaConfBaseException, ValueError) as err:
         return f"override {text!r}: cannot parse the value: {err}"
+    except yaml.YAMLError as err:  # e.g. an unclosed [ or {; ${...} inside a flow list must be quoted
+        parts = (getattr(err, "context", None), getattr(err, "problem", None))
+        detail = ", ".join(str(part) for part in parts if part) or str(err).splitlines()[0]
+        return (f"override {text!r}: {value!r} is not valid YAML ({detail}); close the brackets, and quote "
+                "text or ${...} inside [...] / {...} ('x', \"${a.b}\")")
     return _Patch(f"override {text!r}", op, key, conf)
 
 
@@ -159,15 +165,13 @@ def _resolved(cfg: ConfigContainer, patch: DictConfig) -> dict:
     raw = OmegaConf.to_container(patch, resolve=False)
     if "${" not in repr(raw):
         return raw
-    context = OmegaConf.merge(OmegaConf.create(to_dict(cfg, warn=False)), patch)
+    # to_dict escapes the config's own "${", so resolving everything resolves only the patch's interpolations
+    full = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(to_dict(cfg, warn=False)), patch), resolve=True)
 
-    def restrict(shape: Any, key: str) -> Any:  # the values of context at the keys shape has (resolving only those)
-        if isinstance(shape, dict):
-            return {k: restrict(v, f"{key}.{k}" if key else k) for k, v in shape.items()}
-        value = OmegaConf.select(context, key, throw_on_resolution_failure=True)
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    def pick(shape: dict, values: dict) -> dict:  # the resolved values at the keys the patch has
+        return {k: pick(v, values[k]) if isinstance(v, dict) else values[k] for k, v in shape.items()}
 
-    return restrict(raw, "")
+    return pick(raw, full)
 
 
 def _join(path: str, name: str) -> str:
@@ -207,6 +211,11 @@ class _Plan:
             except ValueError as err:
                 self.problem(f"{dotted}: {err}")
             return
+        if obj is self.cfg and name == "mixed_precision" and isinstance(value, str):
+            try:  # the name is kept (finalize() applies the recipe), but a typo is refused now
+                get_mixed_precision_config(value)
+            except ValueError as err:
+                return self.problem(f"{dotted}: {err}")
         if isinstance(value, dict):
             if REPR_KEY in value:
                 warnings.warn(f"{dotted} ({value.get(TARGET_KEY)}) was saved by class path and repr only; the "
@@ -225,9 +234,7 @@ class _Plan:
         values, problems = convert(type(obj), {name: value}, dotted.rpartition(".")[0])
         for message in problems:
             self.problem(message)
-        if isinstance(values.get(name), NotRestorable):
-            self.problem(f"{dotted}: {values[name].target} cannot be rebuilt from YAML; set it in Python")
-        elif not problems:
+        if not problems:
             self.assignments.append((obj, name, values[name]))
 
     def add_or_remove(self, op: str, key: str, data: dict | None) -> None:
@@ -255,7 +262,8 @@ class _Plan:
             value = functools.reduce(dict.__getitem__, key.split("."), data)
             old = holder[entry[-1]] if entry else current
             if (value if entry else convert(type(obj), {name: value}, path)[0].get(name, value)) != old:
-                return self.problem(f"~{key}={value}: {key} is {old!r}, not {value!r}; nothing was removed")
+                shown = repr(old) if len(repr(old)) <= 80 else f"a {type(old).__name__}"  # not a whole section
+                return self.problem(f"~{key}={value}: {key} is {shown}, not {value!r}; nothing was removed")
         if entry:
             new = copy.deepcopy(current)
             del functools.reduce(dict.__getitem__, entry[:-1], new)[entry[-1]]
