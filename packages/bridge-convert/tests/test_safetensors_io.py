@@ -147,3 +147,40 @@ def test_writer_shards_by_size_like_save_pretrained(tmp_path):
 @pytest.mark.parametrize("text,value", [("5GB", 5 * 10**9), ("150KB", 150_000), ("2GiB", 2 * 2**30), (7, 7)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
+
+
+def test_write_bytes_copies_mapped_tensors_in_the_kernel_and_writes_the_rest(tmp_path, monkeypatch):
+    import errno
+    import gc
+    import os
+
+    from bridge_convert import safetensors_io as sio
+
+    payload = torch.randn(1 << 19, generator=torch.Generator().manual_seed(3))  # 2 MiB: above the 1 MiB floor
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 64 + payload.numpy().tobytes())
+    copies = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: copies.append(a[2]) or real(*a))
+    mapped = sio.mapped_tensor(src, 64, torch.float32, tuple(payload.shape))
+    fresh = payload.clone() * 2
+    with open(tmp_path / "out.bin", "wb") as out:
+        out.write(b"head")
+        assert sio.write_bytes(out, memoryview(mapped.numpy())) == payload.nbytes
+        assert sio.write_bytes(out, memoryview(fresh.numpy())) == payload.nbytes  # fresh memory: plain write
+        out.write(b"tail")
+    data = (tmp_path / "out.bin").read_bytes()
+    assert copies and sum(copies) == payload.nbytes  # only the mapped tensor went through the kernel copy
+    assert data == b"head" + payload.numpy().tobytes() + fresh.numpy().tobytes() + b"tail"
+
+    def refuse(*a):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)  # a file system pair that cannot copy: written instead
+    with open(tmp_path / "out2.bin", "wb") as out:
+        sio.write_bytes(out, memoryview(mapped.numpy()))
+    assert (tmp_path / "out2.bin").read_bytes() == payload.numpy().tobytes()
+    address = mapped.data_ptr()
+    del mapped
+    gc.collect()
+    assert sio._file_region(address, payload.nbytes) is None  # unmapped: forgotten

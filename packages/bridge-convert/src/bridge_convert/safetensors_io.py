@@ -9,13 +9,18 @@ without one, files are cut by size and named like ``save_pretrained`` does.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import mmap
 import os
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "SourceLayout",
     "mapped_tensor",
     "parse_size",
+    "write_bytes",
 ]
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -92,7 +98,75 @@ def mapped_tensor(path: str | os.PathLike, start: int, dtype: torch.dtype, shape
     with open(path, "rb") as f:
         window = mmap.mmap(f.fileno(), start + nbytes - page_start, offset=page_start, access=mmap.ACCESS_COPY)
     data = torch.frombuffer(window, dtype=torch.uint8, offset=start - page_start, count=nbytes)
+    _remember_mapping(window, data.data_ptr(), nbytes, str(path), start)
     return data.view(dtype).view(shape)
+
+
+# Where the bytes of the live mapped tensors come from: start address -> (bytes, file, offset in the file, token).
+# An entry goes when its mapping is unmapped (the last tensor on it is gone), so an address is never stale. The
+# token matters: CPython unmaps with the GIL released, so another thread can map (and register) the same address
+# before the old mapping's finalizer runs; that finalizer must not remove the new entry.
+_MAPPINGS: dict[int, tuple[int, str, int, int]] = {}
+_MAPPINGS_LOCK = threading.Lock()
+_TOKENS = itertools.count()
+_KERNEL_COPY_MIN = 1 << 20
+
+
+def _remember_mapping(window: mmap.mmap, address: int, nbytes: int, path: str, offset: int) -> None:
+    token = next(_TOKENS)
+    with _MAPPINGS_LOCK:
+        _MAPPINGS[address] = (nbytes, path, offset, token)
+    weakref.finalize(window, _forget_mapping, address, token)
+
+
+def _forget_mapping(address: int, token: int) -> None:
+    with _MAPPINGS_LOCK:
+        if _MAPPINGS.get(address, (0, "", 0, -1))[3] == token:
+            del _MAPPINGS[address]
+
+
+def _file_region(address: int, nbytes: int) -> tuple[str, int] | None:
+    """``(file, offset)`` holding the ``nbytes`` at ``address`` when they lie inside one live mapped tensor."""
+    with _MAPPINGS_LOCK:
+        for start, (size, path, offset, _) in _MAPPINGS.items():
+            if start <= address and address + nbytes <= start + size:
+                return path, offset + address - start
+    return None
+
+
+def write_bytes(file, data) -> int:
+    """Write ``data`` (any buffer) at ``file``'s position (an open, seekable binary file) and return its size.
+
+    When the bytes are those of a tensor mapped from a file (:func:`mapped_tensor`), the kernel copies them file
+    to file (``copy_file_range``, what ``cp`` uses) instead of ``write`` copying them from memory: on the 2-core dev
+    VM a 2.3 GiB checkpoint took ~1.3 s that way and 0.7-6 s through ``write`` (the kernel's copy into fresh
+    page-cache pages), most of a conversion's time. Anything else, and where the file systems cannot copy, is
+    written as usual.
+    """
+    view = memoryview(data).cast("B")
+    region = None
+    if view.nbytes >= _KERNEL_COPY_MIN and hasattr(os, "copy_file_range"):
+        region = _file_region(int(np.frombuffer(view, dtype=np.uint8).ctypes.data), view.nbytes)
+    if region is None:
+        return file.write(view)
+    file.flush()
+    position = file.tell()
+    copied = 0
+    with open(region[0], "rb") as source:
+        while copied < view.nbytes:
+            try:
+                n = os.copy_file_range(source.fileno(), file.fileno(), view.nbytes - copied, region[1] + copied,
+                                       position + copied)
+            except OSError as exc:
+                if copied or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                return file.write(view)  # nothing copied yet: this file system pair cannot, write instead
+            if n == 0:
+                raise OSError(errno.EIO, f"{region[0]} ended while copying {view.nbytes} bytes from offset "
+                              f"{region[1]}")
+            copied += n
+    file.seek(position + copied)
+    return copied
 
 
 class LazyHFCheckpoint:
@@ -366,7 +440,7 @@ class ShardedSafetensorsWriter:
             self._handles[file] = handle
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         handle.seek(start)
-        handle.write(memoryview(data))
+        write_bytes(handle, memoryview(data))
         self._remaining[file].discard(name)
         if not self._remaining[file]:
             handle.truncate(self.plans[file].size)
