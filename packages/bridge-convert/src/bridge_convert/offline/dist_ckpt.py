@@ -346,8 +346,7 @@ class DistCheckpointReader:
         weight's two halves, a TP > 1 save) is assembled into ``out`` when given (a buffer the caller reuses
         from layer to layer, so its pages are not fresh each time), else into a new tensor.
         """
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         stored = self.metadata.state_dict_metadata.get(key)
         if not isinstance(stored, TensorStorageMetadata):
@@ -356,14 +355,10 @@ class DistCheckpointReader:
         if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
             raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(shape)} lies outside the stored shape "
                              f"{tuple(stored.size)} in {self.directory}")
-        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
-        items = create_read_items_for_chunk_list(key, stored, [chunk])
+        pieces = self.region_pieces(key, offsets, shape)
         out = None
-        for item in items:
-            piece = self._load_chunk(item.storage_index, stored.properties.dtype)
-            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-                piece = piece.narrow(dim, start, length)
-            if len(items) == 1 and tuple(piece.shape) == tuple(shape):
+        for dest_offsets, piece in pieces:
+            if len(pieces) == 1 and tuple(piece.shape) == tuple(shape):
                 return piece
             if out is None:
                 out = torch.empty(shape, dtype=stored.properties.dtype)
@@ -371,12 +366,32 @@ class DistCheckpointReader:
                 raise ValueError(f"{key}: a buffer {out.dtype}{tuple(out.shape)} for a region "
                                  f"{stored.properties.dtype}{tuple(shape)}")
             target = out
-            for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+            for dim, (start, length) in enumerate(zip(dest_offsets, piece.shape)):
                 target = target.narrow(dim, start, length)
             target.copy_(piece)
+        return out
+
+    def region_pieces(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]
+                      ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """The stored chunks' parts that make up a region, unassembled: ``(offsets in the region, tensor)`` each,
+        every tensor mapped from its data file where the file allows (see :meth:`read_region`)."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        stored = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(stored, TensorStorageMetadata):
+            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
+        items = create_read_items_for_chunk_list(key, stored, [chunk])
         if not items:
             raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
-        return out
+        pieces = []
+        for item in items:
+            piece = self._load_chunk(item.storage_index, stored.properties.dtype)
+            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                piece = piece.narrow(dim, start, length)
+            pieces.append((tuple(item.dest_offsets), piece))
+        return pieces
 
     def _load_chunk(self, index: MetadataIndex, dtype: torch.dtype) -> torch.Tensor:
         """One stored chunk (a ``torch.save`` archive inside a data file), read without an intermediate copy."""

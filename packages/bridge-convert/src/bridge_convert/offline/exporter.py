@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from ..hf_config import parse_dtype
+from ..mappings import GatedMLP
 from ..megatron_ckpt import resolve_checkpoint_dir
 from ..outputs import check_output_dir, staged_output_dir
 from ..safetensors_io import ShardedSafetensorsWriter
@@ -51,6 +52,24 @@ def _check_stored(entries: list[CheckpointEntry], reader: DistCheckpointReader, 
                              f"needs {list(want)}")
         shapes[entry.key] = size
     return shapes
+
+
+def _gated_halves(reader: DistCheckpointReader, entry: CheckpointEntry, offsets: tuple[int, ...],
+                  region: tuple[int, ...]) -> list[torch.Tensor] | None:
+    """A gated-MLP weight stored as two chunks, its gate and up halves (as the offline import writes it): the two
+    chunks themselves, which are the HF ``gate_proj`` and ``up_proj``; None for any other layout (assembled)."""
+    if not isinstance(entry.mapping, GatedMLP):
+        return None
+    pieces = reader.region_pieces(entry.key, offsets, region)
+    dim = 1 if entry.layered else 0
+    half = region[dim] // 2
+    if len(pieces) != 2 or region[dim] % 2:
+        return None
+    starts = sorted(p[0][dim] for p in pieces)
+    if starts != [0, half] or any(tuple(p.shape) != region[:dim] + (half,) + region[dim + 1:] for _, p in pieces):
+        return None
+    ordered = [p for _, p in sorted(pieces, key=lambda p: p[0][dim])]
+    return [p[0] if entry.layered else p for p in ordered]
 
 
 def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
@@ -108,6 +127,9 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         shape = shapes[entry.key]
         region = ((1,) if entry.layered else ()) + shape
         offsets = ((layer,) + (0,) * len(shape)) if entry.layered else (0,) * len(shape)
+        halves = _gated_halves(reader, entry, offsets, region)
+        if halves is not None:  # the gate and up chunks as stored (mapped): no assembly, no copy
+            return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), halves)], (entry.key, None)
         with spare_lock:
             free = spare.setdefault(entry.key, [])
             buffer = free.pop() if free else None
@@ -144,8 +166,9 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
                 bar.update(tensor.nbytes)
                 del tensor
             del tensors
-            with spare_lock:  # written: the buffer may take the next layer's region
-                spare[key].append(buffer)
+            if buffer is not None:
+                with spare_lock:  # written: the buffer may take the next layer's region
+                    spare[key].append(buffer)
             task = next(queue, None)
             if task is not None:
                 pending.append(pool.submit(read, *task))
