@@ -123,6 +123,17 @@ def _batch(args, shape: dict, micro_batch: int, device):
     return ids, labels
 
 
+def _provider_shape(shape: dict, seq: int) -> dict:
+    """The bench shape as GPTModelProvider fields (tied embeddings, Llama 3 RoPE scaling)."""
+    return dict(
+        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+        num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"], kv_channels=shape["hidden"] // shape["heads"],
+        vocab_size=shape["vocab"], seq_length=seq, share_embeddings_and_output_weights=True,
+        rotary_base=shape["rope_theta"], rope_scaling=True, rope_scaling_factor=shape["rope_factor"],
+        rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
+    )
+
+
 def _megatron_trainer(row: str, args, shape: dict):
     """Build a megatron-core GPTModel the way bridge-train does; returns (model, step(ids, labels) -> loss)."""
     import torch
@@ -142,12 +153,7 @@ def _megatron_trainer(row: str, args, shape: dict):
     if impl == "transformer_engine":
         fusions.update(apply_rope_fusion=True, cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
     settings = dict(
-        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-        num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"], kv_channels=shape["hidden"] // shape["heads"],
-        vocab_size=shape["vocab"], seq_length=args.seq, share_embeddings_and_output_weights=True,
-        rotary_base=shape["rope_theta"], rope_scaling=True, rope_scaling_factor=shape["rope_factor"],
-        rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
-        params_dtype=torch.bfloat16, transformer_impl=impl, compile_layers=row == "native-compile",
+        **_provider_shape(shape, args.seq), params_dtype=torch.bfloat16, transformer_impl=impl, compile_layers=row == "native-compile",
         recompute_activation_output=row == "native-lean", **fusions,
     )
     if row == "native-lean":
@@ -226,13 +232,24 @@ def _hf_trainer(row: str, args, shape: dict, device):
     amp = row == "hf-liger-amp"  # fp32 weights and optimizer state, bf16 autocast: HF Trainer's bf16=True
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.float32 if amp else torch.bfloat16)
     model.train()
+
+    def forward_loss(ids, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(input_ids=ids, labels=labels).loss
+
+    return _torch_trainer(model, forward_loss)
+
+
+def _torch_trainer(model, forward_loss):
+    """A step the way plain PyTorch trains: ``forward_loss(ids, labels)``, backward, clip 1.0, fused AdamW."""
+    import torch
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     timer = _PhaseTimer()
 
     def step(ids, labels):
         timer.mark(0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(input_ids=ids, labels=labels).loss
+        loss = forward_loss(ids, labels)
         _forward_done()
         loss.backward()
         timer.mark(1)
@@ -252,35 +269,19 @@ def _plain_te_trainer(row: str, args, shape: dict):
     from bridge_convert.provider import GPTModelProvider
 
     settings = dict(
-        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-        num_query_groups=shape["kv_heads"], ffn_hidden_size=shape["ffn"], kv_channels=shape["hidden"] // shape["heads"],
-        vocab_size=shape["vocab"], seq_length=args.seq, share_embeddings_and_output_weights=True,
-        rotary_base=shape["rope_theta"], rope_scaling=True, rope_scaling_factor=shape["rope_factor"],
-        rope_scaling_original_max_position_embeddings=shape["rope_original_max"], layernorm_epsilon=shape["eps"],
-        params_dtype=torch.bfloat16, transformer_impl="transformer_engine", gradient_accumulation_fusion=False,
+        **_provider_shape(shape, args.seq), params_dtype=torch.bfloat16, transformer_impl="transformer_engine", gradient_accumulation_fusion=False,
         apply_rope_fusion=True, cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te",
         **FP8.get(PLAIN_ROWS[row] or "", {}),
     )
     settings.update(json.loads(args.provider_overrides or "{}"))
     model = GPTModelProvider(**settings).provide_distributed_model(wrap_with_ddp=False)[0]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    timer = _PhaseTimer()
 
-    def step(ids, labels):
+    def forward_loss(ids, labels):
         micro_batch, seq = ids.shape
         position_ids = torch.arange(seq, device=ids.device).unsqueeze(0).expand(micro_batch, seq)
-        timer.mark(0)
-        loss = model(ids, position_ids, None, labels=labels).float().mean()
-        _forward_done()
-        loss.backward()
-        timer.mark(1)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        timer.mark(2)
-        return loss.detach()
+        return model(ids, position_ids, None, labels=labels).float().mean()
 
-    return timer, step, [model]
+    return _torch_trainer(model, forward_loss)
 
 
 def run_loop_row(row: str, args) -> list[dict]:
