@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pretrain_throughput as pt  # noqa: E402  (the shared pieces: timer, result lines, versions, peaks)
@@ -210,31 +208,7 @@ def run_worker(row: str, args) -> None:
         timer, step = _bridge_trainer(row, args, shape)
     else:
         timer, step = _hf_trainer(row, args, shape, device)
-    for micro_batch in args.micro_batches:
-        try:
-            ids, labels = pt._batch(args, shape, micro_batch, device)
-            for _ in range(args.warmup):
-                loss = step(ids, labels)
-            pt._sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            timer.reset()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step(ids, labels)
-            pt._sync(device)
-            elapsed = time.perf_counter() - start
-        except torch.OutOfMemoryError:
-            pt._emit(row, micro_batch, status="OOM")
-            ids = labels = loss = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            return  # the search stops at the first micro-batch that does not fit
-        peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-        fwd_bwd_ms, optim_ms = timer.phase_ms()
-        pt._emit(row, micro_batch, status="ok", seconds=elapsed, steps=args.steps,
-                 tokens_per_s=micro_batch * args.seq * args.steps / elapsed, peak_gb=peak, fwd_bwd_ms=fwd_bwd_ms,
-                 optim_ms=optim_ms, loss=float(loss) if loss is not None else None)
+    pt.sweep(row, args, shape, device, timer, step)
 
 
 # ------------------------------------------------------------------------------------------------ main side
@@ -245,20 +219,7 @@ def _run_row(row: str, args) -> list[dict]:
            "--optimizer-kernels", args.optimizer_kernels]
     cmd += ["--provider-overrides", args.provider_overrides] if args.provider_overrides else []
     cmd += ["--tiny"] if args.tiny else []
-    env = dict(os.environ)
-    if args.alloc_conf:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
-    print(f"[bench] {row}: running", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env)
-    results = [json.loads(line[len(pt.RESULT_TAG):]) for line in done.stdout.splitlines()
-               if line.startswith(pt.RESULT_TAG)]
-    if done.returncode != 0:
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        results.append({"row": row, "micro_batch": None, "status": f"error (exit {done.returncode}): {tail}"})
-        print(done.stderr[-4000:], file=sys.stderr)
-    for r in results:
-        print(f"[bench] {json.dumps(r)}", file=sys.stderr, flush=True)
-    return results
+    return pt.spawn_worker(row, cmd, args)
 
 
 def render(results: list[dict], args, versions: dict) -> str:

@@ -440,6 +440,21 @@ def run_worker(row: str, args) -> None:
         timer, step, modules = _plain_te_trainer(row, args, shape)
     else:
         timer, step, modules = _hf_trainer(row, args, shape, device)
+    def extra(micro_batch, ids, labels):
+        if args.profile_dir and device.type == "cuda":
+            _profile_step(row, micro_batch, step, ids, labels, args.profile_dir)
+        if args.memory_dir:
+            _memory_report(row, micro_batch, step, ids, labels, modules, args.memory_dir)
+
+    sweep(row, args, shape, device, timer, step, after_timing=extra)
+
+
+def sweep(row: str, args, shape: dict, device, timer, step, after_timing=None) -> None:
+    """Time ``step`` at each micro-batch of ``args.micro_batches`` (warm-up, then ``args.steps`` timed steps) and
+    print one result line each; stops at the first out-of-memory. ``after_timing(micro_batch, ids, labels)`` runs
+    after each timed micro-batch (profiles, memory reports). Shared by every benchmark of this directory."""
+    import torch
+
     for micro_batch in args.micro_batches:
         try:
             ids, labels = _batch(args, shape, micro_batch, device)
@@ -462,10 +477,8 @@ def run_worker(row: str, args) -> None:
             return  # a larger micro-batch would not fit either
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         fwd_bwd_ms, optim_ms = timer.phase_ms()
-        if args.profile_dir and device.type == "cuda":
-            _profile_step(row, micro_batch, step, ids, labels, args.profile_dir)
-        if args.memory_dir:
-            _memory_report(row, micro_batch, step, ids, labels, modules, args.memory_dir)
+        if after_timing is not None:
+            after_timing(micro_batch, ids, labels)
         _emit(row, micro_batch, status="ok", seconds=elapsed, steps=args.steps,
               tokens_per_s=micro_batch * args.seq * args.steps / elapsed, peak_gb=peak,
               fwd_bwd_ms=fwd_bwd_ms, optim_ms=optim_ms, loss=float(loss) if loss is not None else None)
@@ -605,6 +618,11 @@ def _run_row(row: str, args) -> list[dict]:
     cmd += ["--memory-dir", args.memory_dir] if args.memory_dir else []
     cmd += ["--provider-overrides", args.provider_overrides] if args.provider_overrides else []
     cmd += ["--tiny"] if args.tiny else []
+    return spawn_worker(row, cmd, args)
+
+
+def spawn_worker(row: str, cmd: list[str], args) -> list[dict]:
+    """Run one row's worker process (``cmd``) and collect its result lines; a failure becomes an error row."""
     env = dict(os.environ)
     if args.alloc_conf:
         env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
