@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -312,23 +311,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        run_worker(args.worker, args)
-        return 0
-    versions = pt._versions()
-    results = []
-    for row in args.rows:
-        try:
-            results += _run_row(row, args)
-        except subprocess.TimeoutExpired:
-            results.append({"row": row, "micro_batch": None, "status": f"timed out after {args.row_timeout:.0f}s"})
-    table = render(results, args, versions)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
-    return 0
+    return pt.run_benchmark(parse_args(argv), run_worker, _run_row, render)
 
 
 if __name__ == "__main__":

@@ -749,8 +749,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_benchmark(args, run_worker, run_row, render) -> int:
+    """A benchmark's main: the worker when ``--worker`` is given, else every row in its own process and the table."""
     if args.worker:
         run_worker(args.worker, args)
         return 0
@@ -758,7 +758,7 @@ def main(argv=None) -> int:
     results = []
     for row in args.rows:
         try:
-            results += _run_row(row, args)
+            results += run_row(row, args)
         except subprocess.TimeoutExpired:
             results.append({"row": row, "micro_batch": None, "status": f"timed out after {args.row_timeout:.0f}s"})
     table = render(results, args, versions)
@@ -767,6 +767,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write(table)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_benchmark(parse_args(argv), run_worker, _run_row, render)
 
 
 if __name__ == "__main__":
