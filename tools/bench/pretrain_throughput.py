@@ -288,9 +288,6 @@ def run_loop_row(row: str, args) -> list[dict]:
     """Time ``pretrain()`` itself: bridge-train's example on mock data, one process per micro-batch."""
     import tempfile
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from scaling import parse_log  # the loop's log-line parser, shared with the scaling benchmark
-
     impl, precision = LOOP_ROWS[row]
     if impl == "transformer_engine":
         import torch
@@ -305,48 +302,62 @@ def run_loop_row(row: str, args) -> list[dict]:
     iters = interval * (1 + -(-args.steps // interval))  # the first interval is warm-up
     results = []
     for micro_batch in args.micro_batches:
-        workdir = tempfile.mkdtemp(prefix="bridge-loop-")
-        source = (["--tiny", os.path.join(workdir, "tiny-hf")] if args.tiny else
-                  ["--hf-config", os.path.join(ROOT, "packages/bridge-recipes/src/bridge_recipes/llama/hf_configs/"
-                                                     "Llama-3.2-1B.json"), f"mixed_precision={precision}"])
-        cmd = [sys.executable, os.path.join(ROOT, "packages/bridge-train/examples/pretrain_llama.py"), *source,
-               "--mock", "--workdir", workdir, "--no-export", f"model.transformer_impl={impl}",
-               f"dataset.seq_length={args.seq}", f"train.micro_batch_size={micro_batch}",
-               f"train.global_batch_size={micro_batch}", f"train.train_iters={iters}", "train.eval_interval=null",
-               f"logger.log_interval={interval}", "logger.progress_bar=false", "logger.tensorboard_dir=null",
-               "checkpoint.save=null", "checkpoint.load=null", "checkpoint.save_interval=null",
-               "checkpoint.keep_last_n=null", "optimizer.use_distributed_optimizer=true",
-               "ddp.use_distributed_optimizer=true", "ddp.overlap_grad_reduce=true", "ddp.overlap_param_gather=true", "optimizer.overlap_param_gather=true", "optimizer.lr=1e-4", "optimizer.min_lr=1e-5",
-               "optimizer.weight_decay=0.1", *args.loop_overrides]
-        trace_dir = os.path.join(workdir, "trace")
-        if args.profile_dir:  # one iteration of the second interval under torch.profiler
-            cmd += ["profiling.use_pytorch_profiler=true", f"profiling.profile_step_start={interval + 2}",
-                    f"profiling.profile_step_end={interval + 3}", f"profiling.profile_dir={trace_dir}"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if args.alloc_conf:
-            env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
-        print(f"[bench] {row} mb{micro_batch}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env)
-        log = done.stdout + done.stderr
-        if done.returncode:
-            status = "OOM" if "OutOfMemoryError" in log else f"error (exit {done.returncode}): " + " | ".join(
-                [line for line in log.splitlines() if line.strip()][-3:])
-            results.append({"row": row, "micro_batch": micro_batch, "status": status})
-            print(log[-4000:], file=sys.stderr)
-            break
-        tokens, _ = parse_log(log, skip=1)
-        if args.profile_dir:
-            traces = [os.path.join(trace_dir, f) for f in os.listdir(trace_dir)] if os.path.isdir(trace_dir) else []
-            os.makedirs(args.profile_dir, exist_ok=True)
-            with open(os.path.join(args.profile_dir, f"{row}-mb{micro_batch}.txt"), "w") as f:
-                f.write(summarize_trace(traces[0]) if traces else "no trace was written\n")
-        memory = [float(m) for m in __import__("re").findall(r"memory max allocated \(GB\) ([\d.]+)", log)]
-        losses = __import__("re").findall(r"lm loss ([\d.]+)", log)
-        results.append({"row": row, "micro_batch": micro_batch, "status": "ok", "tokens_per_s": tokens,
-                        "peak_gb": memory[-1] * 2**30 / 1e9 if memory else None,
-                        "loss": float(losses[-1]) if losses else None})
+        with tempfile.TemporaryDirectory(prefix="bridge-loop-") as workdir:  # the run's files go with it
+            results.append(_loop_point(row, impl, precision, micro_batch, iters, interval, args, workdir))
         print(f"[bench] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+        if results[-1]["status"] != "ok":
+            break
     return results
+
+
+def _loop_point(row: str, impl: str, precision: str, micro_batch: int, iters: int, interval: int, args,
+                workdir: str) -> dict:
+    """One ``pretrain()`` run of the example at ``micro_batch``; tokens/s from its log after the first interval."""
+    import re
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from scaling import parse_log  # the loop's log-line parser, shared with the scaling benchmark
+
+    source = (["--tiny", os.path.join(workdir, "tiny-hf")] if args.tiny else
+              ["--hf-config", os.path.join(ROOT, "packages/bridge-recipes/src/bridge_recipes/llama/hf_configs/"
+                                                 "Llama-3.2-1B.json"), f"mixed_precision={precision}"])
+    cmd = [sys.executable, os.path.join(ROOT, "packages/bridge-train/examples/pretrain_llama.py"), *source,
+           "--mock", "--workdir", workdir, "--no-export", f"model.transformer_impl={impl}",
+           f"dataset.seq_length={args.seq}", f"train.micro_batch_size={micro_batch}",
+           f"train.global_batch_size={micro_batch}", f"train.train_iters={iters}", "train.eval_interval=null",
+           f"logger.log_interval={interval}", "logger.progress_bar=false", "logger.tensorboard_dir=null",
+           "checkpoint.save=null", "checkpoint.load=null", "checkpoint.save_interval=null",
+           "checkpoint.keep_last_n=null",
+           # the recipes' data-parallel setting: distributed optimizer, overlapped grad reduce and param gather
+           "optimizer.use_distributed_optimizer=true", "ddp.use_distributed_optimizer=true",
+           "ddp.overlap_grad_reduce=true", "ddp.overlap_param_gather=true", "optimizer.overlap_param_gather=true",
+           "optimizer.lr=1e-4", "optimizer.min_lr=1e-5", "optimizer.weight_decay=0.1", *args.loop_overrides]
+    trace_dir = os.path.join(workdir, "trace")
+    if args.profile_dir:  # one iteration of the second interval under torch.profiler
+        cmd += ["profiling.use_pytorch_profiler=true", f"profiling.profile_step_start={interval + 2}",
+                f"profiling.profile_step_end={interval + 3}", f"profiling.profile_dir={trace_dir}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
+    print(f"[bench] {row} mb{micro_batch}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env)
+    log = done.stdout + done.stderr
+    if done.returncode:
+        print(log[-4000:], file=sys.stderr)
+        status = "OOM" if "OutOfMemoryError" in log else f"error (exit {done.returncode}): " + " | ".join(
+            [line for line in log.splitlines() if line.strip()][-3:])
+        return {"row": row, "micro_batch": micro_batch, "status": status}
+    tokens, _ = parse_log(log, skip=1)
+    if args.profile_dir:
+        traces = [os.path.join(trace_dir, f) for f in os.listdir(trace_dir)] if os.path.isdir(trace_dir) else []
+        os.makedirs(args.profile_dir, exist_ok=True)
+        with open(os.path.join(args.profile_dir, f"{row}-mb{micro_batch}.txt"), "w") as f:
+            f.write(summarize_trace(traces[0]) if traces else "no trace was written\n")
+    memory = [float(m) for m in re.findall(r"memory max allocated \(GB\) ([\d.]+)", log)]
+    losses = re.findall(r"lm loss ([\d.]+)", log)
+    return {"row": row, "micro_batch": micro_batch, "status": "ok", "tokens_per_s": tokens,
+            "peak_gb": memory[-1] * 2**30 / 1e9 if memory else None,
+            "loss": float(losses[-1]) if losses else None}
 
 
 def summarize_trace(path: str, top: int = 30) -> str:
