@@ -271,3 +271,18 @@ def test_finite_check_matches_isfinite(dtype):
         damaged = values.clone()
         damaged[2500] = bad
         assert _all_finite(damaged) == bool(torch.isfinite(damaged).all()) is False
+
+
+def test_a_region_of_several_chunks_is_assembled_into_the_given_buffer():
+    from bridge_convert.offline.dist_ckpt import assemble_region
+
+    generator = torch.Generator().manual_seed(5)
+    whole = torch.randn(6, 4, generator=generator)
+    pieces = [((0, 0), whole[:2].clone()), ((2, 0), whole[2:].clone())]
+    buffer = torch.full((6, 4), float("nan"))
+    assert assemble_region(pieces, (6, 4), out=buffer) is buffer  # the caller's reused pages, not a new tensor
+    torch.testing.assert_close(buffer, whole, rtol=0, atol=0)
+    torch.testing.assert_close(assemble_region(pieces, (6, 4)), whole, rtol=0, atol=0)
+    assert assemble_region(pieces[:1], (2, 4)) is pieces[0][1]  # one chunk: no copy
+    with pytest.raises(ValueError, match="a buffer"):
+        assemble_region(pieces, (6, 4), out=torch.empty(6, 5))

@@ -289,6 +289,25 @@ def _read_saved_tensor(f, start: int, length: int, dtype: torch.dtype, shape: tu
     return torch.load(io.BufferedReader(window), map_location="cpu", weights_only=True).reshape(shape)
 
 
+def assemble_region(pieces: list[tuple[tuple[int, ...], torch.Tensor]], shape: tuple[int, ...],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The region of ``shape`` made of ``pieces`` (from :meth:`DistCheckpointReader.region_pieces`): the piece
+    itself when it is the whole region, else the pieces copied into ``out`` (or a new tensor)."""
+    if len(pieces) == 1 and tuple(pieces[0][1].shape) == tuple(shape):
+        return pieces[0][1]
+    dtype = pieces[0][1].dtype
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"a buffer {out.dtype}{tuple(out.shape)} for a region {dtype}{tuple(shape)}")
+    for dest_offsets, piece in pieces:
+        target = out
+        for dim, (start, length) in enumerate(zip(dest_offsets, piece.shape)):
+            target = target.narrow(dim, start, length)
+        target.copy_(piece)
+    return out
+
+
 class DistCheckpointReader:
     """Read regions of a torch_dist checkpoint's tensors, whatever layout wrote them.
 
@@ -346,30 +365,7 @@ class DistCheckpointReader:
         weight's two halves, a TP > 1 save) is assembled into ``out`` when given (a buffer the caller reuses
         from layer to layer, so its pages are not fresh each time), else into a new tensor.
         """
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        stored = self.metadata.state_dict_metadata.get(key)
-        if not isinstance(stored, TensorStorageMetadata):
-            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
-        end = [o + s for o, s in zip(offsets, shape)]
-        if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
-            raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(shape)} lies outside the stored shape "
-                             f"{tuple(stored.size)} in {self.directory}")
-        pieces = self.region_pieces(key, offsets, shape)
-        out = None
-        for dest_offsets, piece in pieces:
-            if len(pieces) == 1 and tuple(piece.shape) == tuple(shape):
-                return piece
-            if out is None:
-                out = torch.empty(shape, dtype=stored.properties.dtype)
-            elif tuple(out.shape) != tuple(shape) or out.dtype != stored.properties.dtype:
-                raise ValueError(f"{key}: a buffer {out.dtype}{tuple(out.shape)} for a region "
-                                 f"{stored.properties.dtype}{tuple(shape)}")
-            target = out
-            for dim, (start, length) in enumerate(zip(dest_offsets, piece.shape)):
-                target = target.narrow(dim, start, length)
-            target.copy_(piece)
-        return out
+        return assemble_region(self.region_pieces(key, offsets, shape), shape, out=out)
 
     def region_pieces(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]
                       ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
@@ -381,6 +377,10 @@ class DistCheckpointReader:
         stored = self.metadata.state_dict_metadata.get(key)
         if not isinstance(stored, TensorStorageMetadata):
             raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
+        end = [o + s for o, s in zip(offsets, shape)]
+        if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
+            raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(shape)} lies outside the stored shape "
+                             f"{tuple(stored.size)} in {self.directory}")
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
         items = create_read_items_for_chunk_list(key, stored, [chunk])
         if not items:

@@ -22,7 +22,7 @@ from ..mappings import GatedMLP
 from ..megatron_ckpt import resolve_checkpoint_dir
 from ..outputs import check_output_dir, staged_output_dir
 from ..safetensors_io import ShardedSafetensorsWriter
-from .dist_ckpt import DistCheckpointReader
+from .dist_ckpt import DistCheckpointReader, assemble_region
 from .layout import CheckpointEntry, checkpoint_entries, expected_megatron_shapes, model_config
 
 __all__ = ["export_megatron_checkpoint"]
@@ -54,13 +54,11 @@ def _check_stored(entries: list[CheckpointEntry], reader: DistCheckpointReader, 
     return shapes
 
 
-def _gated_halves(reader: DistCheckpointReader, entry: CheckpointEntry, offsets: tuple[int, ...],
-                  region: tuple[int, ...]) -> list[torch.Tensor] | None:
+def _gated_halves(entry: CheckpointEntry, pieces: list, region: tuple[int, ...]) -> list[torch.Tensor] | None:
     """A gated-MLP weight stored as two chunks, its gate and up halves (as the offline import writes it): the two
     chunks themselves, which are the HF ``gate_proj`` and ``up_proj``; None for any other layout (assembled)."""
     if not isinstance(entry.mapping, GatedMLP):
         return None
-    pieces = reader.region_pieces(entry.key, offsets, region)
     dim = 1 if entry.layered else 0
     half = region[dim] // 2
     if len(pieces) != 2 or region[dim] % 2:
@@ -127,7 +125,8 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         shape = shapes[entry.key]
         region = ((1,) if entry.layered else ()) + shape
         offsets = ((layer,) + (0,) * len(shape)) if entry.layered else (0,) * len(shape)
-        halves = _gated_halves(reader, entry, offsets, region)
+        pieces = reader.region_pieces(entry.key, offsets, region)
+        halves = _gated_halves(entry, pieces, region)
         if halves is not None:  # the gate and up chunks as stored (mapped): no assembly, no copy
             return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), halves)], (entry.key, None)
         with spare_lock:
@@ -135,7 +134,7 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
             buffer = free.pop() if free else None
         if buffer is None:  # untouched (so not resident) unless the region is assembled from several chunks
             buffer = torch.empty(region, dtype=stored_dtypes[entry.key])
-        full = reader.read_region(entry.key, offsets, region, out=buffer)
+        full = assemble_region(pieces, region, out=buffer)
         full = full[0] if entry.layered else full
         outs = entry.mapping.to_hf(full, entry.context(cfg, megatron_shape=shape))
         return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), outs)], (entry.key, buffer)
