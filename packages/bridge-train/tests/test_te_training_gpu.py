@@ -61,11 +61,10 @@ def test_te_spec_trains_like_the_native_spec(te_llama):
 
 
 def test_fp8_recipes_train_close_to_bf16(te_llama):
-    from bridge_train.config.mixed_precision import quantization_support_problems
+    from bridge_train.config.mixed_precision import MIXED_PRECISION_RECIPES, quantization_support_problems
 
-    recipes = [r for r in FP8_RECIPES if not quantization_support_problems(
-        "hybrid", {"bf16_with_fp8_current_scaling_mixed": "tensorwise", "bf16_with_fp8_delayed_scaling_mixed":
-                   "delayed", "bf16_with_fp8_subchannel_scaling_mixed": "blockwise"}[r], None, None, r)]
+    recipes = [name for name in FP8_RECIPES if not quantization_support_problems(
+        (mp := MIXED_PRECISION_RECIPES[name]()).fp8, mp.fp8_recipe, None, None, name)]
     if not recipes:
         pytest.skip("this GPU runs none of the FP8 recipes")
     runs = {r: {"model.transformer_impl": "transformer_engine", "mixed_precision": r}
