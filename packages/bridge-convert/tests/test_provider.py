@@ -99,9 +99,10 @@ def test_explicit_fusion_settings_are_kept_or_refused():
             provider.cross_entropy_fusion_impl) == (False, False, "native")
     with pytest.raises(ValueError, match="apply_rope_fusion=True needs Transformer Engine"):
         _provider(transformer_impl="local", apply_rope_fusion=True)._resolve_fused_kernels(on_gpu=True, te=False)
-    with pytest.raises(ValueError, match="cross_entropy_fusion_impl='te' needs Transformer Engine"):
-        _provider(transformer_impl="local", cross_entropy_loss_fusion=True,
-                  cross_entropy_fusion_impl="te")._resolve_fused_kernels(on_gpu=True, te=False)
+    for loss_fusion in (True, None):  # explicit, or on by the auto default
+        with pytest.raises(ValueError, match="cross_entropy_fusion_impl='te' needs Transformer Engine"):
+            _provider(transformer_impl="local", cross_entropy_loss_fusion=loss_fusion,
+                      cross_entropy_fusion_impl="te")._resolve_fused_kernels(on_gpu=True, te=False)
 
 
 def test_fusions_resolve_off_when_finalized_on_cpu():

@@ -190,13 +190,13 @@ class GPTModelProvider(TransformerConfig):
         elif self.apply_rope_fusion and not te and on_gpu:
             raise ValueError("apply_rope_fusion=True needs Transformer Engine's fused RoPE kernel, which does not "
                              "import here; set apply_rope_fusion=None (auto) or False, or install the te extra")
+        if self.cross_entropy_loss_fusion is None:
+            self.cross_entropy_loss_fusion = megatron_modules and on_gpu
         if self.cross_entropy_fusion_impl is None:
             self.cross_entropy_fusion_impl = "te" if te else "native"
         elif self.cross_entropy_fusion_impl == "te" and not te and on_gpu and self.cross_entropy_loss_fusion:
             raise ValueError("cross_entropy_fusion_impl='te' needs Transformer Engine, which does not import here; "
                              "set it to 'native' or None (auto)")
-        if self.cross_entropy_loss_fusion is None:
-            self.cross_entropy_loss_fusion = megatron_modules and on_gpu
 
     def _resolve_gradient_accumulation_fusion(self, auto: bool) -> None:
         """``None`` -> ``auto``; when on, make sure megatron-core has a wgrad-accumulation kernel to call."""
