@@ -47,8 +47,8 @@ def _grads_finite(run: TrainingRun) -> bool:
 
     One sum per buffer (a single read of the gradients, no host sync until the end) instead of an elementwise
     ``isfinite``: a NaN or inf anywhere makes the sum non-finite. (A sum of finite gradients overflows only past
-    ~1e38 / 1e9 per element, where the gradient norm the optimizer computes has long overflowed too.) On one H200
-    this took the check from ~6 ms to ~1 ms per Llama-3.2-1B step.
+    ~1e38 / 1e9 per element, where the gradient norm the optimizer computes has long overflowed too.) The isfinite
+    pass cost ~5 ms of a Llama-3.2-1B step on one H200 (profiled); a sum is one read of the fp32 gradients.
     """
     sums = [buffer.grad_data.sum(dtype=torch.float32)
             for chunk in run.model
