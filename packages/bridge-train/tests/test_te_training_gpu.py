@@ -38,7 +38,8 @@ def _losses(hf_path: str, runs: dict[str, dict]) -> dict[str, list[float]]:
     common = {"train.train_iters": ITERS, "dataset.seq_length": 128, "train.global_batch_size": 2,
               # the recipes' data-parallel setting (FP8 parameters are gathered by the distributed optimizer)
               "optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True,
-              "ddp.overlap_grad_reduce": True, "ddp.overlap_param_gather": True}
+              "ddp.overlap_grad_reduce": True, "ddp.overlap_param_gather": True,
+              "optimizer.overlap_param_gather": True}
     return {name: list(pretrain(make_run_config(hf_path, **{**common, **changes}))) for name, changes in runs.items()}
 
 
