@@ -68,9 +68,13 @@ def test_fp8_recipes_train_close_to_bf16(te_llama):
         (mp := MIXED_PRECISION_RECIPES[name]()).fp8, mp.fp8_recipe, None, None, name)]
     if not recipes:
         pytest.skip("this GPU runs none of the FP8 recipes")
-    runs = {r: {"model.transformer_impl": "transformer_engine", "mixed_precision": r}
-            for r in ["bf16_mixed", *recipes]}
-    losses = run_multiprocess(_losses, 1, te_llama, runs)[0]
+    # One process per recipe, as a real run has. On an H200 (TE 2.20.2), in one process after three current-scaling
+    # runs, delayed scaling (FP8 parameters, overlapped gather, lr 3e-3) went NaN at iteration 2; delayed scaling first
+    # in a fresh process trained (lr 3e-4 / 1e-3 overlapped, 3e-3 not overlapped). Not root-caused (tools/bench/RESULTS.md).
+    losses = {}
+    for r in ["bf16_mixed", *recipes]:
+        losses.update(run_multiprocess(_losses, 1, te_llama,
+                                       {r: {"model.transformer_impl": "transformer_engine", "mixed_precision": r}})[0])
     base = losses.pop("bf16_mixed")
     for recipe, curve in losses.items():
         assert all(math.isfinite(x) for x in curve), (recipe, curve)
