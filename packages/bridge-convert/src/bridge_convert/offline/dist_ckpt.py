@@ -27,14 +27,11 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..safetensors_io import mapped_tensor, write_bytes
-
-if TYPE_CHECKING:
-    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from .dcp_metadata import StoredTensor, read_metadata
 
 __all__ = ["BACKEND_CONFIG", "ChunkSpec", "DistCheckpointReader", "ObjectSpec", "write_dist_checkpoint"]
 
@@ -324,10 +321,8 @@ class DistCheckpointReader:
             raise ValueError(f"{config} is missing or unreadable ({exc}); not a megatron-core dist checkpoint") from exc
         if backend != "torch_dist":
             raise ValueError(f"{config} names the {backend!r} backend; only torch_dist checkpoints are supported")
-        from torch.distributed.checkpoint import FileSystemReader
-
         try:
-            self.metadata: Metadata = FileSystemReader(str(self.directory)).read_metadata()
+            self.metadata = read_metadata(self.directory)
         except Exception as exc:
             raise ValueError(f"unreadable checkpoint metadata {self.directory / '.metadata'}: "
                              f"{type(exc).__name__}: {exc}") from exc
@@ -336,7 +331,7 @@ class DistCheckpointReader:
     def _check_data_files(self) -> None:
         """Every data file the metadata points into exists and is long enough (a truncated copy is named)."""
         needed: dict[str, int] = {}
-        for info in self.metadata.storage_data.values():
+        for info in self.metadata.storage.values():
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
         for name, size in needed.items():
             path = self.directory / name
@@ -346,15 +341,11 @@ class DistCheckpointReader:
                 raise ValueError(f"truncated checkpoint data file {path}: the metadata needs {size} bytes, the file "
                                  f"has {path.stat().st_size}")
 
-    def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    def tensor_keys(self) -> dict[str, StoredTensor]:
+        return dict(self.metadata.tensors)
 
     def object_keys(self) -> list[str]:
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+        return list(self.metadata.objects)
 
     def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...],
                     out: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,39 +362,40 @@ class DistCheckpointReader:
                       ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         """The stored chunks' parts that make up a region, unassembled: ``(offsets in the region, tensor)`` each,
         every tensor mapped from its data file where the file allows (see :meth:`read_region`)."""
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-        stored = self.metadata.state_dict_metadata.get(key)
-        if not isinstance(stored, TensorStorageMetadata):
+        stored = self.metadata.tensors.get(key)
+        if stored is None:
             raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
         end = [o + s for o, s in zip(offsets, shape)]
         if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
             raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(shape)} lies outside the stored shape "
                              f"{tuple(stored.size)} in {self.directory}")
-        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
-        items = create_read_items_for_chunk_list(key, stored, [chunk])
-        if not items:
-            raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
         pieces = []
-        for item in items:
-            piece = self._load_chunk(item.storage_index, stored.properties.dtype)
-            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-                piece = piece.narrow(dim, start, length)
-            pieces.append((tuple(item.dest_offsets), piece))
+        for chunk_offsets, chunk_sizes in stored.chunks:
+            low = [max(o, c) for o, c in zip(offsets, chunk_offsets)]
+            high = [min(e, c + n) for e, c, n in zip(end, chunk_offsets, chunk_sizes)]
+            if any(lo >= hi for lo, hi in zip(low, high)):
+                continue  # this chunk lies outside the region
+            piece = self._load_chunk(key, chunk_offsets, chunk_sizes, stored.dtype)
+            for dim, (lo, hi, start) in enumerate(zip(low, high, chunk_offsets)):
+                piece = piece.narrow(dim, lo - start, hi - lo)
+            pieces.append((tuple(lo - o for lo, o in zip(low, offsets)), piece))
+        if not pieces:
+            raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
         return pieces
 
-    def _load_chunk(self, index: MetadataIndex, dtype: torch.dtype) -> torch.Tensor:
+    def _load_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+                    dtype: torch.dtype) -> torch.Tensor:
         """One stored chunk (a ``torch.save`` archive inside a data file), read without an intermediate copy."""
-        info = self.metadata.storage_data[index]
+        info = self.metadata.storage.get((key, tuple(offsets)))
+        if info is None:
+            raise ValueError(f"checkpoint {self.directory}: the metadata lists a chunk of {key!r} at {offsets} but "
+                             "not where it is stored")
         path = self.directory / info.relative_path
         if info.transform_descriptors:
             raise ValueError(f"{path}: chunks stored with transforms {info.transform_descriptors} are not supported")
-        sizes = next(c.sizes for c in self.metadata.state_dict_metadata[index.fqn].chunks
-                     if tuple(c.offsets) == tuple(index.offset))
         try:
             with open(path, "rb") as f:
                 return _read_saved_tensor(f, info.offset, info.length, dtype, tuple(sizes))
         except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"cannot read {index.fqn!r} from the checkpoint data file {path}: "
+            raise ValueError(f"cannot read {key!r} from the checkpoint data file {path}: "
                              f"{type(exc).__name__}: {exc}") from exc

@@ -81,7 +81,7 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
     reader = DistCheckpointReader(directory)
     entries = checkpoint_entries(bridge.model_bridge, cfg)
     shapes = _check_stored(entries, reader, cfg)
-    stored_dtypes = {k: md.properties.dtype for k, md in reader.tensor_keys().items()}
+    stored_dtypes = {k: md.dtype for k, md in reader.tensor_keys().items()}
 
     tasks = [(e, None) for e in entries if not e.layered and e.key.startswith("embedding.")]
     tasks += [(e, layer) for layer in range(cfg.num_layers) for e in entries if e.layered]

@@ -1,4 +1,5 @@
-"""Offline export of HF tensors as row ranges of the stored chunks, copied file to file (``copy_file_range``)."""
+"""Offline export's fast paths: HF tensors as row ranges of the stored chunks, copied file to file
+(``copy_file_range``), and the checkpoint metadata read without importing torch.distributed.checkpoint."""
 
 import os
 from pathlib import Path
@@ -100,3 +101,27 @@ def test_runs_of_a_gated_mlp_and_a_direct_weight():
     assert hf_row_runs(gated, cfg, (10, 8)) == [[(0, 5)], [(5, 10)]]
     assert hf_row_runs(CheckpointEntry("n", Direct("n", "n"), False), cfg, (8,)) == [[(0, 8)]]
     assert _runs(torch.tensor([3, 4, 5, 0, 1, 9]).numpy()) == [(3, 6), (0, 2), (9, 10)]
+
+
+def test_metadata_read_without_dcp_equals_dcps_own_reading(tiny_hf_checkpoint, tmp_path, monkeypatch, runtime):
+    import subprocess
+    import sys
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from bridge_convert.offline import dcp_metadata
+
+    hf = tiny_hf_checkpoint("qwen3")
+    offline = import_hf_checkpoint(hf, tmp_path / "offline", progress=False)
+    built = AutoBridge.import_ckpt(hf, tmp_path / "built", offline=False)  # megatron-core's own save
+    for directory in (offline, built):
+        by_dcp = dcp_metadata._records(FileSystemReader(str(directory)).read_metadata())
+        assert dcp_metadata.read_metadata(directory) == by_dcp
+        assert len(by_dcp.tensors) > 5 and by_dcp.objects and len(by_dcp.storage) > len(by_dcp.tensors)
+        monkeypatch.setattr(dcp_metadata, "_ALLOWED", set())  # a pickle naming globals it does not know
+        assert dcp_metadata.read_metadata(directory) == by_dcp  # ... is read by DCP itself
+        monkeypatch.undo()
+    probe = ("import sys; from bridge_convert.offline.dcp_metadata import read_metadata; "
+             f"read_metadata({str(offline)!r}); print('torch.distributed.checkpoint' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
