@@ -1,5 +1,6 @@
-"""Offline export's fast paths: HF tensors as row ranges of the stored chunks, copied file to file
-(``copy_file_range``), and the checkpoint metadata read without importing torch.distributed.checkpoint."""
+"""Offline conversion's fast paths: HF tensors as row ranges of the stored chunks and megatron chunks as row ranges
+of the HF tensors, copied file to file (``copy_file_range``), and the checkpoint metadata read without importing
+torch.distributed.checkpoint."""
 
 import os
 from pathlib import Path
@@ -19,13 +20,10 @@ def _data_bytes(path) -> int:
     return sum(t.nbytes for f in Path(path).glob("*.safetensors") for t in load_file(str(f)).values())
 
 
-@pytest.mark.parametrize("family,kv_heads", [("llama", 4), ("llama", 1), ("qwen2", 2)])  # MHA, MQA, GQA + bias
-def test_export_copies_every_tensor_file_to_file_and_matches_the_model_building_export(
-        family, kv_heads, tiny_hf_checkpoint, tmp_path, monkeypatch, runtime):
+def _count_kernel_copies(monkeypatch) -> list[int]:
+    """Every byte count ``copy_file_range`` copies from now on (and no size threshold: tiny tensors too)."""
     from bridge_convert import safetensors_io
 
-    hf = tiny_hf_checkpoint(family, num_key_value_heads=kv_heads, dtype=torch.bfloat16)
-    megatron = import_hf_checkpoint(hf, tmp_path / "mc", progress=False).parent
     copied = []
     real_copy = os.copy_file_range
 
@@ -36,6 +34,15 @@ def test_export_copies_every_tensor_file_to_file_and_matches_the_model_building_
 
     monkeypatch.setattr(safetensors_io, "_KERNEL_COPY_MIN", 1)  # the tiny model's row blocks are a few KiB
     monkeypatch.setattr(os, "copy_file_range", counting_copy)
+    return copied
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llama", 4), ("llama", 1), ("qwen2", 2)])  # MHA, MQA, GQA + bias
+def test_export_copies_every_tensor_file_to_file_and_matches_the_model_building_export(
+        family, kv_heads, tiny_hf_checkpoint, tmp_path, monkeypatch, runtime):
+    hf = tiny_hf_checkpoint(family, num_key_value_heads=kv_heads, dtype=torch.bfloat16)
+    megatron = import_hf_checkpoint(hf, tmp_path / "mc", progress=False).parent
+    copied = _count_kernel_copies(monkeypatch)
     export_megatron_checkpoint(megatron, tmp_path / "offline", progress=False)
     monkeypatch.undo()
     assert_same_checkpoint(hf, tmp_path / "offline")
@@ -125,3 +132,35 @@ def test_metadata_read_without_dcp_equals_dcps_own_reading(tiny_hf_checkpoint, t
              f"read_metadata({str(offline)!r}); print('torch.distributed.checkpoint' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_import_writes_every_chunk_from_the_hf_bytes_and_no_record_with_a_wrong_crc(tiny_hf_checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    """The fused QKV chunk is saved from the mapped q / k / v rows (never built) by the kernel; the zip records
+    hold no CRC-32 (switched off in the writer threads), so none is computed over the stand-in's unwritten bytes."""
+    import io
+    import zipfile
+    import zlib
+
+    from bridge_convert.offline.dcp_metadata import read_metadata
+
+    hf = tiny_hf_checkpoint("qwen2", num_key_value_heads=1)
+    copied = _count_kernel_copies(monkeypatch)
+    directory = import_hf_checkpoint(hf, tmp_path / "mc", threads=2, progress=False)
+    monkeypatch.undo()
+    assert sum(copied) == _data_bytes(hf)
+    records = 0
+    for (key, offsets), where in read_metadata(directory).storage.items():
+        if offsets is None:
+            continue
+        with open(directory / where.relative_path, "rb") as f:
+            f.seek(where.offset)
+            archive = zipfile.ZipFile(io.BytesIO(f.read(where.length)))
+        for info in archive.infolist():
+            if info.filename.endswith("/data/0"):
+                with archive.open(info) as record:
+                    record._expected_crc = None  # read the bytes whatever the stored CRC says
+                    data = record.read()
+                assert info.CRC in (0, zlib.crc32(data)), key
+                records += 1
+    assert records > 10

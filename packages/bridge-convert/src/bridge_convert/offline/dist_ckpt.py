@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..safetensors_io import mapped_tensor, write_bytes
@@ -44,14 +45,19 @@ DATA_FILE_PREFIX = "__0_"
 
 @dataclass(frozen=True)
 class ChunkSpec:
-    """One DCP chunk of a global tensor and the function that produces its data (shape ``sizes``, ``dtype``)."""
+    """One DCP chunk of a global tensor and the function that produces its data (shape ``sizes``, ``dtype``).
+
+    ``produce`` returns the chunk, or a list of blocks whose bytes one after the other are the chunk's (row ranges
+    of the tensors it is made of, as the QKV interleave picks them): the chunk is then never built, and blocks
+    mapped from a file reach the data file by an in-kernel copy.
+    """
 
     key: str
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | list[torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
@@ -76,8 +82,20 @@ class StoredItem:
     size: int
 
 
-def _produce(chunk: ChunkSpec) -> torch.Tensor:
-    tensor = chunk.produce()
+def _produce(chunk: ChunkSpec) -> torch.Tensor | list[torch.Tensor]:
+    """The chunk's tensor, or its blocks (each contiguous, of the chunk's dtype, together exactly its elements)."""
+    produced = chunk.produce()
+    if isinstance(produced, list):
+        if len(produced) == 1 and produced[0].numel() == int(torch.Size(chunk.sizes).numel()):
+            produced = produced[0].reshape(chunk.sizes)
+        else:
+            if any(b.dtype != chunk.dtype for b in produced) or \
+                    sum(b.numel() for b in produced) != int(torch.Size(chunk.sizes).numel()):
+                raise ValueError(f"{chunk.key} at {chunk.offsets}: produced blocks "
+                                 f"{[f'{b.dtype}{tuple(b.shape)}' for b in produced]}, the checkpoint layout "
+                                 f"expects {chunk.dtype}{tuple(chunk.sizes)}")
+            return [b.contiguous() for b in produced]
+    tensor = produced
     if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != chunk.dtype:
         raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tensor.dtype}{tuple(tensor.shape)}, the "
                          f"checkpoint layout expects {chunk.dtype}{tuple(chunk.sizes)}")
@@ -98,22 +116,47 @@ _ITEM_ALIGNMENT = 64
 
 class _KernelCopying:
     """A file for ``torch.save`` whose writes go through :func:`~bridge_convert.safetensors_io.write_bytes`: a
-    tensor mapped from the source checkpoint reaches the data file by an in-kernel copy."""
+    tensor mapped from the source checkpoint reaches the data file by an in-kernel copy.
 
-    def __init__(self, file) -> None:
+    With ``blocks``, ``torch.save`` is given ``stand_in``, an empty tensor of the chunk's shape whose memory is never
+    written nor read (no page of it is touched): where ``torch.save`` writes its bytes, the blocks' bytes are written
+    instead, so the saved record holds the chunk, never built in memory.
+    """
+
+    def __init__(self, file, stand_in: torch.Tensor | None = None, blocks: list[torch.Tensor] = ()) -> None:
         self.file = file
+        self._blocks = [b.view(-1).view(torch.uint8) for b in blocks]
+        self._start = stand_in.data_ptr() if stand_in is not None else None
+        self._nbytes = stand_in.nbytes if stand_in is not None else 0
 
     def write(self, data) -> int:
-        return write_bytes(self.file, data)
+        view = memoryview(data).cast("B")
+        if self._start is None or not view.nbytes:
+            return write_bytes(self.file, view)
+        begin = _address(view) - self._start
+        if begin < 0 or begin + view.nbytes > self._nbytes:  # a record of its own (the pickle, the version)
+            return write_bytes(self.file, view)
+        position = 0
+        for block in self._blocks:  # the blocks' bytes over [begin, begin + view.nbytes) of the stand-in
+            low, high = max(begin, position), min(begin + view.nbytes, position + block.numel())
+            if low < high:
+                write_bytes(self.file, block[low - position:high - position].numpy())
+            position += block.numel()
+        return view.nbytes
 
     def flush(self) -> None:
         self.file.flush()
 
 
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
 @contextmanager
 def _without_crc32():
     """torch.save without the zip CRC-32 of each record: it costs more than the rest of the write (12x on a CPU)
-    and nothing checks it (``torch.load``, hence DCP and megatron-core, reads the records without it)."""
+    and nothing checks it (``torch.load``, hence DCP and megatron-core, reads the records without it). torch's
+    serialization config is per thread: enter this in the thread that saves."""
     from torch.utils.serialization import config
 
     previous = config.save.compute_crc32
@@ -122,6 +165,12 @@ def _without_crc32():
         yield
     finally:
         config.save.compute_crc32 = previous
+
+
+def _crc32_on() -> bool:
+    from torch.utils.serialization import config
+
+    return bool(config.save.compute_crc32)
 
 
 def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[ObjectSpec], threads: int,
@@ -148,7 +197,7 @@ def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[Ob
     def write(index: int, bucket: list) -> dict[tuple, StoredItem]:
         name = f"{DATA_FILE_PREFIX}{index}.distcp"
         stored = {}
-        with open(directory / name, "wb") as stream:
+        with _without_crc32(), open(directory / name, "wb") as stream:
             for key, offsets, spec in bucket:
                 # Each item starts on a 64-byte boundary (readers go by the offsets in .metadata, so the gap is
                 # never read): its tensor bytes are then aligned for their dtype, and an export maps them from the
@@ -163,13 +212,20 @@ def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[Ob
                 else:
                     tensor = _produce(spec)
                     on_chunk(spec)
-                    torch.save(tensor, _KernelCopying(stream))
-                    size = tensor.nbytes
+                    if isinstance(tensor, list) and _crc32_on():  # it would read the stand-in: build the chunk
+                        tensor = torch.cat([b.reshape(-1) for b in tensor]).view(spec.sizes)
+                    if isinstance(tensor, list):  # blocks: saved through an untouched stand-in (_KernelCopying)
+                        stand_in = torch.empty(spec.sizes, dtype=spec.dtype)
+                        torch.save(stand_in, _KernelCopying(stream, stand_in, tensor))
+                        del stand_in
+                    else:
+                        torch.save(tensor, _KernelCopying(stream))
+                    size = spec.nbytes
                     del tensor
                 stored[(key, offsets)] = StoredItem(name, start, stream.tell() - start, size)
         return stored
 
-    with _without_crc32(), ThreadPoolExecutor(max_workers=threads) as pool:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(write, i, bucket) for i, bucket in enumerate(buckets) if bucket]
         return {k: v for f in futures for k, v in f.result().items()}
 

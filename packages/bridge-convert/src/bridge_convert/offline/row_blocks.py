@@ -1,4 +1,4 @@
-"""HF tensors as row ranges of stored megatron chunks: what lets an export copy them file to file.
+"""HF tensors as row ranges of stored megatron chunks and back: what lets a conversion copy them file to file.
 
 Most mappings only pick and reorder whole rows of the megatron tensor: the QKV interleave (each query group's
 query, key and value rows are contiguous in ``linear_qkv``), the gate / up halves of a gated MLP, the vocab rows
@@ -6,7 +6,8 @@ of an embedding, and the identity. For those (:attr:`~bridge_convert.mappings.Ma
 HF tensor is a sequence of row ranges of the stored tensor, and a range of rows of a stored chunk is a contiguous
 byte range of its data file. The ranges are found by running the mapping's own ``to_hf`` on a column of row
 numbers, so the layout rules live in the mapping table alone, for any head count, query groups, head dim, vocab
-padding, and for chunks split by rows (a checkpoint saved at TP > 1).
+padding, and for chunks split by rows (a checkpoint saved at TP > 1). Import goes the other way: each megatron
+chunk is a sequence of row ranges of the HF tensors (``to_megatron`` run on row numbers), written block by block.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .layout import CheckpointEntry
 
-__all__ = ["hf_row_runs", "row_blocks"]
+__all__ = ["hf_row_runs", "megatron_row_sources", "row_blocks", "source_blocks"]
 
 Runs = list[tuple[int, int]]
 
@@ -73,3 +74,40 @@ def row_blocks(runs: list[Runs], pieces: list[tuple[tuple[int, ...], torch.Tenso
                     blocks.append(rows[low - first:high - first])
         out.append(blocks)
     return out
+
+
+def megatron_row_sources(entry: CheckpointEntry, cfg: SimpleNamespace, hf_shapes: list[tuple[int, ...]]
+                         ) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each row of the megatron tensor ``entry`` makes of HF tensors of ``hf_shapes``: which HF tensor (its
+    index) and which of its rows it is, by running the mapping's ``to_megatron`` on row numbers. None when the
+    mapping does more than move whole rows, or makes a row of no HF row (vocab padding: zeros).
+    """
+    if not entry.mapping.moves_whole_rows or any(not shape for shape in hf_shapes):
+        return None
+    probes, first = [], 1  # numbered from 1: a padding row comes out 0
+    for shape in hf_shapes:
+        probes.append(torch.arange(first, first + shape[0], dtype=torch.int64).reshape(
+            (shape[0],) + (1,) * (len(shape) - 1)))
+        first += shape[0]
+    out = entry.mapping.to_megatron(probes, entry.context(cfg, hf_shapes))
+    if any(len(shape) != out.dim() for shape in hf_shapes) or tuple(out.shape[1:]) != tuple(probes[0].shape[1:]):
+        return None
+    ids = out.reshape(-1).numpy() - 1
+    if (ids < 0).any():
+        return None
+    starts = np.cumsum([0] + [shape[0] for shape in hf_shapes])
+    tensor = np.searchsorted(starts, ids, side="right") - 1
+    return tensor, ids - starts[tensor]
+
+
+def source_blocks(sources: tuple[np.ndarray, np.ndarray], rows: slice, tensors: list[torch.Tensor]
+                  ) -> list[torch.Tensor]:
+    """Megatron rows ``rows`` (see :func:`megatron_row_sources`) as blocks of whole rows of the HF ``tensors``,
+    in order (consecutive rows of one tensor form one block)."""
+    which, row = sources[0][rows], sources[1][rows]
+    if not len(row):
+        return []
+    cuts = np.flatnonzero((np.diff(row) != 1) | (np.diff(which) != 0)) + 1
+    firsts = np.concatenate(([0], cuts))
+    lasts = np.concatenate((cuts, [len(row)]))
+    return [tensors[which[f]][int(row[f]):int(row[f]) + (last - f)] for f, last in zip(firsts, lasts)]
