@@ -164,3 +164,18 @@ def test_import_writes_every_chunk_from_the_hf_bytes_and_no_record_with_a_wrong_
                 assert info.CRC in (0, zlib.crc32(data)), key
                 records += 1
     assert records > 10
+
+
+def test_import_rewrites_a_chunk_that_torch_save_did_not_write_from_the_stand_in(tiny_hf_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    """A torch whose save copies a storage before writing it would hand the writer bytes outside the stand-in
+    (simulated: every address looks foreign): each such chunk is written again from its built tensor, so the
+    checkpoint still holds the HF weights (checked by exporting it back)."""
+    from bridge_convert.offline import dist_ckpt
+
+    hf = tiny_hf_checkpoint("llama", num_key_value_heads=2)
+    monkeypatch.setattr(dist_ckpt, "_address", lambda view: 0)  # below the stand-in: "not its memory"
+    megatron = import_hf_checkpoint(hf, tmp_path / "mc", progress=False).parent
+    monkeypatch.undo()
+    export_megatron_checkpoint(megatron, tmp_path / "back", progress=False)
+    assert_same_checkpoint(hf, tmp_path / "back")

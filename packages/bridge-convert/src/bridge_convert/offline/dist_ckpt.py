@@ -128,6 +128,8 @@ class _KernelCopying:
         self._blocks = [b.view(-1).view(torch.uint8) for b in blocks]
         self._start = stand_in.data_ptr() if stand_in is not None else None
         self._nbytes = stand_in.nbytes if stand_in is not None else 0
+        self.substituted = 0
+        """Bytes of the stand-in that were written as the blocks' bytes (all of them, or the record is wrong)."""
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -142,10 +144,24 @@ class _KernelCopying:
             if low < high:
                 write_bytes(self.file, block[low - position:high - position].numpy())
             position += block.numel()
+        self.substituted += view.nbytes
         return view.nbytes
 
     def flush(self) -> None:
         self.file.flush()
+
+
+def _save_through_stand_in(stream, spec: ChunkSpec, blocks: list[torch.Tensor]) -> bool:
+    """``torch.save`` of the chunk made of ``blocks`` without building it (see :class:`_KernelCopying`); False when
+    the record is not right and must be written again from the built chunk: with the CRC-32 on (it would be the
+    stand-in's), or when ``torch.save`` did not write the stand-in from its own memory (a torch that copies
+    storages first would have written uninitialised bytes)."""
+    if _crc32_on():
+        return False
+    stand_in = torch.empty(spec.sizes, dtype=spec.dtype)
+    writer = _KernelCopying(stream, stand_in, blocks)
+    torch.save(stand_in, writer)
+    return writer.substituted == spec.nbytes
 
 
 def _address(view: memoryview) -> int:
@@ -212,13 +228,11 @@ def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[Ob
                 else:
                     tensor = _produce(spec)
                     on_chunk(spec)
-                    if isinstance(tensor, list) and _crc32_on():  # it would read the stand-in: build the chunk
-                        tensor = torch.cat([b.reshape(-1) for b in tensor]).view(spec.sizes)
-                    if isinstance(tensor, list):  # blocks: saved through an untouched stand-in (_KernelCopying)
-                        stand_in = torch.empty(spec.sizes, dtype=spec.dtype)
-                        torch.save(stand_in, _KernelCopying(stream, stand_in, tensor))
-                        del stand_in
-                    else:
+                    if not (isinstance(tensor, list) and _save_through_stand_in(stream, spec, tensor)):
+                        if isinstance(tensor, list):  # the chunk is built after all (see _save_through_stand_in)
+                            stream.seek(start)
+                            stream.truncate()
+                            tensor = torch.cat([b.reshape(-1) for b in tensor]).view(spec.sizes)
                         torch.save(tensor, _KernelCopying(stream))
                     size = spec.nbytes
                     del tensor
