@@ -36,6 +36,23 @@ def test_import_then_export(hf_checkpoints, tmp_path):
     assert_same_checkpoint(hf_checkpoints["llama31"], tmp_path / "hf")
 
 
+def test_offline_import_and_export_processes_never_import_megatron_core(hf_checkpoints, tmp_path):
+    """Offline conversion needs no megatron-core (its import alone takes ~14 s), at exit neither; export needs no
+    torch.distributed.checkpoint either (import does: DCP's own save writes the .metadata)."""
+    import sys
+
+    probe = ("import sys; from bridge_convert.cli import main; code = main(sys.argv[1:]); "
+             "print(sorted(m for m in ('megatron.core', 'torch.distributed.checkpoint') if m in sys.modules)); "
+             "sys.exit(code)")
+    loaded = {}
+    for argv in (["import", hf_checkpoints["qwen2"], str(tmp_path / "mcore")],
+                 ["export", str(tmp_path / "mcore"), str(tmp_path / "hf")]):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
+        loaded[argv[0]] = out.stdout.strip().splitlines()[-1]
+    assert loaded == {"import": "['torch.distributed.checkpoint']", "export": "[]"}
+    assert_same_checkpoint(hf_checkpoints["qwen2"], tmp_path / "hf")
+
+
 def test_compare_prints_logit_statistics(hf_checkpoints, capsys):
     assert main(["compare", hf_checkpoints["qwen3"], "--seq-len", "12"]) == 0
     out = capsys.readouterr().out

@@ -80,7 +80,8 @@ def test_offline_import_equals_the_model_building_import(family, hf_checkpoints,
     assert json.loads((exported / "config.json").read_text()) == source_config
 
 
-def _parallel_body(checkpoints: dict[str, str], reference: dict[str, torch.Tensor], out: str) -> dict[str, float]:
+def _parallel_body(checkpoints: dict[str, str], reference: dict[str, torch.Tensor], out: str, saved_tp2: str
+                   ) -> dict[str, float]:
     initialize_parallel()
     # Called from every rank of a job, an offline conversion runs once (rank 0) and all ranks share its outcome.
     AutoBridge.export_ckpt(checkpoints["qwen2"], out)
@@ -93,6 +94,8 @@ def _parallel_body(checkpoints: dict[str, str], reference: dict[str, torch.Tenso
     for tp, pp in ((2, 1), (1, 2)):  # the provider rebuilds megatron-core's groups for each layout
         for family, path in checkpoints.items():
             model = _load(path, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            if family == "qwen2" and tp == 2:  # megatron-core's own save at TP=2: chunks split by rows and columns
+                AutoBridge.from_megatron_checkpoint(path).save_megatron_checkpoint(model, saved_tp2)
             diffs[f"{family} tp{tp} pp{pp}"] = (forward_logits(model, _input_ids()) - reference[family]).abs().max().item()
     return diffs
 
@@ -102,8 +105,15 @@ def test_offline_checkpoints_load_at_tp2_and_pp2(hf_checkpoints, offline_checkpo
     families = ("llama32", "qwen2", "qwen3", "mistral")  # tied embeddings, QKV bias, q/k norm + head_dim, GQA
     reference = {f: _hf_logits(hf_checkpoints[f]) for f in families}
     checkpoints = {f: offline_checkpoints[f] for f in families}
-    diffs = run_multiprocess(_parallel_body, 2, checkpoints, reference, str(tmp_path / "hf"), timeout=600)[0]
+    diffs = run_multiprocess(_parallel_body, 2, checkpoints, reference, str(tmp_path / "hf"),
+                             str(tmp_path / "tp2"), timeout=600)[0]
     assert_same_checkpoint(hf_checkpoints["qwen2"], tmp_path / "hf")
+    from bridge_convert.offline.dcp_metadata import read_metadata
+
+    qkv = read_metadata(tmp_path / "tp2" / "iter_0000000").tensors["decoder.layers.self_attention.linear_qkv.weight"]
+    assert len(qkv.chunks) == 2 * 2  # two layers, each in two row chunks (one per TP rank)
+    export_megatron_checkpoint(tmp_path / "tp2", tmp_path / "hf-from-tp2", progress=False)
+    assert_same_checkpoint(hf_checkpoints["qwen2"], tmp_path / "hf-from-tp2")  # Q / K / V rows across the chunks
     assert len(diffs) == 2 * len(families)
     assert all(d <= 1e-4 for d in diffs.values()), diffs
 

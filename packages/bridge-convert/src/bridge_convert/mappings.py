@@ -18,7 +18,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -66,6 +66,11 @@ class Mapping(ABC):
     export: bool = True
     """False for megatron parameters that only mirror another one (a tied output layer on the last PP stage)."""
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    moves_whole_rows: ClassVar[bool] = False
+    """True when :meth:`to_hf` only selects and reorders whole dim-0 rows of the megatron tensor (every other
+    dim kept as it is): each HF tensor is then a run of row ranges of the stored tensor, which the offline export
+    copies file to file (it finds the ranges by running :meth:`to_hf` on row indices). A mapping that computes
+    values or rearranges other dims leaves it False and is exported through :meth:`to_hf` itself."""
 
     def __post_init__(self) -> None:
         if self.megatron.count("*") > 1 or any(p.count("*") != self.megatron.count("*") for p in self.hf):
@@ -102,6 +107,8 @@ class Mapping(ABC):
 class Direct(Mapping):
     """One tensor on each side, identical up to TP sharding (norms, o_proj, down_proj, q/k norms, biases)."""
 
+    moves_whole_rows = True
+
     def __init__(self, megatron: str, hf: str, tp: TPKind = "auto", *, export: bool = True) -> None:
         super().__init__(megatron, (hf,), tp, 1, export)
 
@@ -115,6 +122,8 @@ class Direct(Mapping):
 @dataclass(frozen=True)
 class VocabParallel(Mapping):
     """Word embeddings and the output layer: padded to megatron's padded vocab on import, truncated on export."""
+
+    moves_whole_rows = True
 
     def __init__(self, megatron: str, hf: str, *, export: bool = True) -> None:
         super().__init__(megatron, (hf,), "column", 1, export)
@@ -142,6 +151,8 @@ class QKV(Mapping):
     query heads of that group, then its key head, then its value head. Splitting dim 0 evenly over TP therefore
     hands every rank whole groups (TP must divide ``G``).
     """
+
+    moves_whole_rows = True
 
     def __init__(self, megatron: str, *, q: str, k: str, v: str) -> None:
         super().__init__(megatron, (q, k, v), "column", 1, True)
@@ -174,6 +185,8 @@ class QKV(Mapping):
 @dataclass(frozen=True)
 class GatedMLP(Mapping):
     """HF ``gate_proj`` and ``up_proj`` <-> megatron's fused ``linear_fc1`` = ``[gate; up]``, TP-split per half."""
+
+    moves_whole_rows = True
 
     def __init__(self, megatron: str, *, gate: str, up: str) -> None:
         super().__init__(megatron, (gate, up), "column", 2, True)

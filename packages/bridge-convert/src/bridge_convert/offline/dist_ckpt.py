@@ -27,14 +27,12 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..safetensors_io import mapped_tensor, write_bytes
-
-if TYPE_CHECKING:
-    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from .dcp_metadata import StoredTensor, read_metadata
 
 __all__ = ["BACKEND_CONFIG", "ChunkSpec", "DistCheckpointReader", "ObjectSpec", "write_dist_checkpoint"]
 
@@ -47,14 +45,19 @@ DATA_FILE_PREFIX = "__0_"
 
 @dataclass(frozen=True)
 class ChunkSpec:
-    """One DCP chunk of a global tensor and the function that produces its data (shape ``sizes``, ``dtype``)."""
+    """One DCP chunk of a global tensor and the function that produces its data (shape ``sizes``, ``dtype``).
+
+    ``produce`` returns the chunk, or a list of blocks whose bytes one after the other are the chunk's (row ranges
+    of the tensors it is made of, as the QKV interleave picks them): the chunk is then never built, and blocks
+    mapped from a file reach the data file by an in-kernel copy.
+    """
 
     key: str
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | list[torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
@@ -79,8 +82,20 @@ class StoredItem:
     size: int
 
 
-def _produce(chunk: ChunkSpec) -> torch.Tensor:
-    tensor = chunk.produce()
+def _produce(chunk: ChunkSpec) -> torch.Tensor | list[torch.Tensor]:
+    """The chunk's tensor, or its blocks (each contiguous, of the chunk's dtype, together exactly its elements)."""
+    produced = chunk.produce()
+    if isinstance(produced, list):
+        if len(produced) == 1 and produced[0].numel() == int(torch.Size(chunk.sizes).numel()):
+            produced = produced[0].reshape(chunk.sizes)
+        else:
+            if any(b.dtype != chunk.dtype for b in produced) or \
+                    sum(b.numel() for b in produced) != int(torch.Size(chunk.sizes).numel()):
+                raise ValueError(f"{chunk.key} at {chunk.offsets}: produced blocks "
+                                 f"{[f'{b.dtype}{tuple(b.shape)}' for b in produced]}, the checkpoint layout "
+                                 f"expects {chunk.dtype}{tuple(chunk.sizes)}")
+            return [b.contiguous() for b in produced]
+    tensor = produced
     if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != chunk.dtype:
         raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tensor.dtype}{tuple(tensor.shape)}, the "
                          f"checkpoint layout expects {chunk.dtype}{tuple(chunk.sizes)}")
@@ -101,22 +116,63 @@ _ITEM_ALIGNMENT = 64
 
 class _KernelCopying:
     """A file for ``torch.save`` whose writes go through :func:`~bridge_convert.safetensors_io.write_bytes`: a
-    tensor mapped from the source checkpoint reaches the data file by an in-kernel copy."""
+    tensor mapped from the source checkpoint reaches the data file by an in-kernel copy.
 
-    def __init__(self, file) -> None:
+    With ``blocks``, ``torch.save`` is given ``stand_in``, an empty tensor of the chunk's shape whose memory is never
+    written nor read (no page of it is touched): where ``torch.save`` writes its bytes, the blocks' bytes are written
+    instead, so the saved record holds the chunk, never built in memory.
+    """
+
+    def __init__(self, file, stand_in: torch.Tensor | None = None, blocks: list[torch.Tensor] = ()) -> None:
         self.file = file
+        self._blocks = [b.view(-1).view(torch.uint8) for b in blocks]
+        self._start = stand_in.data_ptr() if stand_in is not None else None
+        self._nbytes = stand_in.nbytes if stand_in is not None else 0
+        self.substituted = 0
+        """Bytes of the stand-in that were written as the blocks' bytes (all of them, or the record is wrong)."""
 
     def write(self, data) -> int:
-        return write_bytes(self.file, data)
+        view = memoryview(data).cast("B")
+        if self._start is None or not view.nbytes:
+            return write_bytes(self.file, view)
+        begin = _address(view) - self._start
+        if begin < 0 or begin + view.nbytes > self._nbytes:  # a record of its own (the pickle, the version)
+            return write_bytes(self.file, view)
+        position = 0
+        for block in self._blocks:  # the blocks' bytes over [begin, begin + view.nbytes) of the stand-in
+            low, high = max(begin, position), min(begin + view.nbytes, position + block.numel())
+            if low < high:
+                write_bytes(self.file, block[low - position:high - position].numpy())
+            position += block.numel()
+        self.substituted += view.nbytes
+        return view.nbytes
 
     def flush(self) -> None:
         self.file.flush()
 
 
+def _save_through_stand_in(stream, spec: ChunkSpec, blocks: list[torch.Tensor]) -> bool:
+    """``torch.save`` of the chunk made of ``blocks`` without building it (see :class:`_KernelCopying`); False when
+    the record is not right and must be written again from the built chunk: with the CRC-32 on (it would be the
+    stand-in's), or when ``torch.save`` did not write the stand-in from its own memory (a torch that copies
+    storages first would have written uninitialised bytes)."""
+    if _crc32_on():
+        return False
+    stand_in = torch.empty(spec.sizes, dtype=spec.dtype)
+    writer = _KernelCopying(stream, stand_in, blocks)
+    torch.save(stand_in, writer)
+    return writer.substituted == spec.nbytes
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
 @contextmanager
 def _without_crc32():
     """torch.save without the zip CRC-32 of each record: it costs more than the rest of the write (12x on a CPU)
-    and nothing checks it (``torch.load``, hence DCP and megatron-core, reads the records without it)."""
+    and nothing checks it (``torch.load``, hence DCP and megatron-core, reads the records without it). torch's
+    serialization config is per thread: enter this in the thread that saves."""
     from torch.utils.serialization import config
 
     previous = config.save.compute_crc32
@@ -125,6 +181,12 @@ def _without_crc32():
         yield
     finally:
         config.save.compute_crc32 = previous
+
+
+def _crc32_on() -> bool:
+    from torch.utils.serialization import config
+
+    return bool(config.save.compute_crc32)
 
 
 def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[ObjectSpec], threads: int,
@@ -151,7 +213,7 @@ def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[Ob
     def write(index: int, bucket: list) -> dict[tuple, StoredItem]:
         name = f"{DATA_FILE_PREFIX}{index}.distcp"
         stored = {}
-        with open(directory / name, "wb") as stream:
+        with _without_crc32(), open(directory / name, "wb") as stream:
             for key, offsets, spec in bucket:
                 # Each item starts on a 64-byte boundary (readers go by the offsets in .metadata, so the gap is
                 # never read): its tensor bytes are then aligned for their dtype, and an export maps them from the
@@ -166,13 +228,18 @@ def _write_data_files(directory: Path, chunks: list[ChunkSpec], objects: list[Ob
                 else:
                     tensor = _produce(spec)
                     on_chunk(spec)
-                    torch.save(tensor, _KernelCopying(stream))
-                    size = tensor.nbytes
+                    if not (isinstance(tensor, list) and _save_through_stand_in(stream, spec, tensor)):
+                        if isinstance(tensor, list):  # the chunk is built after all (see _save_through_stand_in)
+                            stream.seek(start)
+                            stream.truncate()
+                            tensor = torch.cat([b.reshape(-1) for b in tensor]).view(spec.sizes)
+                        torch.save(tensor, _KernelCopying(stream))
+                    size = spec.nbytes
                     del tensor
                 stored[(key, offsets)] = StoredItem(name, start, stream.tell() - start, size)
         return stored
 
-    with _without_crc32(), ThreadPoolExecutor(max_workers=threads) as pool:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(write, i, bucket) for i, bucket in enumerate(buckets) if bucket]
         return {k: v for f in futures for k, v in f.result().items()}
 
@@ -324,10 +391,8 @@ class DistCheckpointReader:
             raise ValueError(f"{config} is missing or unreadable ({exc}); not a megatron-core dist checkpoint") from exc
         if backend != "torch_dist":
             raise ValueError(f"{config} names the {backend!r} backend; only torch_dist checkpoints are supported")
-        from torch.distributed.checkpoint import FileSystemReader
-
         try:
-            self.metadata: Metadata = FileSystemReader(str(self.directory)).read_metadata()
+            self.metadata = read_metadata(self.directory)
         except Exception as exc:
             raise ValueError(f"unreadable checkpoint metadata {self.directory / '.metadata'}: "
                              f"{type(exc).__name__}: {exc}") from exc
@@ -336,7 +401,7 @@ class DistCheckpointReader:
     def _check_data_files(self) -> None:
         """Every data file the metadata points into exists and is long enough (a truncated copy is named)."""
         needed: dict[str, int] = {}
-        for info in self.metadata.storage_data.values():
+        for info in self.metadata.storage.values():
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
         for name, size in needed.items():
             path = self.directory / name
@@ -346,15 +411,11 @@ class DistCheckpointReader:
                 raise ValueError(f"truncated checkpoint data file {path}: the metadata needs {size} bytes, the file "
                                  f"has {path.stat().st_size}")
 
-    def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    def tensor_keys(self) -> dict[str, StoredTensor]:
+        return dict(self.metadata.tensors)
 
     def object_keys(self) -> list[str]:
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+        return list(self.metadata.objects)
 
     def read_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...],
                     out: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,39 +432,40 @@ class DistCheckpointReader:
                       ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         """The stored chunks' parts that make up a region, unassembled: ``(offsets in the region, tensor)`` each,
         every tensor mapped from its data file where the file allows (see :meth:`read_region`)."""
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-        stored = self.metadata.state_dict_metadata.get(key)
-        if not isinstance(stored, TensorStorageMetadata):
+        stored = self.metadata.tensors.get(key)
+        if stored is None:
             raise KeyError(f"tensor {key!r} is not in the checkpoint {self.directory}")
         end = [o + s for o, s in zip(offsets, shape)]
         if len(end) != len(stored.size) or any(e > s for e, s in zip(end, stored.size)):
             raise ValueError(f"{key}: region {tuple(offsets)}+{tuple(shape)} lies outside the stored shape "
                              f"{tuple(stored.size)} in {self.directory}")
-        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
-        items = create_read_items_for_chunk_list(key, stored, [chunk])
-        if not items:
-            raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
         pieces = []
-        for item in items:
-            piece = self._load_chunk(item.storage_index, stored.properties.dtype)
-            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-                piece = piece.narrow(dim, start, length)
-            pieces.append((tuple(item.dest_offsets), piece))
+        for chunk_offsets, chunk_sizes in stored.chunks:
+            low = [max(o, c) for o, c in zip(offsets, chunk_offsets)]
+            high = [min(e, c + n) for e, c, n in zip(end, chunk_offsets, chunk_sizes)]
+            if any(lo >= hi for lo, hi in zip(low, high)):
+                continue  # this chunk lies outside the region
+            piece = self._load_chunk(key, chunk_offsets, chunk_sizes, stored.dtype)
+            for dim, (lo, hi, start) in enumerate(zip(low, high, chunk_offsets)):
+                piece = piece.narrow(dim, lo - start, hi - lo)
+            pieces.append((tuple(lo - o for lo, o in zip(low, offsets)), piece))
+        if not pieces:
+            raise ValueError(f"{key}: no stored chunk covers {tuple(offsets)}+{tuple(shape)} in {self.directory}")
         return pieces
 
-    def _load_chunk(self, index: MetadataIndex, dtype: torch.dtype) -> torch.Tensor:
+    def _load_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+                    dtype: torch.dtype) -> torch.Tensor:
         """One stored chunk (a ``torch.save`` archive inside a data file), read without an intermediate copy."""
-        info = self.metadata.storage_data[index]
+        info = self.metadata.storage.get((key, tuple(offsets)))
+        if info is None:
+            raise ValueError(f"checkpoint {self.directory}: the metadata lists a chunk of {key!r} at {offsets} but "
+                             "not where it is stored")
         path = self.directory / info.relative_path
         if info.transform_descriptors:
             raise ValueError(f"{path}: chunks stored with transforms {info.transform_descriptors} are not supported")
-        sizes = next(c.sizes for c in self.metadata.state_dict_metadata[index.fqn].chunks
-                     if tuple(c.offsets) == tuple(index.offset))
         try:
             with open(path, "rb") as f:
                 return _read_saved_tensor(f, info.offset, info.length, dtype, tuple(sizes))
         except (OSError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"cannot read {index.fqn!r} from the checkpoint data file {path}: "
+            raise ValueError(f"cannot read {key!r} from the checkpoint data file {path}: "
                              f"{type(exc).__name__}: {exc}") from exc

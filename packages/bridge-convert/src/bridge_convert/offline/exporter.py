@@ -18,12 +18,12 @@ from types import SimpleNamespace
 import torch
 
 from ..hf_config import parse_dtype
-from ..mappings import GatedMLP
 from ..megatron_ckpt import resolve_checkpoint_dir
 from ..outputs import check_output_dir, staged_output_dir
 from ..safetensors_io import ShardedSafetensorsWriter
 from .dist_ckpt import DistCheckpointReader, assemble_region
 from .layout import CheckpointEntry, checkpoint_entries, expected_megatron_shapes, model_config
+from .row_blocks import hf_row_runs, row_blocks
 
 __all__ = ["export_megatron_checkpoint"]
 
@@ -54,22 +54,6 @@ def _check_stored(entries: list[CheckpointEntry], reader: DistCheckpointReader, 
     return shapes
 
 
-def _gated_halves(entry: CheckpointEntry, pieces: list, region: tuple[int, ...]) -> list[torch.Tensor] | None:
-    """A gated-MLP weight stored as two chunks, its gate and up halves (as the offline import writes it): the two
-    chunks themselves, which are the HF ``gate_proj`` and ``up_proj``; None for any other layout (assembled)."""
-    if not isinstance(entry.mapping, GatedMLP):
-        return None
-    dim = 1 if entry.layered else 0
-    half = region[dim] // 2
-    if len(pieces) != 2 or region[dim] % 2:
-        return None
-    starts = sorted(p[0][dim] for p in pieces)
-    if starts != [0, half] or any(tuple(p.shape) != region[:dim] + (half,) + region[dim + 1:] for _, p in pieces):
-        return None
-    ordered = [p for _, p in sorted(pieces, key=lambda p: p[0][dim])]
-    return [p[0] if entry.layered else p for p in ordered]
-
-
 def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
                                dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
                                overwrite: bool = False, threads: int = 2, progress: bool = True) -> None:
@@ -97,7 +81,7 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
     reader = DistCheckpointReader(directory)
     entries = checkpoint_entries(bridge.model_bridge, cfg)
     shapes = _check_stored(entries, reader, cfg)
-    stored_dtypes = {k: md.properties.dtype for k, md in reader.tensor_keys().items()}
+    stored_dtypes = {k: md.dtype for k, md in reader.tensor_keys().items()}
 
     tasks = [(e, None) for e in entries if not e.layered and e.key.startswith("embedding.")]
     tasks += [(e, layer) for layer in range(cfg.num_layers) for e in entries if e.layered]
@@ -118,17 +102,20 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         dtypes = {n: target or stored_dtypes[source_of[n]] for n, _ in hf_shapes}
     total = sum(torch.Size(s).numel() * dtypes[n].itemsize for n, s in hf_shapes)
 
+    runs = {e.key: hf_row_runs(e, cfg, shapes[e.key]) for e in entries}
     spare: dict[str, list[torch.Tensor]] = {}  # region buffers by key, reused from layer to layer
     spare_lock = threading.Lock()
 
-    def read(entry: CheckpointEntry, layer: int | None) -> tuple[list[tuple[str, torch.Tensor]], tuple]:
+    def read(entry: CheckpointEntry, layer: int | None) -> tuple[list[tuple[str, list[torch.Tensor]]], tuple]:
+        """The HF tensors of one entry's layer slice, each as row blocks (see ``ShardedSafetensorsWriter.add_rows``)."""
         shape = shapes[entry.key]
         region = ((1,) if entry.layered else ()) + shape
         offsets = ((layer,) + (0,) * len(shape)) if entry.layered else (0,) * len(shape)
         pieces = reader.region_pieces(entry.key, offsets, region)
-        halves = _gated_halves(entry, pieces, region)
-        if halves is not None:  # the gate and up chunks as stored (mapped): no assembly, no copy
-            return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), halves)], (entry.key, None)
+        names = entry.hf_names(layer)
+        blocks = row_blocks(runs[entry.key], pieces, region, entry.layered) if runs[entry.key] else None
+        if blocks is not None:  # row ranges of the stored (mapped) chunks: no assembly, no de-interleaved copy
+            return [(n, [b.to(dtypes[n]) for b in bs]) for n, bs in zip(names, blocks)], (entry.key, None)
         with spare_lock:
             free = spare.setdefault(entry.key, [])
             buffer = free.pop() if free else None
@@ -137,7 +124,7 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         full = assemble_region(pieces, region, out=buffer)
         full = full[0] if entry.layered else full
         outs = entry.mapping.to_hf(full, entry.context(cfg, megatron_shape=shape))
-        return [(n, t.to(dtypes[n])) for n, t in zip(entry.hf_names(layer), outs)], (entry.key, buffer)
+        return [(n, [t.to(dtypes[n])]) for n, t in zip(names, outs)], (entry.key, buffer)
 
     from tqdm.auto import tqdm
 
@@ -158,12 +145,12 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
                 break
         while pending:
             tensors, (key, buffer) = pending.popleft().result()
-            for name, tensor in tensors:
-                writer.add(name, tensor)
+            for name, parts in tensors:
+                writer.add_rows(name, parts)
                 for alias in aliases.get(name, ()):
-                    writer.add(alias, tensor.to(dtypes[alias]))
-                bar.update(tensor.nbytes)
-                del tensor
+                    writer.add_rows(alias, [p.to(dtypes[alias]) for p in parts])
+                bar.update(sum(p.nbytes for p in parts))
+                del parts
             del tensors
             if buffer is not None:
                 with spare_lock:  # written: the buffer may take the next layer's region

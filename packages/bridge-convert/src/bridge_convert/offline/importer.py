@@ -23,6 +23,7 @@ from .layout import (
     extra_state_keys,
     model_config,
 )
+from .row_blocks import megatron_row_sources, source_blocks
 
 __all__ = ["import_hf_checkpoint"]
 
@@ -37,17 +38,22 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 class _LayerTensors:
-    """Builds each (entry, layer) megatron tensor once through its mapping, as the blocks it is saved in
-    (:meth:`~bridge_convert.mappings.Mapping.to_megatron_blocks`), and hands them out as chunks.
+    """Builds each (entry, layer) megatron tensor once through its mapping, as the chunks it is saved in, and
+    hands them out.
 
-    A gated-MLP weight is saved as two chunks, its gate and up halves (the HF tensors themselves, never fused);
-    they are kept until both have been taken, so memory holds at most the tensors of the chunks being written.
+    A mapping that only moves whole rows (the QKV interleave, gate / up halves, the identity) gives each chunk as
+    row ranges of the HF tensors (:func:`~.row_blocks.source_blocks`): the fused tensor is never built and the
+    mapped HF bytes reach the data file by an in-kernel copy. Others give their
+    :meth:`~bridge_convert.mappings.Mapping.to_megatron_blocks`. A gated-MLP weight is saved as two chunks, its
+    gate and up halves; they are kept until both have been taken, so memory holds at most the tensors of the
+    chunks being written.
     """
 
     def __init__(self, reader: LazyHFCheckpoint, cfg, dtype: torch.dtype, progress) -> None:
         self.reader, self.cfg, self.dtype, self.progress = reader, cfg, dtype, progress
         self.non_finite: list[str] = []
         self._cache: dict[tuple[str, int | None], list] = {}
+        self._row_sources: dict[tuple, tuple | None] = {}
         self._lock = threading.Lock()
 
     def _build(self, entry: CheckpointEntry, layer: int | None) -> list[torch.Tensor]:
@@ -60,9 +66,22 @@ class _LayerTensors:
                     self.non_finite.append(name)
             tensors.append(tensor.to(self.dtype))
         shapes = [tuple(t.shape) for t in tensors]
-        return entry.mapping.to_megatron_blocks(tensors, entry.context(self.cfg, shapes))
+        sources = self._sources(entry, shapes)
+        if sources is None:
+            return entry.mapping.to_megatron_blocks(tensors, entry.context(self.cfg, shapes))
+        rows = len(sources[0]) // entry.mapping.stride
+        return [source_blocks(sources, slice(i * rows, (i + 1) * rows), tensors) for i in range(entry.mapping.stride)]
 
-    def chunk(self, entry: CheckpointEntry, layer: int | None, piece: int, pieces: int) -> torch.Tensor:
+    def _sources(self, entry: CheckpointEntry, shapes: list[tuple[int, ...]]):
+        """Where each megatron row comes from (:func:`~.row_blocks.megatron_row_sources`), once per entry."""
+        key = (entry.key, tuple(shapes))
+        with self._lock:
+            if key not in self._row_sources:
+                self._row_sources[key] = megatron_row_sources(entry, self.cfg, shapes)
+            return self._row_sources[key]
+
+    def chunk(self, entry: CheckpointEntry, layer: int | None, piece: int, pieces: int
+              ) -> torch.Tensor | list[torch.Tensor]:
         key = (entry.key, layer)
         with self._lock:
             slot = self._cache.setdefault(key, [threading.Lock(), None, pieces])
@@ -77,7 +96,7 @@ class _LayerTensors:
         if len(blocks) != pieces:
             raise ValueError(f"{entry.key}: the mapping made {len(blocks)} blocks, the checkpoint stores {pieces}")
         part = blocks[piece]
-        return part.unsqueeze(0) if layer is not None else part
+        return part.unsqueeze(0) if layer is not None and isinstance(part, torch.Tensor) else part
 
 
 def _plan(entries, reader: LazyHFCheckpoint, cfg, dtype: torch.dtype, tensors: _LayerTensors, bridge

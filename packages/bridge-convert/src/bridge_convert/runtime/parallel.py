@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -266,9 +267,12 @@ def destroy_parallel() -> None:
     tests and clean exits); afterwards torch and megatron-core are as they were before the runtime started."""
     global _STATE, _OWNS_CPU_COMPAT
     try:
-        mpu = _mpu()
-        if mpu.model_parallel_is_initialized():
-            mpu.destroy_model_parallel()
+        # megatron-core's groups exist only if its parallel_state was imported: an offline conversion (CLI) never
+        # does, and importing it here just to find nothing would cost its ~14 s import at exit.
+        if "megatron.core.parallel_state" in sys.modules:
+            mpu = _mpu()
+            if mpu.model_parallel_is_initialized():
+                mpu.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
     finally:
