@@ -46,9 +46,13 @@ def forward_logits(model: list, input_ids: torch.Tensor, *, vocab_size: int | No
 
         return out, collect
 
+    # megatron-core's interleaved (virtual-pipeline) schedule needs at least PP micro-batches: run the same batch
+    # that many times and keep the first output.
+    micro_batches = state.pp_size if len(model) > 1 else 1
     outputs = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=[iter([0]) for _ in model] if len(model) > 1 else iter([0]),
-        model=model, num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True,
+        forward_step_func=forward_step,
+        data_iterator=[iter(range(micro_batches)) for _ in model] if len(model) > 1 else iter([0]),
+        model=model, num_microbatches=micro_batches, seq_length=seq, micro_batch_size=batch, forward_only=True,
         collect_non_loss_data=True,
     )
     logits = outputs[0][..., :vocab_size].float().contiguous() if state.is_last_pp_stage else None
