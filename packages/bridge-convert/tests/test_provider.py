@@ -110,3 +110,22 @@ def test_fusions_resolve_off_when_finalized_on_cpu():
         pytest.skip("checks the CPU resolution")
     provider = _provider(transformer_impl="local").finalize()
     assert provider.apply_rope_fusion is False and provider.cross_entropy_loss_fusion is False
+
+
+@pytest.mark.parametrize(("pp", "vp", "overlap", "batch", "resolved"), [
+    (2, None, None, None, (False, True)),   # no virtual pipeline: megatron-core's defaults
+    (2, 2, None, None, (True, False)),      # interleaved: Megatron-LM's default, separate overlapped p2p ops
+    (4, 2, None, True, (False, True)),      # batched p2p kept where the two neighbours differ
+    (2, 2, False, False, (False, False)),   # explicit non-batched, non-overlapped
+])
+def test_pipeline_p2p_mode_resolves_per_schedule(pp, vp, overlap, batch, resolved):
+    provider = _provider(num_layers=8, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
+                         overlap_p2p_comm=overlap, batch_p2p_comm=batch)
+    provider._resolve_p2p()
+    assert (provider.overlap_p2p_comm, provider.batch_p2p_comm) == resolved
+
+
+def test_batched_p2p_with_a_virtual_pipeline_over_two_stages_is_refused():
+    with pytest.raises(ValueError, match="batch_p2p_comm=True with a virtual pipeline over"):
+        _provider(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                  batch_p2p_comm=True)._resolve_p2p()

@@ -124,6 +124,14 @@ class GPTModelProvider(TransformerConfig):
     cross_entropy_fusion_impl: Literal["native", "te"] | None = None
     """Which fused cross entropy: ``te`` (Transformer Engine's kernel) or ``native`` (megatron-core's). ``None``
     (auto): ``te`` when Transformer Engine imports, else ``native``."""
+    overlap_p2p_comm: bool | None = None
+    """Pipeline send/receive as separate, overlapped operations (megatron-core's ``_p2p_ops``). ``None`` (auto): on
+    with a virtual pipeline, as Megatron-LM defaults it for the interleaved schedule, off otherwise."""
+    batch_p2p_comm: bool | None = None
+    """Pipeline send/receive as one ``batch_isend_irecv``. ``None`` (auto): the opposite of ``overlap_p2p_comm``.
+    Refused with a virtual pipeline over 2 stages: both neighbours are the same rank there, the batch then pairs a
+    gradient sent with an activation received (the losses went wrong from the second micro-batch group, measured
+    against one process)."""
     gradient_accumulation_fusion: bool | None = None
     """Weight-gradient GEMMs accumulate straight into DDP's fp32 ``main_grad`` (apex's kernel, else torch's:
     ``native/wgrad.py``). It needs megatron DDP's ``main_grad``: ``None`` (auto) turns it on where
@@ -174,9 +182,22 @@ class GPTModelProvider(TransformerConfig):
             self.pipeline_dtype = self.params_dtype
         if self.pipeline_model_parallel_size == 1 and self.virtual_pipeline_model_parallel_size == 1:
             self.virtual_pipeline_model_parallel_size = None
+        self._resolve_p2p()
         TransformerConfig.__post_init__(self)
         self._finalized = True
         return self
+
+    def _resolve_p2p(self) -> None:
+        """Resolve the ``None`` (auto) pipeline-communication modes; refuse batched p2p where it mismatches."""
+        interleaved = (self.virtual_pipeline_model_parallel_size or 1) > 1
+        if self.overlap_p2p_comm is None:
+            self.overlap_p2p_comm = interleaved and not self.batch_p2p_comm
+        if self.batch_p2p_comm is None:
+            self.batch_p2p_comm = not self.overlap_p2p_comm
+        if self.batch_p2p_comm and interleaved and self.pipeline_model_parallel_size == 2:
+            raise ValueError("batch_p2p_comm=True with a virtual pipeline over pipeline_model_parallel_size=2 pairs "
+                             "a gradient sent with an activation received (both neighbours are the same rank) and "
+                             "trains on wrong activations; set batch_p2p_comm=None (auto) or False")
 
     def _resolve_fused_kernels(self, *, on_gpu: bool, te: bool) -> None:
         """Resolve the ``None`` (auto) fusions for the resolved spec; refuse an explicit one that cannot run.

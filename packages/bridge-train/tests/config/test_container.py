@@ -41,6 +41,11 @@ INVALID = [
      _set(**{"model.pipeline_model_parallel_size": 2, "model.virtual_pipeline_model_parallel_size": 2}), 2,
      "model.num_layers (2) must be divisible by model.pipeline_model_parallel_size x "
      "virtual_pipeline_model_parallel_size (2 x 2 = 4)"),
+    ("vp_with_fewer_micro_batches_than_pp",
+     _set(**{"model.num_layers": 4, "model.pipeline_model_parallel_size": 2,
+             "model.virtual_pipeline_model_parallel_size": 2, "train.global_batch_size": 1,
+             "train.micro_batch_size": 1}), 2,
+     "model.virtual_pipeline_model_parallel_size (2) needs at least 2 micro-batches per step"),
     ("vp_without_pp", _set(**{"model.virtual_pipeline_model_parallel_size": 2}), 1,
      "model.virtual_pipeline_model_parallel_size (2) needs model.pipeline_model_parallel_size > 1"),
     ("seq_not_divisible_by_2cp",
@@ -137,6 +142,16 @@ def test_validate_accepts_valid_config(make_cfg, world_size, microbatches):
     assert cfg.finalize(world_size=world_size) is cfg and cfg.finalized
     assert cfg.num_microbatches(world_size or 1) == microbatches  # 8 / (2 x DP)
     assert cfg.scheduler.lr_decay_iters == 10 and cfg.optimizer.min_lr == 0.0 and cfg.model.kv_channels == 16
+
+
+def test_a_virtual_pipeline_with_enough_micro_batches_is_valid(make_cfg):
+    cfg = make_cfg()  # global batch 8, micro batch 2: at world size 2 with PP=2, DP=1 and 4 micro-batches
+    _set(**{"model.num_layers": 4, "model.pipeline_model_parallel_size": 2,
+            "model.virtual_pipeline_model_parallel_size": 2})(cfg)
+    cfg.validate(world_size=2)
+    cfg.train.global_batch_size = 2  # 1 micro-batch of 2 < PP
+    with pytest.raises(ConfigError, match="needs at least 2 micro-batches"):
+        cfg.validate(world_size=2)
 
 
 def test_python_assignment_of_wrong_type_is_reported_for_any_field(make_cfg):

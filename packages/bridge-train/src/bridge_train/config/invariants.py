@@ -81,11 +81,29 @@ def batch_problems(train: Any, model: Any, world_size: int | None) -> list[str]:
     """The global batch must split into whole micro-batches on every data-parallel rank."""
     dp = data_parallel_size(model, world_size)
     gbs, mbs = train.global_batch_size, train.micro_batch_size
-    if gbs is None or mbs < 1 or gbs % (mbs * dp) == 0:  # mbs < 1: train.micro_batch_size's own rule
+    if mbs < 1:  # train.micro_batch_size's own rule
         return []
     unknown = "" if world_size is not None else " (data-parallel size 1: the world size is not known yet)"
-    return [f"train.global_batch_size ({gbs}) must be divisible by train.micro_batch_size x data-parallel size "
-            f"({mbs} x {dp}){unknown}; set it to a multiple of {mbs * dp}"]
+    if gbs is not None and gbs % (mbs * dp):
+        return [f"train.global_batch_size ({gbs}) must be divisible by train.micro_batch_size x data-parallel size "
+                f"({mbs} x {dp}){unknown}; set it to a multiple of {mbs * dp}"]
+    vp, pp = model.virtual_pipeline_model_parallel_size, model.pipeline_model_parallel_size
+    if vp is None or vp < 2:
+        return []
+    # megatron-core's interleaved schedule runs micro-batches in groups of microbatch_group_size_per_vp_stage
+    # (default PP): at least PP of them, at most the micro-batches of a step.
+    group = getattr(model, "microbatch_group_size_per_vp_stage", None) or pp
+    micro_batches = (gbs or mbs * dp) // (mbs * dp)
+    if group < pp:
+        return [f"model.microbatch_group_size_per_vp_stage ({group}) must be >= model.pipeline_model_parallel_size "
+                f"({pp}) for the interleaved (virtual-pipeline) schedule; set it to null (PP) or more"]
+    if micro_batches < group:
+        return [f"model.virtual_pipeline_model_parallel_size ({vp}) needs at least {group} micro-batches per step "
+                f"(model.microbatch_group_size_per_vp_stage, default the PP size), train.global_batch_size "
+                f"({gbs}) / (train.micro_batch_size x data-parallel size ({mbs} x {dp})){unknown} gives "
+                f"{micro_batches}; set train.global_batch_size to a multiple of {mbs * dp} that is >= "
+                f"{group * mbs * dp}"]
+    return []
 
 
 def precision_problems(model: Any, optimizer: Any, ddp: Any, mixed_precision: MixedPrecisionConfig | None) -> list[str]:
