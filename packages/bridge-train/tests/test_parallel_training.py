@@ -1,4 +1,4 @@
-"""TP=2, PP=2 and DP=2 (two gloo processes) reproduce the single-process losses for the same global batch, and
+"""TP=2 (with and without sequence parallelism), PP=2 and DP=2 (two gloo processes) reproduce the single-process losses for the same global batch, and
 the parameter norm (``logger.log_params_norm``) counts every parameter once across the layouts."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from bridge_train import pretrain
 ITERS = 6
 LAYOUTS = {
     "tp2": {"model.tensor_model_parallel_size": 2},
+    "tp2_sp": {"model.tensor_model_parallel_size": 2, "model.sequence_parallel": True},
     "pp2": {"model.pipeline_model_parallel_size": 2},
     "dp2": {"optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True},
     "dp2_ddp": {},
