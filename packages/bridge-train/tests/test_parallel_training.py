@@ -66,24 +66,36 @@ def test_async_save_of_two_ranks_resumes_bitwise(tiny_llama, tmp_path):
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
-def _virtual_pipeline_body(hf_path: str) -> list[float]:
+def _virtual_pipeline_body(hf_path: str, ckpt: str) -> tuple[list[float], list[float]]:
     from train_helpers import make_run_config
 
-    return list(pretrain(make_run_config(hf_path, **{"train.train_iters": ITERS,
-                                                     "model.pipeline_model_parallel_size": 2,
-                                                     "model.virtual_pipeline_model_parallel_size": 2})))
+    vp = {"train.train_iters": ITERS, "model.pipeline_model_parallel_size": 2,
+          "model.virtual_pipeline_model_parallel_size": 2}
+    first = pretrain(make_run_config(hf_path, **vp, **{"checkpoint.save": ckpt, "checkpoint.save_interval": 2}))
+    resumed = pretrain(make_run_config(hf_path, **vp, **{"checkpoint.load": f"{ckpt}/iter_0000002"}))
+    return list(first), list(resumed)
 
 
 @pytest.mark.multiproc
-def test_virtual_pipeline_matches_single_process(tmp_path):
+def test_virtual_pipeline_matches_single_process_and_resumes(tmp_path):
     """PP=2 x VP=2 (megatron-core's interleaved schedule, one data iterator per model chunk) over a 4-layer model
     trains as the single process does: 4 micro-batches per step of the same global batch. (With megatron-core's
-    default batched p2p it did not: the provider resolves the interleaved schedule's p2p mode, see its test.)"""
+    default batched p2p it did not: the provider resolves the interleaved schedule's p2p mode, see its test.) Its
+    checkpoint (two model chunks per rank) resumes bitwise at the same layout, and a single process fine-tunes
+    from its weights as from the single-process checkpoint of the same iteration."""
     from train_helpers import make_run_config
 
     from bridge_convert.testing import save_tiny_hf_checkpoint
 
     hf = save_tiny_hf_checkpoint(tmp_path / "hf", "llama", seed=7, num_hidden_layers=4)
-    reference = list(pretrain(make_run_config(hf, **{"train.train_iters": ITERS})))
-    for losses in run_multiprocess(_virtual_pipeline_body, 2, hf):
-        torch.testing.assert_close(losses, reference, rtol=0, atol=1e-5)
+    reference = list(pretrain(make_run_config(hf, **{"train.train_iters": ITERS, "checkpoint.save": str(tmp_path / "one"),
+                                                     "checkpoint.save_interval": 2})))
+    for first, resumed in run_multiprocess(_virtual_pipeline_body, 2, hf, str(tmp_path / "vp")):
+        torch.testing.assert_close(first, reference, rtol=0, atol=1e-5)
+        assert resumed == first[2:]
+    tuned = {}
+    for name in ("one", "vp"):
+        tuned[name] = list(pretrain(make_run_config(hf, **{
+            "train.train_iters": 4, "checkpoint.finetune": True,
+            "checkpoint.pretrained_checkpoint": str(tmp_path / name / "iter_0000004")})))
+    torch.testing.assert_close(tuned["vp"], tuned["one"], rtol=0, atol=1e-5)
