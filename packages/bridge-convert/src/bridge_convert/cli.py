@@ -13,6 +13,12 @@ import sys
 __all__ = ["main"]
 
 
+def _layout_text(args) -> str:
+    """``TP=2, PP=2`` (and ``VP=...`` when a virtual pipeline is asked for)."""
+    vp = getattr(args, "vp", None)
+    return f"TP={args.tp}, PP={args.pp}" + (f", VP={vp}" if vp and vp > 1 else "")
+
+
 def _layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
@@ -199,7 +205,7 @@ def _cmd_roundtrip(args) -> int:
             diff = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else float("nan")
             differ.append(f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}, max |diff| {diff:.3g}")
     total = len(set(src.keys()) - ignored)
-    print(f"round trip {args.hf_path} -> Megatron (TP={args.tp}, PP={args.pp}) -> {args.out_path}")
+    print(f"round trip {args.hf_path} -> Megatron ({_layout_text(args)}) -> {args.out_path}")
     print(f"  identical tensors: {total - len(missing) - len(differ)}/{total}")
     for label, items in (("missing", missing), ("unexpected", extra), ("different", differ)):
         for item in items:
@@ -247,7 +253,7 @@ def _cmd_compare(args) -> int:
     diff = (megatron - hf).abs()
     cosine = torch.nn.functional.cosine_similarity(megatron.flatten(0, 1), hf.flatten(0, 1), dim=-1)
     match = (megatron.argmax(-1) == hf.argmax(-1)).float().mean().item()
-    print(f"HF vs Megatron logits ({tuple(ids.shape)} tokens, {dtype}, TP={args.tp}, PP={args.pp}):")
+    print(f"HF vs Megatron logits ({tuple(ids.shape)} tokens, {dtype}, {_layout_text(args)}):")
     print(f"  max |diff|        {diff.max().item():.6g}")
     print(f"  mean |diff|       {diff.mean().item():.6g}")
     print(f"  cosine (min/mean) {cosine.min().item():.6f} / {cosine.mean().item():.6f}")
