@@ -179,3 +179,42 @@ def test_import_rewrites_a_chunk_that_torch_save_did_not_write_from_the_stand_in
     monkeypatch.undo()
     export_megatron_checkpoint(megatron, tmp_path / "back", progress=False)
     assert_same_checkpoint(hf, tmp_path / "back")
+
+
+_FAST_IMPORT = """
+import sys
+from bridge_convert.offline import import_hf_checkpoint
+from bridge_convert.offline.dcp_write import can_write_metadata
+assert can_write_metadata(), "this torch is not one dcp_write was checked against"
+import_hf_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+print("dcp imported:", "torch.distributed.checkpoint" in sys.modules)
+"""
+
+
+def test_metadata_written_without_dcp_is_what_dcps_own_save_writes(tiny_hf_checkpoint, tmp_path):
+    """For the installed torch (dcp_write.VERIFIED_TORCH): an import in a fresh process writes ``.metadata``
+    without importing DCP, and DCP reads from it objects equal to those of its own save of the same items (layer-
+    stacked tensors of several chunks, whole tensors with strides, megatron-core's objects); megatron-core then
+    loads it (the offline import above equals the model-building one)."""
+    import subprocess
+    import sys
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hf = tiny_hf_checkpoint("qwen3", num_key_value_heads=2)
+    done = subprocess.run([sys.executable, "-c", _FAST_IMPORT, hf, str(tmp_path / "fast")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dcp imported: False" in done.stdout
+    own = import_hf_checkpoint(hf, tmp_path / "own", progress=False)  # DCP is imported here: its own save
+    fast, reference = (FileSystemReader(str(d)).read_metadata() for d in (tmp_path / "fast" / own.name, own))
+    assert fast.state_dict_metadata == reference.state_dict_metadata
+    assert fast.storage_data == reference.storage_data
+    assert [i.index for i in fast.storage_data] == [i.index for i in reference.storage_data]  # index: compare=False
+    assert (fast.planner_data, fast.version, fast.storage_meta.modules) == \
+        (reference.planner_data, reference.version, reference.storage_meta.modules)
+    assert type(fast.storage_meta.checkpoint_id) is type(reference.storage_meta.checkpoint_id)
+    assert fast.storage_meta.checkpoint_id.name == reference.storage_meta.checkpoint_id.name
+    assert len(fast.storage_meta.save_id) == len(reference.storage_meta.save_id)
+    export_megatron_checkpoint(tmp_path / "fast", tmp_path / "back", progress=False)
+    assert_same_checkpoint(hf, tmp_path / "back")

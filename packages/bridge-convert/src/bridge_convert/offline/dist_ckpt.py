@@ -271,9 +271,10 @@ def write_dist_checkpoint(directory: str | os.PathLike, chunks: list[ChunkSpec],
                           threads: int = 2, on_chunk: Callable[[ChunkSpec], None] = lambda chunk: None) -> None:
     """Write a torch_dist checkpoint into the existing, empty ``directory`` (no process group needed).
 
-    The data files are written first, while ``torch.distributed.checkpoint`` is imported in the background
-    (1.4-4 s of CPU that would otherwise come first); then DCP's own save writes the ``.metadata`` of what was
-    written (:mod:`bridge_convert.offline.dcp_save`). Files are not fsynced (as the safetensors writer): the staged
+    The data files are written first; then the ``.metadata`` of what was written: by :mod:`.dcp_write` (the same
+    pickle, without importing ``torch.distributed.checkpoint``) on the torch versions it was checked against, else
+    by DCP's own save (:mod:`bridge_convert.offline.dcp_save`; DCP is imported in the background meanwhile, ~1 s
+    of CPU). Files are not fsynced (as the safetensors writer): the staged
     directory is renamed into place only when complete, which is what protects against a killed run.
 
     Args:
@@ -284,12 +285,16 @@ def write_dist_checkpoint(directory: str | os.PathLike, chunks: list[ChunkSpec],
         threads: writer threads (one data file each).
         on_chunk: called after each chunk is produced (progress).
     """
-    wait_for_dcp = _import_in_background("torch.distributed.checkpoint")
-    stored = _write_data_files(Path(directory), chunks, objects, max(1, threads), on_chunk)
-    wait_for_dcp()
-    from .dcp_save import save_metadata
+    from .dcp_write import can_write_metadata, write_metadata
 
-    save_metadata(directory, chunks, objects, stored)
+    fast = can_write_metadata()  # the same file without importing DCP (a verified torch)
+    wait_for_dcp = (lambda: None) if fast else _import_in_background("torch.distributed.checkpoint")
+    stored = _write_data_files(Path(directory), chunks, objects, max(1, threads), on_chunk)
+    if not (fast and write_metadata(directory, chunks, objects, stored)):
+        wait_for_dcp()
+        from .dcp_save import save_metadata
+
+        save_metadata(directory, chunks, objects, stored)
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))
 
 
