@@ -83,6 +83,19 @@ def _cp(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)  # the copy is deleted after the step
 
 
+OWN_ENTRIES = ("hf", "hf-cp", "mcore", "mcore-cp", "hf-out", "mcore-building", "hf-out-building", "hf-transformers")
+"""What the steps write under ``--workdir`` (and the conversions' staging ``.<name>.tmp-*``): all a run removes."""
+
+
+def _own(name: str) -> bool:
+    return name in OWN_ENTRIES or any(name.startswith(f".{own}.tmp-") for own in OWN_ENTRIES)
+
+
+def _remove_own(workdir: Path) -> None:
+    for entry in workdir.iterdir() if workdir.is_dir() else ():
+        if _own(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+
 STEPS = {
     "make": lambda w, s: (_make_small if s == "1b" else _make_large)(w, s),
     "cp-hf": lambda w, s: _cp(w / "hf", w / "hf-cp"),
@@ -134,7 +147,7 @@ def _size(path: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["1b", "8b"], default="1b", help="checkpoint shape (default 1b)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"), help="scratch directory")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"), help="scratch directory, new or empty (a run removes only what it wrote there)")
     parser.add_argument("--skip-building", action="store_true", help="skip the model-building path and transformers")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -157,9 +170,14 @@ def main() -> int:
         print(json.dumps({"seconds": seconds, "cpu": cpu, "sys": sys_cpu, "peak_rss": _peak_rss_bytes()}))
         return 0
 
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
+    if args.workdir.exists() and not args.workdir.is_dir():
+        parser.error(f"--workdir {args.workdir} is not a directory")
+    foreign = sorted(p.name for p in args.workdir.iterdir() if not _own(p.name)) if args.workdir.is_dir() else []
+    if foreign:
+        parser.error(f"--workdir {args.workdir} holds files this benchmark did not write ({', '.join(foreign[:5])}); "
+                     "give an empty or new directory")
+    _remove_own(args.workdir)  # an earlier run's outputs
+    args.workdir.mkdir(parents=True, exist_ok=True)
     steps = ["make", "cp-hf", "import", "cp-megatron", "export"]
     if not args.skip_building:
         steps += ["import-building", "export-building"] + (["transformers"] if args.shape == "1b" else [])
@@ -187,7 +205,9 @@ def main() -> int:
         results = {step: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for step, rs in runs.items()}
     finally:
         if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+            _remove_own(args.workdir)
+            if not any(args.workdir.iterdir()):
+                args.workdir.rmdir()
     import torch
 
     load_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
