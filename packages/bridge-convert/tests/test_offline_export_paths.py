@@ -174,7 +174,7 @@ def test_import_rewrites_a_chunk_that_torch_save_did_not_write_from_the_stand_in
     from bridge_convert.offline import dist_ckpt
 
     hf = tiny_hf_checkpoint("llama", num_key_value_heads=2)
-    monkeypatch.setattr(dist_ckpt, "_address", lambda view: 0)  # below the stand-in: "not its memory"
+    monkeypatch.setattr(dist_ckpt, "buffer_address", lambda view: 0)  # below the stand-in: "not its memory"
     megatron = import_hf_checkpoint(hf, tmp_path / "mc", progress=False).parent
     monkeypatch.undo()
     export_megatron_checkpoint(megatron, tmp_path / "back", progress=False)

@@ -28,6 +28,7 @@ __all__ = [
     "LazyHFCheckpoint",
     "ShardedSafetensorsWriter",
     "SourceLayout",
+    "buffer_address",
     "mapped_tensor",
     "parse_size",
     "write_bytes",
@@ -137,6 +138,11 @@ def _file_region(address: int, nbytes: int) -> tuple[str, int] | None:
     return None
 
 
+def buffer_address(view: memoryview) -> int:
+    """The memory address of a byte buffer's first byte."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
 def write_bytes(file, data) -> int:
     """Write ``data`` (any buffer) at ``file``'s position (an open, seekable binary file) and return its size.
 
@@ -149,7 +155,7 @@ def write_bytes(file, data) -> int:
     view = memoryview(data).cast("B")
     region = None
     if view.nbytes >= _KERNEL_COPY_MIN and hasattr(os, "copy_file_range"):
-        region = _file_region(int(np.frombuffer(view, dtype=np.uint8).ctypes.data), view.nbytes)
+        region = _file_region(buffer_address(view), view.nbytes)
     if region is None:
         return file.write(view)
     file.flush()

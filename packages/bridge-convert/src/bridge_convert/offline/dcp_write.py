@@ -120,6 +120,7 @@ _MODULES = {_METADATA: (_MEM_FORMAT_ENCODING, ChunkStorageMetadata, TensorProper
 for _name, _classes in _MODULES.items():  # pickle names a class by its module and qualified name
     for _cls in _classes:
         _cls.__module__, _cls.__qualname__ = _name, _cls.__name__
+del _name, _classes, _cls
 
 
 def _metadata(directory: Path, chunks: list[ChunkSpec], objects: list[ObjectSpec],

@@ -28,10 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..safetensors_io import mapped_tensor, write_bytes
+from ..safetensors_io import buffer_address, mapped_tensor, write_bytes
 from .dcp_metadata import StoredTensor, read_metadata
 
 __all__ = ["BACKEND_CONFIG", "ChunkSpec", "DistCheckpointReader", "ObjectSpec", "write_dist_checkpoint"]
@@ -135,7 +134,7 @@ class _KernelCopying:
         view = memoryview(data).cast("B")
         if self._start is None or not view.nbytes:
             return write_bytes(self.file, view)
-        begin = _address(view) - self._start
+        begin = buffer_address(view) - self._start
         if begin < 0 or begin + view.nbytes > self._nbytes:  # a record of its own (the pickle, the version)
             return write_bytes(self.file, view)
         position = 0
@@ -162,10 +161,6 @@ def _save_through_stand_in(stream, spec: ChunkSpec, blocks: list[torch.Tensor]) 
     writer = _KernelCopying(stream, stand_in, blocks)
     torch.save(stand_in, writer)
     return writer.substituted == spec.nbytes
-
-
-def _address(view: memoryview) -> int:
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 @contextmanager
