@@ -39,12 +39,21 @@ def test_resume_continues_bitwise(run_config, tmp_path):
     assert first + second == straight  # bitwise: same floats
 
 
-def test_resume_without_optimizer_state_differs(run_config, tmp_path):
-    # The negative control of the exact-resume test: dropping the Adam moments changes the continuation.
-    straight = pretrain(run_config())
-    pretrain(run_config(**{"checkpoint.save": str(tmp_path / "ckpt"), "train.exit_interval": 15}))
-    second = pretrain(run_config(**{"checkpoint.load": str(tmp_path / "ckpt"), "checkpoint.load_optim": False}))
-    assert second != straight[15:]
+@pytest.mark.parametrize("distributed", [False, True], ids=["float16-optimizer", "distributed-optimizer"])
+def test_resume_without_optimizer_state_keeps_the_loaded_weights(run_config, tmp_path, distributed):
+    # bf16_mixed keeps fp32 main weights in the optimizer. Without the saved optimizer state they must start from
+    # the loaded weights: the continuation then follows the uninterrupted run (only the Adam moments differ)
+    # instead of falling back to the first iterations' losses (the weights the optimizer was built with).
+    common = {"mixed_precision": "bf16_mixed", "optimizer.use_distributed_optimizer": distributed,
+              "ddp.use_distributed_optimizer": distributed}
+    straight = pretrain(run_config(**common))
+    pretrain(run_config(**common, **{"checkpoint.save": str(tmp_path / "ckpt"), "train.exit_interval": 15}))
+    second = pretrain(run_config(**common, **{"checkpoint.load": str(tmp_path / "ckpt"),
+                                              "checkpoint.load_optim": False}))
+    assert second[0] == straight[15]  # the same weights and batch before any step
+    assert second != straight[15:]  # the negative control of the exact-resume test: fresh Adam moments differ
+    assert straight[1] - straight[16] > 0.5, straight  # the trained weights are far from the initial ones
+    assert max(abs(a - b) for a, b in zip(second[1:6], straight[16:21])) < 0.1, (second, straight)
 
 
 def test_nan_loss_stops_with_the_iteration_named(run_config, monkeypatch):

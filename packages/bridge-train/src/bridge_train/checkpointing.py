@@ -445,12 +445,16 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
     if "optimizer" in request:
         reconcile_param_groups(run.optimizer, loaded["optimizer"], checkpoint_schedule=checkpoint_schedule)
         run.optimizer.load_state_dict(loaded["optimizer"])
-    elif checkpoint_schedule:  # fresh optimizer groups carry this config's rates: give them the checkpoint's
-        old = common["opt_param_scheduler"]
-        for group in run.optimizer.param_groups:
-            for key in ("max_lr", "min_lr"):
-                if group.get(key) == getattr(sched, key) and key in old:
-                    group[key] = old[key]
+    else:
+        # Mixed precision keeps fp32 main weights that the step copies back into the model: without the saved
+        # ones they must start from the weights just loaded, or the first step restores the pre-load weights.
+        run.optimizer.reload_model_params()
+        if checkpoint_schedule:  # fresh optimizer groups carry this config's rates: give them the checkpoint's
+            old = common["opt_param_scheduler"]
+            for group in run.optimizer.param_groups:
+                for key in ("max_lr", "min_lr"):
+                    if group.get(key) == getattr(sched, key) and key in old:
+                        group[key] = old[key]
     sched.load_state_dict(common["opt_param_scheduler"])
     if state.rank == 0:
         print(line, flush=True)
