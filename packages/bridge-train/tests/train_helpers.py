@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def make_run_config(hf_path: str, **changes: Any):
-    """A pretraining config on mock data from ``hf_path``'s weights; ``changes`` are dotted overrides."""
+def make_run_config(hf_path: str, load_weights: bool = True, **changes: Any):
+    """A pretraining config on mock data from ``hf_path``'s weights (its config alone without ``load_weights``);
+    ``changes`` are dotted overrides."""
     from bridge_convert import AutoBridge
     from bridge_data import PretrainDataConfig
     from bridge_train import (
@@ -19,7 +20,7 @@ def make_run_config(hf_path: str, **changes: Any):
         apply_overrides,
     )
 
-    provider = AutoBridge.from_hf_pretrained(hf_path).to_megatron_provider(load_weights=True)
+    provider = AutoBridge.from_hf_pretrained(hf_path).to_megatron_provider(load_weights=load_weights)
     provider.make_vocab_size_divisible_by = 64  # the same padded vocab (128) at TP=1 and TP=2
     cfg = ConfigContainer(
         model=provider,

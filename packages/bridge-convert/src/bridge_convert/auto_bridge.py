@@ -318,8 +318,9 @@ class AutoBridge:
         return bridge
 
     def load_megatron_checkpoint(self, model: list, path: str | os.PathLike) -> None:
-        """Load a Megatron checkpoint's weights into ``model``, whatever layout it was saved with."""
-        load_model_state(model, path)
+        """Load a Megatron checkpoint's weights into ``model``, whatever layout it was saved with (before its
+        optimizer is made: Transformer Engine FP8 parameters hand their loaded values to it, as with HF weights)."""
+        load_model_state(model, path, fresh_model=True)
 
     @classmethod
     def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike, *, overwrite: bool = False,

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .quantized import is_quantized_param, load_into_quantized
+
 __all__ = [
     "FORMAT_VERSION",
     "TRACKER_FILE",
@@ -95,6 +97,27 @@ def sharded_model_state(chunks: list) -> dict[str, Any]:
         out[f"model{i}"] = module.sharded_state_dict()
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return out
+
+
+def _drop_missing_extra_states(request: dict[str, Any], keys: list[str], directory: Path) -> dict[str, set[str]]:
+    """Take the model's ``_extra_state`` objects that the checkpoint lacks out of ``request``; returns their keys.
+
+    They hold Transformer Engine's FP8 metadata. TE's attention and norm modules have one, megatron-core's and
+    bridge-convert's own modules do not: a checkpoint saved with another layer spec or by the offline importer
+    has none for them, and the module keeps its fresh state, as after a save without FP8.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from .offline.dcp_metadata import read_metadata
+
+    stored = set(read_metadata(directory).objects)
+    dropped = {}
+    for key in keys:
+        state = request[key]
+        dropped[key] = {k for k, v in state.items() if k.endswith("_extra_state") and isinstance(v, ShardedObject)
+                        and v.unique_key not in stored}
+        request[key] = {k: v for k, v in state.items() if k not in dropped[key]}
+    return dropped
 
 
 @contextmanager
@@ -195,8 +218,14 @@ def save_checkpoint(
 
 
 def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict[str, Any] | None = None,
-                     strict: bool = True, model_state: dict[str, Any] | None = None) -> dict[str, Any]:
+                     strict: bool = True, model_state: dict[str, Any] | None = None,
+                     fresh_model: bool = False) -> dict[str, Any]:
     """Load a checkpoint's model weights into ``chunks`` (any TP/PP layout) and return the loaded extras.
+
+    ``fresh_model``: the chunks were just built and their optimizer is not made yet (weights to start training
+    from). Transformer Engine FP8 parameters then take the checkpoint's high-precision values through
+    :func:`bridge_convert.quantized.load_into_quantized`, which the optimizer's main weights start from (a plain
+    load changes only the FP8 bytes). A resume leaves it off: main weights and FP8 scales come from the checkpoint.
 
     Raises:
         FileNotFoundError / ValueError: for a missing or incompatible checkpoint; with ``strict`` a parameter that
@@ -213,12 +242,29 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
     # underlying torch.distributed.checkpoint load fail. (The StrictHandling modes that list missing keys read
     # tensor metadata via torch.empty(**TensorProperties), which fails in megatron-core 0.19.2 with torch 2.15,
     # whose TensorProperties has a `strides` field.)
-    try:
-        loaded = dist_checkpointing.load(request, str(directory), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except Exception as exc:
-        raise ValueError(f"cannot load checkpoint {directory} into this model: {exc}") from exc
     modules = unwrap_model(chunks)
     keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
+    dropped = _drop_missing_extra_states(request, keys, directory)
+    quantized = fresh_model and any(is_quantized_param(p) for m in modules for p in m.parameters())
+    strategy = None
+    if quantized:  # load FP8 weights as high-precision tensors (megatron's non-streaming path) to hand them over
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+        strategy = TorchDistLoadShardedStrategy(stream_ckpt_dequant=False)
+    try:
+        loaded = dist_checkpointing.load(request, str(directory), sharded_strategy=strategy,
+                                         strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except Exception as exc:
+        raise ValueError(f"cannot load checkpoint {directory} into this model: {exc}") from exc
     for module, key in zip(modules, keys):
-        module.load_state_dict(loaded.pop(key), strict=strict)
+        state = loaded.pop(key)
+        result = module.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k not in dropped[key]]
+        if strict and (missing or result.unexpected_keys):
+            raise ValueError(f"checkpoint {directory} does not match this model: missing {missing}, unexpected "
+                             f"{result.unexpected_keys}")
+        if quantized:
+            for name, param in module.named_parameters():
+                if is_quantized_param(param) and name in state:
+                    load_into_quantized(param, state[name])
     return loaded

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .mappings import Mapping, MappingContext, VocabParallel
+from .quantized import is_quantized_param, load_into_quantized
 
 if TYPE_CHECKING:  # the provider imports megatron-core; the tables and the offline converter must not
     from .provider import GPTModelProvider
@@ -223,8 +224,11 @@ def load_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: lis
             if tuple(full.shape) != expected:
                 raise ValueError(f"shape mismatch for {name} (from {mapping.hf_names(layer)}): expected "
                                  f"{expected} for the full tensor, got {tuple(full.shape)}")
-            local = shard(full, split, state.tp_rank, state.tp_size)
-            param.data.copy_(local.to(device=param.device, dtype=param.dtype))
+            local = shard(full, split, state.tp_rank, state.tp_size).to(device=param.device, dtype=param.dtype)
+            if is_quantized_param(param):  # TE FP8 weights (fp8_param): a plain copy_ loses the load at step 1
+                load_into_quantized(param, local)
+            else:
+                param.data.copy_(local)
 
 
 def _check_checkpoint_names(bridge: ModelBridge, provider: GPTModelProvider, tasks: list[ParamTask],
@@ -283,7 +287,8 @@ def export_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: l
             continue
         full = None
         if task.pp_rank == state.pp_rank:
-            local = mine[task.name].detach()
+            param = mine[task.name]
+            local = (param.dequantize() if is_quantized_param(param) else param).detach()  # TE FP8 weights: their values
             if task.split is not None and state.tp_size > 1:
                 pieces = [torch.empty_like(local) for _ in range(state.tp_size)]
                 dist.all_gather(pieces, local.contiguous(), group=state.tp_group)

@@ -83,7 +83,7 @@ def _pretrained_weights_hook(path: str):
         if (Path(path) / "config.json").exists():
             AutoBridge.from_hf_pretrained(path).load_hf_weights(chunks)
         else:
-            load_model_state(chunks, path)
+            load_model_state(chunks, path, fresh_model=True)
         return chunks
 
     return load
