@@ -18,11 +18,13 @@ source "$(dirname "$0")/env.sh" || exit 1
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpus.txt"
 steps=${*:-convert native optim train train1b}
+# Drops warning / debug noise but keeps pytest's summary line ("33 passed, 4 skipped, 120 warnings in ...").
+quiet() { awk 'tolower($0) !~ /warn|debug|__trace/ || /[0-9]+ (passed|failed|skipped|errors?)/'; }
 for step in $steps; do
   case $step in
     convert) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/models/test_families_gpu.py 2>&1 | tail -40 > "$OUT/convert_gpu.log" ;;
-    native) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/native/test_gpu.py packages/bridge-convert/tests/native/test_spec.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -60 > "$OUT/native_gpu.log" ;;
-    optim) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-train/tests/optim/test_fused_step_gpu.py 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -30 > "$OUT/optim_gpu.log" ;;
+    native) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/native/test_gpu.py packages/bridge-convert/tests/native/test_spec.py 2>&1 | quiet | tail -60 > "$OUT/native_gpu.log" ;;
+    optim) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-train/tests/optim/test_fused_step_gpu.py 2>&1 | quiet | tail -30 > "$OUT/optim_gpu.log" ;;
     train) timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider -rA packages/bridge-train/tests/test_gpu_training.py 2>&1 | grep -v Warning | tail -40 > "$OUT/train_gpu.log" ;;
     train1b)
       args=(--hf-config packages/bridge-recipes/src/bridge_recipes/llama/hf_configs/Llama-3.2-1B.json --mock --workdir /tmp/run1b --no-export mixed_precision=bf16_mixed dataset.seq_length=4096
@@ -30,7 +32,7 @@ for step in $steps; do
             checkpoint.save_interval=20 checkpoint.keep_last_n=1 logger.progress_bar=false)
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=20 2>&1 | grep -v -i warn | tail -15 > "$OUT/train1b.log"
       CUDA_VISIBLE_DEVICES=0 timeout 200 python3 packages/bridge-train/examples/pretrain_llama.py "${args[@]}" train.train_iters=25 2>&1 | grep -v -i warn | tail -10 >> "$OUT/train1b.log" ;;
-    peft) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-peft/tests 2>&1 | grep -v -i "warn\|DEBUG\|__trace" | tail -30 > "$OUT/peft_gpu.log" ;;
+    peft) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-peft/tests 2>&1 | quiet | tail -30 > "$OUT/peft_gpu.log" ;;
     recipes)
       quick=(train.train_iters=20 scheduler.lr_warmup_iters=2 train.eval_interval=null logger.log_interval=5
              logger.progress_bar=false)
@@ -44,8 +46,8 @@ for step in $steps; do
     te) python3 -c "import transformer_engine.pytorch" || { echo "te: Transformer Engine does not import; build it first (tools/gpu/README.md)" > "$OUT/te_gpu.log"; continue; }
       timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests packages/bridge-peft/tests \
         packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py 2>&1 \
-        | grep -v -i "warn\|DEBUG\|__trace" > "$OUT/te_gpu_full.log"
-      grep -E "max \||max relative|PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/te_gpu_full.log" | tail -80 > "$OUT/te_gpu.log" ;;
+        | quiet > "$OUT/te_gpu_full.log"
+      grep -E "max \||max relative|PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/te_gpu_full.log" | tail -90 > "$OUT/te_gpu.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
