@@ -56,6 +56,34 @@ def test_resume_without_optimizer_state_keeps_the_loaded_weights(run_config, tmp
     assert max(abs(a - b) for a, b in zip(second[1:6], straight[16:21])) < 0.1, (second, straight)
 
 
+def test_resume_past_train_iters_says_nothing_is_left(run_config, tmp_path, capsys):
+    pretrain(run_config(**{"train.train_iters": 6, "checkpoint.save": str(tmp_path / "ckpt")}))
+    capsys.readouterr()
+    assert pretrain(run_config(**{"train.train_iters": 4, "checkpoint.load": str(tmp_path / "ckpt")})) == []
+    assert "nothing left to train: the checkpoint is at iteration 6 and train.train_iters is 4" in capsys.readouterr().out
+
+
+def test_pretrain_starts_from_pretrained_checkpoint(run_config, tmp_path):
+    # pretrain() with checkpoint.pretrained_checkpoint trains those weights (it ignored them unless
+    # checkpoint.finetune was set): the same losses as a run whose provider was made from that checkpoint.
+    from train_helpers import make_run_config
+
+    from bridge_convert.testing import save_tiny_hf_checkpoint
+
+    other = save_tiny_hf_checkpoint(tmp_path / "other", "llama", seed=9)
+    common = {"train.train_iters": 5}
+    own, from_other = pretrain(run_config(**common)), pretrain(make_run_config(other, **common))
+    assert own != from_other  # the two checkpoints are told apart by the loss
+    assert pretrain(run_config(**common, **{"checkpoint.pretrained_checkpoint": other})) == from_other
+
+
+def test_finetune_without_weights_is_refused_before_building(run_config, tmp_path):
+    cfg = run_config(**{"checkpoint.finetune": True, "checkpoint.load": str(tmp_path / "empty")})
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint of this run to resume and "
+                                                "checkpoint.pretrained_checkpoint is not set"):
+        pretrain(cfg)
+
+
 def test_nan_loss_stops_with_the_iteration_named(run_config, monkeypatch):
     import bridge_train.forward_step as fs
 

@@ -168,8 +168,13 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
                                 "checkpoint.exit_on_missing_checkpoint is set")
     hooks = []
     pretrained = cfg.checkpoint.pretrained_checkpoint
-    # An adapter-only PEFT checkpoint holds no base weights: the base comes from the pretrained one on resume too.
-    if (finetune or cfg.checkpoint.finetune) and pretrained and (resume is None or adapter_only_checkpoints(cfg)):
+    if cfg.checkpoint.finetune and not pretrained and resume is None:
+        raise FileNotFoundError(f"checkpoint.finetune is true but checkpoint.load={cfg.checkpoint.load!r} holds no "
+                                "checkpoint of this run to resume and checkpoint.pretrained_checkpoint is not set; "
+                                "point checkpoint.pretrained_checkpoint at the weights to fine-tune")
+    # The weights to start from, whichever entry point (pretrain() continues pretraining from them). An adapter-only
+    # PEFT checkpoint holds no base weights: the base comes from the pretrained one on resume too.
+    if pretrained and (resume is None or adapter_only_checkpoints(cfg)):
         hooks.append(_pretrained_weights_hook(pretrained))
     if finetune and cfg.peft is not None:
         hooks.append(_peft_hook(cfg.peft))
@@ -195,8 +200,10 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
         saved = load_training_checkpoint(run, resume)
         run.train_state = TrainState(**{**saved.__dict__, "world_size": parallel.world_size})
         run.resumed_from = str(resume)
-        if parallel.rank == 0:
-            print(f"resumed from {resume} at iteration {saved.iteration}", flush=True)
+        say(f"resumed from {resume} at iteration {saved.iteration}")
+        if saved.iteration >= cfg.train.train_iters:
+            say(f"nothing left to train: the checkpoint is at iteration {saved.iteration} and train.train_iters is "
+                f"{cfg.train.train_iters}; raise train.train_iters to train on")
 
     train_samples, valid_samples, test_samples = _dataset_sizes(cfg)
     train_ds, valid_ds, _ = cfg.dataset.build(tokenizer, train_samples=train_samples,

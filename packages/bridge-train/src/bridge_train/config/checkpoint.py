@@ -42,9 +42,11 @@ class CheckpointConfig:
     exit_on_missing_checkpoint: bool = False
     """If ``load`` holds no checkpoint: raise instead of starting from scratch."""
     finetune: bool = False
-    """Start from ``pretrained_checkpoint``'s model weights only, at iteration 0, with a fresh optimizer."""
+    """This run needs weights: ``pretrained_checkpoint``, or a checkpoint of this run in ``load`` to resume (refused
+    at start without either, instead of training random weights)."""
     pretrained_checkpoint: str | None = None
-    """Megatron or HF checkpoint directory with the weights to fine-tune (used when ``load`` has none)."""
+    """Megatron or HF checkpoint directory whose model weights the run starts from, at iteration 0 with a fresh
+    optimizer (``pretrain`` and ``finetune`` alike), when ``load`` holds no checkpoint of this run to resume."""
 
     def check(self, prefix: str = "checkpoint") -> list[str]:
         """Problems with this config alone (its values have the declared types: the container checked them)."""
