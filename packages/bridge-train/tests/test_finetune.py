@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from bridge_convert import AutoBridge
-from bridge_convert.testing import save_tiny_hf_checkpoint
+from bridge_convert.testing import run_multiprocess, save_tiny_hf_checkpoint
 from bridge_data.testing import make_texts, save_tiny_tokenizer, write_jsonl
 from bridge_train import (
     CheckpointConfig,
@@ -75,3 +76,59 @@ def test_finetune_packed_sft_then_export_reloads_with_trained_weights(tmp_path):
     base_sd = AutoModelForCausalLM.from_pretrained(base).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], base_sd["model.layers.0.mlp.down_proj.weight"])
+
+
+def _sft_losses(root: str, micro_batch_size: int, per_token: bool) -> list[float]:
+    """Four iterations of unpacked chat SFT (answers of different lengths: the loss-token count varies per row)."""
+    from pathlib import Path
+
+    from bridge_data import SFTDataConfig, TokenizerConfig
+
+    root = Path(root)
+    provider = AutoBridge.from_hf_pretrained(root / "base").to_megatron_provider(load_weights=True)
+    provider.calculate_per_token_loss = per_token
+    cfg = ConfigContainer(
+        model=provider,
+        train=TrainConfig(train_iters=4, micro_batch_size=micro_batch_size, global_batch_size=4),
+        tokenizer=TokenizerConfig(tokenizer_type="hf", path=str(root / "tokenizer")),
+        dataset=SFTDataConfig(path=str(root / "sft.jsonl"), seq_length=64, packed=False, split="100,0,0"),
+        optimizer=OptimizerConfig(lr=5e-3, min_lr=5e-4, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=1),
+        logger=LoggerConfig(log_interval=4, print_config=False, progress_bar=False),
+    )
+    return list(finetune(cfg))
+
+
+def _sft_inputs(tmp_path) -> str:
+    save_tiny_tokenizer(tmp_path / "tokenizer")
+    save_tiny_hf_checkpoint(tmp_path / "base", "llama", vocab_size=320, seed=1)
+    rng = random.Random(1)  # answers of 1 to 12 words: the loss-token count differs from row to row
+    answers = make_texts(32, seed=9, max_words=12)
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": " ".join(
+        a.split()[:rng.randint(1, 12)])}]} for q, a in zip(make_texts(32, seed=5, max_words=8), answers)]
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    return str(tmp_path)
+
+
+def test_per_token_loss_does_not_depend_on_the_micro_batch_split(tmp_path):
+    # model.calculate_per_token_loss: every loss token of the global batch weighs the same, so one micro-batch of 4
+    # and four of 1 give the same losses; the default (the mean per micro-batch, averaged) weighs a short answer's
+    # tokens more, and differs (the control: this data tells the two apart).
+    root = _sft_inputs(tmp_path)
+    per_token = {mbs: _sft_losses(root, mbs, True) for mbs in (1, 4)}
+    mean = {mbs: _sft_losses(root, mbs, False) for mbs in (1, 4)}
+    torch.testing.assert_close(per_token[1], per_token[4], rtol=0, atol=1e-5)
+    assert max(abs(a - b) for a, b in zip(mean[1], mean[4])) > 1e-3, mean
+
+
+def _sft_losses_dp(root: str) -> list[float]:
+    return _sft_losses(root, 1, True)
+
+
+@pytest.mark.multiproc
+def test_per_token_loss_over_two_data_parallel_ranks_matches_one_process(tmp_path):
+    # The token counts of both ranks add up before the gradients are divided (megatron-core's finalize step).
+    root = _sft_inputs(tmp_path)
+    reference = _sft_losses(root, 4, True)
+    for losses in run_multiprocess(_sft_losses_dp, 2, root):
+        torch.testing.assert_close(losses, reference, rtol=0, atol=1e-5)

@@ -12,7 +12,8 @@ from functools import partial
 
 import torch
 
-__all__ = ["ForwardStepSignatureError", "adapt_forward_step", "batch_to_device", "gpt_forward_step", "masked_next_token_loss"]
+__all__ = ["ForwardStepSignatureError", "adapt_forward_step", "batch_to_device", "gpt_forward_step", "masked_next_token_loss",
+           "masked_next_token_loss_sum"]
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -54,6 +55,21 @@ def masked_next_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor
     return loss, {"lm loss": loss.detach().clone()}
 
 
+def masked_next_token_loss_sum(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """The loss summed over the tokens ``loss_mask`` selects, and their number (``model.calculate_per_token_loss``).
+
+    Returns:
+        ``(loss sum, token count, {"lm loss": [sum, count]})``: megatron-core adds up the counts of all micro-batches
+        and data-parallel ranks and divides the gradients by the total, so every token of the global batch weighs
+        the same however it is split into micro-batches (the mean per micro-batch weighs a short answer's tokens
+        more); the loop logs the sum over the total.
+    """
+    mask = loss_mask.reshape(-1).float()
+    loss = (per_token_loss.reshape(-1).float() * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.detach().float()])}
+
+
 def gpt_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model) -> tuple[torch.Tensor, Callable]:
     """Run one micro-batch; megatron-core's schedules call it with this rank's data iterator and model chunk.
 
@@ -61,6 +77,8 @@ def gpt_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model) ->
     stages get the packed-sequence boundaries their attention needs; the first stage feeds tokens and positions,
     the last computes the loss.
     """
+    from megatron.core.utils import get_model_config
+
     from bridge_convert.runtime import get_parallel_state
 
     first, last = _stage_flags(model)
@@ -68,7 +86,8 @@ def gpt_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model) ->
     output = model(batch["tokens"] if first else None, batch["position_ids"] if first else None, None,
                    labels=batch["labels"] if last else None, packed_seq_params=batch["packed_seq_params"],
                    loss_mask=batch["loss_mask"] if last else None)
-    return output, partial(masked_next_token_loss, batch["loss_mask"])
+    per_token = getattr(get_model_config(model), "calculate_per_token_loss", False)
+    return output, partial(masked_next_token_loss_sum if per_token else masked_next_token_loss, batch["loss_mask"])
 
 
 class ForwardStepSignatureError(TypeError):

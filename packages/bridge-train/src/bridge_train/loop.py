@@ -29,12 +29,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _reduce_losses(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Average the per-micro-batch loss over micro-batches and data-parallel ranks; the same on every rank."""
+    """The loss over micro-batches and data-parallel ranks; the same on every rank.
+
+    A micro-batch reports its mean loss (averaged over micro-batches) or ``[loss sum, tokens]`` (per-token loss,
+    megatron-core's reporting form: the sum over all tokens divided by their number).
+    """
     state = run.parallel
-    value = torch.zeros(2, dtype=torch.float64, device=state.device)  # (sum of means, count)
+    value = torch.zeros(2, dtype=torch.float64, device=state.device)  # (sum of means or of losses, count)
     if state.is_last_pp_stage and losses:
-        value[0] = sum(float(d["lm loss"]) for d in losses)
-        value[1] = len(losses)
+        for d in losses:  # on the device: no host sync per micro-batch
+            reported = d["lm loss"].detach().reshape(-1).to(value)
+            value[0] += reported[0]
+            value[1] += reported[1] if reported.numel() == 2 else 1.0
     if state.pp_size > 1:
         dist.broadcast(value, src=dist.get_process_group_ranks(state.pp_group)[-1], group=state.pp_group)
     if state.dp_size > 1 or state.cp_size > 1:
