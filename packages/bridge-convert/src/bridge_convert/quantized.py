@@ -19,13 +19,14 @@ import torch
 __all__ = ["is_quantized_param", "load_into_quantized"]
 
 
-def is_quantized_param(param: torch.Tensor) -> bool:
-    """Whether ``param`` is one of Transformer Engine's quantized tensors (no TE import when it is not)."""
-    if not type(param).__module__.startswith("transformer_engine"):
-        return False
-    from transformer_engine.pytorch.quantized_tensor import QuantizedTensor
+def _is_te_class(obj: object, name: str) -> bool:
+    """Whether ``obj``'s class is (a subclass of) Transformer Engine's class ``name``, without importing TE."""
+    return any(c.__name__ == name and c.__module__.startswith("transformer_engine.") for c in type(obj).__mro__)
 
-    return isinstance(param, QuantizedTensor)
+
+def is_quantized_param(param: torch.Tensor) -> bool:
+    """Whether ``param`` is one of Transformer Engine's quantized tensors (FP8 / FP4 weights)."""
+    return _is_te_class(param, "QuantizedTensor")
 
 
 @torch.no_grad()
@@ -37,26 +38,22 @@ def load_into_quantized(param: torch.Tensor, value: torch.Tensor) -> None:
     fits (``fp8_max / amax``, no margin: the recipe recomputes it, with its margin, after the first forward). The
     high-precision copy the optimizer's main weights start from becomes ``value`` in the parameter's dtype.
     """
-    from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
-
     if tuple(value.shape) != tuple(param.shape):
         raise ValueError(f"value of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}")
     value = value.to(device=param.device, dtype=param.dtype)
     quantizer = param._get_quantizer()
-    if isinstance(quantizer, Float8Quantizer):
+    delayed = _is_te_class(quantizer, "Float8Quantizer")  # per-tensor delayed scaling (not current scaling's)
+    if delayed:
         amax = value.abs().amax().float()
         fp8_max = torch.finfo(_torch_fp8_dtype(quantizer)).max
         quantizer.amax.copy_(amax)
         quantizer.scale.copy_(torch.where(amax > 0, fp8_max / amax, torch.ones_like(amax)))
     param.data.copy_(value)
-    if isinstance(quantizer, Float8Quantizer):
+    if delayed:
         param._scale_inv.copy_(quantizer.scale.reciprocal())
     if hasattr(param, "_high_precision_init_val"):
         param._high_precision_init_val = value.detach().cpu()
 
 
 def _torch_fp8_dtype(quantizer) -> torch.dtype:
-    import transformer_engine_torch as tex
-
-    by_value = {int(tex.DType.kFloat8E4M3): torch.float8_e4m3fn, int(tex.DType.kFloat8E5M2): torch.float8_e5m2}
-    return by_value[int(quantizer.dtype)]
+    return {"kFloat8E4M3": torch.float8_e4m3fn, "kFloat8E5M2": torch.float8_e5m2}[quantizer.dtype.name]
