@@ -38,7 +38,7 @@ def _reduce_losses(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> d
     value = torch.zeros(2, dtype=torch.float64, device=state.device)  # (sum of means or of losses, count)
     if state.is_last_pp_stage and losses:
         for d in losses:  # on the device: no host sync per micro-batch
-            reported = d["lm loss"].detach().reshape(-1).to(value)
+            reported = torch.as_tensor(d["lm loss"]).detach().reshape(-1).to(value)  # a float from user code too
             value[0] += reported[0]
             value[1] += reported[1] if reported.numel() == 2 else 1.0
     if state.pp_size > 1:
