@@ -202,6 +202,10 @@ def run_problems(cfg: Any, world_size: int | None) -> list[str]:
         if isinstance(data_seq, int) and data_seq > cfg.model.seq_length:
             problems.append(f"dataset.seq_length ({data_seq}) exceeds model.seq_length ({cfg.model.seq_length}); "
                             "lower dataset.seq_length or raise model.seq_length")
+    if getattr(cfg.model, "calculate_per_token_loss", False) and cfg.ddp.average_in_collective:
+        problems.append("model.calculate_per_token_loss divides the gradients by the global token count itself, "
+                        "so ddp.average_in_collective must be false (it would also divide by the data-parallel "
+                        "size); set ddp.average_in_collective=false")
     if cfg.peft is not None and not callable(cfg.peft):
         problems.append(f"peft ({type(cfg.peft).__name__}) must be callable as peft(model, training) -> model")
     prof = cfg.profiling
