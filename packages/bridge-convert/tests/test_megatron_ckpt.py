@@ -1,6 +1,7 @@
 """The Megatron checkpoint format: import at one layout, export at another, bit-exactly."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,37 @@ def test_resolve_reports_missing_and_incomplete_checkpoints(tmp_path):
     (tmp_path / TRACKER_FILE).write_text("5\n")
     with pytest.raises(FileNotFoundError, match="points at iteration 5, but .*iter_0000005 is not a complete"):
         resolve_checkpoint_dir(tmp_path)
+
+
+def test_extra_states_the_checkpoint_lacks_keep_the_modules_own(hf_checkpoints, tmp_path, runtime):
+    # Transformer Engine's norm and attention modules carry an ``_extra_state`` (FP8 metadata) that the other layer
+    # specs and the offline importer never write; a TE model must still load such a checkpoint. Here the native
+    # final norm is given one, as TE's has: the load keeps it and every weight matches the HF checkpoint.
+    import torch
+    from megatron.core.utils import unwrap_model
+
+    AutoBridge.import_ckpt(hf_checkpoints["llama32"], tmp_path / "mcore")  # offline: no such object in it
+    bridge = AutoBridge.from_hf_pretrained(hf_checkpoints["llama32"])
+    model = bridge.to_megatron_model(load_weights=False, transformer_impl="native")
+    norm = unwrap_model(model)[0].decoder.final_layernorm
+    calls = []
+
+    class WithExtraState(type(norm)):
+        def get_extra_state(self):
+            return "fresh"
+
+        def set_extra_state(self, state):
+            calls.append(state)
+
+    norm.__class__ = WithExtraState
+    assert "decoder.final_layernorm._extra_state" in unwrap_model(model)[0].sharded_state_dict()
+    bridge.load_megatron_checkpoint(model, tmp_path / "mcore")
+    assert calls == []  # nothing was loaded into it: the module keeps its own state
+    from safetensors.torch import load_file
+
+    hf = {}
+    for shard in sorted(Path(hf_checkpoints["llama32"]).glob("*.safetensors")):
+        hf.update(load_file(shard))
+    exported = dict(bridge.export_hf_weights(model))
+    assert exported.keys() == hf.keys()
+    assert all(torch.equal(exported[n], hf[n].to(exported[n].dtype)) for n in hf)
