@@ -1,5 +1,5 @@
 """Pretrain a Llama from HF weights (or a random init) on preprocessed data or on mock data, save Megatron
-checkpoints, export to HF.
+checkpoints (``WORKDIR/checkpoints``), export the last one to HF (``WORKDIR/hf/iter_N``, N its iteration).
 
     # the README's demo: a tiny random Llama, 20 iterations on random tokens on a CPU, export, reload
     python pretrain_llama.py --tiny runs/tiny-llama --mock --workdir runs/demo
@@ -84,14 +84,22 @@ def _data_config(args, config_class):
     return config_class(seq_length=64, paths=paths, weights=weights)
 
 
-def export_and_reload(checkpoints: Path, out: Path) -> None:
-    """Export the newest checkpoint to HF, then load it with transformers and run one forward pass."""
+def export_and_reload(checkpoints: Path, hf_root: Path) -> None:
+    """Export the newest checkpoint to ``hf_root/iter_N`` (N its iteration, so a resumed run adds an export rather
+    than meeting the previous one), then load it with transformers and run one forward pass."""
     import torch.distributed as dist
 
     from bridge_convert import AutoBridge
 
+    iteration = int((checkpoints / "latest_checkpointed_iteration.txt").read_text().strip())
+    out = hf_root / f"iter_{iteration:07d}"
+    first_rank = not dist.is_initialized() or dist.get_rank() == 0
+    if out.is_dir() and any(out.iterdir()):
+        if first_rank:
+            print(f"{out} already holds the export of iteration {iteration}; not exported again", flush=True)
+        return
     AutoBridge.export_ckpt(checkpoints, out)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not first_rank:
         return
     import torch
     from transformers import AutoModelForCausalLM
@@ -147,10 +155,14 @@ def _run(args, overrides: list[str]) -> int:
 
     cfg = build_config(args, overrides)
     result = pretrain(cfg)
-    if result:
+    import torch.distributed as dist
+
+    first_rank = not dist.is_initialized() or dist.get_rank() == 0
+    if result and first_rank:
         print(f"trained {len(result)} iterations: loss {result[0]:.4f} -> {result[-1]:.4f}", flush=True)
     if result.exit_reason in signal.Signals.__members__:
-        print(f"stopped by {result.exit_reason}; resume with the same command", flush=True)
+        if first_rank:
+            print(f"stopped by {result.exit_reason}; resume with the same command", flush=True)
         return 128 + signal.Signals[result.exit_reason].value
     if not args.no_export and cfg.checkpoint.save:
         export_and_reload(Path(cfg.checkpoint.save), Path(args.workdir) / "hf")

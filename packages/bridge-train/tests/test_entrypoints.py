@@ -67,6 +67,23 @@ def test_example_needs_an_explicit_data_choice(tiny_llama, tmp_path, capsys):
     assert (data.paths, data.weights, data.mock) == (["a", "b"], [0.3, 0.7], False)
 
 
+def test_example_resumed_in_its_workdir_exports_each_end(tiny_llama, tmp_path, capsys):
+    """"Resume with the same command" (what the example says after a signal) must not fail on the first run's
+    export: each finished run exports its last checkpoint to hf/iter_N; a run with nothing left to train does not
+    export again."""
+    example = _example()
+    common = ["--hf-model", tiny_llama, "--mock", "--workdir", str(tmp_path), "train.micro_batch_size=2",
+              "train.global_batch_size=2", "dataset.seq_length=16", "logger.log_interval=1",
+              "scheduler.lr_warmup_iters=0", "train.eval_interval=null"]
+    assert example.main([*common, "train.train_iters=2"]) == 0
+    assert example.main([*common, "train.train_iters=3"]) == 0
+    assert example.main([*common, "train.train_iters=3"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_0000002", "iter_0000003"]
+    assert (tmp_path / "hf" / "iter_0000003" / "config.json").exists()
+    assert "trained 1 iterations" in out and "already holds the export of iteration 3" in out
+
+
 def _pretrain_data_config():
     from bridge_data import PretrainDataConfig
 
