@@ -32,6 +32,28 @@ def _tiny(cfg, provider, seq_length: int = 64):
     return apply_overrides(cfg, TINY_RUN)
 
 
+_OWN = ("hf", "pretrain", "lora", "pretrained-hf", "adapter", "merged")
+_MARKER = ".bridge-pipeline-demo"
+
+
+def _claim(workdir: Path) -> None:
+    """Make ``workdir`` this demo's: a new or empty directory, or one an earlier run of the demo marked, whose
+    entries of that run are removed. Anything else is refused: the demo never deletes what it did not write."""
+    if workdir.exists() and not workdir.is_dir():
+        raise SystemExit(f"pipeline_demo: error: --workdir {workdir} is a file; choose a directory")
+    entries = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
+    if entries and _MARKER not in entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise SystemExit(f"pipeline_demo: error: --workdir {workdir} is not empty ({shown}) and holds no {_MARKER} "
+                         "file (what this demo writes into its workdir); choose a new or empty directory")
+    for name in _OWN:
+        if (workdir / name).exists():
+            shutil.rmtree(workdir / name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / _MARKER).write_text("written by bridge-recipes' pipeline_demo.py; its next run replaces "
+                                   f"{', '.join(_OWN)} here\n")
+
+
 def run(workdir: Path) -> dict[str, float]:
     from bridge_convert import AutoBridge
     from bridge_convert.testing import save_tiny_hf_checkpoint
@@ -39,8 +61,7 @@ def run(workdir: Path) -> dict[str, float]:
     from bridge_recipes.llama import llama32_1b
     from bridge_train import finetune, pretrain
 
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    _claim(workdir)
     hf = save_tiny_hf_checkpoint(workdir / "hf", "llama32", seed=0)                      # 1. an HF checkpoint
     bridge = AutoBridge.from_hf_pretrained(hf)
 
@@ -81,7 +102,7 @@ def run(workdir: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="runs/pipeline", help="where every step writes (replaced if present)")
+    parser.add_argument("--workdir", default="runs/pipeline", help="where every step writes: a new or empty directory, or an earlier run's (whose outputs are replaced)")
     args = parser.parse_args(argv)
     from bridge_convert.runtime import silence_known_warnings
 

@@ -97,3 +97,26 @@ def test_custom_model_block_computes_squared_relu_and_trains(monkeypatch):
     losses = example.main([])
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses  # the mock data is learnable
+
+
+def test_pipeline_demo_replaces_only_its_own_workdir(tmp_path):
+    """The demo removes an earlier run's outputs, never a directory it did not write (``--workdir ~`` must not
+    wipe a home directory)."""
+    demo = _example("pipeline_demo")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    (user / "hf").mkdir()
+    with pytest.raises(SystemExit, match="is not empty"):
+        demo._claim(user)
+    assert (user / "notes.txt").read_text() == "keep" and (user / "hf").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file"):
+        demo._claim(tmp_path / "file")
+    ours = tmp_path / "ours"
+    demo._claim(ours)  # new: created and marked
+    (ours / "merged").mkdir()
+    (ours / "merged" / "model.safetensors").write_text("old")
+    (ours / "mine.txt").write_text("the user's")
+    demo._claim(ours)  # an earlier run's: its outputs go, nothing else
+    assert not (ours / "merged").exists() and (ours / "mine.txt").read_text() == "the user's"
