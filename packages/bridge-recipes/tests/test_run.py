@@ -175,3 +175,30 @@ def test_nemo_run_launcher_wiring(monkeypatch, capsys):
     assert main(["llama32_1b_pretrain", "--launcher", "nemo-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs the nemo-run package" in err
+
+
+def test_flags_win_over_a_shown_config_file_and_overrides_win_over_flags(capsys, tmp_path):
+    """`bridge-run show` writes checkpoint.save / pretrained_checkpoint / finetune too (null / true): fed back as
+    --config, it must not undo --dir, --hf-path or --allow-random-init; key=value overrides still apply last."""
+    import json
+
+    from bridge_recipes.llama import hf_config
+    from bridge_recipes.run import build_config
+
+    hf = tmp_path / "llama3-8b"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config("Meta-Llama-3-8B")))
+    for name in ("llama3_8b_lora", "llama32_1b_pretrain"):
+        assert main(["show", name]) == 0
+        (tmp_path / f"{name}.yaml").write_text(capsys.readouterr().out)
+    files = [str(tmp_path / "llama3_8b_lora.yaml")]
+    _, cfg = build_config("llama3_8b_lora", config_files=files, hf_path=str(hf), dir=str(tmp_path / "run"))
+    assert cfg.checkpoint.pretrained_checkpoint == str(hf) and cfg.checkpoint.finetune is True
+    assert cfg.checkpoint.save == cfg.checkpoint.load == str(tmp_path / "run" / "checkpoints")
+    assert cfg.checkpoint.save_interval == 100 and cfg.logger.tensorboard_dir == str(tmp_path / "run" / "tensorboard")
+    _, cfg = build_config("llama3_8b_lora", config_files=files, allow_random_init=True)
+    assert cfg.checkpoint.finetune is False and cfg.checkpoint.pretrained_checkpoint is None
+    _, cfg = build_config("llama32_1b_pretrain", ["checkpoint.save=/elsewhere", "checkpoint.save_interval=7"],
+                          config_files=[str(tmp_path / "llama32_1b_pretrain.yaml")], dir=str(tmp_path / "run"))
+    assert cfg.checkpoint.save == "/elsewhere" and cfg.checkpoint.save_interval == 7
+    assert cfg.checkpoint.load == str(tmp_path / "run" / "checkpoints")

@@ -58,7 +58,9 @@ def describe(recipe: Any, cfg: Any, world_size: int, launched: bool) -> str:
               f"{recipe.name} ..." if need > 1 else "1 process (plain python or torchrun)")
     precision = cfg.mixed_precision if isinstance(cfg.mixed_precision, str | None) else cfg.mixed_precision.name
     if cfg.checkpoint.save:
-        saving = f"every {cfg.checkpoint.save_interval or 'end'} iterations to {cfg.checkpoint.save}"
+        when = (f"every {cfg.checkpoint.save_interval} iterations and at the end" if cfg.checkpoint.save_interval
+                else "at the end (and on an exit signal)")
+        saving = f"{when}, to {cfg.checkpoint.save}"
     else:
         saving = "none (set --dir or checkpoint.save)"
     rows = [

@@ -131,7 +131,22 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
     if "peft" in kwargs and recipe.task == "sft":
         recipe = get_recipe(f"{recipe.spec.name}_{kwargs['peft']}")
     cfg = recipe.build(**kwargs)
-    apply_overrides(cfg, rest, config_files=list(config_files))
+    # What the flags set wins over --config files (a file written by `bridge-run show` or a run's run_config.yaml
+    # names these keys too, as null) and yields to key=value overrides, which apply last.
+    flagged = {"checkpoint": ["save", "load"] if dir is not None else [],
+               "logger": ["tensorboard_dir"] if dir is not None else []}
+    if recipe.is_finetune:
+        flagged["checkpoint"] += ["finetune"] + (["pretrained_checkpoint"] if hf_path is not None else [])
+    interval = cfg.checkpoint.save_interval
+    values = {(section, name): getattr(getattr(cfg, section), name)
+              for section, names in flagged.items() for name in names}
+    if config_files:
+        apply_overrides(cfg, [], config_files=list(config_files))
+        for (section, name), value in values.items():
+            setattr(getattr(cfg, section), name, value)
+        if dir is not None and cfg.checkpoint.save_interval is None:  # the file gave no interval: the recipe's
+            cfg.checkpoint.save_interval = interval
+    apply_overrides(cfg, rest)
     return recipe, cfg
 
 
