@@ -45,7 +45,7 @@ for step in $steps; do
       done ;;
     te) python3 -c "import transformer_engine.pytorch" || { echo "te: Transformer Engine does not import; build it first (tools/gpu/README.md)" > "$OUT/te_gpu.log"; continue; }
       timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests packages/bridge-peft/tests \
-        packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py 2>&1 \
+        packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py tests/test_peft_fp8_gpu.py 2>&1 \
         | quiet > "$OUT/te_gpu_full.log"
       grep -E "max \||max relative|PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/te_gpu_full.log" | tail -90 > "$OUT/te_gpu.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
