@@ -107,6 +107,37 @@ def test_pad_to_multiple_without_seq_length_padding(tokenizer, tmp_path, write_j
     assert all(_real_length(train[i]) <= lengths[i] < _real_length(train[i]) + 8 for i in range(3))
 
 
+# Renders the last assistant turn with an empty think block and earlier ones without, as Qwen3's template does:
+# not prefix-stable at the earlier turns.
+LAST_TURN_DIFFERS = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# Rewrites earlier turns (a summary replaces their content): no way to locate them.
+REWRITES_HISTORY = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' and not loop.last %}(earlier answer)"
+    "{% else %}{{ m['content'] }}{% endif %}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
+    "{% endif %}"
+)
+
+
+def test_template_that_renders_the_last_turn_differently_masks_every_turn(save_tokenizer, tmp_path, write_jsonl):
+    from bridge_data import TokenizerConfig, build_tokenizer
+
+    tokenizer = build_tokenizer(TokenizerConfig(path=save_tokenizer(tmp_path / "tok", chat_template=LAST_TURN_DIFFERS)))
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    [sample] = SFTDataConfig(path=path, seq_length=96).build(tokenizer)[0]
+    # by hand: the earlier answer as the full rendering has it, the last one with its think block
+    assert masked_spans(sample, tokenizer) == ["paris.<|end|>\n", "<think>\n\n</think>\n\ntwelve!<|end|>\n"]
+    n = _real_length(sample)
+    assert tokenizer.detokenize(sample["tokens"][:n].tolist()) == tokenizer.hf_tokenizer.apply_chat_template(
+        CONVERSATION, tokenize=False)
+    rewriting = build_tokenizer(TokenizerConfig(path=str(tmp_path / "tok"), chat_template=REWRITES_HISTORY))
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: .* prefix-stably at message 2.*TokenizerConfig.chat_template"):
+        SFTDataConfig(path=path, seq_length=96).build(rewriting)
+
+
 def test_chat_data_without_template_names_tokenizer_and_file(plain_tokenizer, tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     with pytest.raises(ValueError, match=r"plain-tokenizer.*has no chat template.*chat.jsonl"):

@@ -5,6 +5,11 @@ up to each assistant message twice, once ending in the generation prompt and onc
 characters in between are what the model must produce (the answer and the template's end-of-turn marker).
 The full text is tokenized once, and tokens starting inside those character spans are the targets. This works
 with any template that renders conversations prefix-stably, with no ``{% generation %}`` markers needed.
+
+Templates that render the *last* assistant turn differently from earlier ones (Qwen3's adds an empty
+``<think></think>`` block to the last one) are not prefix-stable at the earlier turns. There the turn is found in
+the full text instead: the message's content right after the generation prompt (with no more template text in
+between than the last-turn rendering has there), followed by the end-of-turn text that rendering puts after it.
 """
 
 from __future__ import annotations
@@ -45,12 +50,18 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
             continue
         start = render(messages[:i], True)
         end = render(messages[: i + 1], False)
-        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+        if full.startswith(start) and full.startswith(end) and len(start) <= len(end):
+            span = (len(start), len(end))
+        else:
+            span = _turn_in_full_text(full, start, end, message.get("content"))
+        if span is None or (spans and span[0] < spans[-1][1]):
             raise ValueError(
                 f"{where}: the chat template of {tokenizer.name_or_path} does not render this conversation "
-                f"prefix-stably at message {i}, so its assistant tokens cannot be located"
+                f"prefix-stably at message {i}, so its assistant tokens cannot be located; set a training template "
+                "that renders each assistant turn the same way wherever it is (TokenizerConfig.chat_template, "
+                "tokenizer.chat_template=... in overrides), or answer_only_loss=False"
             )
-        spans.append((len(start), len(end)))
+        spans.append(span)
     if not spans:
         raise ValueError(f"{where}: the conversation has no assistant message, so there is nothing to learn")
     encoded = hf(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -60,6 +71,25 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
     for a, b in spans:
         mask |= (starts >= a) & (starts < b)
     return ids, mask
+
+
+def _turn_in_full_text(full: str, start: str, last: str, content) -> tuple[int, int] | None:
+    """Character span of an assistant turn that the template renders differently when it is the last message.
+
+    ``start``: the conversation before the turn with the generation prompt (a prefix of ``full``); ``last``: the
+    conversation up to the turn, rendered with it last. None when the turn cannot be located unambiguously.
+    """
+    if not (isinstance(content, str) and content and full.startswith(start) and last.startswith(start)):
+        return None
+    in_last = last.rfind(content)
+    at = full.find(content, len(start))
+    if in_last < len(start) or at < 0 or at - len(start) > in_last - len(start):
+        return None  # more text between the prompt and the content than the template ever puts there
+    end_of_turn = last[in_last + len(content):]
+    stop = at + len(content)
+    if not full.startswith(end_of_turn, stop):
+        return None
+    return len(start), stop + len(end_of_turn)
 
 
 def tokenize_plain(tokenizer: HFTokenizer, messages: Messages, *, separator: str, add_bos: bool,
