@@ -114,6 +114,15 @@ LAST_TURN_DIFFERS = (
     "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# Puts the system prompt into the last user turn, as Mistral's template does: the prompt before an earlier answer
+# differs from the full rendering's.
+SYSTEM_IN_LAST_USER_TURN = (
+    "{{ bos_token }}{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else none %}"
+    "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+    "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}[INST] "
+    "{% if system and m is sameas users[-1] %}{{ system }}\n\n{% endif %}{{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+)
 # Rewrites earlier turns (a summary replaces their content): no way to locate them.
 REWRITES_HISTORY = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' and not loop.last %}(earlier answer)"
@@ -122,7 +131,7 @@ REWRITES_HISTORY = (
 )
 
 
-def test_template_that_renders_the_last_turn_differently_masks_every_turn(save_tokenizer, tmp_path, write_jsonl):
+def test_templates_that_render_by_where_the_conversation_ends_mask_every_turn(save_tokenizer, tmp_path, write_jsonl):
     from bridge_data import TokenizerConfig, build_tokenizer
 
     tokenizer = build_tokenizer(TokenizerConfig(path=save_tokenizer(tmp_path / "tok", chat_template=LAST_TURN_DIFFERS)))
@@ -133,6 +142,12 @@ def test_template_that_renders_the_last_turn_differently_masks_every_turn(save_t
     n = _real_length(sample)
     assert tokenizer.detokenize(sample["tokens"][:n].tolist()) == tokenizer.hf_tokenizer.apply_chat_template(
         CONVERSATION, tokenize=False)
+    mistral_like = build_tokenizer(TokenizerConfig(path=str(tmp_path / "tok"), chat_template=SYSTEM_IN_LAST_USER_TURN))
+    [sample] = SFTDataConfig(path=path, seq_length=96).build(mistral_like)[0]
+    assert masked_spans(sample, mistral_like) == ["paris.<|end|>", "twelve!<|end|>"]
+    assert mistral_like.hf_tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == (
+        "<|begin_of_text|>[INST] what is the capital of france? [/INST]paris.<|end|>[INST] be brief\n\nand seven plus "
+        "five? [/INST]twelve!<|end|>")
     rewriting = build_tokenizer(TokenizerConfig(path=str(tmp_path / "tok"), chat_template=REWRITES_HISTORY))
     with pytest.raises(ValueError, match=r"chat.jsonl:1: .* prefix-stably at message 2.*TokenizerConfig.chat_template"):
         SFTDataConfig(path=path, seq_length=96).build(rewriting)

@@ -6,10 +6,10 @@ characters in between are what the model must produce (the answer and the templa
 The full text is tokenized once, and tokens starting inside those character spans are the targets. This works
 with any template that renders conversations prefix-stably, with no ``{% generation %}`` markers needed.
 
-Templates that render the *last* assistant turn differently from earlier ones (Qwen3's adds an empty
-``<think></think>`` block to the last one) are not prefix-stable at the earlier turns. There the turn is found in
-the full text instead: the message's content right after the generation prompt (with no more template text in
-between than the last-turn rendering has there), followed by the end-of-turn text that rendering puts after it.
+Templates that render a conversation differently depending on where it ends (Qwen3's adds an empty
+``<think></think>`` block to the last assistant turn; Mistral's puts the system prompt into the last user turn)
+are not prefix-stable at the earlier turns. There the turn is found in the full text instead: the message
+contents located in order, the turn being its content plus the end-of-turn text the template puts after it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
         if full.startswith(start) and full.startswith(end) and len(start) <= len(end):
             span = (len(start), len(end))
         else:
-            span = _turn_in_full_text(full, start, end, message.get("content"))
+            span = _turn_in_full_text(full, end, messages, i)
         if span is None or (spans and span[0] < spans[-1][1]):
             raise ValueError(
                 f"{where}: the chat template of {tokenizer.name_or_path} does not render this conversation "
@@ -73,23 +73,46 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
     return ids, mask
 
 
-def _turn_in_full_text(full: str, start: str, last: str, content) -> tuple[int, int] | None:
-    """Character span of an assistant turn that the template renders differently when it is the last message.
+def _turn_in_full_text(full: str, last: str, messages: Messages, i: int) -> tuple[int, int] | None:
+    """Character span in ``full`` of assistant message ``i``, for templates that render a conversation differently
+    depending on where it ends (Qwen3's think block on the last assistant turn; Mistral's system prompt inside the
+    last user turn).
 
-    ``start``: the conversation before the turn with the generation prompt (a prefix of ``full``); ``last``: the
-    conversation up to the turn, rendered with it last. None when the turn cannot be located unambiguously.
+    The contents of the messages up to ``i`` (system prompts aside, which templates move) are located in order in
+    ``full`` and in ``last`` (the conversation rendered up to and with message ``i``); the turn is the content
+    followed by the end-of-turn text that ``last`` puts after it. None when that does not locate it unambiguously:
+    a content the template rewrote, more template text before the content than ``last`` has there, or a
+    different end of turn.
     """
-    if not (isinstance(content, str) and content and full.startswith(start) and last.startswith(start)):
+    located_full, located_last = _locate(full, messages[: i + 1]), _locate(last, messages[: i + 1])
+    if located_full is None or located_last is None:
         return None
-    in_last = last.rfind(content)
-    at = full.find(content, len(start))
-    if in_last < len(start) or at < 0 or at - len(start) > in_last - len(start):
-        return None  # more text between the prompt and the content than the template ever puts there
-    end_of_turn = last[in_last + len(content):]
-    stop = at + len(content)
+
+    def gap(located):  # template text between the previous message's content and this one's
+        return located[-1][0] - (located[-2][1] if len(located) > 1 else 0)
+
+    if gap(located_full) > gap(located_last):
+        return None
+    end_of_turn = last[located_last[-1][1]:]
+    at, stop = located_full[-1]
     if not full.startswith(end_of_turn, stop):
         return None
-    return len(start), stop + len(end_of_turn)
+    return at, stop + len(end_of_turn)
+
+
+def _locate(text: str, messages: Messages) -> list[tuple[int, int]] | None:
+    """``(start, end)`` of each non-system message's content in ``text``, searched in order; None if one is missing
+    or empty."""
+    located, pos = [], 0
+    for message in messages:
+        content = message.get("content")
+        if message["role"] == "system":
+            continue
+        if not isinstance(content, str) or not content or (at := text.find(content, pos)) < 0:
+            return None
+        located.append((at, at + len(content)))
+        pos = at + len(content)
+    return located
 
 
 def tokenize_plain(tokenizer: HFTokenizer, messages: Messages, *, separator: str, add_bos: bool,
