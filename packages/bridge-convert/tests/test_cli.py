@@ -31,6 +31,30 @@ def test_roundtrip_reports_bit_exact(hf_checkpoints, tmp_path, capsys):
     assert "identical tensors: 21/21" in out and "result: bit-exact" in out
 
 
+def test_float32_weights_under_a_bfloat16_config(hf_checkpoints, tmp_path, capsys, caplog):
+    """A checkpoint saved in float32 whose config.json says bfloat16: roundtrip checks the mapping in the stored
+    dtype (bit-exact), and import, which follows the config, says that it rounds and how to keep every bit."""
+    import json
+
+    src = tmp_path / "mislabeled"
+    shutil.copytree(hf_checkpoints["qwen2"], src)
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps(config))
+    assert main(["roundtrip", str(src), str(tmp_path / "rt")]) == 0
+    assert "result: bit-exact" in capsys.readouterr().out
+    with caplog.at_level("WARNING"):
+        assert main(["import", str(src), str(tmp_path / "mcore")]) == 0
+    assert "config.json says bfloat16 but the weights are stored as float32" in caplog.text
+    assert "--dtype float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the dtype asked for: nothing to say; a correctly labelled checkpoint neither
+        assert main(["import", str(src), str(tmp_path / "mcore32"), "--dtype", "float32"]) == 0
+        assert main(["import", hf_checkpoints["qwen2"], str(tmp_path / "mcore-ok")]) == 0
+    assert "rounds them" not in caplog.text
+
+
 def test_import_then_export(hf_checkpoints, tmp_path):
     assert main(["import", hf_checkpoints["llama31"], str(tmp_path / "mcore")]) == 0
     assert main(["export", str(tmp_path / "mcore"), str(tmp_path / "hf")]) == 0

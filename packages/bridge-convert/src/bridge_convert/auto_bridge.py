@@ -335,7 +335,8 @@ class AutoBridge:
         at that layout (every rank calls this) and saved by megatron-core.
 
         Args:
-            dtype: parameter dtype (default: the HF config's); same as ``params_dtype=``.
+            dtype: parameter dtype (default: the HF config's; a warning says so when that rounds the stored
+                weights, e.g. float32 weights under a config saying bfloat16); same as ``params_dtype=``.
             overwrite: replace a non-empty ``megatron_path`` (never an input or a training checkpoint).
             threads: writer threads of the offline converter.
 
@@ -359,6 +360,13 @@ class AutoBridge:
         check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
         if dtype is not None:
             provider_overrides["params_dtype"] = dtype
+        elif int(os.environ.get("RANK", "0")) == 0:  # the runtime starts with the model: ask the launcher
+            from .offline.importer import warn_if_rounded
+            from .safetensors_io import LazyHFCheckpoint
+
+            reader = LazyHFCheckpoint(hf_path)
+            warn_if_rounded(reader.float_dtypes(n for n in reader.keys() if not bridge.model_bridge.is_ignored(n)),
+                            bridge.to_megatron_provider(load_weights=False).params_dtype)
         model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **provider_overrides)
         metadata = {**bridge.checkpoint_metadata(model), CONVERTED_MARKER: "bridge-convert import"}
         with _staged_on_every_rank(megatron_path, overwrite=overwrite, inputs=[hf_path]) as tmp:

@@ -188,7 +188,13 @@ def _cmd_roundtrip(args) -> int:
     from .safetensors_io import LazyHFCheckpoint
 
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
-    model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **_overrides(args))
+    overrides = _overrides(args)
+    if "params_dtype" not in overrides:  # checks the mapping: in the weights' own dtype, whatever config.json says
+        stored = LazyHFCheckpoint(args.hf_path).float_dtypes(
+            n for n in LazyHFCheckpoint(args.hf_path).keys() if not bridge.model_bridge.is_ignored(n))
+        if len(stored) == 1:
+            overrides["params_dtype"] = stored.pop()
+    model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **overrides)
     bridge.save_hf_pretrained(model, args.out_path, overwrite=args.overwrite)
     import torch.distributed as dist
 

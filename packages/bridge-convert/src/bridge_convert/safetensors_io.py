@@ -253,6 +253,10 @@ class LazyHFCheckpoint:
             return _DTYPES[self._headers[self.weight_map[name]][name]["dtype"]]
         return self.get(name).dtype
 
+    def float_dtypes(self, names) -> set[torch.dtype]:
+        """The stored dtypes of the floating-point tensors among ``names``."""
+        return {d for d in map(self.dtype_of, names) if d.is_floating_point}
+
     def shape_of(self, name: str) -> tuple[int, ...]:
         if self.format == "safetensors":
             return tuple(self._headers[self.weight_map[name]][name]["shape"])

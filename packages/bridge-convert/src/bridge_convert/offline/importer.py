@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -25,7 +26,20 @@ from .layout import (
 )
 from .row_blocks import megatron_row_sources, source_blocks
 
-__all__ = ["import_hf_checkpoint"]
+__all__ = ["import_hf_checkpoint", "warn_if_rounded"]
+
+logger = logging.getLogger(__name__)
+_WIDER = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+
+
+def warn_if_rounded(stored: set[torch.dtype], params_dtype: torch.dtype) -> None:
+    """Say so when the config's dtype is narrower than the stored weights (a checkpoint saved in float32 whose
+    config.json says bfloat16): converting to it rounds them, which no later export undoes."""
+    narrower = sorted(dtype_to_hf(d) for d in stored if d != params_dtype and (d, params_dtype) not in _WIDER)
+    if narrower:
+        logger.warning("the HF config.json says %s but the weights are stored as %s: converting them to %s rounds "
+                       "them; pass --dtype %s (dtype=%r) to keep every bit", dtype_to_hf(params_dtype),
+                       " / ".join(narrower), dtype_to_hf(params_dtype), narrower[0], narrower[0])
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -192,6 +206,8 @@ def import_hf_checkpoint(hf_path: str | os.PathLike, megatron_path: str | os.Pat
     cfg = model_config(bridge, config)
     params_dtype = parse_dtype(dtype) if dtype is not None else cfg.params_dtype
     reader = LazyHFCheckpoint(hf_path)
+    if dtype is None:
+        warn_if_rounded(reader.float_dtypes(n for n in reader.keys() if not bridge.is_ignored(n)), params_dtype)
     entries = checkpoint_entries(bridge, cfg)
     from tqdm.auto import tqdm
 
