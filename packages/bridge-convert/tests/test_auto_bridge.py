@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bridge_convert import AutoBridge, safetensors_io
+from bridge_convert import AutoBridge, CheckpointMismatchError, safetensors_io
 from bridge_convert.testing import save_tiny_hf_checkpoint
 
 
@@ -35,7 +35,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path, runtime):
     path = tmp_path / "hf"
     save_tiny_hf_checkpoint(path, "llama")
     _rewrite_shard(path, drop=["model.embed_tokens.weight"], add={"model.extra.weight": torch.ones(2)})
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         AutoBridge.from_hf_pretrained(path).to_megatron_model(load_weights=True)
     assert "missing tensors (1): model.embed_tokens.weight" in str(err.value)
     assert "unexpected tensors (1): model.extra.weight" in str(err.value)
@@ -47,8 +47,9 @@ def test_shape_mismatch_names_parameter_and_shapes(tmp_path, runtime):
     config = json.loads((path / "config.json").read_text())
     config["intermediate_size"] = 96
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"shape mismatch for decoder.layers.0.mlp.linear_fc1.weight .*expected "
-                                         r"\(192, 64\) for the full tensor, got \(256, 64\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch for decoder.layers.0.mlp.linear_fc1.weight .*"
+                                                      r"needs \(192, 64\) for the full tensor, the checkpoint gives "
+                                                      r"\(256, 64\)"):
         AutoBridge.from_hf_pretrained(path).to_megatron_model(load_weights=True)
 
 

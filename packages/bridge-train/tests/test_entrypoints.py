@@ -53,6 +53,18 @@ def test_example_prints_a_config_error_as_one_line(tiny_llama, tmp_path, capsys)
         example.main([*argv, "--debug"])
 
 
+def test_example_prints_weights_that_do_not_fit_the_model_as_one_line(tiny_llama, tmp_path, capsys):
+    """A model setting changed after choosing the checkpoint (its weights no longer fit): one line, no traceback."""
+    example = _example()
+    with pytest.raises(SystemExit) as info:
+        example.main(["--hf-model", tiny_llama, "--mock", "--workdir", str(tmp_path), "model.num_layers=3",
+                      "train.train_iters=3"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: HF checkpoint ") and "does not match" in err[0], err
+    assert "missing tensors (9): model.layers.2." in "".join(err) and "Traceback" not in "".join(err)
+
+
 def test_example_needs_an_explicit_data_choice(tiny_llama, tmp_path, capsys):
     example = _example()
     with pytest.raises(SystemExit) as info:

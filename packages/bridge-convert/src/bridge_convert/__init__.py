@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "AutoBridge": ".auto_bridge",
+    "CheckpointMismatchError": ".errors",
     "GPTModelProvider": ".provider",
     "ModelBridge": ".model_bridge",
     "Mapping": ".mappings",
@@ -30,6 +31,7 @@ _EXPORTS = {
 __all__ = [
     "QKV",
     "AutoBridge",
+    "CheckpointMismatchError",
     "Direct",
     "GPTModelProvider",
     "GatedMLP",
@@ -58,6 +60,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from .auto_bridge import AutoBridge
+    from .errors import CheckpointMismatchError
     from .mappings import QKV, Direct, GatedMLP, Mapping, VocabParallel
     from .model_bridge import ModelBridge
     from .provider import GPTModelProvider

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .errors import CheckpointMismatchError
 from .quantized import is_quantized_param, load_into_quantized
 
 __all__ = [
@@ -255,14 +256,14 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
         loaded = dist_checkpointing.load(request, str(directory), sharded_strategy=strategy,
                                          strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     except Exception as exc:
-        raise ValueError(f"cannot load checkpoint {directory} into this model: {exc}") from exc
+        raise CheckpointMismatchError(f"cannot load checkpoint {directory} into this model: {exc}") from exc
     for module, key in zip(modules, keys):
         state = loaded.pop(key)
         result = module.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k not in dropped[key]]
         if strict and (missing or result.unexpected_keys):
-            raise ValueError(f"checkpoint {directory} does not match this model: missing {missing}, unexpected "
-                             f"{result.unexpected_keys}")
+            raise CheckpointMismatchError(f"checkpoint {directory} does not match this model: missing {missing}, "
+                                          f"unexpected {result.unexpected_keys}")
         if quantized:
             for name, param in module.named_parameters():
                 if is_quantized_param(param) and name in state:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from .errors import CheckpointMismatchError
 from .mappings import Mapping, MappingContext, VocabParallel
 from .quantized import is_quantized_param, load_into_quantized
 
@@ -222,8 +223,9 @@ def load_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: lis
             expected = full_shape(tuple(param.shape), split, state.tp_size)
             full = mapping.to_megatron(hf, mapping_context(provider, expected))
             if tuple(full.shape) != expected:
-                raise ValueError(f"shape mismatch for {name} (from {mapping.hf_names(layer)}): expected "
-                                 f"{expected} for the full tensor, got {tuple(full.shape)}")
+                raise CheckpointMismatchError(
+                    f"HF checkpoint {reader.path}: shape mismatch for {name} (from {mapping.hf_names(layer)}): the "
+                    f"model needs {expected} for the full tensor, the checkpoint gives {tuple(full.shape)}")
             local = shard(full, split, state.tp_rank, state.tp_size).to(device=param.device, dtype=param.dtype)
             if is_quantized_param(param):  # TE FP8 weights (fp8_param): a plain copy_ loses the load at step 1
                 load_into_quantized(param, local)
@@ -250,8 +252,8 @@ def _check_checkpoint_names(bridge: ModelBridge, provider: GPTModelProvider, tas
             lines.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
         if unexpected:
             lines.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-        raise ValueError(f"HF checkpoint {reader.path} does not match the {bridge.hf_architecture} model built "
-                         f"from its config:\n  " + "\n  ".join(lines))
+        raise CheckpointMismatchError(f"HF checkpoint {reader.path} does not match the {bridge.hf_architecture} "
+                                      f"model built from its config:\n  " + "\n  ".join(lines))
 
 
 # ----------------------------------------------------------------------------------------- export

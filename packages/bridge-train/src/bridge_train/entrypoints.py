@@ -47,18 +47,21 @@ def finetune(cfg: ConfigContainer, forward_step: Callable = gpt_forward_step) ->
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from bridge_convert.errors import CheckpointMismatchError
+
     from .checkpointing import CheckpointError
     from .config import ConfigError
     from .forward_step import ForwardStepSignatureError
     from .loop import NonFiniteLossError
 
-    return ConfigError, CheckpointError, NonFiniteLossError, ForwardStepSignatureError
+    return ConfigError, CheckpointError, CheckpointMismatchError, NonFiniteLossError, ForwardStepSignatureError
 
 
 @contextmanager
 def user_errors_exit(debug: bool = False) -> Iterator[None]:
     """For the ``main`` of a training script: an error that the user's config, files or data cause
-    (``ConfigError``, ``CheckpointError``, ``NonFiniteLossError``, ``ForwardStepSignatureError``) is printed as its message alone
+    (``ConfigError``, ``CheckpointError``, bridge-convert's ``CheckpointMismatchError``, ``NonFiniteLossError``,
+    ``ForwardStepSignatureError``) is printed as its message alone
     (``error: ...`` on stderr, by rank 0) and the process exits with status 1; with ``debug`` it propagates
     with its traceback. Any other exception (a bug) propagates unchanged.
     """
