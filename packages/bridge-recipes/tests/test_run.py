@@ -202,3 +202,37 @@ def test_flags_win_over_a_shown_config_file_and_overrides_win_over_flags(capsys,
                           config_files=[str(tmp_path / "llama32_1b_pretrain.yaml")], dir=str(tmp_path / "run"))
     assert cfg.checkpoint.save == "/elsewhere" and cfg.checkpoint.save_interval == 7
     assert cfg.checkpoint.load == str(tmp_path / "run" / "checkpoints")
+
+
+def test_data_flags_pick_real_data_and_win_over_a_shown_config_file(capsys, tmp_path):
+    from bridge_data import SFTDataConfig
+    from bridge_data.testing import make_texts, save_tiny_tokenizer, write_jsonl
+    from bridge_recipes.run import build_config
+
+    tok = save_tiny_tokenizer(tmp_path / "tok")
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": t},
+                                                               {"role": "assistant", "content": "ok"}]}
+                                                 for t in make_texts(8)])
+    assert main(["show", "llama32_1b_sft"]) == 0
+    (tmp_path / "sft.yaml").write_text(capsys.readouterr().out)  # mock SFT data, no tokenizer
+    flags = dict(data_paths=[chat], tokenizer_path=tok, allow_random_init=True)
+    for files in ([], [str(tmp_path / "sft.yaml")]):
+        _, cfg = build_config("llama32_1b_sft", config_files=files, **flags)
+        assert isinstance(cfg.dataset, SFTDataConfig) and cfg.dataset.path == chat, files
+        assert cfg.tokenizer.path == tok and cfg.dataset.schema == "auto"
+    _, cfg = build_config("llama32_1b_lora", ["dataset.packed=false"], config_files=[str(tmp_path / "sft.yaml")],
+                          data_format="squad", **flags)
+    assert (cfg.dataset.schema, cfg.dataset.use_chat_template, cfg.dataset.packed) == ("squad", False, False)
+    assert main(["llama32_1b_sft", "--dry-run", "--allow-random-init", "--data-path", chat, "--tokenizer-path",
+                 tok]) == 0
+    assert f"SFT rows from {chat}" in capsys.readouterr().out
+    bad = {("llama32_1b_pretrain", "--data-format", "chat"): "--data-format applies to the sft / lora / dora",
+           ("llama32_1b_sft", "--allow-random-init", "--data-path", chat, chat): "fine-tunes on one --data-path",
+           ("llama32_1b_sft", "--allow-random-init", "--data-path", chat): "needs a tokenizer: pass hf_path= or "
+                                                                        "tokenizer_path= (bridge-run: --hf-path",
+           ("llama32_1b_pretrain", "--data-path", str(tmp_path / "absent")): "missing ['" + str(tmp_path / "absent"),
+           ("llama32_1b_sft", "--allow-random-init", "--data-path", str(tmp_path / "absent.jsonl"), "--tokenizer-path",
+            tok): "SFT data path '" + str(tmp_path / "absent.jsonl") + "' does not exist"}
+    for argv, expected in bad.items():
+        assert main([*argv, "--dry-run"]) == 2, argv
+        assert expected in capsys.readouterr().err, argv

@@ -64,7 +64,8 @@ class PretrainDataConfig:
             raise ValueError(f"seq_length must be >= 1, got {self.seq_length}")
 
     def finalize(self) -> None:
-        """Derive ``mock`` and check the fields together; raise one ValueError listing every problem."""
+        """Derive ``mock``, check the fields together (one ValueError listing every problem), then that every
+        indexed dataset is there (FileNotFoundError / ValueError naming it, as :func:`check_indexed_dataset`)."""
         problems = []
         if not self.paths:
             self.mock = True
@@ -84,6 +85,8 @@ class PretrainDataConfig:
                             f"got {self.split!r}")
         if problems:
             raise ValueError("Invalid PretrainDataConfig: " + "; ".join(problems))
+        for prefix in self.paths if not self.mock else ():  # before a model is built for data that is not there
+            check_indexed_dataset(str(prefix))
 
     def build(self, tokenizer: Tokenizer, *, train_samples: int | None, valid_samples: int | None,
               test_samples: int | None) -> tuple[PretrainDataset | None, PretrainDataset | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -86,7 +87,8 @@ class SFTDataConfig:
             raise ValueError("Invalid SFTDataConfig: " + "; ".join(problems))
 
     def finalize(self) -> None:
-        """Check the fields together; raise one ValueError listing every problem."""
+        """Check the fields together (one ValueError listing every problem), then that the data files exist
+        (FileNotFoundError naming them)."""
         problems = []
         if self.split is not None and (self.valid_path or self.test_path):
             problems.append("split carves valid/test from path; do not also set valid_path/test_path")
@@ -99,6 +101,11 @@ class SFTDataConfig:
                             f"{self.pad_to_multiple_of}")
         if problems:
             raise ValueError("Invalid SFTDataConfig: " + "; ".join(problems))
+        missing = [f"{name} {str(path)!r}" for name, path in
+                   (("path", self.path), ("valid_path", self.valid_path), ("test_path", self.test_path))
+                   if isinstance(path, str | os.PathLike) and not os.path.exists(path)]
+        if missing:  # before a model is built for data that is not there
+            raise FileNotFoundError(f"SFT data {', '.join(missing)} does not exist")
 
     def build(self, tokenizer: Tokenizer, *, train_samples: int | None = None, valid_samples: int | None = None,
               test_samples: int | None = None) -> tuple[torch.utils.data.Dataset | None, ...]:

@@ -51,6 +51,15 @@ def _recipe_parser(command: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--allow-random-init", action="store_true",
                         help="sft / lora / dora: fine-tune random weights (benchmarks); otherwise a pretrained "
                              "checkpoint is required")
+    parser.add_argument("--data-path", nargs="+", metavar="PATH",
+                        help="pretrain: indexed dataset prefixes (`bridge-data preprocess` output); sft / lora / dora: "
+                             "one JSONL / Parquet file or HF datasets directory of chat or SQuAD rows; default: "
+                             "the recipe's mock data")
+    parser.add_argument("--data-format", choices=("chat", "squad"), default=None,
+                        help="sft / lora / dora with --data-path: chat rows rendered with the tokenizer's chat "
+                             "template (default), or SQuAD-style context / question / answers rows")
+    parser.add_argument("--tokenizer-path", metavar="DIR",
+                        help="HF tokenizer directory for --data-path (default: --hf-path's)")
     return parser
 
 
@@ -93,7 +102,9 @@ def _list(argv: Sequence[str]) -> int:
 
 
 def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_files: Sequence[str] = (),
-                 hf_path: str | None = None, dir: str | None = None, allow_random_init: bool = False):
+                 hf_path: str | None = None, dir: str | None = None, allow_random_init: bool = False,
+                 data_paths: Sequence[str] | None = None, data_format: str | None = None,
+                 tokenizer_path: str | None = None):
     """The recipe's config with ``--config`` files and overrides applied (what ``bridge-run`` trains).
 
     Returns:
@@ -130,7 +141,12 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
                          "from random weights unless --hf-path is given")
     if "peft" in kwargs and recipe.task == "sft":
         recipe = get_recipe(f"{recipe.spec.name}_{kwargs['peft']}")
-    cfg = recipe.build(**kwargs)
+    kwargs.update(_data_kwargs(recipe, data_paths, data_format, tokenizer_path))
+    try:
+        cfg = recipe.build(**kwargs)
+    except ValueError as err:  # e.g. SFT data without a tokenizer
+        raise UsageError(f"{recipe.name}: {err}") from None
+    data = (cfg.dataset, cfg.tokenizer) if data_paths or tokenizer_path else None
     # What the flags set wins over --config files (a file written by `bridge-run show` or a run's run_config.yaml
     # names these keys too, as null) and yields to key=value overrides, which apply last.
     flagged = {"checkpoint": ["save", "load"] if dir is not None else [],
@@ -146,13 +162,50 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
             setattr(getattr(cfg, section), name, value)
         if dir is not None and cfg.checkpoint.save_interval is None:  # the file gave no interval: the recipe's
             cfg.checkpoint.save_interval = interval
+        if data is not None:
+            _restore_data(cfg, *data)
     apply_overrides(cfg, rest)
     return recipe, cfg
 
 
+_DATA_FIELDS = ("paths", "mock", "path", "schema", "use_chat_template")
+
+
+def _data_kwargs(recipe, data_paths, data_format, tokenizer_path) -> dict[str, Any]:
+    """The recipe function's data arguments for the --data-path / --data-format / --tokenizer-path flags."""
+    if data_format is not None and not (recipe.is_finetune and data_paths):
+        raise UsageError("--data-format applies to the sft / lora / dora recipes with --data-path")
+    out: dict[str, Any] = {"tokenizer_path": tokenizer_path} if tokenizer_path else {}
+    if not data_paths:
+        return out
+    if not recipe.is_finetune:
+        return {**out, "data_paths": list(data_paths)}
+    if len(data_paths) != 1:
+        raise UsageError(f"{recipe.name} fine-tunes on one --data-path (a file or HF datasets directory), got "
+                         f"{len(data_paths)}")
+    return {**out, "data_path": data_paths[0], "data_format": data_format or "chat"}
+
+
+def _restore_data(cfg, dataset, tokenizer) -> None:
+    """The data the flags chose, over what --config files set: the flags' dataset when a file changed its kind (the
+    mock data of a `bridge-run show` file), else its path fields; the flags' tokenizer likewise."""
+    if type(cfg.dataset) is not type(dataset):
+        cfg.dataset = dataset
+    else:
+        for name in _DATA_FIELDS:
+            if hasattr(dataset, name):
+                setattr(cfg.dataset, name, getattr(dataset, name))
+    if tokenizer is not None:
+        if type(cfg.tokenizer) is not type(tokenizer):
+            cfg.tokenizer = tokenizer
+        else:
+            cfg.tokenizer.tokenizer_type, cfg.tokenizer.path = tokenizer.tokenizer_type, tokenizer.path
+
+
 def _config_from_args(args: argparse.Namespace):
     return build_config(args.recipe, args.overrides, config_files=args.config, hf_path=args.hf_path, dir=args.dir,
-                        allow_random_init=args.allow_random_init)
+                        allow_random_init=args.allow_random_init, data_paths=args.data_path,
+                        data_format=args.data_format, tokenizer_path=args.tokenizer_path)
 
 
 def config_yaml(cfg) -> str:

@@ -180,7 +180,8 @@ def _finetune(spec: LlamaSpec, layout: Parallelism, global_batch_size: int | Non
         multiple = math.lcm(multiple, 2 * layout.cp)
     tokenizer_source = tokenizer_path or hf_path
     if data_path is not None and tokenizer_source is None:
-        raise ValueError(f"SFT data from {data_path!r} needs a tokenizer: pass hf_path= or tokenizer_path=")
+        raise ValueError(f"SFT data from {data_path!r} needs a tokenizer: pass hf_path= or tokenizer_path= "
+                         "(bridge-run: --hf-path or --tokenizer-path)")
     cfg = _container(
         provider=provider, train_iters=train_iters, global_batch_size=global_batch_size or default_batch,
         micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup=lr_warmup_iters, beta2=0.98,

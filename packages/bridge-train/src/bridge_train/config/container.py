@@ -261,6 +261,6 @@ def _finalize_section(name: str, section: Any) -> list[str]:
         return []
     try:
         method()
-    except (ValueError, AssertionError, TypeError, RuntimeError) as err:
+    except (ValueError, AssertionError, TypeError, RuntimeError, OSError) as err:  # OSError: its files
         return [f"{name}: {err}"]
     return []
