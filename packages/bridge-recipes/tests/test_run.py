@@ -223,11 +223,12 @@ def test_data_flags_pick_real_data_and_win_over_a_shown_config_file(capsys, tmp_
     _, cfg = build_config("llama32_1b_lora", ["dataset.packed=false"], config_files=[str(tmp_path / "sft.yaml")],
                           data_format="squad", **flags)
     assert (cfg.dataset.schema, cfg.dataset.use_chat_template, cfg.dataset.packed) == ("squad", False, False)
-    assert main(["llama32_1b_sft", "--dry-run", "--allow-random-init", "--data-path", chat, "--tokenizer-path",
-                 tok]) == 0
-    assert f"SFT rows from {chat}" in capsys.readouterr().out
+    assert main(["llama32_1b_sft", "--dry-run", "--allow-random-init", "--data-path", chat, "dataset.packed=false",
+                 "--tokenizer-path", tok]) == 0  # an override after --data-path stays an override
+    assert f"SFT rows from {chat} (schema auto, unpacked), seq 4096" in capsys.readouterr().out
     bad = {("llama32_1b_pretrain", "--data-format", "chat"): "--data-format applies to the sft / lora / dora",
-           ("llama32_1b_sft", "--allow-random-init", "--data-path", chat, chat): "fine-tunes on one --data-path",
+           ("llama32_1b_sft", "--allow-random-init", "--data-path", chat, "--data-path", chat):
+               "fine-tunes on one --data-path",
            ("llama32_1b_sft", "--allow-random-init", "--data-path", chat): "needs a tokenizer: pass hf_path= or "
                                                                         "tokenizer_path= (bridge-run: --hf-path",
            ("llama32_1b_pretrain", "--data-path", str(tmp_path / "absent")): "missing ['" + str(tmp_path / "absent"),

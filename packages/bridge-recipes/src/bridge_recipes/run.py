@@ -51,10 +51,10 @@ def _recipe_parser(command: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--allow-random-init", action="store_true",
                         help="sft / lora / dora: fine-tune random weights (benchmarks); otherwise a pretrained "
                              "checkpoint is required")
-    parser.add_argument("--data-path", nargs="+", metavar="PATH",
-                        help="pretrain: indexed dataset prefixes (`bridge-data preprocess` output); sft / lora / dora: "
-                             "one JSONL / Parquet file or HF datasets directory of chat or SQuAD rows; default: "
-                             "the recipe's mock data")
+    parser.add_argument("--data-path", action="append", default=None, metavar="PATH",
+                        help="pretrain: an indexed dataset prefix (`bridge-data preprocess` output; repeat for "
+                             "several); sft / lora / dora: one JSONL / Parquet file or HF datasets directory of chat "
+                             "or SQuAD rows; default: the recipe's mock data")
     parser.add_argument("--data-format", choices=("chat", "squad"), default=None,
                         help="sft / lora / dora with --data-path: chat rows rendered with the tokenizer's chat "
                              "template (default), or SQuAD-style context / question / answers rows")

@@ -25,6 +25,18 @@ class MockDataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class IndexedDataStub(MockDataConfig):
+    """Stand-in for bridge-data's PretrainDataConfig on real data: the fields the container's rules read."""
+
+    paths: list[str]
+    """Indexed dataset prefixes."""
+    mock: bool = False
+    """Random tokens instead."""
+    eod_mask_loss: bool = False
+    """No loss on the token after an eod."""
+
+
+@dataclass(kw_only=True, slots=True)
 class TokenizerStub:
     """Stand-in for bridge-data's TokenizerConfig, with a finalize() that rejects a missing vocab size."""
 

@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from config_stubs import MockDataConfig, TokenizerStub, tiny_provider
+from config_stubs import IndexedDataStub, MockDataConfig, TokenizerStub, tiny_provider
 
 from bridge_train.config import ConfigError, ProfilingConfig, TrainConfig, apply_overrides
 
@@ -102,6 +102,10 @@ INVALID = [
     ("dataset_missing", _set(dataset=None), 1, "dataset is not set"),
     ("dataset_longer_than_model", _set(dataset=MockDataConfig(seq_length=64)), 1,
      "dataset.seq_length (64) exceeds model.seq_length (32)"),
+    ("eod_options_without_the_data_tokenizer",
+     _set(dataset=IndexedDataStub(paths=["corpus"], eod_mask_loss=True), tokenizer=None), 1,
+     "dataset.eod_mask_loss finds documents by the eod token of the tokenizer that wrote dataset.paths, but "
+     "tokenizer is not set"),
     ("peft_not_callable", _set(peft=42), 1, "peft (int) must be callable"),
     ("unknown_precision_recipe", _set(mixed_precision="bf17_mixed"), 1,
      "mixed_precision: unknown mixed precision recipe 'bf17_mixed'; did you mean 'bf16_mixed'?"),

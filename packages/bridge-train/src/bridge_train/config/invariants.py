@@ -198,6 +198,12 @@ def run_problems(cfg: Any, world_size: int | None) -> list[str]:
             problems.append(f"dataset.mock is true and dataset.paths is set ({list(paths)}): the config names real "
                             "data and random mock tokens at once; set dataset.mock=false to train on the paths, "
                             "or dataset.paths=[] for mock data")
+        uses_eod = [k for k in ("eod_mask_loss", "reset_position_ids", "document_attention")
+                    if getattr(cfg.dataset, k, False) is True]
+        if uses_eod and paths and not getattr(cfg.dataset, "mock", False) and cfg.tokenizer is None:
+            problems.append(f"dataset.{uses_eod[0]} finds documents by the eod token of the tokenizer that wrote "
+                            "dataset.paths, but tokenizer is not set (a stand-in's eod would match nothing); set "
+                            "tokenizer to that tokenizer (TokenizerConfig(path=...), bridge-run --tokenizer-path)")
         data_seq = getattr(cfg.dataset, "seq_length", None)
         if isinstance(data_seq, int) and data_seq > cfg.model.seq_length:
             problems.append(f"dataset.seq_length ({data_seq}) exceeds model.seq_length ({cfg.model.seq_length}); "
