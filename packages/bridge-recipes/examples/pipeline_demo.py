@@ -42,7 +42,9 @@ def _claim(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise SystemExit(f"pipeline_demo: error: --workdir {workdir} is a file; choose a directory")
     entries = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
-    if entries and _MARKER not in entries:
+    # a run of the demo from before it wrote the marker: only its own entries, its first two steps' among them
+    earlier = set(entries) <= set(_OWN) and (workdir / "hf" / "config.json").is_file() and (workdir / "pretrain").is_dir()
+    if entries and _MARKER not in entries and not earlier:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise SystemExit(f"pipeline_demo: error: --workdir {workdir} is not empty ({shown}) and holds no {_MARKER} "
                          "file (what this demo writes into its workdir); choose a new or empty directory")

@@ -120,3 +120,12 @@ def test_pipeline_demo_replaces_only_its_own_workdir(tmp_path):
     (ours / "mine.txt").write_text("the user's")
     demo._claim(ours)  # an earlier run's: its outputs go, nothing else
     assert not (ours / "merged").exists() and (ours / "mine.txt").read_text() == "the user's"
+    legacy = tmp_path / "legacy"  # written by the demo before it marked its workdir: only its entries
+    for name in ("hf", "pretrain", "lora"):
+        (legacy / name).mkdir(parents=True)
+    (legacy / "hf" / "config.json").write_text("{}")
+    demo._claim(legacy)
+    assert sorted(p.name for p in legacy.iterdir()) == [".bridge-pipeline-demo"]
+    (user / "pretrain").mkdir()  # the same names beside a file of the user's: refused
+    with pytest.raises(SystemExit, match="is not empty"):
+        demo._claim(user)
