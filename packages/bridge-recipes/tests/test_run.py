@@ -223,6 +223,12 @@ def test_data_flags_pick_real_data_and_win_over_a_shown_config_file(capsys, tmp_
     _, cfg = build_config("llama32_1b_lora", ["dataset.packed=false"], config_files=[str(tmp_path / "sft.yaml")],
                           data_format="squad", **flags)
     assert (cfg.dataset.schema, cfg.dataset.use_chat_template, cfg.dataset.packed) == ("squad", False, False)
+    (tmp_path / "data.yaml").write_text(f"dataset:\n  paths: [{tmp_path / 'corpus'}]\n")
+    _, cfg = build_config("llama32_1b_pretrain", config_files=[str(tmp_path / "data.yaml")], tokenizer_path=tok)
+    assert cfg.dataset.paths == [str(tmp_path / "corpus")] and cfg.tokenizer.path == tok  # no --data-path: the file's
+    (tmp_path / "other.yaml").write_text(f"dataset:\n  path: {tmp_path / 'other.jsonl'}\ntokenizer:\n  path: /elsewhere\n")
+    _, cfg = build_config("llama32_1b_sft", config_files=[str(tmp_path / "other.yaml")], **flags)
+    assert cfg.dataset.path == chat and cfg.tokenizer.path == tok  # same classes, edited in place by the file
     assert main(["llama32_1b_sft", "--dry-run", "--allow-random-init", "--data-path", chat, "dataset.packed=false",
                  "--tokenizer-path", tok]) == 0  # an override after --data-path stays an override
     assert f"SFT rows from {chat} (schema auto, unpacked), seq 4096" in capsys.readouterr().out

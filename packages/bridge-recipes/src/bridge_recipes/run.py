@@ -15,6 +15,7 @@ a failure while training is one line too (exit status 1; ``BRIDGE_RUN_TRACEBACK=
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import warnings
@@ -146,7 +147,9 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
         cfg = recipe.build(**kwargs)
     except ValueError as err:  # e.g. SFT data without a tokenizer
         raise UsageError(f"{recipe.name}: {err}") from None
-    data = (cfg.dataset, cfg.tokenizer) if data_paths or tokenizer_path else None
+    # copies: a file naming the same class edits these objects in place
+    data = (copy.copy(cfg.dataset) if data_paths else None,
+            copy.copy(cfg.tokenizer) if data_paths or tokenizer_path else None)
     # What the flags set wins over --config files (a file written by `bridge-run show` or a run's run_config.yaml
     # names these keys too, as null) and yields to key=value overrides, which apply last.
     flagged = {"checkpoint": ["save", "load"] if dir is not None else [],
@@ -162,8 +165,7 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
             setattr(getattr(cfg, section), name, value)
         if dir is not None and cfg.checkpoint.save_interval is None:  # the file gave no interval: the recipe's
             cfg.checkpoint.save_interval = interval
-        if data is not None:
-            _restore_data(cfg, *data)
+        _restore_data(cfg, *data)
     apply_overrides(cfg, rest)
     return recipe, cfg
 
@@ -187,11 +189,12 @@ def _data_kwargs(recipe, data_paths, data_format, tokenizer_path) -> dict[str, A
 
 
 def _restore_data(cfg, dataset, tokenizer) -> None:
-    """The data the flags chose, over what --config files set: the flags' dataset when a file changed its kind (the
-    mock data of a `bridge-run show` file), else its path fields; the flags' tokenizer likewise."""
-    if type(cfg.dataset) is not type(dataset):
+    """The data the flags chose (None: not chosen by a flag), over what --config files set: the flags' dataset when
+    a file changed its kind (the mock data of a `bridge-run show` file), else its path fields; the tokenizer
+    likewise."""
+    if dataset is not None and type(cfg.dataset) is not type(dataset):
         cfg.dataset = dataset
-    else:
+    elif dataset is not None:
         for name in _DATA_FIELDS:
             if hasattr(dataset, name):
                 setattr(cfg.dataset, name, getattr(dataset, name))
