@@ -69,8 +69,12 @@ def test_bad_settings_fail_with_one_clear_error_and_leave_the_model(ckpt, runtim
         with pytest.raises(ValueError, match=message):
             LoRA(**kwargs)
     model = _model(ckpt)
-    with pytest.raises(ValueError, match=r"\['linear_qvk'\] match no linear layer"):
+    with pytest.raises(ValueError, match=r"\['linear_qvk'\] match no linear layer") as info:
         LoRA(target_modules=["linear_qkv", "linear_qvk"])(model)
+    assert "HF names" not in str(info.value)
+    with pytest.raises(ValueError, match=r"\['q_proj', 'down_proj'\] are HF names: megatron's are \{'q_proj': "
+                                         r"'linear_qkv / linear_q', 'down_proj': 'linear_fc2'\}"):
+        LoRA(target_modules=["q_proj", "down_proj"])(model)  # what an HF peft user types first
     assert _adapted(model) == [] and all(p.requires_grad for p in model[0].parameters())
     lora = LoRA(dim=4)
     lora.dim = 0  # a dotted override after construction is checked when the method is applied

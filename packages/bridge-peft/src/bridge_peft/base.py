@@ -22,6 +22,11 @@ from .matching import check_patterns, matches, matching_patterns
 
 __all__ = ["PEFT", "global_module_names", "model_chunks"]
 
+# HF peft's module names -> megatron-core's (the fused layer, and CanonicalLoRA's per-projection name), for messages
+_HF_NAMES = {"q_proj": "linear_qkv / linear_q", "k_proj": "linear_qkv / linear_k", "v_proj": "linear_qkv / linear_v",
+             "o_proj": "linear_proj", "gate_proj": "linear_fc1 / linear_fc1_gate", "up_proj": "linear_fc1 / linear_fc1_up",
+             "down_proj": "linear_fc2"}
+
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -144,8 +149,12 @@ class PEFT:
         missing = [p for p, n in zip(hits, totals) if n == 0]
         if missing:
             examples = ", ".join(sorted(set(linear_names))[:6]) or "none on this rank"
+            hf = {m: _HF_NAMES[m] for m in missing if m in _HF_NAMES}
+            hint = (f"; {list(hf)} are HF names: megatron's are {hf} (LoRA / DoRA adapt the fused linear_qkv and "
+                    "linear_fc1 whole; CanonicalLoRA adapts linear_q / linear_k / linear_v / linear_fc1_gate / "
+                    "linear_fc1_up separately)") if hf else ""
             raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
-                             f"(linear layers are named like: {examples}); fix the name or pattern")
+                             f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
         for module, name, projections in plan:
             attach_adapter(module, self.make_adapter(module, name, projections))
         for chunk in chunks:
