@@ -78,3 +78,25 @@ def test_extra_states_the_checkpoint_lacks_keep_the_modules_own(hf_checkpoints, 
     exported = dict(bridge.export_hf_weights(model))
     assert exported.keys() == hf.keys()
     assert all(torch.equal(exported[n], hf[n].to(exported[n].dtype)) for n in hf)
+
+
+def test_a_checkpoint_without_a_tensor_the_model_needs_is_one_clear_error(tmp_path, runtime):
+    """torch's CheckpointException is a BaseException, which escaped as a traceback; now the load says which tensor
+    the checkpoint lacks, and for an adapter-only (PEFT) checkpoint what it is and what to use instead."""
+    from bridge_convert import CheckpointMismatchError
+    from bridge_convert.testing import save_tiny_hf_checkpoint
+
+    llama = save_tiny_hf_checkpoint(tmp_path / "llama", "llama", seed=1)
+    qwen3 = save_tiny_hf_checkpoint(tmp_path / "qwen3", "qwen3", seed=1, head_dim=16)  # llama's shapes + q/k norms
+    AutoBridge.import_ckpt(llama, tmp_path / "mcore")
+    bridge = AutoBridge.from_hf_pretrained(qwen3)
+    model = bridge.to_megatron_model(load_weights=False)
+    with pytest.raises(CheckpointMismatchError, match=r"into this model: it has no 'decoder\.layers\.self_attention\."
+                                                      r"[qk]_layernorm\.weight'"):
+        bridge.load_megatron_checkpoint(model, tmp_path / "mcore")
+    meta_path = tmp_path / "mcore" / "iter_0000000" / "bridge.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "peft": {"class": "bridge_peft.lora.LoRA", "fields": {}}}))
+    with pytest.raises(CheckpointMismatchError, match=r"is an adapter checkpoint \(bridge_peft\.lora\.LoRA\): it holds "
+                                                      r"the adapters, not the model's weights"):
+        bridge.load_megatron_checkpoint(model, tmp_path / "mcore")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +82,28 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"checkpoint format {meta['format_version']} is newer than this bridge-convert "
                          f"understands ({FORMAT_VERSION}); upgrade bridge-convert")
     return meta
+
+
+def adapter_checkpoint_message(directory: str | os.PathLike) -> str | None:
+    """What to say when the model's weights are asked of a PEFT checkpoint, which holds the adapters alone."""
+    try:
+        peft = json.loads((Path(directory) / METADATA_FILE).read_text()).get("peft")
+    except (OSError, ValueError):
+        return None
+    if not peft:
+        return None
+    return (f"{directory} is an adapter checkpoint ({peft.get('class', 'PEFT')}): it holds the adapters, not the "
+            "model's weights; load the base model and apply the adapters (bridge-peft), or write an HF adapter / a "
+            "merged HF model with `bridge-peft export-adapter` / `bridge-peft merge --base`")
+
+
+def _load_failure(exc: BaseException) -> str:
+    """torch.distributed.checkpoint's failure in a line: the first tensor the checkpoint lacks, when that is it."""
+    text = str(exc)
+    missing = re.search(r"'?([\w./]+) from model not in state dict", text)
+    if missing:
+        return f"it has no {missing.group(1)!r} (a checkpoint of another model or layer spec?)"
+    return text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__
 
 
 def sharded_model_state(chunks: list) -> dict[str, Any]:
@@ -255,8 +278,12 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
     try:
         loaded = dist_checkpointing.load(request, str(directory), sharded_strategy=strategy,
                                          strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except Exception as exc:
-        raise CheckpointMismatchError(f"cannot load checkpoint {directory} into this model: {exc}") from exc
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        raise CheckpointMismatchError(adapter_checkpoint_message(directory) or
+                                      f"cannot load checkpoint {directory} into this model: {_load_failure(exc)}"
+                                      ) from exc
     for module, key in zip(modules, keys):
         state = loaded.pop(key)
         result = module.load_state_dict(state, strict=False)

@@ -36,7 +36,10 @@ def _check_stored(entries: list[CheckpointEntry], reader: DistCheckpointReader, 
     for entry in entries:
         md = stored.get(entry.key)
         if md is None:
-            raise ValueError(f"checkpoint {reader.directory} has no tensor {entry.key!r}, which the model of its "
+            from ..megatron_ckpt import adapter_checkpoint_message
+
+            raise ValueError(adapter_checkpoint_message(reader.directory) or
+                             f"checkpoint {reader.directory} has no tensor {entry.key!r}, which the model of its "
                              f"config needs; is it a checkpoint of this model?")
         size = tuple(md.size)
         if entry.layered:
