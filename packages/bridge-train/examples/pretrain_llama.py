@@ -90,8 +90,9 @@ def export_and_reload(checkpoints: Path, hf_root: Path) -> None:
     import torch.distributed as dist
 
     from bridge_convert import AutoBridge
+    from bridge_convert.megatron_ckpt import read_checkpoint_metadata
 
-    iteration = int((checkpoints / "latest_checkpointed_iteration.txt").read_text().strip())
+    iteration = read_checkpoint_metadata(checkpoints)["iteration"]
     out = hf_root / f"iter_{iteration:07d}"
     first_rank = not dist.is_initialized() or dist.get_rank() == 0
     if out.is_dir() and any(out.iterdir()):

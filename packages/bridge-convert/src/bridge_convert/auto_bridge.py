@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import model_bridge as engine
-from .hf_config import dtype_to_hf, load_hf_config, parse_dtype
+from .hf_config import dtype_from_hf, dtype_to_hf, load_hf_config, parse_dtype
 from .megatron_ckpt import (
     HF_ASSET_FILES,
     HF_ASSETS_DIR,
@@ -364,9 +364,8 @@ class AutoBridge:
             from .offline.importer import warn_if_rounded
             from .safetensors_io import LazyHFCheckpoint
 
-            reader = LazyHFCheckpoint(hf_path)
-            warn_if_rounded(reader.float_dtypes(n for n in reader.keys() if not bridge.model_bridge.is_ignored(n)),
-                            bridge.to_megatron_provider(load_weights=False).params_dtype)
+            warn_if_rounded(LazyHFCheckpoint(hf_path).float_dtypes(bridge.model_bridge.is_ignored),
+                            dtype_from_hf(bridge.hf_config))
         model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **provider_overrides)
         metadata = {**bridge.checkpoint_metadata(model), CONVERTED_MARKER: "bridge-convert import"}
         with _staged_on_every_rank(megatron_path, overwrite=overwrite, inputs=[hf_path]) as tmp:

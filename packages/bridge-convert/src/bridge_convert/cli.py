@@ -190,8 +190,7 @@ def _cmd_roundtrip(args) -> int:
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
     overrides = _overrides(args)
     if "params_dtype" not in overrides:  # checks the mapping: in the weights' own dtype, whatever config.json says
-        stored = LazyHFCheckpoint(args.hf_path).float_dtypes(
-            n for n in LazyHFCheckpoint(args.hf_path).keys() if not bridge.model_bridge.is_ignored(n))
+        stored = LazyHFCheckpoint(args.hf_path).float_dtypes(bridge.model_bridge.is_ignored)
         if len(stored) == 1:
             overrides["params_dtype"] = stored.pop()
     model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **overrides)

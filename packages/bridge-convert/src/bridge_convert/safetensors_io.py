@@ -253,9 +253,10 @@ class LazyHFCheckpoint:
             return _DTYPES[self._headers[self.weight_map[name]][name]["dtype"]]
         return self.get(name).dtype
 
-    def float_dtypes(self, names) -> set[torch.dtype]:
-        """The stored dtypes of the floating-point tensors among ``names``."""
-        return {d for d in map(self.dtype_of, names) if d.is_floating_point}
+    def float_dtypes(self, skip=lambda name: False) -> set[torch.dtype]:
+        """The stored dtypes of the floating-point tensors, but those whose name ``skip`` is true for."""
+        dtypes = (self.dtype_of(name) for name in self.keys() if not skip(name))
+        return {d for d in dtypes if d.is_floating_point}
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         if self.format == "safetensors":

@@ -207,7 +207,7 @@ def import_hf_checkpoint(hf_path: str | os.PathLike, megatron_path: str | os.Pat
     params_dtype = parse_dtype(dtype) if dtype is not None else cfg.params_dtype
     reader = LazyHFCheckpoint(hf_path)
     if dtype is None:
-        warn_if_rounded(reader.float_dtypes(n for n in reader.keys() if not bridge.is_ignored(n)), params_dtype)
+        warn_if_rounded(reader.float_dtypes(bridge.is_ignored), params_dtype)
     entries = checkpoint_entries(bridge, cfg)
     from tqdm.auto import tqdm
 
