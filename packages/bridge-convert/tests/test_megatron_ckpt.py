@@ -100,3 +100,10 @@ def test_a_checkpoint_without_a_tensor_the_model_needs_is_one_clear_error(tmp_pa
     with pytest.raises(CheckpointMismatchError, match=r"is an adapter checkpoint \(bridge_peft\.lora\.LoRA\): it holds "
                                                       r"the adapters, not the model's weights"):
         bridge.load_megatron_checkpoint(model, tmp_path / "mcore")
+    # the offline export of such a checkpoint (its config names a model whose tensors it lacks) says the same
+    meta["hf_config"] = json.loads((Path(qwen3) / "config.json").read_text())
+    meta["architecture"] = meta["hf_config"]["architectures"][0]
+    meta_path.write_text(json.dumps({**meta, "peft": {"class": "bridge_peft.lora.LoRA", "fields": {}}}))
+    with pytest.raises(ValueError, match=r"is an adapter checkpoint \(bridge_peft\.lora\.LoRA\)"):
+        AutoBridge.export_ckpt(tmp_path / "mcore", tmp_path / "hf-out")
+    assert not (tmp_path / "hf-out").exists()

@@ -137,6 +137,9 @@ def test_missing_bin_raises_file_not_found(indexed_corpus, tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"absent.*missing \[.*absent.bin"):
         PretrainDataConfig(paths=[str(tmp_path / "absent")], seq_length=SEQ).build(
             tokenizer, train_samples=1, valid_samples=1, test_samples=1)
+    # finalize() alone (what a training config check runs, before any model is built) says it too
+    with pytest.raises(FileNotFoundError, match=r"absent.*missing \[.*absent.bin"):
+        PretrainDataConfig(paths=[str(tmp_path / "absent")], seq_length=SEQ).finalize()
 
 
 def test_empty_indexed_dataset_is_rejected(tmp_path):

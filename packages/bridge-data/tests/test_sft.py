@@ -171,6 +171,16 @@ def test_conversation_without_assistant_is_rejected(tokenizer, tmp_path, write_j
         SFTDataConfig(path=path, seq_length=64).build(tokenizer)
 
 
+def test_missing_data_files_are_named_at_finalize(tmp_path, write_jsonl):
+    """finalize() (the training config check, before a model is built) names every missing data file."""
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}])
+    SFTDataConfig(path=path, seq_length=32).finalize()
+    with pytest.raises(FileNotFoundError, match=r"SFT data path '.*absent.jsonl', valid_path '.*gone.jsonl' does "
+                                                r"not exist"):
+        SFTDataConfig(path=str(tmp_path / "absent.jsonl"), valid_path=str(tmp_path / "gone.jsonl"),
+                      seq_length=32).finalize()
+
+
 def test_null_tokenizer_is_rejected(tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}])
     with pytest.raises(ValueError, match="needs an HF tokenizer"):
