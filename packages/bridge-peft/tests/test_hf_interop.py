@@ -114,6 +114,27 @@ def test_peft_made_adapter_imports_with_peft_logits(family, use_dora, targets, h
     assert not hasattr(qkv, "adapter") or "all" not in qkv.adapter.branches
 
 
+def test_peft_made_lm_head_adapter_loads_and_its_saved_base_is_checked(hf_checkpoints, runtime, tmp_path):
+    """peft saves an adapted lm_head's own weight with the adapter (save_embedding_layers): it is the base's here,
+    so the adapter loads with peft's logits; an adapter whose saved weight differs is refused with nothing attached."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = _peft_made_adapter(hf_checkpoints["llama31"], tmp_path / "a", use_dora=True, targets=["q_proj", "lm_head"])
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.base_layer.weight" in saved
+    bridge, model = _megatron(hf_checkpoints["llama31"])
+    load_hf_adapter(bridge, model, tmp_path / "a")
+    assert hasattr(model[0].output_layer, "adapter")
+    torch.testing.assert_close(forward_logits(model, IDS), theirs, atol=1e-4, rtol=0)
+
+    saved["base_model.model.lm_head.base_layer.weight"] = saved["base_model.model.lm_head.base_layer.weight"] * 1.01
+    save_file(saved, tmp_path / "a" / "adapter_model.safetensors")
+    bridge, model = _megatron(hf_checkpoints["llama31"])
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight: .* differs from this model's"):
+        load_hf_adapter(bridge, model, tmp_path / "a")
+    assert not any(hasattr(m, "adapter") for m in model[0].modules())
+
+
 def test_fused_adapter_round_trips_through_hf_bytes_identical(hf_checkpoints, runtime, tmp_path):
     bridge, model = _megatron(hf_checkpoints["qwen3"])
     DoRA(dim=4, alpha=8)(model)
@@ -161,6 +182,18 @@ def test_missing_adapter_files_are_named(hf_checkpoints, runtime, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
         load_hf_adapter(bridge, model, tmp_path / "a")
     assert not any(hasattr(m, "adapter") for m in model[0].modules())
+
+
+def test_a_named_peft_adapter_in_a_subdirectory_is_pointed_to(hf_checkpoints, runtime, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_hf(hf_checkpoints["llama31"]), LoraConfig(r=2, target_modules=["q_proj"]),
+                           adapter_name="math")
+    model.save_pretrained(str(tmp_path / "out"))  # peft writes a non-default adapter to out/math/
+    bridge, ours = _megatron(hf_checkpoints["llama31"])
+    with pytest.raises(FileNotFoundError, match=r"adapters \['math'\] in subdirectories.*out/math"):
+        load_hf_adapter(bridge, ours, tmp_path / "out")
+    load_hf_adapter(bridge, ours, tmp_path / "out" / "math")
 
 
 def test_adapter_for_another_base_is_refused_with_shapes(hf_checkpoints, runtime, tmp_path):

@@ -178,6 +178,23 @@ def test_user_defined_peft_trains(ckpt, runtime):
                                                   for m in ("self_attention.linear_proj", "mlp.linear_fc2")}
 
 
+def test_an_adapter_that_cannot_be_made_leaves_the_model_untouched(ckpt, hf_checkpoints, runtime):
+    """make_adapter refusing a later layer must not leave the earlier ones adapted (or the base frozen)."""
+    model = _model(ckpt)
+    with pytest.raises(ValueError, match="decoder.layers.1.self_attention.linear_qkv is column-parallel"):
+        IA3(target_modules=["linear_proj", "*.layers.1.*.linear_qkv"])(model)  # layer 0's linear_proj comes first
+    assert _adapted(model) == [] and all(p.requires_grad for p in model[0].parameters())
+    # a tied output layer (Llama 3.2) has no weight of its own to adapt or merge into, at any pipeline layout
+    tied = _model(hf_checkpoints["llama32"])
+    with pytest.raises(ValueError, match="output_layer shares its weight with the embedding"):
+        LoRA(target_modules=["linear_proj", "output_layer"])(tied)
+    assert _adapted(tied) == [] and all(p.requires_grad for p in tied[0].parameters())
+    LoRA(target_modules=["linear_proj", "output_layer"], exclude_modules=["output_layer"])(tied)
+    untied = _model(ckpt)
+    LoRA(target_modules=["output_layer"])(untied)
+    assert _adapted(untied) == ["output_layer"]
+
+
 def test_native_and_local_specs_give_the_same_adapter_gradients(ckpt, runtime):
     """The native spec (fused chunked loss, which skips the frozen output layer's weight-gradient GEMM) and the
     local spec agree on every adapter gradient; no frozen base weight gets a gradient."""

@@ -87,7 +87,7 @@ def _export(bridge, model, out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
-def _parallel_body(hf: str, out: str) -> dict:
+def _parallel_body(hf: str, hf_tied: str, out: str) -> dict:
     import os
 
     from bridge_convert.runtime import ParallelLayout, initialize_parallel
@@ -122,13 +122,22 @@ def _parallel_body(hf: str, out: str) -> dict:
     methods["lora"]()(model)
     results["pp2_export"] = _export(bridge, model, Path(out) / "pp2")
     results["pp2_lora"] = _train(model)
-    return results if rank == 0 else {}
+    # a tied output layer: at PP=2 the last stage holds a synced copy of the embedding; refused on both ranks
+    _, model = _build(hf_tied, pipeline_model_parallel_size=2)
+    try:
+        LoRA(target_modules=["linear_proj", "output_layer"])(model)
+    except ValueError as exc:
+        results["pp2_tied_error"] = str(exc)
+    return results if rank == 0 else {"pp2_tied_error": results.get("pp2_tied_error")}
 
 
 @pytest.mark.multiproc
 def test_tp2_pp2_match_tp1(hf_checkpoints, runtime, tmp_path):
     hf = hf_checkpoints["llama31"]
-    parallel = run_multiprocess(_parallel_body, 2, hf, str(tmp_path / "parallel"), timeout=900)[0]
+    ranks = run_multiprocess(_parallel_body, 2, hf, hf_checkpoints["llama32"], str(tmp_path / "parallel"),
+                             timeout=900)
+    parallel = ranks[0]
+    assert all("output_layer shares its weight" in (r["pp2_tied_error"] or "") for r in ranks)
     methods = _methods()
     reference = {}
     for name in ("lora", "dora", "canonical"):

@@ -71,6 +71,17 @@ def _all_reduce_counts(counts: list[int]) -> list[int]:
     return t.tolist()
 
 
+def _gather_messages(messages: list[str]) -> list[str]:
+    """Every rank's messages, on every rank (so all ranks raise together)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return messages
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, messages)
+    return list(dict.fromkeys(m for rank in gathered for m in rank))
+
+
 @dataclass(kw_only=True)
 class PEFT:
     """Base class of PEFT methods; subclasses implement :meth:`make_adapter`.
@@ -132,7 +143,9 @@ class PEFT:
         plan: list[tuple[nn.Module, str, tuple[str, ...]]] = []
         hits = dict.fromkeys(self.target_modules, 0)
         linear_names: list[str] = []
+        refused: list[str] = []
         for chunk in chunks:
+            tied = bool(getattr(_unwrap(chunk), "share_embeddings_and_output_weights", False))
             for name, _, module in global_module_names(chunk):
                 if not _is_parallel_linear(module):
                     continue
@@ -143,8 +156,16 @@ class PEFT:
                 for pattern, _ in found:
                     hits[pattern] += 1
                 if found and not matches(name, self.exclude_modules):
+                    if tied and name == "output_layer":  # PP=1: no weight of its own; PP>1: a synced copy
+                        refused.append("output_layer shares its weight with the embedding (tied embeddings): an "
+                                       "adapter there would change the embedding when merged; add 'output_layer' "
+                                       "to exclude_modules or choose other targets")
+                        continue
                     projections = tuple(dict.fromkeys(p for _, p in found))
                     plan.append((module, name, projections))
+        refused = _gather_messages(refused)  # the output layer lives on the last pipeline stage only
+        if refused:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(refused))
         totals = _all_reduce_counts(list(hits.values()))
         missing = [p for p, n in zip(hits, totals) if n == 0]
         if missing:
@@ -155,8 +176,9 @@ class PEFT:
                     "linear_fc1_up separately)") if hf else ""
             raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
                              f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
-        for module, name, projections in plan:
-            attach_adapter(module, self.make_adapter(module, name, projections))
+        adapters = [self.make_adapter(module, name, projections) for module, name, projections in plan]
+        for (module, _, _), adapter in zip(plan, adapters):  # attached only once every adapter could be made
+            attach_adapter(module, adapter)
         for chunk in chunks:
             for param in _unwrap(chunk).parameters():
                 param.requires_grad_(bool(training and getattr(param, "bridge_adapter", False)))

@@ -34,7 +34,10 @@ def read_hf_adapter(peft_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
         raise FileNotFoundError(f"HF PEFT adapter directory not found: {directory}")
     config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing: not an HF PEFT adapter directory")
+        named = sorted(p.parent.name for p in directory.glob(f"*/{ADAPTER_CONFIG}"))
+        hint = (f"; it holds the adapters {named} in subdirectories (peft saves a non-default adapter under its "
+                f"name): pass {directory / named[0]}") if named else ": not an HF PEFT adapter directory"
+        raise FileNotFoundError(f"{config_path} is missing{hint}")
     if not weights_path.is_file():
         hint = " (found adapter_model.bin: re-save it with safe_serialization=True)" if (
             directory / "adapter_model.bin").exists() else ""
@@ -58,11 +61,16 @@ def read_hf_adapter(peft_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     return config, load_file(str(weights_path))
 
 
+# tensors peft writes beside the LoRA ones: a copy of an adapted embedding layer's own weight
+# (``save_embedding_layers``, on by default when lm_head / embed_tokens is targeted) and LoRA on an embedding
+_PEFT_EXTRA = {"base_layer.weight": "base", "lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
+
+
 def _parse_keys(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
     per_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in tensors.items():
         rest = key.removeprefix(_PREFIX)
-        for suffix, kind in _KINDS.items():
+        for suffix, kind in {**_KINDS, **_PEFT_EXTRA}.items():
             if key.startswith(_PREFIX) and rest.endswith("." + suffix):
                 per_module[rest[: -len(suffix) - 1]][kind] = tensor
                 break
@@ -102,11 +110,14 @@ def load_hf_adapter(bridge, model, peft_dir: str | os.PathLike, *, training: boo
     r, dora = int(config["r"]), bool(config.get("use_dora", False))
     alpha = float(config["lora_alpha"]) * (math.sqrt(r) if config.get("use_rslora") else 1.0)
     problems, groups = [], defaultdict(dict)
+    saved_bases = {}
     for module, parts in sorted(per_module.items()):
-        if module not in table:
+        if module not in table or "embedding" in parts:
             problems.append(f"{module} is not a linear layer of this {bridge.model_bridge.hf_architecture} model "
                             "(LoRA on embeddings or a tied lm_head has no megatron form)")
             continue
+        if "base" in parts:
+            saved_bases[module] = parts.pop("base")
         need = {"lora_a", "lora_b"} | ({"magnitude"} if dora else set())
         if set(parts) != need:
             problems.append(f"{module} has {sorted(parts)}, expected {sorted(need)} (use_dora={dora})")
@@ -119,6 +130,8 @@ def load_hf_adapter(bridge, model, peft_dir: str | os.PathLike, *, training: boo
                                 "(an adapter for another base model?)")
         linear, index, mapping, layer = table[module]
         groups[linear][index] = (module, mapping, layer)
+    if not problems and saved_bases:
+        problems = _saved_base_problems(bridge, model, saved_bases)
     if problems:
         raise ValueError(f"cannot load the HF adapter {directory} onto this model:\n  " + "\n  ".join(problems))
 
@@ -144,6 +157,34 @@ def load_hf_adapter(bridge, model, peft_dir: str | os.PathLike, *, training: boo
     peft(model, training=training)
     _fill(model, provider, groups, per_module, state)
     return model
+
+
+def _saved_base_problems(bridge, model, saved: dict[str, torch.Tensor]) -> list[str]:
+    """peft saved these layers' own weights with the adapter (and loads them over the base's): they must be the
+    weights this model already has, else the adapter belongs to a changed base (e.g. a resized vocabulary)."""
+    problems = []
+    for name, ours in bridge.export_hf_weights(model):  # every rank consumes the whole stream
+        module = name.removesuffix(".weight")
+        if module in saved:
+            theirs = saved.pop(module)
+            if tuple(theirs.shape) != tuple(ours.shape):
+                problems.append(f"{module}.base_layer.weight: the adapter carries this layer's own weight with shape "
+                                f"{tuple(theirs.shape)}, this model's is {tuple(ours.shape)} (an adapter for another "
+                                "base model?)")
+            elif not _same_weights(theirs, ours):
+                diff = (theirs.float() - ours.float()).abs().max().item()
+                problems.append(f"{module}.base_layer.weight: the adapter carries this layer's own weight (peft's "
+                                f"save_embedding_layers), which differs from this model's (max abs diff {diff:.3g}); "
+                                "load it onto the base model it was trained from")
+    return problems
+
+
+def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, or equal to the rounding of the coarser dtype (a bf16 model loaded from the fp32 weights peft saved)."""
+    if a.dtype == b.dtype:
+        return torch.equal(a, b)
+    coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps)
+    return torch.allclose(a.to(coarse).float(), b.to(coarse).float(), rtol=torch.finfo(coarse).eps, atol=0)
 
 
 def _fill(model, provider, groups, per_module, state) -> None:
