@@ -197,18 +197,21 @@ def test_an_adapter_that_cannot_be_made_leaves_the_model_untouched(ckpt, hf_chec
 
 def test_native_and_local_specs_give_the_same_adapter_gradients(ckpt, runtime):
     """The native spec (fused chunked loss, which skips the frozen output layer's weight-gradient GEMM) and the
-    local spec agree on every adapter gradient; no frozen base weight gets a gradient."""
+    local spec agree on every adapter gradient, an lm_head adapter's included; no frozen base weight gets a
+    gradient."""
     ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(4))
     positions = torch.arange(12).expand(2, 12)
     grads = []
     for impl in ("native", "local"):
         model = _model(ckpt, transformer_impl=impl)
-        LoRA(dim=4, alpha=8, lora_B_init_method="xavier")(model)
+        LoRA(dim=4, alpha=8, lora_B_init_method="xavier",
+             target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"])(model)
         model[0].train()
         model[0](ids[:, :-1], positions, None, labels=ids[:, 1:]).float().mean().backward()
         assert all(p.grad is None for n, p in model[0].named_parameters() if ".adapter." not in n)
         grads.append({n: p.grad for n, p in model[0].named_parameters() if ".adapter." in n})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    # 16 in the layers and the lm_head's pair (the native loss runs the adapted output layer's forward)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 18
     for name in grads[0]:
         assert grads[0][name].abs().max() > 0, name
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

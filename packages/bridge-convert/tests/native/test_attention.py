@@ -45,6 +45,32 @@ def test_logits_loss_and_grads_match_local_spec(runtime, overrides):
     assert max_grad_diff(grads(native), grads(local)) <= TOL
 
 
+@pytest.mark.parametrize("kind", ["forward", "pre", "pre_kwargs"])
+def test_hooks_on_the_output_layer_run_in_the_training_loss(runtime, kind):
+    """The fused loss does not call output_layer. Its forward pre-hooks must still run (megatron-core's DDP waits
+    there for the overlapped all-gather of the weight) and a forward hook (a LoRA on lm_head) must see the layer
+    run: the loss and gradients equal the local spec's, which calls the layer, with the same hook."""
+    local, native = pair()
+    ids, labels, pos = _batch()
+    gen = torch.Generator().manual_seed(2)
+    param = torch.nn.Parameter(0.5 * torch.randn(V if kind == "forward" else 64, generator=gen))
+    for model in (local, native):
+        layer = model.output_layer
+        if kind == "forward":
+            layer.register_forward_hook(lambda m, args, out: (out[0] + param, *out[1:]))
+        elif kind == "pre":
+            layer.register_forward_pre_hook(lambda m, args: (args[0] * (1 + param),))
+        else:
+            layer.register_forward_pre_hook(lambda m, args, kwargs: ((args[0] * (1 + param),), kwargs),
+                                            with_kwargs=True)
+        loss = model(ids, pos, None, labels=labels)
+        loss.mean().backward()
+        model.loss_value, model.hook_grad, param.grad = loss.detach(), param.grad.clone(), None
+    assert native.hook_grad.abs().sum() > 0
+    torch.testing.assert_close(native.loss_value, local.loss_value, rtol=0, atol=TOL)
+    torch.testing.assert_close(native.hook_grad, local.hook_grad, rtol=0, atol=TOL)
+
+
 def test_explicit_attention_mask_is_honoured(runtime):
     """A user mask (bool, True = masked) replaces the causal mask exactly as the local spec applies it."""
     local, native = pair()

@@ -6,7 +6,8 @@ evaluation forward, the output projection and the cross entropy run together thr
 ``GPTModel.compute_language_model_loss``). Pass ``loss_mask`` to the forward (megatron's own ``pretrain_gpt``
 does) and the gradients are computed during that forward; without it they are recomputed in backward.
 Everything else (logits without labels, inference, multi-token prediction, MuP logit scaling, custom output
-processors, fp16 cross entropy) is ``GPTModel``'s own code path.
+processors, fp16 cross entropy, an output layer with forward hooks such as an adapter) is ``GPTModel``'s own code
+path.
 
 Given a layer spec, ``GPTModel`` builds the decoder's final norm from megatron-core's module-global default
 (``WrappedTorchNorm`` without TE / apex, which refuses sequence parallelism); ``NativeGPTModel`` builds it as a
@@ -43,6 +44,7 @@ class NativeGPTModel(GPTModel):
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         if not self._lean_loss_applies(labels, kwargs):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        hidden_states = self._output_layer_pre_hooks(hidden_states)
         if self.share_embeddings_and_output_weights:
             weight = self.shared_embedding_or_output_weight()
         else:
@@ -51,6 +53,21 @@ class NativeGPTModel(GPTModel):
             hidden_states, weight, labels, loss_weights=kwargs.get("loss_mask"), tp_group=self.tp_group,
             sequence_parallel=bool(self.output_layer.sequence_parallel),
         )
+
+    def _output_layer_pre_hooks(self, hidden_states):
+        """Run the output layer's forward pre-hooks, as calling it would: the fused loss reads its weight without
+        calling it, and megatron-core's DDP waits there for the overlapped all-gather of that weight
+        (``overlap_param_gather``)."""
+        layer = self.output_layer
+        for key, hook in list(layer._forward_pre_hooks.items()):
+            if key in layer._forward_pre_hooks_with_kwargs:
+                result = hook(layer, (hidden_states,), {})
+                result = None if result is None else result[0]
+            else:
+                result = hook(layer, (hidden_states,))
+            if result is not None:
+                hidden_states = result[0] if isinstance(result, tuple) else result
+        return hidden_states
 
     def _lean_loss_applies(self, labels, kwargs: dict) -> bool:
         from megatron.core.config_logger import has_config_logger_enabled
@@ -70,5 +87,7 @@ class NativeGPTModel(GPTModel):
             and not self.fp16_lm_cross_entropy
             and not getattr(config, "defer_embedding_wgrad_compute", False)
             and getattr(self.output_layer, "bias", None) is None
+            # a forward hook on the output layer (e.g. a PEFT adapter on lm_head) must see its forward run
+            and not self.output_layer._forward_hooks
             and not has_config_logger_enabled(config)
         )
