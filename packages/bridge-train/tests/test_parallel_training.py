@@ -15,36 +15,57 @@ LAYOUTS = {
     "tp2_sp": {"model.tensor_model_parallel_size": 2, "model.sequence_parallel": True},
     "pp2": {"model.pipeline_model_parallel_size": 2},
     "dp2": {"optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True},
+    # the recipes' setting: the parameter all-gather overlaps the forward, each layer waits in a forward pre-hook
+    "dp2_overlap": {"optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True,
+                    "optimizer.overlap_param_gather": True, "ddp.overlap_param_gather": True},
     "dp2_ddp": {},
 }
 
 
-def _body(hf_path: str) -> dict[str, tuple[list[float], float]]:
+def _body(hf_path: str, ckpt_root: str) -> dict[str, tuple[list[float], float]]:
     from train_helpers import make_run_config
 
     from bridge_train.params_norm import params_l2_norm
 
     out = {}
     for name, layout in LAYOUTS.items():
-        result = pretrain(make_run_config(hf_path, **{"train.train_iters": ITERS}, **layout))
+        save = {"checkpoint.save": f"{ckpt_root}/{name}"} if name.startswith("dp2") else {}
+        result = pretrain(make_run_config(hf_path, **{"train.train_iters": ITERS}, **layout, **save))
         out[name] = (list(result), params_l2_norm(result.model, torch.device("cpu")))
     return out
 
 
 @pytest.mark.multiproc
-def test_parallel_layouts_match_single_process(run_config, tiny_llama):
+def test_parallel_layouts_match_single_process(run_config, tiny_llama, tmp_path):
     from megatron.core.utils import unwrap_model
 
     reference = pretrain(run_config(**{"train.train_iters": ITERS}))
     # The oracle: the norm over the distinct parameters of the single-process model, in float64.
     unique = {id(p): p for m in unwrap_model(reference.model) for p in m.parameters()}.values()
     norm = sum(float(p.detach().double().pow(2).sum()) for p in unique) ** 0.5
-    ranks = run_multiprocess(_body, 2, tiny_llama)
+    ranks = run_multiprocess(_body, 2, tiny_llama, str(tmp_path / "ckpt"))
     for name in LAYOUTS:
         for rank in ranks:  # every rank reports the same averaged loss and parameter norm
             losses, params_norm = rank[name]
             torch.testing.assert_close(losses, list(reference), rtol=0, atol=1e-5, msg=f"{name}")
             assert params_norm == pytest.approx(norm, rel=1e-5), name
+    # With the overlapped parameter all-gather a step leaves the other rank's shards to the next forward's hooks:
+    # the returned model (its norm, above) and the checkpoint saved after the last step must hold them all.
+    for rank in ranks:
+        assert rank["dp2_overlap"][0] == rank["dp2"][0]
+    from safetensors.torch import load_file
+
+    from bridge_convert.offline import export_megatron_checkpoint
+
+    weights = {}
+    for name in ("dp2", "dp2_overlap", "dp2_ddp"):
+        export_megatron_checkpoint(tmp_path / "ckpt" / name, tmp_path / "hf" / name, progress=False)
+        weights[name] = {k: v for f in sorted((tmp_path / "hf" / name).glob("*.safetensors"))
+                         for k, v in load_file(f).items()}
+    for name in ("dp2", "dp2_overlap"):
+        assert weights[name].keys() == weights["dp2_ddp"].keys()
+        for key, tensor in weights["dp2_ddp"].items():
+            torch.testing.assert_close(weights[name][key], tensor, rtol=0, atol=1e-6, msg=f"{name}: {key}")
 
 
 def _save_body(hf_path: str, ckpt: str) -> tuple[list[float], list[float]]:

@@ -129,6 +129,21 @@ def evaluate(run: TrainingRun, forward_step: Callable) -> float:
     return total / max(count, 1)
 
 
+def finish_param_gather(model: list) -> None:
+    """Bring every rank's copy of the weights up to date before code outside a training forward reads them.
+
+    With the distributed optimizer's overlapped all-gather (``ddp.overlap_param_gather``, the recipes' default),
+    a step updates only this rank's shard of the weights; the other shards arrive through forward pre-hooks of
+    the next forward. Checkpoints, HF exports, the parameter norm and the model :func:`train` returns read the
+    weights without one, so this runs megatron-core's forced (synchronous) parameter sync first. The next forward
+    then finds nothing left to gather; a no-op without the overlap.
+    """
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            with torch.no_grad():
+                chunk.start_param_sync(force_sync=True)
+
+
 class TrainingResult(list):
     """What :func:`train` (and so ``pretrain`` / ``finetune``) returns: the loss of every iteration this call ran
     (it *is* that list, so code that used the list keeps working), plus the trained pieces, for use in the same
@@ -227,6 +242,7 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
     def save() -> None:
         nonlocal saved_at, save_due, postponed
         housekeeping.at_checkpoint()
+        finish_param_gather(run.model)
         save_training_checkpoint(run, state, async_saves=async_saves)
         saved_at, save_due, postponed = state.iteration, False, False
 
@@ -257,6 +273,7 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
             scalars = {**loss, "lr": run.optimizer.param_groups[0]["lr"], "grad norm": grad_norm,
                        "skipped iterations": state.skipped_iterations}
             if cfg.logger.log_params_norm and metrics_logger.logs_at(state.iteration):
+                finish_param_gather(run.model)
                 scalars["params norm"] = params_l2_norm(run.model, run.parallel.device)
             metrics_logger.training(state.iteration, scalars)
             if cfg.train.eval_interval and run.valid_iterator is not None and \
@@ -291,6 +308,7 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
                 save()
         if async_saves is not None:
             async_saves.wait()
+        finish_param_gather(run.model)  # the returned model holds the trained weights on every rank
     except NonFiniteLossError:
         if async_saves is not None:  # every rank raises it together: the pending save can still complete
             async_saves.wait()
