@@ -18,6 +18,7 @@ An existing ``iter_*`` directory is never overwritten: a save into one is refuse
 
 from __future__ import annotations
 
+
 import errno
 import json
 import logging
@@ -413,6 +414,57 @@ def _prune(root: Path, *, keep: int | None, current: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Let a fresh distributed optimizer describe its state for loading.
+
+    megatron-core's ``DistributedOptimizer`` reads the inner optimizer's state (``step`` included) to build its
+    sharded state dict; torch's Adam, which it uses without Transformer Engine or apex (the native spec, CPU),
+    creates that state at its first step only, so a resume before any step failed (``assert len(steps) == 1``).
+    megatron-core's own placeholder step (zero gradients on the fp32 shards) creates it; the checkpoint's main
+    weights, moments and step then replace everything it wrote. The model weights are not touched.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, distrib_optimizer.DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+@contextmanager
+def _torch_adam_step_fixes(optimizer):
+    """Around a distributed optimizer's ``load_state_dict`` with torch's Adam (no TE / apex), two megatron-core
+    0.19 defects that made a resume fail or diverge:
+
+    - it copies every tensor of each parameter's inner state from the loaded parameter state, which never holds
+      ``step`` (torch's Adam keeps it as a tensor): KeyError 'step'. A missing entry is skipped here, as
+      megatron-core skips entries that are not tensors;
+    - it gives every parameter the *same* ``step`` tensor, which torch's Adam then increments once per parameter
+      at each step (bias corrections as if thousands of steps had run): each parameter gets its own copy.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})
+
+    cls._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        cls._set_main_param_and_optimizer_states = original
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, cls):
+            for param_state in inner.optimizer.state.values():
+                if isinstance(param_state.get("step"), torch.Tensor):
+                    param_state["step"] = param_state["step"].clone()
+
+
 def load_training_checkpoint(run, path: Path) -> TrainState:
     """Restore everything :func:`save_training_checkpoint` wrote; returns the saved counters.
 
@@ -428,6 +480,7 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
     request: dict[str, Any] = {}
     entries = set(common.get("saved_entries", ()))
     if cfg.checkpoint.load_optim and "optimizer" in entries:
+        _materialize_optimizer_state(run.optimizer)
         request["optimizer"] = run.optimizer.sharded_state_dict(model_state, is_loading=True,
                                                                 metadata=_OPTIMIZER_METADATA)
     load_rng = cfg.checkpoint.load_rng and saved.world_size == state.world_size and "rng_state" in entries
@@ -444,7 +497,8 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
                              resumed_iteration=saved.iteration)
     if "optimizer" in request:
         reconcile_param_groups(run.optimizer, loaded["optimizer"], checkpoint_schedule=checkpoint_schedule)
-        run.optimizer.load_state_dict(loaded["optimizer"])
+        with _torch_adam_step_fixes(run.optimizer):
+            run.optimizer.load_state_dict(loaded["optimizer"])
     else:
         # Mixed precision keeps fp32 main weights that the step copies back into the model: without the saved
         # ones they must start from the weights just loaded, or the first step restores the pre-load weights.

@@ -88,9 +88,11 @@ def reconcile_param_groups(optimizer, loaded: Any, *, checkpoint_schedule: bool)
         for s, c in zip(saved, current):
             if checkpoint_schedule:
                 c.update({k: s[k] for k in _SCHEDULE_KEYS if k in s})
-            params = s["params"]
+            # the distributed optimizer saves no parameter list (it takes this run's shards) and, with torch's
+            # Adam (no TE / apex), the step count in the group: both stay as saved
+            kept = {k: s[k] for k in ("params", "step") if k in s}
             s.clear()
-            s.update({k: v for k, v in c.items() if k != "params"}, params=params)
+            s.update({k: v for k, v in c.items() if k != "params"}, **kept)
 
 
 def describe_schedule(scheduler, saved: dict, *, train_iters: int, resumed_iteration: int) -> str:
