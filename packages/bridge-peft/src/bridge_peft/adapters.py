@@ -136,6 +136,12 @@ class LoRABranch(nn.Module):
         self.lora_b = nn.Parameter(lora_b)
         self.magnitude = nn.Parameter(magnitude) if magnitude is not None else None
 
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(A, B, m)``. The adapter calls each branch before using its tensors: a module's forward pre-hooks
+        are where megatron-core's DDP waits for the overlapped all-gather of that module's parameters
+        (``overlap_param_gather`` with the distributed optimizer); reading them without a call got stale shards."""
+        return self.lora_a, self.lora_b, self.magnitude
+
 
 def _mark(param: nn.Parameter, split: tuple[int, int] | None) -> None:
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -318,6 +324,8 @@ class LoRAAdapter(AdapterModule):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, *, weight: torch.Tensor,
                 base_bias: torch.Tensor | None = None) -> torch.Tensor:
+        for branch in self.branches.values():
+            branch()  # runs its pre-hooks: the parameters are up to date below (see LoRABranch.forward)
         dtype = self.branches[next(iter(self.branches))].lora_a.dtype
         xa = self._adapter_input(x).to(dtype)
         dropped = self.training and isinstance(self.dropout, nn.Dropout) and self.dropout_position == "pre"
