@@ -18,7 +18,6 @@ An existing ``iter_*`` directory is never overwritten: a save into one is refuse
 
 from __future__ import annotations
 
-
 import errno
 import json
 import logging
