@@ -2,8 +2,9 @@
 
 The module keeps ``torch.nn.RMSNorm``'s parameter (``weight``, shape ``[hidden]``) and numerics, so a state
 dict of the local spec (whose ``WrappedTorchNorm`` *is* ``torch.nn.RMSNorm``) loads unchanged. What changes is
-the kernel: on a GPU with liger-kernel importable, liger's Triton RMSNorm (fp32 statistics, one read and one
-write per pass); otherwise ``torch.rms_norm``, which torch dispatches to its fused CUDA kernel on GPUs and to
+the kernel: for bf16 / fp16 on a GPU with liger-kernel importable, liger's Triton RMSNorm (fp32 statistics, one
+read and one write per pass; liger 0.8.5's backward kernel does not compile for fp32 inputs, measured on an H200
+with torch 2.11's Triton); otherwise ``torch.rms_norm``, which torch dispatches to its fused CUDA kernel on GPUs and to
 its reference implementation on CPU. Unlike ``WrappedTorchNorm`` it supports sequence parallelism: the weight
 is marked ``sequence_parallel`` so megatron-core all-reduces its gradient across the TP group.
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .release import release_until_backward
+
+_LIGER_DTYPES = (torch.bfloat16, torch.float16)
 
 __all__ = ["NativeNorm", "liger_rms_norm_function", "recompute_output_for"]
 
@@ -78,7 +81,7 @@ class NativeNorm(torch.nn.Module):
     def _normalize(self, x: Tensor) -> Tensor:
         if not self.rms:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if self._liger is not None and x.is_cuda and x.dtype == self.weight.dtype:
+        if self._liger is not None and x.is_cuda and x.dtype == self.weight.dtype and x.dtype in _LIGER_DTYPES:
             # "gemma" casting: statistics, scaling and the weight product all in fp32, one cast at the end,
             # which is what torch.rms_norm computes; in_place=False keeps autograd's grad buffers untouched.
             shape = x.shape
