@@ -7,7 +7,7 @@
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 # and carry .whl (git-ignored). "convert" and "train" need 2 GPUs (about 2 and 3 minutes), "native" (the native
 # spec's kernels against torch / the local spec, ~1.5 minutes), "optim" (bridge-train's fused optimizer step inside
-# megatron-core's bf16 optimizer, ~1 minute), "train1b", "peft" (bridge-peft's GPU tests, the TE spec's when TE
+# megatron-core's bf16 optimizer, and a distributed-optimizer resume, ~1.5 minutes), "train1b", "peft" (bridge-peft's GPU tests, the TE spec's when TE
 # imports) and "recipes" (llama32_1b_pretrain at seq 8192, llama32_3b_sft and llama3_8b_lora with random weights,
 # 20 iterations each through bridge-run, ~4 minutes) one. "te" runs every GPU test with Transformer Engine
 # importable (build it first: tools/gpu/README.md): conversion per spec (TE with and without TF32), the
@@ -24,7 +24,7 @@ for step in $steps; do
   case $step in
     convert) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/models/test_families_gpu.py 2>&1 | tail -40 > "$OUT/convert_gpu.log" ;;
     native) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests/native/test_gpu.py packages/bridge-convert/tests/native/test_spec.py 2>&1 | quiet | tail -60 > "$OUT/native_gpu.log" ;;
-    optim) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-train/tests/optim/test_fused_step_gpu.py 2>&1 | quiet | tail -30 > "$OUT/optim_gpu.log" ;;
+    optim) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-train/tests/optim/test_fused_step_gpu.py packages/bridge-train/tests/test_resume_gpu.py 2>&1 | quiet | tail -30 > "$OUT/optim_gpu.log" ;;
     train) timeout 300 python3 -m pytest -m gpu -q -s -p no:cacheprovider -rA packages/bridge-train/tests/test_gpu_training.py 2>&1 | grep -v Warning | tail -40 > "$OUT/train_gpu.log" ;;
     train1b)
       args=(--hf-config packages/bridge-recipes/src/bridge_recipes/llama/hf_configs/Llama-3.2-1B.json --mock --workdir /tmp/run1b --no-export mixed_precision=bf16_mixed dataset.seq_length=4096
@@ -45,7 +45,7 @@ for step in $steps; do
       done ;;
     te) python3 -c "import transformer_engine.pytorch" || { echo "te: Transformer Engine does not import; build it first (tools/gpu/README.md)" > "$OUT/te_gpu.log"; continue; }
       timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests packages/bridge-peft/tests \
-        packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py tests/test_peft_fp8_gpu.py 2>&1 \
+        packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py packages/bridge-train/tests/test_resume_gpu.py tests/test_peft_fp8_gpu.py 2>&1 \
         | quiet > "$OUT/te_gpu_full.log"
       grep -E "max \||max relative|PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/te_gpu_full.log" | tail -90 > "$OUT/te_gpu.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
