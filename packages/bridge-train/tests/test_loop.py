@@ -77,11 +77,20 @@ def test_pretrain_starts_from_pretrained_checkpoint(run_config, tmp_path):
     assert pretrain(run_config(**common, **{"checkpoint.pretrained_checkpoint": other})) == from_other
 
 
-def test_finetune_without_weights_is_refused_before_building(run_config, tmp_path):
+def test_finetune_without_weights_is_refused_before_building(run_config, tmp_path, capsys):
+    from bridge_train import user_errors_exit
+
     cfg = run_config(**{"checkpoint.finetune": True, "checkpoint.load": str(tmp_path / "empty")})
     with pytest.raises(FileNotFoundError, match="holds no checkpoint of this run to resume and "
                                                 "checkpoint.pretrained_checkpoint is not set"):
         pretrain(cfg)
+    # a user's mistake: a training script's main prints it as one line (no traceback) and exits with 1
+    with pytest.raises(SystemExit) as info, user_errors_exit():
+        pretrain(run_config(**{"checkpoint.load": str(tmp_path / "empty"),
+                               "checkpoint.exit_on_missing_checkpoint": True}))
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: checkpoint.load=") and "exit_on_missing_checkpoint is set" in err[-1]
 
 
 def test_nan_loss_stops_with_the_iteration_named(run_config, monkeypatch):

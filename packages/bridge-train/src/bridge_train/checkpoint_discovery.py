@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bridge_convert.megatron_ckpt import METADATA_FILE, TRACKER_FILE
 
-__all__ = ["CheckpointError", "checkpoint_problem", "complete_iterations", "find_resume_checkpoint"]
+__all__ = ["CheckpointError", "MissingCheckpointError", "checkpoint_problem", "complete_iterations", "find_resume_checkpoint"]
 
 logger = logging.getLogger("bridge")
 
@@ -27,6 +27,11 @@ _MEGATRON_FILES = ("metadata.json",)
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or written as asked; the message names the path and the fix."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """The run needs a checkpoint that is not there (``exit_on_missing_checkpoint``, ``finetune`` without weights);
+    also a ``FileNotFoundError``."""
 
 
 def complete_iterations(root: Path) -> list[tuple[int, Path]]:

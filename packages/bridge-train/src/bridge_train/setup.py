@@ -14,6 +14,7 @@ from typing import Any
 
 from bridge_convert.runtime import ParallelLayout, ParallelState, initialize_parallel
 
+from .checkpoint_discovery import MissingCheckpointError
 from .checkpointing import (
     TrainState,
     adapter_only_checkpoints,
@@ -137,7 +138,8 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
         ConfigError: for any invalid setting, before anything is built.
         CheckpointError: for an unwritable ``checkpoint.save`` (before anything is built) or a damaged resume
             checkpoint.
-        ValueError / FileNotFoundError: for a missing pretrained or resume checkpoint.
+        ValueError / FileNotFoundError: for a missing pretrained or resume checkpoint (MissingCheckpointError,
+            a CheckpointError, when the run needs one that is not there).
     """
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
@@ -164,14 +166,14 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     resume = find_resume_checkpoint(cfg.checkpoint.load, fallback_to_previous=cfg.checkpoint.fallback_to_previous,
                                     say=say)
     if cfg.checkpoint.load and resume is None and cfg.checkpoint.exit_on_missing_checkpoint:
-        raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
-                                "checkpoint.exit_on_missing_checkpoint is set")
+        raise MissingCheckpointError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
+                                     "checkpoint.exit_on_missing_checkpoint is set")
     hooks = []
     pretrained = cfg.checkpoint.pretrained_checkpoint
     if cfg.checkpoint.finetune and not pretrained and resume is None:
-        raise FileNotFoundError(f"checkpoint.finetune is true but checkpoint.load={cfg.checkpoint.load!r} holds no "
-                                "checkpoint of this run to resume and checkpoint.pretrained_checkpoint is not set; "
-                                "point checkpoint.pretrained_checkpoint at the weights to fine-tune")
+        raise MissingCheckpointError(f"checkpoint.finetune is true but checkpoint.load={cfg.checkpoint.load!r} holds "
+                                     "no checkpoint of this run to resume and checkpoint.pretrained_checkpoint is not "
+                                     "set; point checkpoint.pretrained_checkpoint at the weights to fine-tune")
     # The weights to start from, whichever entry point (pretrain() continues pretraining from them). An adapter-only
     # PEFT checkpoint holds no base weights: the base comes from the pretrained one on resume too.
     if pretrained and (resume is None or adapter_only_checkpoints(cfg)):
