@@ -19,16 +19,17 @@ _EXPORTS = {
     "user_errors_exit": ".entrypoints",
     "gpt_forward_step": ".forward_step",
     "CheckpointError": ".checkpoint_discovery",
+    "MissingCheckpointError": ".checkpoint_discovery",
 }
 
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
-    "CheckpointError",
     "ConfigContainer",
     "ConfigError",
     "DDPConfig",
     "LoggerConfig",
+    "MissingCheckpointError",
     "MixedPrecisionConfig",
     "OptimizerConfig",
     "ProfilingConfig",
@@ -63,7 +64,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .checkpoint_discovery import CheckpointError
+    from .checkpoint_discovery import CheckpointError, MissingCheckpointError
     from .config import (
         CheckpointConfig,
         ConfigContainer,
