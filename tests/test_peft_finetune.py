@@ -135,6 +135,29 @@ def test_lora_finetune_trains_adapters_only(tiny_hf, tmp_path):
     assert size < adapter_bytes + optimizer_bytes + 150_000 < base_bytes, (size, adapter_bytes, base_bytes)
 
 
+def test_save_hf_of_a_lora_run_is_the_adapter_peft_loads(tiny_hf, tmp_path):
+    """checkpoint.save_hf on a PEFT run writes the HF PEFT adapter (the model's own export would be the base
+    weights alone): HF peft on the base model gives the trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bridge_convert.forward import forward_logits
+    from bridge_train import finetune
+
+    result = finetune(make_config(tiny_hf, str(tmp_path / "ckpt"), train_iters=4, save_hf=True))
+    adapter = tmp_path / "ckpt" / "iter_0000004" / "hf_adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not (tmp_path / "ckpt" / "iter_0000004" / "hf").exists()
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
+    ours = forward_logits([m.module for m in result.model], ids)[..., :320]
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = base(ids).logits
+        theirs = PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
+    assert (theirs - before).abs().max() > 1e-3  # the adapters trained
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
 def _data_parallel_losses(hf_path: str, overrides: list[str]) -> list[float]:
     from bridge_peft import LoRA
     from bridge_train import apply_overrides, finetune

@@ -238,6 +238,21 @@ def test_an_unwritable_save_directory_fails_before_any_model_is_built(run_config
         pretrain(cfg)
 
 
+def test_save_hf_that_cannot_be_done_fails_before_any_model_is_built(run_config, tiny_llama, monkeypatch):
+    """Checkpoints inside the HF directory the model came from: the first save's HF export (after training) was
+    refused by bridge-convert's output check, so the run crashed at its first checkpoint."""
+    cfg = run_config(**{"checkpoint.save": f"{tiny_llama}/runs/ckpt", "checkpoint.save_hf": True})
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built although checkpoint.save_hf cannot be done")
+
+    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.save=.*runs/ckpt is inside the HF directory .* the "
+                                              r"model was loaded from"):
+        pretrain(cfg)
+    assert not (Path(tiny_llama) / "runs").exists()  # refused before anything was written
+
+
 def test_a_full_disk_during_a_save_is_one_line_with_the_path(run_config, tmp_path, monkeypatch):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 

@@ -75,6 +75,13 @@ class LoRA(PEFT):
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{name}.lora_dtype {self.lora_dtype!r} is not a dtype ({exc})") from None
 
+    def save_hf(self, bridge, model, out_dir) -> None:
+        """bridge-train's ``checkpoint.save_hf`` for a run with this method: the adapters in the HF PEFT format
+        (:func:`~bridge_peft.save_hf_adapter`; every rank calls it)."""
+        from .hf_adapter import save_hf_adapter
+
+        save_hf_adapter(bridge, model, out_dir)
+
     def make_adapter(self, module: nn.Module, name: str, projections: tuple[str, ...]) -> LoRAAdapter:
         info = linear_info(module, name)
         return LoRAAdapter(

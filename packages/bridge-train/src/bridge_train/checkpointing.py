@@ -49,7 +49,7 @@ from .checkpoint_discovery import CheckpointError, find_resume_checkpoint
 from .resume_schedule import describe_schedule, reconcile_param_groups
 
 __all__ = ["AsyncSaves", "CheckpointError", "TrainState", "adapter_only_checkpoints", "check_save_dir_writable",
-           "find_resume_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
+           "check_save_hf", "find_resume_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
 
 logger = logging.getLogger("bridge")
 
@@ -99,6 +99,31 @@ def _rng_sharded_object(state, value):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     return ShardedObject("rng_state", value, (state.world_size,), (state.rank,), replica_id=0)
+
+
+def check_save_hf(cfg, bridge) -> None:
+    """``checkpoint.save_hf`` can be done: refused before anything is built otherwise (not at the first save).
+
+    Raises:
+        CheckpointError: the model has no HF form (no bridge), a PEFT method without ``save_hf(bridge, model,
+            path)``, or checkpoints inside the HF directory the model came from (an export never writes there).
+    """
+    if not cfg.checkpoint.save_hf:
+        return
+    if bridge is None:
+        raise CheckpointError("checkpoint.save_hf needs a model with an HF architecture (a provider from "
+                              "bridge_convert.AutoBridge); set checkpoint.save_hf=false")
+    if cfg.peft is not None and not callable(getattr(cfg.peft, "save_hf", None)):
+        raise CheckpointError(f"checkpoint.save_hf with peft={type(cfg.peft).__name__}: it has no save_hf(bridge, "
+                              "model, path) to export its adapters, and the model's own HF export would hold the "
+                              "base weights only; set checkpoint.save_hf=false and export from the checkpoint")
+    source = getattr(bridge, "hf_path", None)
+    if source is not None and cfg.peft is None:
+        save, source = Path(cfg.checkpoint.save).resolve(), Path(source).resolve()
+        if save == source or source in save.parents:
+            raise CheckpointError(f"checkpoint.save={cfg.checkpoint.save} is inside the HF directory {source} the "
+                                  "model was loaded from, which checkpoint.save_hf never writes into; save the "
+                                  "checkpoints elsewhere or set checkpoint.save_hf=false")
 
 
 def check_save_dir_writable(save_dir: str) -> None:
@@ -347,8 +372,11 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
         _barrier()
         if not _agree(_free_bytes(tmp) >= needed, state.device):  # too little room (on a shared file system)
             raise _no_space_error(tmp, needed)
-        if cfg.checkpoint.save_hf and run.bridge is not None:  # now: the weights move on during an async save
-            run.bridge.save_hf_pretrained(run.model, tmp / "hf")
+        if cfg.checkpoint.save_hf:  # now: the weights move on during an async save
+            if cfg.peft is not None:  # the adapters (the base is the pretrained checkpoint's)
+                cfg.peft.save_hf(run.bridge, run.model, tmp / "hf_adapter")
+            else:
+                run.bridge.save_hf_pretrained(run.model, tmp / "hf")
         with _write_results_queue(async_saves is not None), writer_errors:
             request = dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy(run),
                                               async_sharded_save=async_saves is not None, async_strategy="mcore")

@@ -150,9 +150,11 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     world_size = _world_size()
     tokenizer = _build_tokenizer(cfg)  # before finalize: it may supply model.vocab_size; builds no model
     cfg.finalize(world_size=world_size)
+    bridge = _model_bridge(cfg.model)
     if cfg.checkpoint.save:
-        from .checkpointing import check_save_dir_writable
+        from .checkpointing import check_save_dir_writable, check_save_hf
 
+        check_save_hf(cfg, bridge)  # before the save directory is created
         check_save_dir_writable(cfg.checkpoint.save)
     parallel = initialize_parallel(ParallelLayout.from_config(cfg.model), seed=cfg.rng.seed)
     parallel.seed(cfg.rng.seed, per_stage=True, data_parallel_random_init=cfg.rng.data_parallel_random_init)
@@ -196,7 +198,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     cfg.model.finalize_model_grads_func = finalize_model_grads
 
     run = TrainingRun(cfg=cfg, parallel=parallel, model=model, optimizer=optimizer, scheduler=scheduler,
-                      tokenizer=tokenizer, bridge=_model_bridge(cfg.model),
+                      tokenizer=tokenizer, bridge=bridge,
                       train_state=TrainState(world_size=parallel.world_size))
     if resume is not None:
         saved = load_training_checkpoint(run, resume)

@@ -29,7 +29,8 @@ class CheckpointConfig:
     save_rng: bool = True
     """Include the RNG states in checkpoints (needed for bitwise-exact resume)."""
     save_hf: bool = False
-    """Also export a Hugging Face checkpoint (via bridge-convert) next to each saved checkpoint."""
+    """Also export a Hugging Face checkpoint (via bridge-convert) into each saved checkpoint (``iter_N/hf``); for a
+    PEFT run its adapters in the HF PEFT format (``iter_N/hf_adapter``)."""
     load: str | None = None
     """Directory to resume from (its ``latest`` complete checkpoint); None: start fresh."""
     load_optim: bool = True
