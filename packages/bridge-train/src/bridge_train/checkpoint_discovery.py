@@ -16,7 +16,8 @@ from pathlib import Path
 
 from bridge_convert.megatron_ckpt import METADATA_FILE, TRACKER_FILE
 
-__all__ = ["CheckpointError", "MissingCheckpointError", "checkpoint_problem", "complete_iterations", "find_resume_checkpoint"]
+__all__ = ["CheckpointError", "MissingCheckpointError", "checkpoint_problem", "complete_iterations",
+           "find_resume_checkpoint"]
 
 logger = logging.getLogger("bridge")
 

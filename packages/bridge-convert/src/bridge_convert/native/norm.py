@@ -3,9 +3,9 @@
 The module keeps ``torch.nn.RMSNorm``'s parameter (``weight``, shape ``[hidden]``) and numerics, so a state
 dict of the local spec (whose ``WrappedTorchNorm`` *is* ``torch.nn.RMSNorm``) loads unchanged. What changes is
 the kernel: for bf16 / fp16 on a GPU with liger-kernel importable, liger's Triton RMSNorm (fp32 statistics, one
-read and one write per pass; liger 0.8.5's backward kernel does not compile for fp32 inputs, measured on an H200
-with torch 2.11's Triton); otherwise ``torch.rms_norm``, which torch dispatches to its fused CUDA kernel on GPUs and to
-its reference implementation on CPU. Unlike ``WrappedTorchNorm`` it supports sequence parallelism: the weight
+read and one write per pass; liger 0.8.5's backward kernel does not compile for fp32 inputs, seen on an H200 with
+torch 2.11's Triton); otherwise ``torch.rms_norm``, which torch dispatches to its fused CUDA kernel on GPUs and
+to its reference implementation on CPU. Unlike ``WrappedTorchNorm`` it supports sequence parallelism: the weight
 is marked ``sequence_parallel`` so megatron-core all-reduces its gradient across the TP group.
 
 :func:`recompute_output_for` is megatron's ``recompute_modules=["layernorm"]`` for this norm without Transformer
