@@ -195,6 +195,25 @@ def test_an_adapter_that_cannot_be_made_leaves_the_model_untouched(ckpt, hf_chec
     assert _adapted(untied) == ["output_layer"]
 
 
+@pytest.mark.parametrize("method", [DoRA, CanonicalLoRA], ids=["dora", "canonical_dora"])
+def test_dora_on_a_padded_output_layer_trains_finite(method, runtime, tmp_path):
+    """megatron pads the vocabulary (100 -> 128 rows here): those rows of W + s BA are zero, and DoRA's m / ||.||
+    was 0 / 0 there, so the training loss (a softmax over the padded vocabulary) was NaN from the first step."""
+    from bridge_convert.testing import save_tiny_hf_checkpoint
+
+    model = _model(save_tiny_hf_checkpoint(tmp_path / "hf", "llama31", vocab_size=100))
+    assert model[0].output_layer.weight.shape[0] == 128
+    extra = {"use_dora": True} if method is CanonicalLoRA else {}
+    method(target_modules=["output_layer", "linear_proj"], dim=4, alpha=8, **extra)(model)  # B = 0: a real start
+    ids = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(4))
+    model[0].train()
+    loss = model[0](ids[:, :-1], torch.arange(12).expand(2, 12), None, labels=ids[:, 1:]).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model[0].parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_native_and_local_specs_give_the_same_adapter_gradients(ckpt, runtime):
     """The native spec (fused chunked loss, which skips the frozen output layer's weight-gradient GEMM) and the
     local spec agree on every adapter gradient, an lm_head adapter's included; no frozen base weight gets a

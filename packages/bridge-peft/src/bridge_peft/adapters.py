@@ -250,10 +250,14 @@ class LoRAAdapter(AdapterModule):
         return (self._to_fused(parts, zeros).t() * self.scale).contiguous()
 
     def dora_factor(self, weight: torch.Tensor) -> torch.Tensor:
-        """``m / ||W + s BA||`` per local output row (1 for rows no branch adapts); the norm is detached."""
+        """``m / ||W + s BA||`` per local output row (1 for rows no branch adapts); the norm is detached.
+
+        A row with ``W + s BA = 0`` (megatron's padded vocabulary rows of ``output_layer``) gets 1: its output is 0
+        whatever the factor, and ``m / 0`` made the whole loss NaN."""
         norm = self._row_norm(weight, self.delta_weight())
         magnitude = self._to_fused({p: b.magnitude.float() for p, b in self.branches.items()}, norm)
-        return magnitude / norm
+        nonzero = norm > 0
+        return torch.where(nonzero, magnitude / torch.where(nonzero, norm, 1.0), 1.0)
 
     @torch.no_grad()
     def reset_magnitude(self, weight: torch.Tensor) -> None:
