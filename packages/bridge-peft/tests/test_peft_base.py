@@ -212,6 +212,18 @@ def test_dora_on_a_padded_output_layer_trains_finite(method, runtime, tmp_path):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model[0].parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    # a row whose magnitude is 0 merges to 0; unmerging must give the base row back, not 0 / 0
+    from bridge_peft import merge_adapters, unmerge_adapters
+
+    randomize_adapters(model, seed=2)
+    with torch.no_grad():
+        for branch in model[0].output_layer.adapter.branches.values():
+            branch.magnitude[:3] = 0
+    base = model[0].output_layer.weight.detach().clone()
+    merge_adapters(model)
+    assert torch.equal(model[0].output_layer.weight[:3], torch.zeros_like(base[:3]))
+    unmerge_adapters(model)
+    torch.testing.assert_close(model[0].output_layer.weight.detach(), base, atol=1e-6, rtol=0)
 
 
 def test_native_and_local_specs_give_the_same_adapter_gradients(ckpt, runtime):

@@ -358,6 +358,8 @@ class LoRAAdapter(AdapterModule):
         if self.dora:
             factor = self.dora_factor(weight)
             self._merge_factor = factor
+            lost = factor == 0  # m = 0: the merged row is 0, the base row cannot be computed back from it
+            self._merge_lost = (lost, weight[lost].clone()) if bool(lost.any()) else None
             weight.copy_((factor[:, None] * (weight.float() + delta)).to(weight.dtype))
         else:
             weight.copy_((weight.float() + delta).to(weight.dtype))
@@ -370,8 +372,12 @@ class LoRAAdapter(AdapterModule):
             return
         delta = self.delta_weight().float()
         if self.dora:
-            weight.copy_((weight.float() / self._merge_factor[:, None] - delta).to(weight.dtype))
-            del self._merge_factor
+            factor = self._merge_factor
+            weight.copy_((weight.float() / torch.where(factor == 0, 1.0, factor)[:, None] - delta).to(weight.dtype))
+            if self._merge_lost is not None:
+                rows, kept = self._merge_lost
+                weight[rows] = kept
+            del self._merge_factor, self._merge_lost
         else:
             weight.copy_((weight.float() - delta).to(weight.dtype))
         self.merged = False
