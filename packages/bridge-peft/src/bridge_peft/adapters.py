@@ -359,7 +359,7 @@ class LoRAAdapter(AdapterModule):
             factor = self.dora_factor(weight)
             self._merge_factor = factor
             lost = factor == 0  # m = 0: the merged row is 0, the base row cannot be computed back from it
-            self._merge_lost = (lost, weight[lost].clone()) if bool(lost.any()) else None
+            self._merge_lost = (lost, weight.float()[lost].clone()) if bool(lost.any()) else None
             weight.copy_((factor[:, None] * (weight.float() + delta)).to(weight.dtype))
         else:
             weight.copy_((weight.float() + delta).to(weight.dtype))
@@ -373,10 +373,11 @@ class LoRAAdapter(AdapterModule):
         delta = self.delta_weight().float()
         if self.dora:
             factor = self._merge_factor
-            weight.copy_((weight.float() / torch.where(factor == 0, 1.0, factor)[:, None] - delta).to(weight.dtype))
+            base = weight.float() / torch.where(factor == 0, 1.0, factor)[:, None] - delta
             if self._merge_lost is not None:
                 rows, kept = self._merge_lost
-                weight[rows] = kept
+                base[rows] = kept
+            weight.copy_(base.to(weight.dtype))  # one copy (FP8 weights are re-quantised from it)
             del self._merge_factor, self._merge_lost
         else:
             weight.copy_((weight.float() - delta).to(weight.dtype))
