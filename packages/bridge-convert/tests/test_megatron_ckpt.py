@@ -78,6 +78,14 @@ def test_extra_states_the_checkpoint_lacks_keep_the_modules_own(hf_checkpoints, 
     exported = dict(bridge.export_hf_weights(model))
     assert exported.keys() == hf.keys()
     assert all(torch.equal(exported[n], hf[n].to(exported[n].dtype)) for n in hf)
+    # a subset by megatron name: the fused qkv of one layer gives its three HF tensors, nothing else
+    from bridge_convert.model_bridge import export_hf_weights
+    from bridge_convert.runtime import get_parallel_state
+
+    some = dict(export_hf_weights(bridge.model_bridge, bridge._provider_of(model), model, get_parallel_state(),
+                                  only={"decoder.layers.1.self_attention.linear_qkv.weight"}))
+    assert sorted(some) == [f"model.layers.1.self_attn.{p}_proj.weight" for p in "kqv"]
+    assert all(torch.equal(some[n], exported[n]) for n in some)
 
 
 def test_a_checkpoint_without_a_tensor_the_model_needs_is_one_clear_error(tmp_path, runtime):

@@ -13,7 +13,7 @@ pipeline group, and every rank converts it to HF tensors, so any rank can stream
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -273,14 +273,15 @@ def export_hf_shapes(bridge: ModelBridge, provider: GPTModelProvider, chunks: li
 
 
 def export_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: list, state, *,
-                      cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream ``(hf_name, full tensor)`` pairs of the whole model; every rank must iterate to the end.
+                      cpu: bool = True, only: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``(hf_name, full tensor)`` pairs of the whole model (``only``: of these megatron parameter names, e.g.
+    ``{"output_layer.weight"}``); every rank must iterate to the end, with the same ``only``.
 
     All ranks take part in every collective in the same order (the task list is global), so any rank can consume
     the stream; usually only rank 0 writes it.
     """
     mappings = bridge.mappings_for(provider)
-    tasks = megatron_param_tasks(bridge, provider, chunks, state)
+    tasks = [t for t in megatron_param_tasks(bridge, provider, chunks, state) if only is None or t.name in only]
     mine = {name: param for name, param, *_ in local_params(bridge, provider, chunks, state.tp_size)}
     pp_ranks = dist.get_process_group_ranks(state.pp_group) if state.pp_size > 1 else None
     for task in tasks:

@@ -131,7 +131,8 @@ def load_hf_adapter(bridge, model, peft_dir: str | os.PathLike, *, training: boo
         linear, index, mapping, layer = table[module]
         groups[linear][index] = (module, mapping, layer)
     if not problems and saved_bases:
-        problems = _saved_base_problems(bridge, model, saved_bases)
+        problems = _saved_base_problems(bridge, provider, chunks, state, saved_bases,
+                                        {f"{table[m][0]}.weight" for m in saved_bases})
     if problems:
         raise ValueError(f"cannot load the HF adapter {directory} onto this model:\n  " + "\n  ".join(problems))
 
@@ -159,11 +160,15 @@ def load_hf_adapter(bridge, model, peft_dir: str | os.PathLike, *, training: boo
     return model
 
 
-def _saved_base_problems(bridge, model, saved: dict[str, torch.Tensor]) -> list[str]:
+def _saved_base_problems(bridge, provider, chunks, state, saved: dict[str, torch.Tensor],
+                         megatron_names: set[str]) -> list[str]:
     """peft saved these layers' own weights with the adapter (and loads them over the base's): they must be the
     weights this model already has, else the adapter belongs to a changed base (e.g. a resized vocabulary)."""
+    from bridge_convert.model_bridge import export_hf_weights
+
     problems = []
-    for name, ours in bridge.export_hf_weights(model):  # every rank consumes the whole stream
+    # only those layers (every rank consumes the whole stream)
+    for name, ours in export_hf_weights(bridge.model_bridge, provider, chunks, state, only=megatron_names):
         module = name.removesuffix(".weight")
         if module in saved:
             theirs = saved.pop(module)
