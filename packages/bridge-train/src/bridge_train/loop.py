@@ -239,10 +239,18 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
     save_due = postponed = False
     reason = None
 
+    gathered_at = None  # the iteration whose weights every rank's copy holds in full
+
+    def gather() -> None:  # once per iteration, however many readers (params norm, save, the end) it has
+        nonlocal gathered_at
+        if gathered_at != state.iteration:
+            finish_param_gather(run.model)
+            gathered_at = state.iteration
+
     def save() -> None:
         nonlocal saved_at, save_due, postponed
         housekeeping.at_checkpoint()
-        finish_param_gather(run.model)
+        gather()
         save_training_checkpoint(run, state, async_saves=async_saves)
         saved_at, save_due, postponed = state.iteration, False, False
 
@@ -273,7 +281,7 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
             scalars = {**loss, "lr": run.optimizer.param_groups[0]["lr"], "grad norm": grad_norm,
                        "skipped iterations": state.skipped_iterations}
             if cfg.logger.log_params_norm and metrics_logger.logs_at(state.iteration):
-                finish_param_gather(run.model)
+                gather()
                 scalars["params norm"] = params_l2_norm(run.model, run.parallel.device)
             metrics_logger.training(state.iteration, scalars)
             if cfg.train.eval_interval and run.valid_iterator is not None and \
@@ -308,7 +316,7 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
                 save()
         if async_saves is not None:
             async_saves.wait()
-        finish_param_gather(run.model)  # the returned model holds the trained weights on every rank
+        gather()  # the returned model holds the trained weights on every rank
     except NonFiniteLossError:
         if async_saves is not None:  # every rank raises it together: the pending save can still complete
             async_saves.wait()
