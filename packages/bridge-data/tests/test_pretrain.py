@@ -142,6 +142,31 @@ def test_missing_bin_raises_file_not_found(indexed_corpus, tokenizer, tmp_path):
         PretrainDataConfig(paths=[str(tmp_path / "absent")], seq_length=SEQ).finalize()
 
 
+def test_an_unwritable_index_cache_is_named_with_the_fix(indexed_corpus, tokenizer, tmp_path, monkeypatch):
+    """Read-only data: megatron-core's default cache lies beside the prefix. A cache directory that cannot be created
+    is refused by finalize() (before a model is built); a write that fails later names the cache and the fix instead
+    of megatron-core's traceback from os.makedirs."""
+    import errno
+
+    import megatron.core.datasets.gpt_dataset as gpt_dataset
+
+    prefix, _ = indexed_corpus
+    (tmp_path / "a_file").write_text("")
+    blocked = PretrainDataConfig(paths=[prefix], seq_length=SEQ, split="100,0,0",
+                                 cache_dir=str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(PermissionError, match=r"sample-index cache .*a_file/cache: .*a_file is not a directory.*"
+                                              r"dataset.cache_dir="):
+        blocked.finalize()
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(gpt_dataset.os, "makedirs", read_only)
+    with pytest.raises(OSError, match=r"sample-index cache .*ro_cache: Read-only file system.*dataset.cache_dir="):
+        PretrainDataConfig(paths=[prefix], seq_length=SEQ, split="100,0,0", cache_dir=str(tmp_path / "ro_cache")).build(
+            tokenizer, train_samples=None, valid_samples=None, test_samples=None)
+
+
 def test_empty_indexed_dataset_is_rejected(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

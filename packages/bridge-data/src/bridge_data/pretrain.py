@@ -42,7 +42,8 @@ class PretrainDataConfig:
 
     cache_dir: str | None = None
     """Where megatron-core caches its sample indices. None: ``PREFIX/cache/GPTDataset_indices`` (a directory
-    named after each prefix) for real data, no cache for mock data."""
+    named after each prefix) for real data, no cache for mock data. It must be writable unless it already holds
+    the indices (read-only data needs a ``cache_dir``); :meth:`finalize` refuses one that cannot be created."""
 
     mock: bool = False
     """Use deterministic random-token data and read no files. Set by :meth:`finalize` when ``paths`` is empty."""
@@ -87,6 +88,19 @@ class PretrainDataConfig:
             raise ValueError("Invalid PretrainDataConfig: " + "; ".join(problems))
         for prefix in self.paths if not self.mock else ():  # before a model is built for data that is not there
             check_indexed_dataset(str(prefix))
+        for directory in self._cache_dirs():
+            blocker = _uncreatable(directory)
+            if blocker is not None:
+                why = "is not a directory" if not os.path.isdir(blocker) else "is not writable"
+                raise PermissionError(_cache_message(directory, f"{blocker} {why}"))
+
+    def _cache_dirs(self) -> list[str]:
+        """Where megatron-core writes its sample indices: ``cache_dir``, else a directory beside each prefix."""
+        if self.mock:
+            return []
+        if self.cache_dir is not None:
+            return [str(self.cache_dir)]
+        return [os.path.join(str(p), "cache", "GPTDataset_indices") for p in self.paths]
 
     def build(self, tokenizer: Tokenizer, *, train_samples: int | None, valid_samples: int | None,
               test_samples: int | None) -> tuple[PretrainDataset | None, PretrainDataset | None,
@@ -138,7 +152,16 @@ class PretrainDataConfig:
             num_dataset_builder_threads=self.num_dataset_builder_threads,
         )
         cls = RandomMockGPTDataset if self.mock else GPTDataset
-        datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+        try:
+            datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+        except Exception as err:  # megatron-core wraps a failed cache write on rank 0 in a bare Exception
+            cause = err if isinstance(err, OSError) else err.__cause__
+            where = getattr(cause, "filename", None)
+            cache = next((d for d in self._cache_dirs() if where and os.path.abspath(str(where)).startswith(
+                os.path.abspath(d))), None) if isinstance(cause, OSError) else None
+            if cache is None:
+                raise
+            raise type(cause)(cause.errno, _cache_message(cache, cause.strerror or str(cause)), where) from err
         return tuple(None if d is None else PretrainDataset(d, self.seq_length) for d in datasets)
 
 
@@ -183,6 +206,22 @@ class PretrainDataset(torch.utils.data.Dataset):
             cu = np.asarray(item["cu_seqlens"])
             cu_seqlens = cu[: int(np.argmax(cu == self.seq_length)) + 1]
         return to_sample(item["tokens"], item["labels"], item["loss_mask"], item["position_ids"], cu_seqlens)
+
+
+def _uncreatable(directory: str) -> str | None:
+    """The existing ancestor that keeps ``directory`` from being created (not writable), or None: it exists
+    (megatron-core reads its indices from there, and writes only those it lacks) or can be made."""
+    path = os.path.abspath(directory)
+    if os.path.isdir(path):
+        return None
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK) else path
+
+
+def _cache_message(directory: str, why: str) -> str:
+    return (f"cannot write megatron-core's sample-index cache {directory}: {why} (read-only data?); set "
+            "PretrainDataConfig.cache_dir (dataset.cache_dir=... in overrides) to a writable directory")
 
 
 def check_indexed_dataset(prefix: str) -> int:

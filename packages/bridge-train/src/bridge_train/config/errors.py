@@ -32,9 +32,9 @@ class ConfigWarning(UserWarning):
 
 
 def unknown_name_message(what: str, name: str, known: Sequence[str]) -> str:
-    """``"unknown PEFT method 'lorra'; did you mean 'lora'? Known: dora, lora"`` (a registry lookup)."""
+    """``"unknown PEFT method 'lorra'; did you mean 'lora'? Known: dora, lora"`` or ``"unknown ... 'x'. Known: ..."`` (a registry lookup)."""
     close = difflib.get_close_matches(str(name).strip().lower().replace("-", "_"), list(known), n=1)
-    return f"unknown {what} {name!r}{f'; did you mean {close[0]!r}?' if close else ''} Known: {', '.join(known)}"
+    return f"unknown {what} {name!r}{f'; did you mean {close[0]!r}?' if close else '.'} Known: {', '.join(known)}"
 
 
 def _leaf(key: str) -> str:
