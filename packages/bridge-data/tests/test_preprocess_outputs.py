@@ -178,3 +178,11 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_bytes(tmp_path, capsys,
     assert "no space left writing " + str(tmp_path / "out" / ".c.") in err
     assert "after 80 bytes" in err and "about 240 more bytes needed for the remaining 30 documents" in err
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_text_the_tokenizer_refuses_names_its_row(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "1 2 3"}\n{"text": "4 5"}\n{"text": "6 hello"}\n')
+    rc, _, err = _run(capsys, "-i", str(src), "-o", str(tmp_path / "c"), "--null-vocab-size", "100")
+    assert rc == 1 and f"{src}:3: key 'text': NullTokenizer reads whitespace-separated ids, got 'hello'" in err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

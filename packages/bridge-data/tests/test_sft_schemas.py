@@ -9,6 +9,10 @@ CASES = [
                                     {"from": "gpt", "value": "yo"}]},
      [("system", "s"), ("user", "hi"), ("assistant", "yo")]),
     ("prompt_completion", {"prompt": "2+2?", "completion": "4"}, [("user", "2+2?"), ("assistant", "4")]),
+    ("alpaca", {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+     [("user", "Translate to French.\n\ncat"), ("assistant", "chat")]),
+    ("alpaca", {"instruction": "Name a color.", "input": "", "output": "red"},
+     [("user", "Name a color."), ("assistant", "red")]),
     ("squad", {"context": "Paris is in France.", "question": "Where is Paris?",
                "answers": {"text": ["France", "in France"], "answer_start": [12, 9]}},
      [("user", "Context: Paris is in France.\nQuestion: Where is Paris?"), ("assistant", "France")]),
@@ -16,7 +20,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "row", "expected"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("name", "row", "expected"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_schema_turns_row_into_messages(name, row, expected):
     schema = get_schema("auto", row, "f.jsonl:1")
     assert schema.name == name
@@ -30,8 +34,8 @@ def test_auto_detection_names_row_keys_and_known_layouts():
 
 
 def test_unknown_schema_name_is_rejected():
-    with pytest.raises(ValueError, match="Unknown SFT schema 'alpaca'"):
-        get_schema("alpaca", {}, "f.jsonl:1")
+    with pytest.raises(ValueError, match="Unknown SFT schema 'oasst'"):
+        get_schema("oasst", {}, "f.jsonl:1")
 
 
 @pytest.mark.parametrize(
@@ -42,8 +46,9 @@ def test_unknown_schema_name_is_rejected():
         ("messages", {"messages": "hi"}, "key 'messages' holds str, expected list"),
         ("squad", {"context": "c", "question": "q", "answers": {"text": []}}, "non-empty list"),
         ("gsm8k", {"question": "q"}, "no key 'answer'"),
+        ("alpaca", {"instruction": "i", "input": 3, "output": "o"}, "key 'input' holds int, expected str or NoneType"),
     ],
-    ids=["sharegpt-role", "message-content", "messages-type", "squad-answers", "gsm8k-answer"],
+    ids=["sharegpt-role", "message-content", "messages-type", "squad-answers", "gsm8k-answer", "alpaca-input"],
 )
 def test_malformed_rows_name_row_and_key(name, row, message):
     with pytest.raises(ValueError, match="f.jsonl:4"):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from bridge_data.sources import count_rows, detect_format, get_field, iter_rows, read_rows
@@ -29,6 +31,42 @@ def test_parquet_and_hf_dir_rows_match_jsonl(tmp_path):
         assert [r for _, r in iter_rows(path, columns=["text"])] == [{"text": r["text"]} for r in rows]
         assert count_rows(path) == 5
     assert [w for w, _ in iter_rows(parquet)][2] == f"{parquet} row 2"
+
+
+def test_json_arrays_compressed_files_and_a_bom_read_like_jsonl(tmp_path, write_jsonl):
+    """alpaca_data.json is one JSON array; datasets ship .jsonl.gz; Windows editors write a byte-order mark."""
+    import bz2
+    import gzip
+    import json
+    import lzma
+
+    rows = [{"text": f"row {i}", "n": i} for i in range(4)]
+    plain = write_jsonl(tmp_path / "d.jsonl", rows)
+    lines = Path(plain).read_text(encoding="utf-8")
+    (tmp_path / "array.json").write_text("\n  " + json.dumps(rows, indent=1))
+    (tmp_path / "bom.jsonl").write_text(lines, encoding="utf-8-sig")
+    for suffix, opener in ((".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)):
+        with opener(tmp_path / f"d.jsonl{suffix}", "wt", encoding="utf-8") as f:
+            f.write(lines)
+    with gzip.open(tmp_path / "array.json.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(rows))
+    for name in ("array.json", "bom.jsonl", "d.jsonl.gz", "d.jsonl.bz2", "d.jsonl.xz", "array.json.gz"):
+        assert [r for _, r in iter_rows(str(tmp_path / name))] == rows, name
+    assert [w for w, _ in iter_rows(str(tmp_path / "array.json"))][1] == f"{tmp_path / 'array.json'} item 1"
+    assert [w for w, _ in iter_rows(str(tmp_path / "d.jsonl.gz"))][1] == f"{tmp_path / 'd.jsonl.gz'}:2"
+    (tmp_path / "mixed.json").write_text(json.dumps([rows[0], [1]]))
+    with pytest.raises(ValueError, match=r"mixed.json item 1: expected a JSON object in the array, got list"):
+        list(iter_rows(str(tmp_path / "mixed.json")))
+    (tmp_path / "broken.json").write_text('[{"a": 1},\n {"a": ')
+    with pytest.raises(ValueError, match=r"broken.json:2: invalid JSON"):
+        list(iter_rows(str(tmp_path / "broken.json")))
+    whole = gzip.compress("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5000)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a download that stopped half-way
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: cannot read it \(Compressed file ended"):
+        list(iter_rows(str(tmp_path / "cut.jsonl.gz")))
+    (tmp_path / "lines.jsonl").write_text("[1, 2]\n")  # a .jsonl file is JSON Lines, whatever its first character
+    with pytest.raises(ValueError, match=r"lines.jsonl:1: expected a JSON object per line"):
+        list(iter_rows(str(tmp_path / "lines.jsonl")))
 
 
 def test_invalid_json_names_line(tmp_path):

@@ -205,12 +205,12 @@ def _token_dtype(vocab_size: int) -> type[np.number]:
     return DType.optimal_dtype(vocab_size)
 
 
-def _row_chunks(cfg: PreprocessConfig) -> Iterator[list[list[str]]]:
-    """Chunks of rows, each row reduced to its texts (one per text key), checked as they are read."""
-    chunk: list[list[str]] = []
+def _row_chunks(cfg: PreprocessConfig) -> Iterator[list[tuple[str, list[str]]]]:
+    """Chunks of rows, each row reduced to where it is and its texts (one per text key), checked as they are read."""
+    chunk: list[tuple[str, list[str]]] = []
     for path in cfg.inputs:
         for where, row in iter_rows(path, columns=cfg.text_keys, split=cfg.split):
-            chunk.append([get_field(row, key, where) for key in cfg.text_keys])
+            chunk.append((where, [get_field(row, key, where) for key in cfg.text_keys]))
             if len(chunk) == cfg.chunk_size:
                 yield chunk
                 chunk = []
@@ -230,8 +230,19 @@ def _encode_chunks(cfg: PreprocessConfig, tokenizer: Tokenizer) -> Iterator[dict
         yield from pool.imap(_encode_in_worker, _row_chunks(cfg), chunksize=1)
 
 
-def _encode(tokenizer: Tokenizer, keys: list[str], chunk: list[list[str]]) -> dict[str, list[list[int]]]:
-    return {key: tokenizer.tokenize_batch([texts[k] for texts in chunk]) for k, key in enumerate(keys)}
+def _encode(tokenizer: Tokenizer, keys: list[str], chunk: list[tuple[str, list[str]]]) -> dict[str, list[list[int]]]:
+    out = {}
+    for k, key in enumerate(keys):
+        try:
+            out[key] = tokenizer.tokenize_batch([texts[k] for _, texts in chunk])
+        except ValueError:  # a text this tokenizer refuses (the null tokenizer reads ids only): name its row
+            for where, texts in chunk:
+                try:
+                    tokenizer.tokenize(texts[k])
+                except ValueError as err:
+                    raise ValueError(f"{where}: key {key!r}: {err}") from None
+            raise
+    return out
 
 
 _WORKER: dict = {}

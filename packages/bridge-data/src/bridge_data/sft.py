@@ -46,7 +46,8 @@ class SFTDataConfig:
     """Split to read from HF ``DatasetDict`` directories."""
 
     schema: SchemaName = "auto"
-    """Row layout (see :mod:`bridge_data.sft_schemas`): auto, messages, sharegpt, prompt_completion, squad, gsm8k."""
+    """Row layout (see :mod:`bridge_data.sft_schemas`): auto, messages, sharegpt, prompt_completion, alpaca, squad,
+    gsm8k."""
 
     use_chat_template: bool = True
     """Render rows with the tokenizer's chat template; False: ``[bos] prompt separator completion eod``."""

@@ -5,6 +5,7 @@
 | ``messages`` | ``messages``: list of ``{role, content}`` | as given |
 | ``sharegpt`` | ``conversations``: list of ``{from, value}`` | ``from`` mapped: human -> user, gpt -> assistant |
 | ``prompt_completion`` | ``prompt``, ``completion`` | user: prompt; assistant: completion |
+| ``alpaca`` | ``instruction``, ``output`` (``input`` optional) | user: instruction, a blank line, input; assistant: output |
 | ``squad`` | ``context``, ``question``, ``answers`` (``{"text": [...]}``) | user: context + question; assistant: 1st answer |
 | ``gsm8k`` | ``question``, ``answer`` | user: question; assistant: answer |
 
@@ -19,7 +20,7 @@ from typing import Literal
 
 from bridge_data.sources import get_field
 
-SchemaName = Literal["auto", "messages", "sharegpt", "prompt_completion", "squad", "gsm8k"]
+SchemaName = Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "squad", "gsm8k"]
 Messages = list[dict[str, str]]
 
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -74,6 +75,13 @@ def _prompt_completion(row: dict, where: str) -> Messages:
             {"role": "assistant", "content": get_field(row, "completion", where)}]
 
 
+def _alpaca(row: dict, where: str) -> Messages:
+    instruction = get_field(row, "instruction", where)
+    extra = get_field(row, "input", where, kind=(str, type(None))) if "input" in row else None
+    return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+            {"role": "assistant", "content": get_field(row, "output", where)}]
+
+
 def _squad(row: dict, where: str) -> Messages:
     context = get_field(row, "context", where)
     question = get_field(row, "question", where)
@@ -94,6 +102,7 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (
     Schema(name="messages", keys=("messages",), to_messages=_messages, is_chat=True),
     Schema(name="sharegpt", keys=("conversations",), to_messages=_sharegpt, is_chat=True),
     Schema(name="prompt_completion", keys=("prompt", "completion"), to_messages=_prompt_completion, is_chat=False),
+    Schema(name="alpaca", keys=("instruction", "output"), to_messages=_alpaca, is_chat=False),
     Schema(name="squad", keys=("context", "question", "answers"), to_messages=_squad, is_chat=False),
     Schema(name="gsm8k", keys=("question", "answer"), to_messages=_gsm8k, is_chat=False),
 )}

@@ -1,12 +1,17 @@
-"""Read rows from JSONL files, Parquet files and local HF ``datasets`` directories (``save_to_disk`` output).
+"""Read rows from JSON Lines files, JSON array files, Parquet files and local HF ``datasets`` directories
+(``save_to_disk`` output). JSON files may be compressed (``.gz``, ``.bz2``, ``.xz``) and may start with a UTF-8 BOM.
 
-Every row comes with a ``where`` string ("data.jsonl:7", "data.parquet row 6") so that errors about a row can
-name the file and the row.
+Every row comes with a ``where`` string ("data.jsonl:7", "data.json item 3", "data.parquet row 6") so that errors
+about a row can name the file and the row.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import itertools
 import json
+import lzma
 import os
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -14,6 +19,11 @@ from typing import Any, Literal
 SourceFormat = Literal["jsonl", "parquet", "hf"]
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _compression(path: str) -> str | None:
+    return next((suffix for suffix in _COMPRESSED if path.lower().endswith(suffix)), None)
 
 
 def detect_format(path: str) -> SourceFormat:
@@ -39,13 +49,13 @@ def detect_format(path: str) -> SourceFormat:
             f"Directory {path!r} is not an HF datasets directory (no dataset_dict.json or state.json); "
             "pass a .jsonl/.parquet file or the output of Dataset.save_to_disk"
         )
-    lower = path.lower()
+    lower = path.lower().removesuffix(_compression(path) or "")
     if lower.endswith(_JSONL_SUFFIXES):
         return "jsonl"
     if lower.endswith((".parquet", ".pq")):
         return "parquet"
-    raise ValueError(f"Cannot tell the format of {path!r}: expected .jsonl/.json/.ndjson, .parquet or an "
-                     "HF datasets directory")
+    raise ValueError(f"Cannot tell the format of {path!r}: expected .jsonl/.json/.ndjson (optionally .gz/.bz2/.xz), "
+                     ".parquet or an HF datasets directory")
 
 
 def count_rows(path: str, *, split: str = "train") -> int | None:
@@ -64,13 +74,15 @@ def iter_rows(path: str, *, columns: list[str] | None = None, split: str = "trai
     """Yield ``(where, row)`` for every row of ``path``, in order.
 
     Args:
-        path: A JSONL file, a Parquet file or an HF ``datasets`` directory.
+        path: A JSON Lines / JSON array file (optionally compressed), a Parquet file or an HF ``datasets``
+            directory.
         columns: Columns to read (Parquet and HF datasets check that they exist up front; JSONL rows are
             checked by the caller, row by row). None reads every column.
         split: The split to read when ``path`` holds a ``DatasetDict``.
 
     Yields:
-        ``where`` names the file and row (``"file.jsonl:7"`` is line 7; ``"file.parquet row 6"`` is 0-based),
+        ``where`` names the file and row (``"file.jsonl:7"`` is line 7; ``"file.json item 3"`` and
+            ``"file.parquet row 6"`` are 0-based),
         ``row`` is a dict of column values.
 
     Raises:
@@ -114,9 +126,27 @@ def get_field(row: dict, key: str, where: str, *, kind: type | tuple[type, ...] 
     return value
 
 
+def _open_text(path: str):
+    """``path`` as text (decompressed by its suffix); a UTF-8 byte-order mark is skipped."""
+    opener = _COMPRESSED.get(_compression(path) or "", open)
+    return opener(path, "rt", encoding="utf-8-sig")
+
+
 def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """JSON Lines; a ``.json`` file whose text is one JSON array (``[{...}, {...}]``, as alpaca_data.json) is
+    read as that array. Read as a stream (a FIFO or ``/dev/stdin`` works): nothing is read twice."""
+    array_ok = path.lower().removesuffix(_compression(path) or "").endswith(".json")
+    with _open_text(path) as f:
+        lines = _read_lines(path, f)
+        head = []  # the leading blank lines and the first line with text
+        for line in lines:
+            head.append(line)
+            if line.strip():
+                break
+        if array_ok and head and head[-1].lstrip().startswith("["):
+            yield from _iter_json_array(path, "".join(itertools.chain(head, lines)))
+            return
+        for lineno, line in enumerate(itertools.chain(head, lines), start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -127,6 +157,24 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
             yield where, row
+
+
+def _read_lines(path: str, f) -> Iterator[str]:
+    try:
+        yield from f
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as err:  # corrupt / truncated / not UTF-8
+        raise ValueError(f"{path}: cannot read it ({err})") from None
+
+
+def _iter_json_array(path: str, text: str) -> Iterator[tuple[str, dict]]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} item {i}: expected a JSON object in the array, got {type(row).__name__}")
+        yield f"{path} item {i}", row
 
 
 def _iter_parquet(path: str, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
