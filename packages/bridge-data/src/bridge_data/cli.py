@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pre.add_argument("--input", "-i", dest="inputs", action="append", required=True, metavar="PATH",
-                     help="a .jsonl/.parquet file or an HF datasets directory; repeat to concatenate several")
+                     help="a .jsonl/.json file (also .gz/.bz2/.xz), a .parquet file or an HF datasets "
+                          "directory; repeat to concatenate several")
     pre.add_argument("--output-prefix", "-o", required=True, metavar="PREFIX",
                      help="write PREFIX.bin and PREFIX.idx (PREFIX_KEY.* when several text keys are given)")
     pre.add_argument("--text-key", "--json-keys", dest="text_keys", nargs="+", default=["text"], metavar="KEY",
