@@ -89,6 +89,32 @@ def test_reader_loads_bin_with_weights_only(tmp_path):
         LazyHFCheckpoint(tmp_path)
 
 
+def test_reader_prefers_weight_files_in_transformers_order(tmp_path):
+    """transformers' save_pretrained of a smaller model into a sharded directory removes the old shards but leaves
+    their index: transformers reads model.safetensors first (then the index, then the .bin forms); so does this."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from bridge_convert.testing import save_tiny_hf_checkpoint
+
+    save_tiny_hf_checkpoint(tmp_path, "llama", seed=0, max_shard_size="150KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(tmp_path))
+    model.save_pretrained(tmp_path, max_shard_size="50MB")  # one file now, the old index stays
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "model.safetensors.index.json").exists()
+    reader = LazyHFCheckpoint(tmp_path)
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert set(reader.weight_map.values()) == {"model.safetensors"} and reader.index_file is None
+    assert all(torch.equal(reader.get(n), expected[n]) for n in reader.keys())
+    assert SourceLayout.from_checkpoint(tmp_path).index_text is None
+    (tmp_path / "model.safetensors").unlink()  # the index names shards that are gone now
+    with pytest.raises(FileNotFoundError, match="listed in the checkpoint index but missing"):
+        LazyHFCheckpoint(tmp_path)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text('{"weight_map": {"v": "pytorch_model-00001.bin"}}')
+    assert list(LazyHFCheckpoint(tmp_path).keys()) == ["w"]
+
+
 def test_writer_reproduces_source_files_byte_for_byte_in_any_order(tmp_path):
     (tmp_path / "src").mkdir()
     tensors = _sharded(tmp_path / "src")

@@ -210,22 +210,25 @@ class LazyHFCheckpoint:
                     raise ValueError(f"{self.path / file} does not contain {name!r}, which the index places there")
 
     def _discover(self) -> tuple[str, dict[str, str], dict]:
-        for index_name, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
-            index = self.path / index_name
-            if index.exists():
-                try:
-                    data = json.loads(index.read_text())
-                    return fmt, dict(data["weight_map"]), dict(data.get("metadata", {}))
-                except (ValueError, KeyError) as exc:
-                    raise ValueError(f"unreadable checkpoint index {index}: {exc}") from exc
-        single = self.path / SAFE_SINGLE
-        if single.exists():
-            header, _ = _read_safetensors_header(single)
-            return "safetensors", {name: SAFE_SINGLE for name in header}, {}
-        single_bin = self.path / BIN_SINGLE
-        if single_bin.exists():
-            tensors = self._load_bin(BIN_SINGLE, single_bin)
-            return "bin", {name: BIN_SINGLE for name in tensors}, {}
+        """The weight files in transformers' order of preference: ``model.safetensors``, the safetensors index,
+        ``pytorch_model.bin``, the ``.bin`` index (a stale index beside a single file is ignored, as transformers
+        ignores it: ``save_pretrained`` of a smaller model into a sharded directory leaves one)."""
+        self.index_file: Path | None = None
+        for name, fmt, is_index in ((SAFE_SINGLE, "safetensors", False), (SAFE_INDEX, "safetensors", True),
+                                    (BIN_SINGLE, "bin", False), (BIN_INDEX, "bin", True)):
+            path = self.path / name
+            if not path.exists():
+                continue
+            if not is_index:
+                names = _read_safetensors_header(path)[0] if fmt == "safetensors" else self._load_bin(name, path)
+                return fmt, {n: name for n in names}, {}
+            try:
+                data = json.loads(path.read_text())
+                weight_map, metadata = dict(data["weight_map"]), dict(data.get("metadata", {}))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"unreadable checkpoint index {path}: {exc}") from exc
+            self.index_file = path
+            return fmt, weight_map, metadata
         raise FileNotFoundError(
             f"no weights in {self.path}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
 
@@ -365,8 +368,7 @@ class SourceLayout:
             return None
         if reader.format != "safetensors":
             return None
-        index = Path(path) / SAFE_INDEX
-        return cls(dict(reader.raw_headers), index.read_text() if index.exists() else None)
+        return cls(dict(reader.raw_headers), reader.index_file.read_text() if reader.index_file else None)
 
     def plans(self) -> list[FilePlan]:
         return [FilePlan.from_header(name, text) for name, text in sorted(self.headers.items())]
