@@ -302,3 +302,44 @@ def test_pretrained_megatron_checkpoint_is_the_base(tiny_hf, tmp_path):
     expected = dict(reference[0].named_parameters())
     base = _base_params(run.model)
     assert base and all(torch.equal(base[n], expected[n]) for n in base)
+
+
+def test_resume_names_a_peft_setting_other_than_the_checkpoints(tiny_hf, dora_checkpoint, tmp_path, caplog,
+                                                                 monkeypatch):
+    """A PEFT run resuming its adapter checkpoint with other adapter shapes gets what differs (not 'an adapter
+    checkpoint holds no model weights'); a setting that changes no shape resumes with a warning naming it; a
+    converted checkpoint (no training state) in checkpoint.load is refused before a model is built."""
+    import logging
+    import re
+    import shutil
+
+    from bridge_convert import AutoBridge
+    from bridge_convert.errors import CheckpointMismatchError
+    from bridge_peft import DoRA, LoRA
+    from bridge_train import CheckpointError
+    from bridge_train.setup import setup_run
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(dora_checkpoint, ckpt)
+    for peft, message in ((DoRA(dim=8, alpha=8), r"dim: 4 \(checkpoint\) vs 8 \(config\)"),
+                          (LoRA(dim=4, alpha=8), r"method bridge_peft.lora.DoRA \(checkpoint\) vs bridge_peft.lora."
+                                                 r"LoRA \(config\)")):
+        with pytest.raises(CheckpointMismatchError, match=r"cannot resume from .*iter_0000004 with this cfg.peft: "
+                                                          + message):
+            setup_run(make_config(tiny_hf, str(ckpt), train_iters=6, peft=peft), finetune=True)
+    with caplog.at_level(logging.WARNING, logger="bridge_train"):
+        run = setup_run(make_config(tiny_hf, str(ckpt), train_iters=6,
+                                    peft=DoRA(dim=4, alpha=16, lora_B_init_method="xavier")), finetune=True)
+    assert run.train_state.iteration == 4
+    assert re.search(r"alpha: 8(\.0)? \(checkpoint\) vs 16(\.0)? \(config\)", caplog.text), caplog.text
+
+    AutoBridge.import_ckpt(tiny_hf, tmp_path / "converted")
+    cfg = make_config(tiny_hf, str(tmp_path / "converted"), train_iters=2)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the checkpoint was refused")
+
+    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_model)
+    with pytest.raises(CheckpointError, match=r"converted.* holds model weights but no training state .*"
+                                              r"checkpoint.pretrained_checkpoint=.*converted and point"):
+        setup_run(cfg, finetune=True)

@@ -243,8 +243,11 @@ def save_checkpoint(
 
 def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict[str, Any] | None = None,
                      strict: bool = True, model_state: dict[str, Any] | None = None,
-                     fresh_model: bool = False) -> dict[str, Any]:
+                     fresh_model: bool = False, adapters: bool = False) -> dict[str, Any]:
     """Load a checkpoint's model weights into ``chunks`` (any TP/PP layout) and return the loaded extras.
+
+    ``adapters``: ``model_state`` is a PEFT run's adapters (an adapter checkpoint is what it asks for, so a failure
+    is reported as it is, not as "an adapter checkpoint holds no model weights").
 
     ``fresh_model``: the chunks were just built and their optimizer is not made yet (weights to start training
     from). Transformer Engine FP8 parameters then take the checkpoint's high-precision values through
@@ -281,7 +284,7 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
-        raise CheckpointMismatchError(adapter_checkpoint_message(directory) or
+        raise CheckpointMismatchError((None if adapters else adapter_checkpoint_message(directory)) or
                                       f"cannot load checkpoint {directory} into this model: {_load_failure(exc)}"
                                       ) from exc
     for module, key in zip(modules, keys):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bridge_convert.errors import CheckpointMismatchError
 from bridge_convert.megatron_ckpt import (
     FORMAT_VERSION,
     HF_ASSET_FILES,
@@ -416,6 +417,23 @@ def _peft_metadata(peft) -> dict[str, Any]:
     return {"class": f"{type(peft).__module__}.{type(peft).__qualname__}", "fields": fields}
 
 
+def _peft_differences(peft, path: Path) -> list[str]:
+    """How ``peft`` differs from the PEFT method recorded in checkpoint ``path``'s ``bridge.json``."""
+    try:
+        saved = json.loads((Path(path) / METADATA_FILE).read_text()).get("peft")
+    except (OSError, ValueError):
+        return []
+    if not saved:
+        return ["the checkpoint records no PEFT method: it is a full-model checkpoint (to fine-tune from its "
+                "weights, point checkpoint.pretrained_checkpoint at it)"]
+    ours = json.loads(json.dumps(_peft_metadata(peft), default=str))
+    if saved.get("class") != ours["class"]:
+        return [f"method {saved.get('class')} (checkpoint) vs {ours['class']} (config)"]
+    theirs = saved.get("fields", {})
+    return [f"{name}: {theirs.get(name)!r} (checkpoint) vs {value!r} (config)" for name, value in ours["fields"].items()
+            if name in theirs and theirs[name] != value]
+
+
 def _save_strategy(run):
     """torch_dist, with the writing of replicated tensors spread over the data-parallel ranks when asked."""
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -492,6 +510,19 @@ def _torch_adam_step_fixes(optimizer):
                     param_state["step"] = param_state["step"].clone()
 
 
+def check_resumable(path: Path, load: str) -> None:
+    """Refuse, before a model is built, a checkpoint in ``checkpoint.load`` that holds weights without a training
+    state (what ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it."""
+    from megatron.core import dist_checkpointing
+
+    if "train_state" not in dist_checkpointing.load_common_state_dict(str(path)):
+        raise CheckpointError(
+            f"checkpoint.load={load}{'' if Path(load) == path else f' ({path})'} holds model weights but no training state (a converted checkpoint, as "
+            f"bridge-convert import writes): there is no run to resume in it; to start training from its weights set "
+            f"checkpoint.pretrained_checkpoint={path.parent if (path.parent / TRACKER_FILE).exists() else path} and "
+            "point checkpoint.load / checkpoint.save at this run's own directory")
+
+
 def load_training_checkpoint(run, path: Path) -> TrainState:
     """Restore everything :func:`save_training_checkpoint` wrote; returns the saved counters.
 
@@ -516,8 +547,20 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
                        saved.world_size, state.world_size)
     if load_rng:
         request["rng_state"] = _rng_sharded_object(state, None)
-    loaded = load_model_state(run.model, path, extra_state=request, model_state=model_state,
-                              strict=not adapter_only_checkpoints(cfg))
+    adapters = adapter_only_checkpoints(cfg)
+    differences = _peft_differences(cfg.peft, path) if adapters else []
+    try:
+        loaded = load_model_state(run.model, path, extra_state=request, model_state=model_state,
+                                  strict=not adapters, adapters=adapters)
+    except CheckpointMismatchError as exc:
+        if not differences:
+            raise
+        raise CheckpointMismatchError(f"cannot resume from {path} with this cfg.peft: {'; '.join(differences)}; "
+                                      "resume with the checkpoint's PEFT settings, or save this run into another "
+                                      "checkpoint.save directory") from exc
+    if differences:
+        logger.warning("resuming from %s with a PEFT setting other than the checkpoint's (%s): the config's values "
+                       "apply from here on", path, "; ".join(differences))
     sched = run.scheduler
     checkpoint_schedule = sched.use_checkpoint_opt_param_scheduler and not sched.override_opt_param_scheduler
     line = describe_schedule(sched, common["opt_param_scheduler"], train_iters=cfg.train.train_iters,

@@ -18,6 +18,7 @@ from .checkpoint_discovery import MissingCheckpointError
 from .checkpointing import (
     TrainState,
     adapter_only_checkpoints,
+    check_resumable,
     find_resume_checkpoint,
     load_training_checkpoint,
 )
@@ -167,6 +168,8 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
 
     resume = find_resume_checkpoint(cfg.checkpoint.load, fallback_to_previous=cfg.checkpoint.fallback_to_previous,
                                     say=say)
+    if resume is not None:
+        check_resumable(resume, cfg.checkpoint.load)
     if cfg.checkpoint.load and resume is None and cfg.checkpoint.exit_on_missing_checkpoint:
         raise MissingCheckpointError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
                                      "checkpoint.exit_on_missing_checkpoint is set")
