@@ -56,6 +56,23 @@ def test_resume_without_optimizer_state_keeps_the_loaded_weights(run_config, tmp
     assert max(abs(a - b) for a, b in zip(second[1:6], straight[16:21])) < 0.1, (second, straight)
 
 
+def test_the_distributed_optimizer_prints_no_known_harmless_notice(run_config, caplog, monkeypatch):
+    """An fp32 run with the distributed optimizer (recipes' setting): megatron-core's notices that say nothing a
+    user can act on (the DDP layout, .grad of the fp32 shard views) are hidden by pretrain()'s filter."""
+    import logging
+    import warnings
+
+    from bridge_convert.runtime import warnings_filter
+
+    monkeypatch.setattr(warnings_filter, "_installed", False)  # installed by pretrain() as in a new process
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        pretrain(run_config(**{"optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True,
+                               "train.train_iters": 4}))
+    shown = [str(w.message) for w in seen] + [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in shown if "full_param_layout" in m or "not a leaf Tensor" in m], shown
+
+
 def test_resume_past_train_iters_says_nothing_is_left(run_config, tmp_path, capsys):
     pretrain(run_config(**{"train.train_iters": 6, "checkpoint.save": str(tmp_path / "ckpt")}))
     capsys.readouterr()

@@ -62,6 +62,15 @@ KNOWN_HARMLESS: tuple[KnownWarning, ...] = (
                  r"\.[\w.]+", UserWarning, "DCP inside megatron-core's loads, which pass the process group"),
     KnownWarning(r"Please use DTensor instead and we are deprecating ShardedTensor", r"torch\.distributed\.[\w.]+",
                  FutureWarning, "megatron-core's torch_dist format is built on ShardedTensor"),
+    # The distributed optimizer (every recipe's setting), once per run.
+    KnownWarning(r"DistributedDataParallel: full_param_layout not provided",
+                 "megatron.core.distributed.distributed_data_parallel", None,
+                 "DDP computes the parameter layout itself with the distributed optimizer's own function, as it "
+                 "would be passed in"),
+    KnownWarning(r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+                 r"megatron\.core\.optimizer\.optimizer", UserWarning,
+                 "zero_grad of the distributed optimizer's fp32 shards, which are views of the parameters: their "
+                 ".grad is read, found None and left alone"),
     # Datasets: the mock dataset (and any dataset without cache_dir) has nowhere to cache its indexes.
     KnownWarning(r"Unable to save \w+ indexes because path_to_cache is None", "megatron.core.datasets.gpt_dataset",
                  None, "the indexes of mock data are rebuilt in milliseconds"),
