@@ -40,6 +40,22 @@ def test_llama_config_roundtrips_through_provider():
     assert back == LLAMA_32_1B
 
 
+@pytest.mark.parametrize(("bridge", "model_type"), [(LLAMA, "llama"), (QWEN2, "qwen2"), (QWEN3, "qwen3"),
+                                                   (MISTRAL, "mistral")], ids=lambda b: getattr(b, "hf_architecture", b))
+def test_a_run_sequence_length_is_not_the_models_context(bridge, model_type):
+    """Training at seq 4096 (model.seq_length) does not make a 131072-position model a 4096 one: the exported
+    config keeps the source's max_position_embeddings (vLLM serves up to it); a longer run raises it."""
+    source = {**LLAMA_32_1B, "architectures": [bridge.hf_architecture], "model_type": model_type,
+              "tie_word_embeddings": False}
+    if bridge is QWEN2:
+        source["use_sliding_window"] = False
+    provider = GPTModelProvider(**bridge.config_to_provider(source))
+    provider.seq_length = 4096
+    assert bridge.provider_to_config(provider, source)["max_position_embeddings"] == 131072
+    provider.seq_length = 262144
+    assert bridge.provider_to_config(provider, source)["max_position_embeddings"] == 262144
+
+
 def test_provider_without_source_writes_a_complete_config():
     provider = GPTModelProvider(**LLAMA.config_to_provider(LLAMA_32_1B))
     raw = LLAMA.provider_to_config(provider, None)

@@ -150,7 +150,9 @@ def dense_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] 
         num_attention_heads=provider.num_attention_heads,
         num_key_value_heads=provider.num_query_groups or provider.num_attention_heads,
         vocab_size=provider.vocab_size,
-        max_position_embeddings=provider.seq_length,
+        # the longest context the model is made for, not the sequence length of a run (a fine-tune at seq 4096 of a
+        # 128k model is still a 128k model: vLLM serves up to this value)
+        max_position_embeddings=max(provider.seq_length, int(raw.get("max_position_embeddings") or 0)),
         rms_norm_eps=provider.layernorm_epsilon,
         hidden_act="silu",
         tie_word_embeddings=bool(provider.share_embeddings_and_output_weights),
