@@ -343,3 +343,38 @@ def test_resume_names_a_peft_setting_other_than_the_checkpoints(tiny_hf, dora_ch
     with pytest.raises(CheckpointError, match=r"converted.* holds model weights but no training state .*"
                                               r"checkpoint.pretrained_checkpoint=.*converted and point"):
         setup_run(cfg, finetune=True)
+
+
+TRAINING_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_the_tokenizer_a_run_trains_with_is_the_one_its_exports_carry(tiny_hf, tmp_path):
+    """SFT rendered with tokenizer.chat_template: the checkpoint's HF assets, its save_hf export, bridge-convert
+    export of it and bridge-peft merge of a LoRA run carry that template (serving the export with the base's
+    template would prompt the model in a format it was not trained on)."""
+    from transformers import AutoTokenizer
+
+    from bridge_convert import AutoBridge
+    from bridge_peft.cli import main as peft_main
+    from bridge_train import finetune
+
+    def template(path) -> str | None:
+        return AutoTokenizer.from_pretrained(str(path)).chat_template
+
+    assert template(Path(tiny_hf) / "tokenizer") != TRAINING_TEMPLATE
+    full = make_config(tiny_hf, str(tmp_path / "full"), train_iters=2, save_hf=True)
+    full.peft = None
+    full.tokenizer.chat_template = TRAINING_TEMPLATE
+    finetune(full)
+    iteration = tmp_path / "full" / "iter_0000002"
+    assert template(iteration / "hf_assets") == TRAINING_TEMPLATE
+    assert template(iteration / "hf") == TRAINING_TEMPLATE
+    AutoBridge.export_ckpt(str(tmp_path / "full"), str(tmp_path / "exported"))
+    assert template(tmp_path / "exported") == TRAINING_TEMPLATE
+
+    lora = make_config(tiny_hf, str(tmp_path / "lora"), train_iters=2)
+    lora.tokenizer.chat_template = TRAINING_TEMPLATE
+    finetune(lora)
+    assert peft_main(["merge", str(tmp_path / "lora"), str(tmp_path / "merged"), "--base", tiny_hf]) == 0
+    assert template(tmp_path / "merged") == TRAINING_TEMPLATE

@@ -198,7 +198,8 @@ class AutoBridge:
         return self.model_bridge.provider_to_config(provider, self.hf_config)
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                           max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
+                           max_shard_size: int | str = "5GB", overwrite: bool = False,
+                           assets_from: str | os.PathLike | None = None) -> None:
         """Write the model as an HF checkpoint: config, generation config, tokenizer files, safetensors shards.
 
         When this bridge knows the source HF checkpoint's layout (it was made from that checkpoint, or from a
@@ -208,7 +209,9 @@ class AutoBridge:
         model's params dtype). Tensors are written to their final place as they stream in, so memory holds one
         tensor at a time. All ranks call this; rank 0 writes. The directory appears only when complete: a failure
         leaves no partial output behind. A non-empty ``path`` is refused unless ``overwrite`` (see
-        :mod:`bridge_convert.outputs` for what is never overwritten).
+        :mod:`bridge_convert.outputs` for what is never overwritten). ``assets_from``: a directory whose tokenizer
+        and generation config files are written instead of the source checkpoint's (e.g. the ``hf_assets`` of
+        the checkpoint a fine-tune wrote, which hold the tokenizer it trained with).
         """
         inputs = [self.hf_path] if self.hf_path is not None else []
         check_output_dir(path, overwrite=overwrite, inputs=inputs)
@@ -243,7 +246,7 @@ class AutoBridge:
                 config.update({k: self.hf_config[k] for k in ("dtype", "torch_dtype") if k in self.hf_config})
             record_tensor_dtype(config, dtypes)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            self._write_assets(tmp, provider)
+            self._write_assets(tmp, provider, assets_from)
         state.barrier()
         log_rank0("saved HF checkpoint to %s", path)
 
@@ -272,11 +275,13 @@ class AutoBridge:
             return None, {}
         return layout, aliases
 
-    def _write_assets(self, out: Path, provider: GPTModelProvider) -> None:
+    def _write_assets(self, out: Path, provider: GPTModelProvider, assets_from: str | os.PathLike | None = None
+                      ) -> None:
         copied = False
-        if self.hf_path is not None:
+        source = Path(assets_from) if assets_from is not None else self.hf_path
+        if source is not None:
             for name in HF_ASSET_FILES:
-                src = self.hf_path / name
+                src = source / name
                 if src.exists():
                     shutil.copy2(src, out / name)
                     copied |= name == "generation_config.json"

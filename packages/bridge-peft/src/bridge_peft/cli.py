@@ -135,6 +135,7 @@ def _export_adapter(args) -> None:
 def _merge(args) -> None:
     from tqdm.auto import tqdm
 
+    from bridge_convert.megatron_ckpt import HF_ASSET_FILES, HF_ASSETS_DIR
     from bridge_convert.outputs import check_output_dir
 
     from .merge import merge_adapters
@@ -144,7 +145,12 @@ def _merge(args) -> None:
         bridge, model, directory = _model_with_adapters(Path(args.checkpoint), args.base, steps)
         merge_adapters(model)
         steps.update(1)
-        bridge.save_hf_pretrained(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        # the tokenizer the fine-tune trained with (its checkpoint's copy), else the base's
+        assets = directory / HF_ASSETS_DIR
+        tokenizer_kept = assets.is_dir() and any((assets / n).exists() for n in HF_ASSET_FILES
+                                                 if n != "generation_config.json")
+        bridge.save_hf_pretrained(model, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                  assets_from=assets if tokenizer_kept else None)
         steps.update(1)
     print(f"wrote {args.base} with the adapters of {directory} merged to {args.out}")
 

@@ -341,6 +341,7 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
     if adapter_only_checkpoints(cfg):
         metadata = {**metadata, "peft": _peft_metadata(cfg.peft)}
     files = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n", RUN_CONFIG_FILE: cfg.to_yaml()}
+    tokenizer = _training_tokenizer(run) if assets is not None else None
     needed = _checkpoint_bytes(sharded, state.device)
 
     def finalize() -> None:
@@ -353,6 +354,7 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
                 for name in HF_ASSET_FILES:
                     if (Path(assets) / name).exists():
                         shutil.copy2(Path(assets) / name, tmp / HF_ASSETS_DIR / name)
+                _put_tokenizer(tmp / HF_ASSETS_DIR, tokenizer)
             os.replace(tmp, final)
             tracker_tmp = root / (TRACKER_FILE + ".tmp")
             tracker_tmp.write_text(f"{iteration}\n")
@@ -378,6 +380,8 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
                 cfg.peft.save_hf(run.bridge, run.model, tmp / "hf_adapter")
             else:
                 run.bridge.save_hf_pretrained(run.model, tmp / "hf")
+                if state.rank == 0:
+                    _put_tokenizer(tmp / "hf", tokenizer)
         with _write_results_queue(async_saves is not None), writer_errors:
             request = dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy(run),
                                               async_sharded_save=async_saves is not None, async_strategy="mcore")
@@ -415,6 +419,27 @@ def _peft_metadata(peft) -> dict[str, Any]:
     fields = ({f.name: getattr(peft, f.name) for f in dataclasses.fields(peft) if f.init}
               if dataclasses.is_dataclass(peft) else {})
     return {"class": f"{type(peft).__module__}.{type(peft).__qualname__}", "fields": fields}
+
+
+def _training_tokenizer(run):
+    """The HF tokenizer the run trains with when it is not the model's own files (another ``tokenizer.path``, or
+    a ``tokenizer.chat_template`` the SFT data was rendered with): the checkpoint's HF assets, hence its exports,
+    carry that one. None: the model directory's tokenizer files are copied as they are."""
+    tokenizer_cfg, hf = run.cfg.tokenizer, getattr(run.tokenizer, "hf_tokenizer", None)
+    if hf is None or tokenizer_cfg is None or not tokenizer_cfg.path:
+        return None
+    own = run.bridge.hf_path is not None and Path(tokenizer_cfg.path).resolve() == Path(run.bridge.hf_path).resolve()
+    return None if own and tokenizer_cfg.chat_template is None else hf
+
+
+def _put_tokenizer(directory: Path, tokenizer) -> None:
+    """Replace the tokenizer files copied into ``directory`` by ``tokenizer``'s own (None: keep them)."""
+    if tokenizer is None:
+        return
+    for name in HF_ASSET_FILES:
+        if name != "generation_config.json" and (directory / name).exists():
+            (directory / name).unlink()
+    tokenizer.save_pretrained(str(directory))
 
 
 def _peft_differences(peft, path: Path) -> list[str]:
