@@ -378,3 +378,22 @@ def test_the_tokenizer_a_run_trains_with_is_the_one_its_exports_carry(tiny_hf, t
     finetune(lora)
     assert peft_main(["merge", str(tmp_path / "lora"), str(tmp_path / "merged"), "--base", tiny_hf]) == 0
     assert template(tmp_path / "merged") == TRAINING_TEMPLATE
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_full_activation_recompute_trains_the_adapters_like_no_recompute(tiny_hf, method):
+    """Under full recompute the adapters inside the checkpointed layers got no gradient at all (the frozen
+    embedding's output needs none, so megatron-core's reentrant checkpoint never ran their backward)."""
+    from bridge_peft import DoRA, LoRA
+    from bridge_train import finetune
+
+    def losses(**recompute):
+        peft = (LoRA if method == "lora" else DoRA)(dim=4, alpha=8, lora_B_init_method="xavier")
+        cfg = make_config(tiny_hf, None, train_iters=5, peft=peft)
+        for name, value in recompute.items():
+            setattr(cfg.model, name, value)
+        return list(finetune(cfg))
+
+    plain = losses()
+    assert losses(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) == plain
+    assert losses(recompute_granularity="full", recompute_method="block", recompute_num_layers=1) == plain

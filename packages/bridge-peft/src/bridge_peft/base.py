@@ -82,6 +82,21 @@ def _gather_messages(messages: list[str]) -> list[str]:
     return list(dict.fromkeys(m for rank in gathered for m in rank))
 
 
+_RECOMPUTE_HOOK = "_bridge_peft_recompute_hook"
+
+
+def _embedding_output_needs_grad(module, inputs, output):
+    """Forward hook on the (frozen) embedding of a model with adapters: under full activation recompute,
+    megatron-core's reentrant checkpoint runs the layers in a custom autograd function whose outputs need grad only
+    if its input does; with the base frozen the embedding output does not, so the layers' backward (hence every
+    adapter gradient inside them) would never run. The output is marked to need grad then, as HF's
+    ``enable_input_require_grads`` does for gradient checkpointing."""
+    config = getattr(module, "config", None)
+    if (torch.is_grad_enabled() and getattr(config, "recompute_granularity", None) == "full"
+            and isinstance(output, torch.Tensor) and not output.requires_grad):
+        output.requires_grad_(True)
+    return output
+
 @dataclass(kw_only=True)
 class PEFT:
     """Base class of PEFT methods; subclasses implement :meth:`make_adapter`.
@@ -182,6 +197,9 @@ class PEFT:
         for chunk in chunks:
             for param in _unwrap(chunk).parameters():
                 param.requires_grad_(bool(training and getattr(param, "bridge_adapter", False)))
+            embedding = getattr(_unwrap(chunk), "embedding", None)
+            if training and embedding is not None and not hasattr(embedding, _RECOMPUTE_HOOK):
+                setattr(embedding, _RECOMPUTE_HOOK, embedding.register_forward_hook(_embedding_output_needs_grad))
         return model  # the same list (or module), now with adapters
 
     # ------------------------------------------------------------------------------- inspection
