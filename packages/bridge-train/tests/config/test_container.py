@@ -299,3 +299,16 @@ def test_wandb_project_without_wandb_installed_is_rejected(make_cfg, monkeypatch
     cfg.logger.wandb_project = "demo"
     with pytest.raises(ConfigError, match=r"logger.wandb_project is 'demo' but wandb is not installed"):
         cfg.validate()
+
+
+def test_the_null_hint_is_given_only_where_null_disables_the_field(make_cfg):
+    """``optimizer.lr=null`` is refused and ``scheduler.lr_decay_iters=null`` means train_iters: neither is offered
+    as a way to disable; ``train.eval_interval=null`` does turn evaluation off."""
+    cfg = make_cfg()
+    cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.scheduler.lr_decay_iters, cfg.train.eval_interval = -1.0, 0.0, 0, 0
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(world_size=1)
+    problems = info.value.problems
+    assert "optimizer.lr must be > 0, got -1.0" in problems
+    assert "scheduler.lr_decay_iters must be >= 1, got 0" in problems
+    assert "train.eval_interval must be >= 1, got 0; set it to null to disable" in problems

@@ -352,11 +352,15 @@ def type_problems(obj: Any, prefix: str) -> list[str]:
     return []
 
 
-def at_least(obj: Any, prefix: str, *, above: bool = False, **minimums: float) -> list[str]:
+def at_least(obj: Any, prefix: str, *, above: bool = False, null_disables: bool = True,
+             **minimums: float) -> list[str]:
     """``"train.train_iters must be >= 1, got 0"`` for each named field of ``obj`` below its minimum (``above``:
-    ``> minimum``). None passes: the type check has refused None where the field does not allow it."""
+    ``> minimum``). None passes: the type check has refused None where the field does not allow it. A field that
+    takes None is told it can be set to null to disable it, unless ``null_disables`` is False (None means a default
+    there, as for ``optimizer.lr`` or ``scheduler.lr_decay_iters``)."""
     values = {name: getattr(obj, name) for name in minimums}
     return [f"{prefix}.{name} must be {'>' if above else '>='} {minimum}, got {values[name]}"
-            + ("; set it to null to disable" if type(None) in typing.get_args(type_hints(type(obj))[name]) else "")
+            + ("; set it to null to disable" if null_disables
+               and type(None) in typing.get_args(type_hints(type(obj))[name]) else "")
             for name, minimum in minimums.items()
             if values[name] is not None and (values[name] <= minimum if above else values[name] < minimum)]

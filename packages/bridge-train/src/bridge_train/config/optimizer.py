@@ -38,8 +38,8 @@ class OptimizerConfig(MCoreOptimizerConfig):
     def check(self, prefix: str = "optimizer") -> list[str]:
         """Problems with this config alone, as messages naming ``prefix.field``."""
         problems = at_least(self, prefix, hysteresis=1, loss_scale_window=1, weight_decay=0)
-        problems += at_least(self, prefix, above=True, lr=0, adam_eps=0, loss_scale=0, initial_loss_scale=0,
-                             min_loss_scale=0)
+        problems += at_least(self, prefix, above=True, null_disables=False, lr=0, adam_eps=0, loss_scale=0,
+                             initial_loss_scale=0, min_loss_scale=0)
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"{prefix}.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is None:
@@ -119,8 +119,8 @@ class SchedulerConfig:
     def check(self, prefix: str = "scheduler") -> list[str]:
         """Problems with this config alone (relations to optimizer.lr / weight_decay and train_iters are the
         container's)."""
-        problems = at_least(self, prefix, lr_warmup_iters=0, lr_decay_iters=1, lr_warmup_init=0, start_weight_decay=0,
-                            end_weight_decay=0)
+        problems = at_least(self, prefix, null_disables=False, lr_warmup_iters=0, lr_decay_iters=1, lr_warmup_init=0,
+                            start_weight_decay=0, end_weight_decay=0)
         if self.lr_warmup_fraction is not None:
             if not 0 <= self.lr_warmup_fraction < 1:
                 problems.append(f"{prefix}.lr_warmup_fraction must be in [0, 1), got {self.lr_warmup_fraction}")
