@@ -397,3 +397,81 @@ def test_full_activation_recompute_trains_the_adapters_like_no_recompute(tiny_hf
     plain = losses()
     assert losses(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) == plain
     assert losses(recompute_granularity="full", recompute_method="block", recompute_num_layers=1) == plain
+
+
+# ----------------------------------------------------------------------------------- adapters on some layers
+LAYER0_QKV, LAYER1_FC2 = "decoder.layers.0.self_attention.linear_qkv", "decoder.layers.1.mlp.linear_fc2"
+
+
+def _some_layers_config(hf_path: str, ckpt: str | None, iters: int, targets: list[str], overrides=()):
+    from bridge_peft import LoRA
+    from bridge_train import apply_overrides
+
+    cfg = make_config(hf_path, ckpt, train_iters=iters,
+                      peft=LoRA(dim=4, alpha=8, target_modules=targets, lora_B_init_method="xavier"))
+    return apply_overrides(cfg, ["scheduler.lr_decay_iters=6", *overrides])  # one schedule for 3 + 3 and 6
+
+
+def test_adapters_on_some_layers_checkpoint_resume_and_export(tiny_hf, tmp_path):
+    """Adapters on some layers only (megatron-core stacks a layer's tensors over all layers in a checkpoint; such
+    adapters could not be saved at all): save, resume bit for bit, and export from the checkpoint what HF peft
+    loads into the resumed run's model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bridge_convert.forward import forward_logits
+    from bridge_peft.cli import main
+    from bridge_train import finetune
+
+    ckpt, targets = str(tmp_path / "ckpt"), [LAYER0_QKV, LAYER1_FC2]
+    straight = list(finetune(_some_layers_config(tiny_hf, None, 6, targets)))
+    first = list(finetune(_some_layers_config(tiny_hf, ckpt, 3, targets)))
+    resumed = finetune(_some_layers_config(tiny_hf, ckpt, 6, targets))
+    assert first + list(resumed) == straight
+    assert main(["export-adapter", ckpt, str(tmp_path / "adapter")]) == 0
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(5))
+    ours = forward_logits([m.module for m in resumed.model], ids)[..., :320]
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = base(ids).logits
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        theirs = peft_model(ids).logits
+    adapted = sorted(n.split("model.layers.")[-1] for n, m in peft_model.named_modules() if len(getattr(m, "lora_A", ())))
+    assert adapted == ["0.self_attn.k_proj", "0.self_attn.q_proj", "0.self_attn.v_proj", "1.mlp.down_proj"]
+    assert (theirs - before).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def _pipeline_some_layers(hf_path: str, root: str) -> dict[str, object]:
+    from bridge_train import finetune
+    from bridge_train.checkpoint_discovery import CheckpointError
+
+    pp = ["model.pipeline_model_parallel_size=2"]
+    out: dict[str, object] = {}
+    # the second stage has no adapter: its checkpoint entry is empty
+    straight = list(finetune(_some_layers_config(hf_path, None, 6, [LAYER0_QKV], pp)))
+    first = list(finetune(_some_layers_config(hf_path, f"{root}/ckpt", 3, [LAYER0_QKV], pp)))
+    out["resumed"] = first + list(finetune(_some_layers_config(hf_path, f"{root}/ckpt", 6, [LAYER0_QKV], pp)))
+    out["straight"] = straight
+    # megatron-core keeps rank 0's optimizer param groups (torch Adam's step): refused before training
+    for name, targets, extra in [("first stage empty", [LAYER1_FC2], []),
+                                 ("distributed optimizer", [LAYER0_QKV], ["optimizer.use_distributed_optimizer=true",
+                                                                          "ddp.use_distributed_optimizer=true"])]:
+        try:
+            finetune(_some_layers_config(hf_path, f"{root}/{name}", 6, targets, pp + extra))
+        except CheckpointError as exc:
+            out[name] = str(exc)
+    return out
+
+
+@pytest.mark.multiproc
+def test_pipeline_stage_without_adapters_resumes_or_is_refused_before_training(tiny_hf, tmp_path):
+    from bridge_convert.testing import run_multiprocess
+
+    ranks = run_multiprocess(_pipeline_some_layers, 2, tiny_hf, str(tmp_path), timeout=600)
+    for rank in ranks:
+        assert rank["resumed"] == rank["straight"]
+        assert "rank(s) [0] hold no trainable parameter" in rank["first stage empty"]
+        assert "rank(s) [1] hold no trainable parameter" in rank["distributed optimizer"]
+        assert "optimizer.use_distributed_optimizer=false" in rank["distributed optimizer"]
+    assert not (tmp_path / "first stage empty" / "iter_0000001").exists()

@@ -288,7 +288,7 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
                                       f"cannot load checkpoint {directory} into this model: {_load_failure(exc)}"
                                       ) from exc
     for module, key in zip(modules, keys):
-        state = loaded.pop(key)
+        state = loaded.pop(key, {})  # dist_checkpointing.load leaves out an empty entry
         result = module.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k not in dropped[key]]
         if strict and (missing or result.unexpected_keys):

@@ -10,6 +10,7 @@ so DDP's gradient buffers and the optimizer (and its fp32 master weights) hold a
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,9 @@ def _all_reduce_counts(counts: list[int]) -> list[int]:
 
     if not dist.is_initialized() or dist.get_world_size() == 1 or not counts:
         return counts
-    t = torch.tensor(counts, dtype=torch.int64)
+    # on the device the default group communicates on: an NCCL group has no CPU backend
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(counts, dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -80,6 +83,35 @@ def _gather_messages(messages: list[str]) -> list[str]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, messages)
     return list(dict.fromkeys(m for rank in gathered for m in rank))
+
+
+_LAYER_NAME = re.compile(r"^(.*\blayers)\.(\d+)\.(.+)$")
+
+
+def _num_layers(chunks) -> int | None:
+    config = getattr(_unwrap(chunks[0]), "config", None) if chunks else None
+    return getattr(config, "num_layers", None)
+
+
+def _adapted_in_every_layer(names: list[str], num_layers: int | None):
+    """``stacked(name)``: whether the layer module ``name`` (``decoder.layers.3.mlp.linear_fc1``) has an adapter in
+    every layer of the model, on some rank. Checkpoints stack a layer's tensors over all layers (megatron-core's
+    layout, one tensor per module path); adapters on some layers only are saved per layer instead."""
+    parts = [m.groups() for m in map(_LAYER_NAME.match, names) if m]
+    seen = _gather_messages([f"{stem}|{suffix}|{index}" for stem, index, suffix in parts])
+    layers: dict[tuple[str, str], set[str]] = {}
+    for entry in seen:
+        stem, suffix, index = entry.split("|")
+        layers.setdefault((stem, suffix), set()).add(index)
+
+    def stacked(name: str) -> bool:
+        match = _LAYER_NAME.match(name)
+        if match is None or num_layers is None:
+            return True
+        stem, _, suffix = match.groups()
+        return len(layers.get((stem, suffix), ())) == num_layers
+
+    return stacked
 
 
 _RECOMPUTE_HOOK = "_bridge_peft_recompute_hook"
@@ -192,7 +224,9 @@ class PEFT:
             raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
                              f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
         adapters = [self.make_adapter(module, name, projections) for module, name, projections in plan]
-        for (module, _, _), adapter in zip(plan, adapters):  # attached only once every adapter could be made
+        stacked = _adapted_in_every_layer([name for _, name, _ in plan], _num_layers(chunks))
+        for (module, name, _), adapter in zip(plan, adapters):  # attached only once every adapter could be made
+            adapter.layer_stacked = stacked(name)
             attach_adapter(module, adapter)
         for chunk in chunks:
             for param in _unwrap(chunk).parameters():
@@ -256,11 +290,19 @@ class PEFT:
 
     @staticmethod
     def filter_sharded_state_dict(sharded: dict[str, Any]) -> dict[str, Any]:
-        """Keep only adapter entries of a (nested) megatron sharded state dict: an adapter-only checkpoint."""
+        """Keep only adapter entries of a (nested) megatron sharded state dict: an adapter-only checkpoint.
+
+        The top-level entries (``model``, ``model0``.. one per model chunk) stay, empty where a chunk has no
+        adapters (a pipeline stage without adapted layers): loading expects one entry per chunk."""
+        return {key: PEFT._adapter_entries(value) if isinstance(value, dict) else value
+                for key, value in sharded.items() if isinstance(value, dict) or is_adapter_state_key(key)}
+
+    @staticmethod
+    def _adapter_entries(sharded: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in sharded.items():
             if isinstance(value, dict):
-                kept = PEFT.filter_sharded_state_dict(value)
+                kept = PEFT._adapter_entries(value)
                 if kept:
                     out[key] = kept
             elif is_adapter_state_key(key):

@@ -191,7 +191,22 @@ class AdapterModule(nn.Module):
         return self.enabled and not self.merged
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Adapter tensors as dist-checkpoint shards: TP-split ones along their ``partition_dim``."""
+        """Adapter tensors as dist-checkpoint shards: TP-split ones along their ``partition_dim``.
+
+        In a layer, megatron-core stacks a tensor over all layers (``sharded_offsets`` starts with the layer axis):
+        an adapter on some layers only (``layer_stacked`` False, set by :class:`~bridge_peft.PEFT`) would leave
+        that stack incomplete, so its tensors are saved per layer, under ``...adapter.layer_<global index>.``.
+        """
+        layer = None
+        if not getattr(self, "layer_stacked", True) and sharded_offsets and sharded_offsets[0][0] == 0:
+            layer, sharded_offsets = sharded_offsets[0][1], tuple(sharded_offsets[1:])
+        sharded = self._sharded_tensors(prefix, sharded_offsets)
+        if layer is not None:
+            for value in sharded.values():
+                value.key = f"{prefix}layer_{layer}.{value.key[len(prefix):]}"
+        return sharded
+
+    def _sharded_tensors(self, prefix: str, sharded_offsets: tuple):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         state = self.state_dict(prefix="", keep_vars=True)

@@ -502,6 +502,41 @@ def _materialize_optimizer_state(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
+def check_optimizer_checkpointable(optimizer, device: torch.device) -> None:
+    """Refuse, before training, an optimizer whose checkpoint megatron-core 0.19 cannot write or read back: a rank
+    that holds no trainable parameter (a pipeline stage none of whose layers ``cfg.peft`` adapts) while others do.
+
+    - The optimizer state every rank shares (param groups, hence torch Adam's ``step``) is saved by rank 0
+      alone: without parameters on rank 0, a resume of the other stages fails (torch Adam: KeyError 'step');
+    - the distributed optimizer with torch's Adam (no Transformer Engine / apex) reads the step from its shard's
+      parameter state and asserts there is one, so any empty rank fails at the first save.
+
+    Every rank raises the same error, so a run stops before it trains rather than at its first checkpoint.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    empty = not any(g["params"] for o in inner for g in o.optimizer.param_groups)
+    distributed = any(isinstance(o, distrib_optimizer.DistributedOptimizer) for o in inner)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    flags[dist.get_rank()] = int(empty)
+    dist.all_reduce(flags)
+    ranks = [r for r, flag in enumerate(flags.tolist()) if flag]
+    if not ranks or len(ranks) == len(flags):
+        return
+    if 0 in ranks or (distributed and not distrib_optimizer.HAVE_APEX_OR_TE):
+        where = "rank 0, whose copy of the optimizer's shared state the checkpoint keeps" if 0 in ranks else \
+            "the distributed optimizer without Transformer Engine or apex"
+        raise CheckpointError(
+            f"rank(s) {ranks} hold no trainable parameter (a pipeline stage none of whose layers cfg.peft adapts): "
+            f"megatron-core cannot checkpoint the optimizer of such a run ({where}), so it could not save or "
+            "resume. Adapt modules in every pipeline stage (e.g. target every layer)"
+            + ("" if 0 in ranks else
+               ", or set optimizer.use_distributed_optimizer=false ddp.use_distributed_optimizer=false"))
+
+
 @contextmanager
 def _torch_adam_step_fixes(optimizer):
     """Around a distributed optimizer's ``load_state_dict`` with torch's Adam (no TE / apex), two megatron-core

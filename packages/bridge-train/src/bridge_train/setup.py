@@ -18,6 +18,7 @@ from .checkpoint_discovery import MissingCheckpointError
 from .checkpointing import (
     TrainState,
     adapter_only_checkpoints,
+    check_optimizer_checkpointable,
     check_resumable,
     find_resume_checkpoint,
     load_training_checkpoint,
@@ -203,6 +204,8 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     run = TrainingRun(cfg=cfg, parallel=parallel, model=model, optimizer=optimizer, scheduler=scheduler,
                       tokenizer=tokenizer, bridge=bridge,
                       train_state=TrainState(world_size=parallel.world_size))
+    if (cfg.checkpoint.save and cfg.checkpoint.save_optim) or (resume is not None and cfg.checkpoint.load_optim):
+        check_optimizer_checkpointable(optimizer, parallel.device)
     if resume is not None:
         saved = load_training_checkpoint(run, resume)
         run.train_state = TrainState(**{**saved.__dict__, "world_size": parallel.world_size})
