@@ -475,3 +475,26 @@ def test_pipeline_stage_without_adapters_resumes_or_is_refused_before_training(t
         assert "rank(s) [1] hold no trainable parameter" in rank["distributed optimizer"]
         assert "optimizer.use_distributed_optimizer=false" in rank["distributed optimizer"]
     assert not (tmp_path / "first stage empty" / "iter_0000001").exists()
+
+
+def test_resuming_adapters_onto_another_base_names_both(tiny_hf, dora_checkpoint, tmp_path, caplog):
+    """An adapter-only checkpoint keeps no base: resuming it with another checkpoint.pretrained_checkpoint says
+    which base the adapters were trained on; the same base (by another spelling of its path) says nothing."""
+    import logging
+    import shutil
+
+    from bridge_peft import DoRA
+    from bridge_train.setup import setup_run
+
+    other = shutil.copytree(tiny_hf, tmp_path / "other-base")
+    peft = DoRA(dim=4, alpha=8, lora_B_init_method="xavier")
+    for base, warned in ((str(other), True), (f"{tiny_hf}/../{Path(tiny_hf).name}", False)):
+        ckpt = shutil.copytree(dora_checkpoint, tmp_path / f"ckpt-{warned}")
+        cfg = make_config(tiny_hf, str(ckpt), train_iters=6, peft=peft)
+        cfg.checkpoint.pretrained_checkpoint = base
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bridge_train"):
+            assert setup_run(cfg, finetune=True).train_state.iteration == 4
+        message = (f"onto checkpoint.pretrained_checkpoint={other}, but they were trained on {tiny_hf}: nothing "
+                   "checks that the two hold the same weights")
+        assert (message in caplog.text) is warned, caplog.text

@@ -459,6 +459,18 @@ def _peft_differences(peft, path: Path) -> list[str]:
             if name in theirs and theirs[name] != value]
 
 
+def _saved_pretrained_checkpoint(path: Path) -> str | None:
+    """``checkpoint.pretrained_checkpoint`` of the run that saved checkpoint ``path`` (its resolved config)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(path) / RUN_CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    value = (saved.get("checkpoint") or {}).get("pretrained_checkpoint") if isinstance(saved, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _save_strategy(run):
     """torch_dist, with the writing of replicated tensors spread over the data-parallel ranks when asked."""
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -621,6 +633,13 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
     if differences:
         logger.warning("resuming from %s with a PEFT setting other than the checkpoint's (%s): the config's values "
                        "apply from here on", path, "; ".join(differences))
+    base = _saved_pretrained_checkpoint(path) if adapters else None
+    if base and cfg.checkpoint.pretrained_checkpoint and \
+            Path(base).resolve() != Path(cfg.checkpoint.pretrained_checkpoint).resolve():
+        logger.warning("resuming the adapters of %s onto checkpoint.pretrained_checkpoint=%s, but they were trained "
+                       "on %s: nothing checks that the two hold the same weights (an adapter-only checkpoint keeps "
+                       "no base); point checkpoint.pretrained_checkpoint at %s to continue on the base they were "
+                       "trained on", path, cfg.checkpoint.pretrained_checkpoint, base, base)
     sched = run.scheduler
     checkpoint_schedule = sched.use_checkpoint_opt_param_scheduler and not sched.override_opt_param_scheduler
     line = describe_schedule(sched, common["opt_param_scheduler"], train_iters=cfg.train.train_iters,
