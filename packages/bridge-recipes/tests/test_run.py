@@ -106,6 +106,8 @@ BAD_INPUT = {
     "peft on pretrain": (["llama32_1b_pretrain", "peft=lora"], "PEFT applies to the fine-tuning recipes"),
     "missing config file": (["llama32_1b_pretrain", "--config", "/nonexistent/run.yaml"], "does not exist"),
     "nproc without nemo-run": (["llama32_1b_pretrain", "--nproc-per-node", "2"], "--nproc-per-node is for"),
+    "invalid PEFT setting": (["llama32_1b_lora", "--allow-random-init", "peft.dropout=1.5"],
+                             "peft: LoRA.dropout must be in [0, 1), got 1.5"),
     "invalid value": (["llama32_1b_pretrain", "train.global_batch_size=3", "train.micro_batch_size=2"],
                       "train.global_batch_size (3) must be divisible by train.micro_batch_size"),
 }

@@ -66,6 +66,10 @@ class FakeLoRA:
     def __call__(self, model: Any, training: bool = True) -> Any:
         return model
 
+    def validate(self) -> None:
+        if self.dim <= 0:
+            raise ValueError(f"FakeLoRA.dim must be > 0, got {self.dim}")
+
 
 @dataclass
 class FakeDoRA(FakeLoRA):

@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from config_stubs import IndexedDataStub, MockDataConfig, TokenizerStub, tiny_provider
+from config_stubs import FakeLoRA, IndexedDataStub, MockDataConfig, TokenizerStub, tiny_provider
 
 from bridge_train.config import ConfigError, ProfilingConfig, TrainConfig, apply_overrides
 
@@ -107,6 +107,7 @@ INVALID = [
      "dataset.eod_mask_loss finds documents by the eod token of the tokenizer that wrote dataset.paths, but "
      "tokenizer is not set"),
     ("peft_not_callable", _set(peft=42), 1, "peft (int) must be callable"),
+    ("peft_own_check", _set(peft=FakeLoRA(dim=0)), 1, "peft: FakeLoRA.dim must be > 0, got 0"),
     ("unknown_precision_recipe", _set(mixed_precision="bf17_mixed"), 1,
      "mixed_precision: unknown mixed precision recipe 'bf17_mixed'; did you mean 'bf16_mixed'?"),
     ("profiler_without_output_dir", _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_step_end=5)), 1,

@@ -214,6 +214,11 @@ def run_problems(cfg: Any, world_size: int | None) -> list[str]:
                         "size); set ddp.average_in_collective=false")
     if cfg.peft is not None and not callable(cfg.peft):
         problems.append(f"peft ({type(cfg.peft).__name__}) must be callable as peft(model, training) -> model")
+    elif callable(getattr(cfg.peft, "validate", None)):  # its own settings (overrides set fields past __init__)
+        try:
+            cfg.peft.validate()
+        except ValueError as exc:
+            problems.append(f"peft: {exc}")
     prof = cfg.profiling
     if prof.use_pytorch_profiler:
         if prof.profile_dir is None and cfg.logger.tensorboard_dir is None:

@@ -36,7 +36,8 @@ class TokenizerConfigLike(Protocol):
 @runtime_checkable
 class PeftLike(Protocol):
     """A PEFT method: ``peft(model, training)`` returns the model with adapters applied; an optional
-    ``save_hf(bridge, model, path)`` makes ``checkpoint.save_hf`` write its adapters in an HF form."""
+    ``save_hf(bridge, model, path)`` makes ``checkpoint.save_hf`` write its adapters in an HF form, an optional
+    ``validate()`` (raising ValueError) is part of the config check, before anything is built."""
 
     def __call__(self, model: Any, training: bool = True) -> Any:
         """Apply the method to ``model`` (a list of model chunks)."""
