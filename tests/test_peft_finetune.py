@@ -498,3 +498,17 @@ def test_resuming_adapters_onto_another_base_names_both(tiny_hf, dora_checkpoint
         message = (f"onto checkpoint.pretrained_checkpoint={other}, but they were trained on {tiny_hf}: nothing "
                    "checks that the two hold the same weights")
         assert (message in caplog.text) is warned, caplog.text
+
+
+def test_a_target_matching_no_layer_fails_before_the_pretrained_weights_load(tiny_hf, monkeypatch):
+    from bridge_convert import AutoBridge
+    from bridge_peft import LoRA
+    from bridge_train import finetune
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pretrained weights were read before the targets were checked")
+
+    monkeypatch.setattr(AutoBridge, "load_hf_weights", no_load)
+    cfg = make_config(tiny_hf, None, train_iters=2, peft=LoRA(dim=4, alpha=8, target_modules=["linear_qkvv"]))
+    with pytest.raises(ValueError, match=r"LoRA.target_modules \['linear_qkvv'\] match no linear layer"):
+        finetune(cfg)

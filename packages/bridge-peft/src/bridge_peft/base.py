@@ -187,6 +187,33 @@ class PEFT:
         """
         self.validate()
         chunks, was_list = model_chunks(model)
+        plan = self._plan(chunks)
+        adapters = [self.make_adapter(module, name, projections) for module, name, projections in plan]
+        stacked = _adapted_in_every_layer([name for _, name, _ in plan], _num_layers(chunks))
+        for (module, name, _), adapter in zip(plan, adapters):  # attached only once every adapter could be made
+            adapter.layer_stacked = stacked(name)
+            attach_adapter(module, adapter)
+        for chunk in chunks:
+            for param in _unwrap(chunk).parameters():
+                param.requires_grad_(bool(training and getattr(param, "bridge_adapter", False)))
+            embedding = getattr(_unwrap(chunk), "embedding", None)
+            if training and embedding is not None and not hasattr(embedding, _RECOMPUTE_HOOK):
+                setattr(embedding, _RECOMPUTE_HOOK, embedding.register_forward_hook(_embedding_output_needs_grad))
+        return model  # the same list (or module), now with adapters
+
+    def check_targets(self, model) -> None:
+        """Raise what applying would raise for these settings and targets on ``model``, attaching nothing: bridge-
+        train runs it on the fresh model, before the pretrained weights load (a misspelled target fails in
+        seconds, not after a 70B load). Every rank calls it.
+
+        Raises:
+            ValueError: as :meth:`__call__` for bad settings, targets matching no layer, or refused layers.
+        """
+        self.validate()
+        self._plan(model_chunks(model)[0])
+
+    def _plan(self, chunks: list) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
+        """``(module, global name, projections)`` of every layer to adapt; raises for refused or unmatched targets."""
         plan: list[tuple[nn.Module, str, tuple[str, ...]]] = []
         hits = dict.fromkeys(self.target_modules, 0)
         linear_names: list[str] = []
@@ -223,18 +250,7 @@ class PEFT:
                     "linear_fc1_up separately)") if hf else ""
             raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
                              f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
-        adapters = [self.make_adapter(module, name, projections) for module, name, projections in plan]
-        stacked = _adapted_in_every_layer([name for _, name, _ in plan], _num_layers(chunks))
-        for (module, name, _), adapter in zip(plan, adapters):  # attached only once every adapter could be made
-            adapter.layer_stacked = stacked(name)
-            attach_adapter(module, adapter)
-        for chunk in chunks:
-            for param in _unwrap(chunk).parameters():
-                param.requires_grad_(bool(training and getattr(param, "bridge_adapter", False)))
-            embedding = getattr(_unwrap(chunk), "embedding", None)
-            if training and embedding is not None and not hasattr(embedding, _RECOMPUTE_HOOK):
-                setattr(embedding, _RECOMPUTE_HOOK, embedding.register_forward_hook(_embedding_output_needs_grad))
-        return model  # the same list (or module), now with adapters
+        return plan
 
     # ------------------------------------------------------------------------------- inspection
     @staticmethod

@@ -92,6 +92,17 @@ def _pretrained_weights_hook(path: str):
     return load
 
 
+def _peft_check_hook(peft):
+    """Pre-wrap hook: the PEFT method's ``check_targets`` (a target that matches no layer fails before a large
+    pretrained checkpoint is read, not after)."""
+
+    def check(chunks: list) -> list:
+        peft.check_targets(chunks)
+        return chunks
+
+    return check
+
+
 def _peft_hook(peft):
     def apply(chunks: list) -> list:
         out = peft(chunks, training=True)
@@ -175,6 +186,8 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
         raise MissingCheckpointError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
                                      "checkpoint.exit_on_missing_checkpoint is set")
     hooks = []
+    if finetune and callable(getattr(cfg.peft, "check_targets", None)):
+        hooks.append(_peft_check_hook(cfg.peft))  # on the fresh model, before any weights load
     pretrained = cfg.checkpoint.pretrained_checkpoint
     if cfg.checkpoint.finetune and not pretrained and resume is None:
         raise MissingCheckpointError(f"checkpoint.finetune is true but checkpoint.load={cfg.checkpoint.load!r} holds "

@@ -37,7 +37,8 @@ class TokenizerConfigLike(Protocol):
 class PeftLike(Protocol):
     """A PEFT method: ``peft(model, training)`` returns the model with adapters applied; an optional
     ``save_hf(bridge, model, path)`` makes ``checkpoint.save_hf`` write its adapters in an HF form, an optional
-    ``validate()`` (raising ValueError) is part of the config check, before anything is built."""
+    ``validate()`` (raising ValueError) is part of the config check, before anything is built, and an optional
+    ``check_targets(model)`` runs on the fresh model before the pretrained weights load."""
 
     def __call__(self, model: Any, training: bool = True) -> Any:
         """Apply the method to ``model`` (a list of model chunks)."""
