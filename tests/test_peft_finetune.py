@@ -500,15 +500,20 @@ def test_resuming_adapters_onto_another_base_names_both(tiny_hf, dora_checkpoint
         assert (message in caplog.text) is warned, caplog.text
 
 
-def test_a_target_matching_no_layer_fails_before_the_pretrained_weights_load(tiny_hf, monkeypatch):
+@pytest.mark.parametrize(("override", "error"), [
+    ("peft.target_modules=[linear_qkvv]", r"LoRA.target_modules \['linear_qkvv'\] match no linear layer"),
+    ("dataset.seq_length=16", r"No usable (train|valid) rows of .*sft.jsonl: every row was dropped"),
+])
+def test_bad_targets_or_data_fail_before_the_pretrained_weights_load(tiny_hf, monkeypatch, override, error):
+    """Mistakes only the model or the data reveal fail before a (possibly 70B) pretrained checkpoint is read."""
     from bridge_convert import AutoBridge
     from bridge_peft import LoRA
-    from bridge_train import finetune
+    from bridge_train import apply_overrides, finetune
 
     def no_load(*args, **kwargs):
-        raise AssertionError("the pretrained weights were read before the targets were checked")
+        raise AssertionError("the pretrained weights were read first")
 
     monkeypatch.setattr(AutoBridge, "load_hf_weights", no_load)
-    cfg = make_config(tiny_hf, None, train_iters=2, peft=LoRA(dim=4, alpha=8, target_modules=["linear_qkvv"]))
-    with pytest.raises(ValueError, match=r"LoRA.target_modules \['linear_qkvv'\] match no linear layer"):
-        finetune(cfg)
+    cfg = make_config(tiny_hf, None, train_iters=2, peft=LoRA(dim=4, alpha=8))
+    with pytest.raises(ValueError, match=error):
+        finetune(apply_overrides(cfg, [override]))

@@ -1,8 +1,9 @@
-"""Everything a run needs, built in order: config check, runtime, tokenizer, model, optimizer, scheduler, data,
-and the resume from a checkpoint.
+"""Everything a run needs, built in order: config check, tokenizer, runtime, datasets, model, optimizer,
+scheduler, the resume from a checkpoint, and the data iterators.
 
 The config is finalized (and so validated) before any process group or model exists, so a bad override fails in
-a second with the field named.
+a second with the field named; the datasets are built before the model, so bad data fails before a large
+checkpoint is read.
 """
 
 from __future__ import annotations
@@ -199,6 +200,12 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
         hooks.append(_pretrained_weights_hook(pretrained))
     if finetune and cfg.peft is not None:
         hooks.append(_peft_hook(cfg.peft))
+    # The data before the model: a dataset that cannot be built fails before a large checkpoint is read.
+    train_samples, valid_samples, test_samples = _dataset_sizes(cfg)
+    train_ds, valid_ds, _ = cfg.dataset.build(tokenizer, train_samples=train_samples,
+                                              valid_samples=valid_samples or None, test_samples=test_samples or None)
+    if train_ds is None:
+        raise ValueError("the dataset config produced no training data")
     model = cfg.model.provide_distributed_model(
         wrap_with_ddp=True, ddp_config=cfg.ddp, pre_wrap_hooks=hooks, seed=cfg.rng.seed,
         overlap_param_gather_with_optimizer_step=False,
@@ -228,11 +235,6 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
             say(f"nothing left to train: the checkpoint is at iteration {saved.iteration} and train.train_iters is "
                 f"{cfg.train.train_iters}; raise train.train_iters to train on")
 
-    train_samples, valid_samples, test_samples = _dataset_sizes(cfg)
-    train_ds, valid_ds, _ = cfg.dataset.build(tokenizer, train_samples=train_samples,
-                                              valid_samples=valid_samples or None, test_samples=test_samples or None)
-    if train_ds is None:
-        raise ValueError("the dataset config produced no training data")
     chunks = len(model)
     run.train_iterator = _iterators(cfg, train_ds, parallel, run.train_state.consumed_train_samples, cycle=False,
                                     chunks=chunks)
