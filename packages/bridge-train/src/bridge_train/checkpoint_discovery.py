@@ -117,6 +117,11 @@ def find_resume_checkpoint(load_dir: str | None, *, fallback_to_previous: bool =
     else:
         complete = complete_iterations(root)
         if not complete:
+            if (root / "config.json").is_file():
+                raise CheckpointError(
+                    f"checkpoint.load={load_dir} is an HF model directory (config.json), not a checkpoint of a run: "
+                    f"to train from its weights set checkpoint.pretrained_checkpoint={load_dir}; checkpoint.load is "
+                    "where a run resumes from (its checkpoint.save directory)")
             return None
         iteration, target = complete[-1]
         say(f"{root} has no {TRACKER_FILE}: resuming from the newest complete checkpoint {target.name}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bridge_convert.runtime import ParallelLayout, ParallelState, initialize_parallel
@@ -190,6 +191,9 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     if finetune and callable(getattr(cfg.peft, "check_targets", None)):
         hooks.append(_peft_check_hook(cfg.peft))  # on the fresh model, before any weights load
     pretrained = cfg.checkpoint.pretrained_checkpoint
+    if pretrained and not Path(pretrained).exists():
+        raise MissingCheckpointError(f"checkpoint.pretrained_checkpoint={pretrained} does not exist; point it at an "
+                                     "HF model directory or a Megatron checkpoint")
     if cfg.checkpoint.finetune and not pretrained and resume is None:
         raise MissingCheckpointError(f"checkpoint.finetune is true but checkpoint.load={cfg.checkpoint.load!r} holds "
                                      "no checkpoint of this run to resume and checkpoint.pretrained_checkpoint is not "
