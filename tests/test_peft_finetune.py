@@ -517,3 +517,18 @@ def test_bad_targets_or_data_fail_before_the_pretrained_weights_load(tiny_hf, mo
     cfg = make_config(tiny_hf, None, train_iters=2, peft=LoRA(dim=4, alpha=8))
     with pytest.raises(ValueError, match=error):
         finetune(apply_overrides(cfg, [override]))
+
+
+def test_a_split_without_training_or_validation_data_is_named(tiny_hf, caplog):
+    import logging
+
+    from bridge_train import apply_overrides, finetune
+
+    cfg = make_config(tiny_hf, None, train_iters=2)
+    with pytest.raises(ValueError, match=r"no training data \(dataset.split=0,100,0\); give the training split"):
+        finetune(apply_overrides(cfg, ["dataset.split=0,100,0"]))
+    with caplog.at_level(logging.WARNING, logger="bridge"):
+        finetune(apply_overrides(make_config(tiny_hf, None, train_iters=2),
+                                 ["dataset.split=100,0,0", "train.eval_interval=1"]))
+    assert ("train.eval_interval=1, but the dataset has no validation data (dataset.split=100,0,0): no evaluation "
+            "will run") in caplog.text
