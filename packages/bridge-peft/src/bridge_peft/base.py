@@ -129,6 +129,7 @@ def _embedding_output_needs_grad(module, inputs, output):
         output.requires_grad_(True)
     return output
 
+
 @dataclass(kw_only=True)
 class PEFT:
     """Base class of PEFT methods; subclasses implement :meth:`make_adapter`.

@@ -527,11 +527,11 @@ def check_optimizer_checkpointable(optimizer, device: torch.device) -> None:
     """
     from megatron.core.optimizer import distrib_optimizer
 
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     empty = not any(g["params"] for o in inner for g in o.optimizer.param_groups)
     distributed = any(isinstance(o, distrib_optimizer.DistributedOptimizer) for o in inner)
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
     flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
     flags[dist.get_rank()] = int(empty)
     dist.all_reduce(flags)
@@ -589,8 +589,9 @@ def check_resumable(path: Path, load: str) -> None:
 
     if "train_state" not in dist_checkpointing.load_common_state_dict(str(path)):
         raise CheckpointError(
-            f"checkpoint.load={load}{'' if Path(load) == path else f' ({path})'} holds model weights but no training state (a converted checkpoint, as "
-            f"bridge-convert import writes): there is no run to resume in it; to start training from its weights set "
+            f"checkpoint.load={load}{'' if Path(load) == path else f' ({path})'} holds model weights but no training "
+            "state (a converted checkpoint, as bridge-convert import writes): there is no run to resume in it; to start "
+            "training from its weights set "
             f"checkpoint.pretrained_checkpoint={path.parent if (path.parent / TRACKER_FILE).exists() else path} and "
             "point checkpoint.load / checkpoint.save at this run's own directory")
 

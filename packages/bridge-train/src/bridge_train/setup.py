@@ -209,13 +209,13 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     train_ds, valid_ds, _ = cfg.dataset.build(tokenizer, train_samples=train_samples,
                                               valid_samples=valid_samples or None, test_samples=test_samples or None)
     split = getattr(cfg.dataset, "split", None)
-    split = f" (dataset.split={split})" if isinstance(split, str) else ""
+    which = f" (dataset.split={split})" if isinstance(split, str) else ""
     if train_ds is None:
-        raise ValueError(f"the dataset config produced no training data{split}; give the training split a share")
+        raise ValueError(f"the dataset config produced no training data{which}; give the training split a share")
     if cfg.train.eval_interval and valid_ds is None and parallel.rank == 0:
         logger.warning("train.eval_interval=%d, but the dataset has no validation data%s: no evaluation will run; "
                        "give the validation split a share, or set train.eval_interval=null", cfg.train.eval_interval,
-                       split)
+                       which)
     model = cfg.model.provide_distributed_model(
         wrap_with_ddp=True, ddp_config=cfg.ddp, pre_wrap_hooks=hooks, seed=cfg.rng.seed,
         overlap_param_gather_with_optimizer_step=False,
