@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bridge_convert.cli import _build_parser, main
-from bridge_convert.testing import assert_same_checkpoint
+from bridge_convert.testing import assert_same_checkpoint, save_tiny_hf_checkpoint
 from bridge_convert.testing.__main__ import build_parser as build_testing_parser
 
 
@@ -87,6 +87,14 @@ def test_compare_prints_logit_statistics(hf_checkpoints, capsys):
     out = capsys.readouterr().out
     max_diff = float(out.split("max |diff|")[1].split()[0])
     assert max_diff < 1e-4 and "next-token match  100.00%" in out
+
+
+def test_compare_prints_a_cosine_of_one_for_identical_logits(tmp_path, capsys):
+    # a 32k vocabulary: float32 rounding printed the identical logits' cosine as 0.999999
+    ckpt = save_tiny_hf_checkpoint(tmp_path / "hf", "qwen3", vocab_size=32000)
+    assert main(["compare", ckpt, "--seq-len", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "max |diff|        0\n" in out and "cosine (min/mean) 1.000000 / 1.000000" in out
 
 
 @pytest.mark.parametrize("argv,message", [

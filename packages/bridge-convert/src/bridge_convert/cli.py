@@ -256,7 +256,8 @@ def _cmd_compare(args) -> int:
         hf = hf_model(ids.to(device)).logits.float().cpu()
     _require_finite({"Megatron": megatron, "HF": hf}, {"HF": hf_model, "Megatron": model[0]}, args)
     diff = (megatron - hf).abs()
-    cosine = torch.nn.functional.cosine_similarity(megatron.flatten(0, 1), hf.flatten(0, 1), dim=-1)
+    # in float64: float32 rounding prints identical logits as "0.999999 / 1.000001"
+    cosine = torch.nn.functional.cosine_similarity(megatron.flatten(0, 1).double(), hf.flatten(0, 1).double(), dim=-1)
     match = (megatron.argmax(-1) == hf.argmax(-1)).float().mean().item()
     print(f"HF vs Megatron logits ({tuple(ids.shape)} tokens, {dtype}, {_layout_text(args)}):")
     print(f"  max |diff|        {diff.max().item():.6g}")
