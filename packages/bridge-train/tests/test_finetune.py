@@ -132,3 +132,69 @@ def test_per_token_loss_over_two_data_parallel_ranks_matches_one_process(tmp_pat
     reference = _sft_losses(root, 4, True)
     for losses in run_multiprocess(_sft_losses_dp, 2, root):
         torch.testing.assert_close(losses, reference, rtol=0, atol=1e-5)
+
+
+def _recorded_sft_run(root: str, ckpt: str, *, train_iters: int, global_batch_size: int, dataset=None):
+    """Unpacked chat SFT saving at the end into ``ckpt`` (resumed from it); returns the token rows it trained on."""
+    from pathlib import Path
+
+    from bridge_data import SFTDataConfig, TokenizerConfig
+    from bridge_train.forward_step import gpt_forward_step
+
+    root = Path(root)
+    cfg = ConfigContainer(
+        model=AutoBridge.from_hf_pretrained(root / "base").to_megatron_provider(load_weights=False),
+        train=TrainConfig(train_iters=train_iters, micro_batch_size=2, global_batch_size=global_batch_size),
+        tokenizer=TokenizerConfig(tokenizer_type="hf", path=str(root / "tokenizer")),
+        dataset=dataset or SFTDataConfig(path=str(root / "sft.jsonl"), seq_length=64, packed=False,
+                                         split="100,0,0"),
+        optimizer=OptimizerConfig(lr=5e-3, min_lr=5e-4),
+        scheduler=SchedulerConfig(lr_warmup_iters=1),
+        checkpoint=CheckpointConfig(save=ckpt, load=ckpt, pretrained_checkpoint=str(root / "base")),
+        logger=LoggerConfig(log_interval=10, print_config=False, progress_bar=False),
+    )
+    rows = []
+
+    def recording(data_iterator, model):
+        batch = next(data_iterator)
+        rows.extend(batch["tokens"].clone())
+        return gpt_forward_step(iter([batch]), model)
+
+    finetune(cfg, recording)
+    return cfg, rows
+
+
+def test_resume_with_a_smaller_global_batch_reads_on_where_the_saved_run_stopped(tmp_path):
+    # The saved run read 4 x 8 = 32 samples; the resumed one reads 2 x 4 more. Its dataset was sized
+    # train_iters x global_batch_size = 24 samples: the resume ran out of data at once (a bare StopIteration).
+    from megatron.core import dist_checkpointing
+
+    from bridge_data import build_tokenizer
+
+    root = _sft_inputs(tmp_path)
+    ckpt = str(tmp_path / "ckpt")
+    _, first = _recorded_sft_run(root, ckpt, train_iters=4, global_batch_size=8)
+    cfg, second = _recorded_sft_run(root, ckpt, train_iters=6, global_batch_size=4)
+    assert len(first) == 32 and len(second) == 8
+    # the oracle: the samples at positions [0, 40) of the dataset's order (each epoch in its own seeded order)
+    dataset = cfg.dataset.build(build_tokenizer(cfg.tokenizer), train_samples=40)[0]
+    expected = [dataset[i]["tokens"] for i in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(first + second, expected))
+    saved = dist_checkpointing.load_common_state_dict(f"{ckpt}/iter_0000006")["train_state"]
+    assert saved["consumed_train_samples"] == 40
+
+
+def test_a_dataset_that_runs_out_is_named(tmp_path):
+    from bridge_data import SFTDataConfig
+
+    class OneEpoch(SFTDataConfig):  # a user's dataset config that ignores the sample counts it is asked for
+        def build(self, tokenizer, **sizes):
+            return super().build(tokenizer)
+
+    root = _sft_inputs(tmp_path)
+    dataset = OneEpoch(path=f"{root}/sft.jsonl", seq_length=64, packed=False, split="100,0,0")
+    from bridge_train.setup import TrainingDataExhaustedError
+
+    with pytest.raises(TrainingDataExhaustedError, match=r"the training data ran out: the dataset holds 32 samples and 32 have "
+                                           r"been read; .*train.train_iters x train.global_batch_size"):
+        _recorded_sft_run(root, str(tmp_path / "ckpt"), train_iters=5, global_batch_size=8, dataset=dataset)

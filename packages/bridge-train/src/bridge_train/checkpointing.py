@@ -582,18 +582,21 @@ def _torch_adam_step_fixes(optimizer):
                     param_state["step"] = param_state["step"].clone()
 
 
-def check_resumable(path: Path, load: str) -> None:
-    """Refuse, before a model is built, a checkpoint in ``checkpoint.load`` that holds weights without a training
-    state (what ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it."""
+def check_resumable(path: Path, load: str) -> TrainState:
+    """The counters saved in the checkpoint to resume (read before a model is built: the datasets are sized by
+    them). Refuses a checkpoint in ``checkpoint.load`` that holds weights without a training state (what
+    ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it."""
     from megatron.core import dist_checkpointing
 
-    if "train_state" not in dist_checkpointing.load_common_state_dict(str(path)):
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if "train_state" not in common:
         raise CheckpointError(
             f"checkpoint.load={load}{'' if Path(load) == path else f' ({path})'} holds model weights but no training "
             "state (a converted checkpoint, as bridge-convert import writes): there is no run to resume in it; to start "
             "training from its weights set "
             f"checkpoint.pretrained_checkpoint={path.parent if (path.parent / TRACKER_FILE).exists() else path} and "
             "point checkpoint.load / checkpoint.save at this run's own directory")
+    return TrainState.from_dict(common["train_state"])
 
 
 def load_training_checkpoint(run, path: Path) -> TrainState:

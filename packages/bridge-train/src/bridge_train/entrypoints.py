@@ -53,15 +53,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .forward_step import ForwardStepSignatureError
     from .loop import NonFiniteLossError
+    from .setup import TrainingDataExhaustedError
 
-    return ConfigError, CheckpointError, CheckpointMismatchError, NonFiniteLossError, ForwardStepSignatureError
+    return (ConfigError, CheckpointError, CheckpointMismatchError, NonFiniteLossError, ForwardStepSignatureError,
+            TrainingDataExhaustedError)
 
 
 @contextmanager
 def user_errors_exit(debug: bool = False) -> Iterator[None]:
     """For the ``main`` of a training script: an error that the user's config, files or data cause
     (``ConfigError``, ``CheckpointError``, bridge-convert's ``CheckpointMismatchError``, ``NonFiniteLossError``,
-    ``ForwardStepSignatureError``) is printed as its message alone
+    ``ForwardStepSignatureError``, ``TrainingDataExhaustedError``) is printed as its message alone
     (``error: ...`` on stderr, by rank 0) and the process exits with status 1; with ``debug`` it propagates
     with its traceback. Any other exception (a bug) propagates unchanged.
     """

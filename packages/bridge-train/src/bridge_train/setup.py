@@ -27,7 +27,7 @@ from .checkpointing import (
 )
 from .config import ConfigContainer
 
-__all__ = ["TrainingRun", "setup_run"]
+__all__ = ["TrainingDataExhaustedError", "TrainingRun", "setup_run"]
 
 logger = logging.getLogger("bridge")
 
@@ -121,9 +121,13 @@ def _model_bridge(provider):
     return AutoBridge.for_provider(provider)
 
 
-def _dataset_sizes(cfg: ConfigContainer) -> tuple[int, int, int]:
+def _dataset_sizes(cfg: ConfigContainer, saved: TrainState | None) -> tuple[int, int, int]:
+    """Samples to build: (train, valid, test). A resumed run reads its samples after the saved run's: with another
+    global batch size than the saved run's, that is not ``train_iters x global_batch_size``."""
     gbs = cfg.train.global_batch_size
     train = cfg.train.train_iters * gbs
+    if saved is not None:
+        train = max(train, saved.consumed_train_samples + max(0, cfg.train.train_iters - saved.iteration) * gbs)
     if cfg.train.eval_interval:
         evals = cfg.train.train_iters // cfg.train.eval_interval + 1
         return train, evals * cfg.train.eval_iters * gbs, cfg.train.eval_iters * gbs
@@ -142,8 +146,33 @@ def _iterators(cfg: ConfigContainer, dataset, parallel: ParallelState, consumed:
                          dp_size=parallel.dp_size, consumed_samples=consumed, cycle=cycle)
         for _ in range(chunks)
     ]
-    iterators = [iter(loader) for loader in loaders]
+    iterators = [iter(loader) if cycle else _TrainingBatches(loader) for loader in loaders]
     return iterators if chunks > 1 else iterators[0]
+
+
+class TrainingDataExhaustedError(RuntimeError):
+    """The training data ended before ``train.train_iters``: the dataset holds fewer samples than it was asked for."""
+
+
+class _TrainingBatches:
+    """The training loader's batches; running out of them is an error that says why (a bare StopIteration would
+    surface from deep inside megatron-core's pipeline schedule)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self._batches = loader, iter(loader)
+
+    def __iter__(self) -> _TrainingBatches:
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._batches)
+        except StopIteration:
+            sampler = self.loader.batch_sampler
+            raise TrainingDataExhaustedError(
+                f"the training data ran out: the dataset holds {sampler.dataset_len} samples and "
+                f"{sampler.consumed_samples} have been read; a dataset config must build at least the samples it is "
+                "asked for (train.train_iters x train.global_batch_size)") from None
 
 
 def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
@@ -182,8 +211,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
 
     resume = find_resume_checkpoint(cfg.checkpoint.load, fallback_to_previous=cfg.checkpoint.fallback_to_previous,
                                     say=say)
-    if resume is not None:
-        check_resumable(resume, cfg.checkpoint.load)
+    saved_counters = check_resumable(resume, cfg.checkpoint.load) if resume is not None else None
     if cfg.checkpoint.load and resume is None and cfg.checkpoint.exit_on_missing_checkpoint:
         raise MissingCheckpointError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
                                      "checkpoint.exit_on_missing_checkpoint is set")
@@ -205,7 +233,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     if finetune and cfg.peft is not None:
         hooks.append(_peft_hook(cfg.peft))
     # The data before the model: a dataset that cannot be built fails before a large checkpoint is read.
-    train_samples, valid_samples, test_samples = _dataset_sizes(cfg)
+    train_samples, valid_samples, test_samples = _dataset_sizes(cfg, saved_counters)
     train_ds, valid_ds, _ = cfg.dataset.build(tokenizer, train_samples=train_samples,
                                               valid_samples=valid_samples or None, test_samples=test_samples or None)
     split = getattr(cfg.dataset, "split", None)
