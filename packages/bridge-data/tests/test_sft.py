@@ -98,6 +98,18 @@ def test_all_rows_dropped_is_an_error(tokenizer, tmp_path, write_jsonl):
         SFTDataConfig(path=path, seq_length=48, truncation="drop").build(tokenizer)
 
 
+def test_no_usable_rows_says_why(tokenizer, tmp_path, write_jsonl):
+    long_prompt = [{"messages": [{"role": "user", "content": "the quick brown fox " * 20},
+                                 {"role": "assistant", "content": "paris."}]}] * 3
+    path = write_jsonl(tmp_path / "long.jsonl", long_prompt)
+    with pytest.raises(ValueError, match=r"long.jsonl: of 3 rows, 3 lose their whole answer when cut to "
+                                         r"seq_length=16 \(the prompt fills it\); raise seq_length$"):
+        SFTDataConfig(path=path, seq_length=16).build(tokenizer)
+    with pytest.raises(ValueError, match=r"of 3 rows, 3 are longer than seq_length=16 \(truncation='drop' skips "
+                                         r"them\); raise seq_length$"):
+        SFTDataConfig(path=path, seq_length=16, truncation="drop").build(tokenizer)
+
+
 def test_pad_to_multiple_without_seq_length_padding(tokenizer, tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "hi", "completion": "x" * n} for n in (1, 9, 20)])
     train, _, _ = SFTDataConfig(path=path, seq_length=64, pad_to_seq_length=False, pad_to_multiple_of=8).build(
@@ -261,5 +273,5 @@ def test_rows_truncated_before_the_answer_are_skipped(tokenizer, tmp_path, write
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="bridge_data.sft"):
         train, _, _ = SFTDataConfig(path=path, seq_length=16).build(tokenizer)
-    assert len(train) == 1 and "1 rows without answer tokens" in caplog.text
+    assert len(train) == 1 and "1 rows cut to seq_length before their answer" in caplog.text
     assert np.isclose(float(train[0]["loss_mask"].sum()), len(tokenizer.tokenize("yo")) + 2)

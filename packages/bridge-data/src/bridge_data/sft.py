@@ -164,7 +164,11 @@ class SFTDataConfig:
         Raises:
             ValueError: On malformed rows, or a row over ``seq_length`` with ``truncation="fail"``.
         """
-        out, dropped, no_target = [], 0, 0
+        return self._tokenize(tokenizer, rows)[0]
+
+    def _tokenize(self, tokenizer: HFTokenizer, rows: Sequence[tuple[str, dict]]):
+        """(sequences, rows dropped as too long, rows cut before their answer, rows without answer tokens)."""
+        out, dropped, cut, no_target = [], 0, 0, 0
         for where, row in rows:
             schema = get_schema(self.schema, row, where)
             messages = schema.to_messages(row, where)
@@ -175,6 +179,7 @@ class SFTDataConfig:
                                            where=where)
             if not self.answer_only_loss:
                 mask = np.ones_like(mask)
+            had_target = bool(mask[1:].any())
             if len(ids) > self.seq_length:
                 if self.truncation == "fail":
                     raise ValueError(f"{where}: {len(ids)} tokens, more than seq_length={self.seq_length}; "
@@ -184,19 +189,24 @@ class SFTDataConfig:
                     continue
                 ids, mask = ids[: self.seq_length], mask[: self.seq_length]
             if not mask[1:].any():
-                no_target += 1
+                cut, no_target = cut + had_target, no_target + (not had_target)
                 continue
             out.append((ids, mask))
-        if dropped or no_target:
-            logger.warning("%d rows longer than seq_length=%d dropped, %d rows without answer tokens skipped",
-                           dropped, self.seq_length, no_target)
-        return out
+        if dropped or cut or no_target:
+            logger.warning("%d rows longer than seq_length=%d dropped, %d rows cut to seq_length before their answer "
+                           "and %d rows without answer tokens skipped", dropped, self.seq_length, cut, no_target)
+        return out, dropped, cut, no_target
 
     def _make_dataset(self, tokenizer: HFTokenizer, rows: list[tuple[str, dict]], what: str):
-        sequences = self.tokenize_rows(tokenizer, rows)
+        sequences, dropped, cut, no_target = self._tokenize(tokenizer, rows)
         if not sequences:
-            raise ValueError(f"No usable {what}: every row was dropped (over seq_length={self.seq_length} with "
-                             f"truncation={self.truncation!r}) or had no answer tokens")
+            reasons = [f"{dropped} are longer than seq_length={self.seq_length} (truncation='drop' skips them)",
+                       f"{cut} lose their whole answer when cut to seq_length={self.seq_length} (the prompt fills it)",
+                       f"{no_target} have no answer tokens"]
+            counts = (dropped, cut, no_target)
+            fix = "raise seq_length" if dropped or cut else "check the rows' answers"
+            raise ValueError(f"No usable {what}: of {len(rows)} rows, "
+                             + ", ".join(r for r, n in zip(reasons, counts) if n) + f"; {fix}")
         if self.packed:
             return PackedDataset(sequences, seq_length=self.seq_length, pad_id=tokenizer.pad,
                                  pad_to_multiple_of=self.pad_to_multiple_of)
