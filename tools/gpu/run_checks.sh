@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance checks for the lent GPU machines (device tool): run from the repo root with wheels in .whl/.
-#   bash tools/gpu/run_checks.sh [convert] [native] [optim] [train] [train1b] [peft] [recipes] [te]
+#   bash tools/gpu/run_checks.sh [convert] [native] [optim] [train] [train1b] [peft] [recipes] [te] [te-train]
 # Writes logs to $OUT (or ./gpu-logs). The GPU image has torch 2.11 and transformers but not these; fetch them here:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform any -d .whl megatron-core==0.19.2 liger-kernel==0.8.5 omegaconf==2.4.0
@@ -9,9 +9,10 @@
 # spec's kernels against torch / the local spec, ~1.5 minutes), "optim" (bridge-train's fused optimizer step inside
 # megatron-core's bf16 optimizer, and a distributed-optimizer resume, ~1.5 minutes), "train1b", "peft" (bridge-peft's GPU tests, the TE spec's when TE
 # imports) and "recipes" (llama32_1b_pretrain at seq 8192, llama32_3b_sft and llama3_8b_lora with random weights,
-# 20 iterations each through bridge-run, ~4 minutes) one. "te" runs every GPU test with Transformer Engine
-# importable (build it first: tools/gpu/README.md): conversion per spec (TE with and without TF32), the
-# native tests, bridge-peft's, the optimizer step and bf16 / FP8 training with the TE spec.
+# 20 iterations each through bridge-run, ~4 minutes) one. "te" and "te-train" run every GPU test with Transformer
+# Engine importable (build it first: tools/gpu/README.md), in two calls (together they take longer than one call
+# may run): "te" conversion per spec (TE with and without TF32), the native tests and bridge-peft's (~5 minutes);
+# "te-train" the optimizer step, bf16 / FP8 training with the TE spec, the resume and PEFT on FP8 weights (~4.5).
 set -uo pipefail
 # shellcheck source=tools/gpu/env.sh
 source "$(dirname "$0")/env.sh" || exit 1
@@ -43,11 +44,12 @@ for step in $steps; do
         # shellcheck disable=SC2086
         timeout 240 python3 -m bridge_recipes.run $recipe "${quick[@]}" 2>&1 | grep -v -i warn | tail -8 >> "$OUT/recipes_gpu.log"
       done ;;
-    te) python3 -c "import transformer_engine.pytorch" || { echo "te: Transformer Engine does not import; build it first (tools/gpu/README.md)" > "$OUT/te_gpu.log"; continue; }
-      timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -rA packages/bridge-convert/tests packages/bridge-peft/tests \
-        packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py packages/bridge-train/tests/test_resume_gpu.py tests/test_peft_fp8_gpu.py 2>&1 \
-        | quiet > "$OUT/te_gpu_full.log"
-      grep -E "max \||max relative|PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/te_gpu_full.log" | tail -90 > "$OUT/te_gpu.log" ;;
+    te|te-train) python3 -c "import transformer_engine.pytorch" || { echo "$step: Transformer Engine does not import; build it first (tools/gpu/README.md)" > "$OUT/${step}_gpu.log"; continue; }
+      if [ "$step" = te ]; then tests=(packages/bridge-convert/tests packages/bridge-peft/tests)
+      else tests=(packages/bridge-train/tests/optim packages/bridge-train/tests/test_te_training_gpu.py
+                  packages/bridge-train/tests/test_resume_gpu.py tests/test_peft_fp8_gpu.py); fi
+      timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -rA "${tests[@]}" 2>&1 | quiet > "$OUT/${step}_gpu_full.log"
+      grep -E "max \||max relative|PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/${step}_gpu_full.log" | tail -90 > "$OUT/${step}_gpu.log" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
