@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from bridge_data import PretrainDataConfig
 from bridge_train import ConfigError, pretrain
 from bridge_train.loop import NonFiniteLossError
 
@@ -217,3 +219,30 @@ def test_profiler_writes_a_trace_for_the_window(run_config, tmp_path):
                            "profiling.profile_dir": str(tmp_path / "prof")}))
     traces = list((tmp_path / "prof").glob("*.pt.trace.json*"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+class _OtherData(PretrainDataConfig):
+    """Another kind of dataset config (as another recipe's would be)."""
+
+
+def test_resuming_a_run_saved_on_other_data_says_so(run_config, tmp_path, caplog):
+    # a checkpoint directory reused by a run on other data (another bridge-run recipe into the same --dir): the
+    # resume goes on from that run's consumed samples, skipping as many of this run's, and says so
+    ckpt = str(tmp_path / "ckpt")
+    pretrain(run_config(**{"checkpoint.save": ckpt, "train.train_iters": 4}))
+    with caplog.at_level("WARNING", logger="bridge"):
+        pretrain(run_config(**{"checkpoint.save": ckpt, "checkpoint.load": ckpt, "train.train_iters": 5}))
+    assert "other data" not in caplog.text  # the same data: no warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bridge"):
+        pretrain(run_config(**{"checkpoint.load": ckpt, "train.train_iters": 6, "dataset.split": "90,10,0"}))
+    assert "which a run on other data saved (dataset.split: '98,1,1' (checkpoint) vs '90,10,0' (config))" in caplog.text
+    assert "goes on from that run's iteration 5, optimizer and schedule, and skips the first 40 samples" in caplog.text
+    assert f"checkpoint.pretrained_checkpoint={ckpt} " in caplog.text
+    caplog.clear()
+    cfg = run_config(**{"checkpoint.load": ckpt, "train.train_iters": 7})
+    cfg.dataset = _OtherData(**{f.name: getattr(cfg.dataset, f.name) for f in dataclasses.fields(cfg.dataset)})
+    with caplog.at_level("WARNING", logger="bridge"):
+        pretrain(cfg)
+    assert "(dataset bridge_data.pretrain.PretrainDataConfig (checkpoint) vs " in caplog.text
+    assert "_OtherData (config))" in caplog.text

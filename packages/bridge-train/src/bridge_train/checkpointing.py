@@ -459,16 +459,40 @@ def _peft_differences(peft, path: Path) -> list[str]:
             if name in theirs and theirs[name] != value]
 
 
-def _saved_pretrained_checkpoint(path: Path) -> str | None:
-    """``checkpoint.pretrained_checkpoint`` of the run that saved checkpoint ``path`` (its resolved config)."""
+def _saved_run_config(path: Path) -> dict[str, Any]:
+    """The resolved config of the run that saved checkpoint ``path`` as plain data; empty if it cannot be read."""
     import yaml
 
     try:
         saved = yaml.safe_load((Path(path) / RUN_CONFIG_FILE).read_text())
     except (OSError, yaml.YAMLError):
-        return None
-    value = (saved.get("checkpoint") or {}).get("pretrained_checkpoint") if isinstance(saved, dict) else None
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _saved_pretrained_checkpoint(path: Path) -> str | None:
+    """``checkpoint.pretrained_checkpoint`` of the run that saved checkpoint ``path`` (its resolved config)."""
+    value = (_saved_run_config(path).get("checkpoint") or {}).get("pretrained_checkpoint")
     return value if isinstance(value, str) else None
+
+
+_DATA_SOURCE_FIELDS = ("mock", "paths", "path", "valid_path", "test_path", "split")
+"""Dataset fields that say which samples a run reads (a resumed run skips the saved run's consumed samples)."""
+
+
+def _data_differences(cfg, path: Path) -> list[str]:
+    """How this run's dataset differs from that of the run that saved checkpoint ``path``: its class, or a field
+    naming the data (:data:`_DATA_SOURCE_FIELDS`)."""
+    from .config.yaml_io import to_dict
+
+    theirs = _saved_run_config(path).get("dataset")
+    ours = to_dict(cfg, warn=False).get("dataset")
+    if not isinstance(theirs, dict) or not isinstance(ours, dict):
+        return []
+    if theirs.get("_target_") != ours.get("_target_"):
+        return [f"dataset {theirs.get('_target_')} (checkpoint) vs {ours.get('_target_')} (config)"]
+    return [f"dataset.{name}: {theirs[name]!r} (checkpoint) vs {ours[name]!r} (config)" for name in
+            _DATA_SOURCE_FIELDS if name in theirs and name in ours and theirs[name] != ours[name]]
 
 
 def _save_strategy(run):
@@ -644,6 +668,14 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
                        "on %s: nothing checks that the two hold the same weights (an adapter-only checkpoint keeps "
                        "no base); point checkpoint.pretrained_checkpoint at %s to continue on the base they were "
                        "trained on", path, cfg.checkpoint.pretrained_checkpoint, base, base)
+    data = _data_differences(cfg, path)
+    if data and state.rank == 0:
+        root = path.parent if (path.parent / TRACKER_FILE).exists() else path
+        logger.warning("resuming from %s, which a run on other data saved (%s): this run goes on from that run's "
+                       "iteration %d, optimizer and schedule, and skips the first %d samples of its own data; to start "
+                       "a new run from those weights instead, set checkpoint.pretrained_checkpoint=%s and point "
+                       "checkpoint.save / checkpoint.load (bridge-run: --dir) at a new directory", path,
+                       "; ".join(data), saved.iteration, saved.consumed_train_samples, root)
     sched = run.scheduler
     checkpoint_schedule = sched.use_checkpoint_opt_param_scheduler and not sched.override_opt_param_scheduler
     line = describe_schedule(sched, common["opt_param_scheduler"], train_iters=cfg.train.train_iters,
