@@ -233,7 +233,7 @@ def test_cli_export_adapter_and_merge_agree_with_peft_and_transformers(tiny_hf, 
     from bridge_peft.cli import main
 
     assert main(["export-adapter", dora_checkpoint, str(tmp_path / "adapter")]) == 0
-    assert main(["merge", dora_checkpoint, str(tmp_path / "merged"), "--base", tiny_hf]) == 0
+    assert main(["merge", dora_checkpoint, str(tmp_path / "merged")]) == 0  # onto the base its run recorded
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
@@ -288,6 +288,21 @@ def test_cli_help_and_bad_input(tiny_hf, dora_checkpoint, tmp_path, capsys):
 
     a, b = weights(tmp_path / "m1"), weights(tmp_path / "m2")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # without --base: the base the checkpoint records, which must be there
+    import json
+    import shutil
+
+    copy = shutil.copytree(dora_checkpoint, tmp_path / "copy")
+    meta_path = next(copy.glob("iter_*")) / "bridge.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["peft"]["base"] == str(Path(tiny_hf).resolve())
+    meta["peft"]["base"] = str(tmp_path / "moved")
+    meta_path.write_text(json.dumps(meta))
+    fails(["merge", str(copy), str(tmp_path / "o4")], "moved, its run's checkpoint.pretrained_checkpoint) does not "
+          "exist here: pass --base", tmp_path / "o4")
+    del meta["peft"]["base"]
+    meta_path.write_text(json.dumps(meta))
+    fails(["merge", str(copy), str(tmp_path / "o5")], "records no base model", tmp_path / "o5")
 
 
 def test_pretrained_megatron_checkpoint_is_the_base(tiny_hf, tmp_path):

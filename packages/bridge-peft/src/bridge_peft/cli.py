@@ -2,8 +2,8 @@
 
 - ``bridge-peft export-adapter CKPT OUT``: the adapters of an adapter-only Megatron checkpoint (as ``finetune``
   with ``cfg.peft`` writes them) as an HF PEFT directory (``PeftModel.from_pretrained`` / vLLM load it);
-- ``bridge-peft merge CKPT OUT --base BASE``: the base model (an HF directory or a Megatron checkpoint) with the
-  adapters merged in, as an HF checkpoint.
+- ``bridge-peft merge CKPT OUT [--base BASE]``: the base model (an HF directory or a Megatron checkpoint; default:
+  the one the run recorded) with the adapters merged in, as an HF checkpoint.
 
 The PEFT method is rebuilt from the checkpoint's ``bridge.json`` (class path and fields). Outputs are written
 into a temporary directory next to OUT and renamed into place when complete: a failure leaves nothing behind.
@@ -40,8 +40,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "write the result as an HF checkpoint.")
     p.add_argument("checkpoint", help="Megatron adapter checkpoint (root with a tracker file, or an iter_* dir)")
     p.add_argument("out", help="output HF model directory")
-    p.add_argument("--base", required=True,
-                   help="the base model the adapters were trained on: an HF directory or a Megatron checkpoint")
+    p.add_argument("--base", default=None,
+                   help="the base model the adapters were trained on: an HF directory or a Megatron checkpoint "
+                        "(default: the checkpoint.pretrained_checkpoint its run recorded)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the written weights (default: the base checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
@@ -116,6 +117,25 @@ def _model_with_adapters(ckpt: Path, base: str | None, steps):
     return bridge, model, directory
 
 
+def _recorded_base(ckpt: Path) -> str:
+    """The base model that the run which saved ``ckpt`` trained its adapters on (bridge-train records its
+    ``checkpoint.pretrained_checkpoint``), for a merge without ``--base``."""
+    from bridge_convert.megatron_ckpt import read_checkpoint_metadata, resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(ckpt)
+    entry = read_checkpoint_metadata(directory).get("peft")
+    base = entry.get("base") if isinstance(entry, dict) else None
+    if not base:
+        raise ValueError(f"{directory} records no base model (its run started from a provider's own weights or "
+                         "random ones, or an older bridge-train saved it): pass --base, the HF directory or Megatron "
+                         "checkpoint the adapters were trained on")
+    if not Path(base).exists():
+        raise FileNotFoundError(f"the base model {directory} records ({base}, its run's "
+                                "checkpoint.pretrained_checkpoint) does not exist here: pass --base")
+    print(f"base model: {base} (recorded in {directory})", file=sys.stderr)
+    return base
+
+
 def _export_adapter(args) -> None:
     from tqdm.auto import tqdm
 
@@ -140,9 +160,10 @@ def _merge(args) -> None:
 
     from .merge import merge_adapters
 
-    check_output_dir(args.out, overwrite=args.overwrite, inputs=(args.checkpoint, args.base))
+    base = args.base or _recorded_base(Path(args.checkpoint))
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=(args.checkpoint, base))
     with tqdm(total=4, desc="merge", unit="step") as steps:
-        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), args.base, steps)
+        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), base, steps)
         merge_adapters(model)
         steps.update(1)
         # the tokenizer the fine-tune trained with (its checkpoint's copy), else the base's
@@ -152,7 +173,7 @@ def _merge(args) -> None:
         bridge.save_hf_pretrained(model, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                   assets_from=assets if tokenizer_kept else None)
         steps.update(1)
-    print(f"wrote {args.base} with the adapters of {directory} merged to {args.out}")
+    print(f"wrote {base} with the adapters of {directory} merged to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

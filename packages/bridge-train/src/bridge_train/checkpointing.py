@@ -339,7 +339,10 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
     else:
         metadata, assets = {"format_version": FORMAT_VERSION, "iteration": iteration, "architecture": None}, None
     if adapter_only_checkpoints(cfg):
-        metadata = {**metadata, "peft": _peft_metadata(cfg.peft)}
+        base = cfg.checkpoint.pretrained_checkpoint
+        # the base the adapters were trained on, for `bridge-peft merge` (the checkpoint keeps no base weights)
+        metadata = {**metadata, "peft": {**_peft_metadata(cfg.peft),
+                                         "base": str(Path(base).resolve()) if base else None}}
     files = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n", RUN_CONFIG_FILE: cfg.to_yaml()}
     tokenizer = _training_tokenizer(run) if assets is not None else None
     needed = _checkpoint_bytes(sharded, state.device)
