@@ -167,8 +167,10 @@ def test_templates_that_render_by_where_the_conversation_ends_mask_every_turn(sa
 
 def test_chat_data_without_template_names_tokenizer_and_file(plain_tokenizer, tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
-    with pytest.raises(ValueError, match=r"plain-tokenizer.*has no chat template.*chat.jsonl"):
+    with pytest.raises(ValueError, match=r"plain-tokenizer.*has no chat template.*chat.jsonl") as err:
         SFTDataConfig(path=path, seq_length=64).build(plain_tokenizer)
+    # the spellings of a bridge-train config / bridge-run override too
+    assert "tokenizer.chat_template" in str(err.value) and "dataset.use_chat_template=false" in str(err.value)
 
 
 def test_multi_turn_rows_need_a_chat_template(plain_tokenizer, tmp_path, write_jsonl):

@@ -137,7 +137,8 @@ class SFTDataConfig:
         if self.use_chat_template and not tokenizer.chat_template:
             raise ValueError(
                 f"Tokenizer {tokenizer.name_or_path} has no chat template, needed for the chat data in {self.path}; "
-                "give TokenizerConfig.chat_template, or set SFTDataConfig.use_chat_template=False for "
+                "give TokenizerConfig.chat_template (in a bridge-train config or override: tokenizer.chat_template), "
+                "or set SFTDataConfig.use_chat_template=False (dataset.use_chat_template=false) for "
                 "prompt/completion data"
             )
         if self.split is None:
