@@ -246,3 +246,33 @@ def test_resuming_a_run_saved_on_other_data_says_so(run_config, tmp_path, caplog
         pretrain(cfg)
     assert "(dataset bridge_data.pretrain.PretrainDataConfig (checkpoint) vs " in caplog.text
     assert "_OtherData (config))" in caplog.text
+
+
+def _indexed_corpus(root) -> str:
+    """A small indexed dataset of token ids < 128 (the tiny model's vocabulary): 67 samples of 32 tokens per epoch,
+    so a run of 10 x 8 samples spans two epochs of megatron-core's GPTDataset and one of 5 x 8 fits in one."""
+    import random
+
+    from bridge_data import PreprocessConfig, TokenizerConfig, preprocess
+    from bridge_data.testing import write_jsonl
+
+    rng = random.Random(0)
+    rows = [{"text": " ".join(str(rng.randrange(127)) for _ in range(rng.randint(20, 80)))} for _ in range(40)]
+    prefix = str(root / "corpus")
+    preprocess(PreprocessConfig(inputs=[write_jsonl(root / "corpus.jsonl", rows)], output_prefix=prefix,
+                                tokenizer=TokenizerConfig(tokenizer_type="null", vocab_size=128), progress=False))
+    return prefix
+
+
+def test_a_shorter_resumed_run_reads_the_samples_of_the_saved_one(run_config, tmp_path):
+    # The saved run built its dataset for 10 x 8 samples (two epochs); the resume stops earlier (train_iters=5).
+    # Its dataset was built for 5 x 8 samples: one epoch, which megatron-core's GPTDataset orders differently,
+    # so iteration 5 read other samples than the saved run would have.
+    data = {"dataset.mock": False, "dataset.paths": [_indexed_corpus(tmp_path)], "dataset.split": "100,0,0",
+            "dataset.cache_dir": str(tmp_path / "cache")}
+    straight = pretrain(run_config(**data, **{"train.train_iters": 10}))
+    ckpt = str(tmp_path / "ckpt")
+    first = pretrain(run_config(**data, **{"train.train_iters": 10, "train.exit_interval": 4, "checkpoint.save": ckpt}))
+    second = pretrain(run_config(**data, **{"train.train_iters": 5, "checkpoint.load": ckpt}))
+    assert len(first) == 4 and len(second) == 1
+    assert first + second == straight[:5]  # bitwise

@@ -67,6 +67,9 @@ class TrainState:
     consumed_valid_samples: int = 0
     skipped_iterations: int = 0
     floating_point_operations_so_far: float = 0.0
+    train_samples: int = 0
+    """Training samples the run's dataset was built for (0: not recorded, a checkpoint of an older bridge-train);
+    a resume builds at least as many, so that the dataset, and megatron-core's sample order, stay the same."""
     world_size: int = 1
     """World size of the run that saved; RNG states are restored only into the same world."""
 
