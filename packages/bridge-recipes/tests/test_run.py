@@ -80,8 +80,9 @@ def test_dry_run_validates_and_prints_without_building(capsys, monkeypatch, tmp_
     monkeypatch.setattr(GPTModelProvider, "provide", refuse)
     assert main(["llama3_70b_pretrain", "--dry-run", "--dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "needs a multiple of 32 processes: torchrun --nproc-per-node 32 $(which bridge-run) llama3_70b_pretrain" \
-        in out
+    # 32 processes are four nodes of 8 GPUs
+    assert ("needs a multiple of 32 processes: torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d "
+            "--rdzv-endpoint HOST:PORT $(which bridge-run) llama3_70b_pretrain ... (on each of the 4 nodes)") in out
     assert "80 layers, hidden 8192, 64 heads (8 KV groups), FFN 28672, vocab 128256, 70.55B parameters" in out
     assert "TP 4, PP 4, VP 5, CP 2, SP on" in out and "pretrain(cfg, gpt_forward_step)" in out
     assert not (tmp_path / "run").exists()

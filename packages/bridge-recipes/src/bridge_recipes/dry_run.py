@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["describe", "parameter_count"]
+__all__ = ["describe", "parameter_count", "torchrun_command"]
+
+GPUS_PER_NODE = 8
+"""GPUs of one node in the launch commands bridge-run suggests (layouts of more processes span nodes)."""
+
+
+def torchrun_command(processes: int, recipe: str) -> str:
+    """The torchrun line for ``processes`` ranks: one node up to :data:`GPUS_PER_NODE`, else whole nodes."""
+    if processes <= GPUS_PER_NODE or processes % GPUS_PER_NODE:
+        return f"torchrun --nproc-per-node {processes} $(which bridge-run) {recipe} ..."
+    nodes = processes // GPUS_PER_NODE
+    return (f"torchrun --nnodes {nodes} --nproc-per-node {GPUS_PER_NODE} --rdzv-backend c10d --rdzv-endpoint "
+            f"HOST:PORT $(which bridge-run) {recipe} ... (on each of the {nodes} nodes)")
 
 
 def parameter_count(model: Any) -> int:
@@ -54,8 +66,8 @@ def describe(recipe: Any, cfg: Any, world_size: int, launched: bool) -> str:
               f"{model.virtual_pipeline_model_parallel_size or '-'}, CP {model.context_parallel_size}, SP "
               f"{'on' if model.sequence_parallel else 'off'}: {need} process{'es' if need > 1 else ''} per replica")
     launch = (f"{world_size} processes (DP {dp})" if launched else
-              f"needs a multiple of {need} processes: torchrun --nproc-per-node {need} $(which bridge-run) "
-              f"{recipe.name} ..." if need > 1 else "1 process (plain python or torchrun)")
+              f"needs a multiple of {need} processes: {torchrun_command(need, recipe.name)}" if need > 1
+              else "1 process (plain python or torchrun)")
     precision = cfg.mixed_precision if isinstance(cfg.mixed_precision, str | None) else cfg.mixed_precision.name
     if cfg.checkpoint.save:
         when = (f"every {cfg.checkpoint.save_interval} iterations and at the end" if cfg.checkpoint.save_interval

@@ -238,6 +238,8 @@ def _world_size() -> tuple[int, bool]:
 
 def _check_layout(recipe, cfg, world_size: int, launched: bool, dry_run: bool) -> int:
     """The world size to validate with; raises UsageError when the layout does not fit this launch."""
+    from .dry_run import torchrun_command
+
     model = cfg.model
     need = model.tensor_model_parallel_size * model.pipeline_model_parallel_size * model.context_parallel_size
     if world_size % need == 0:
@@ -247,7 +249,7 @@ def _check_layout(recipe, cfg, world_size: int, launched: bool, dry_run: bool) -
     raise UsageError(
         f"{recipe.name} needs a multiple of {need} processes (TP {model.tensor_model_parallel_size} x PP "
         f"{model.pipeline_model_parallel_size} x CP {model.context_parallel_size}), this launch has {world_size}; "
-        f"run torchrun --nproc-per-node {need} $(which bridge-run) {recipe.name} ..., or lower "
+        f"run {torchrun_command(need, recipe.name)}, or lower "
         "model.tensor_model_parallel_size / pipeline_model_parallel_size / context_parallel_size")
 
 
