@@ -276,3 +276,30 @@ def test_a_shorter_resumed_run_reads_the_samples_of_the_saved_one(run_config, tm
     second = pretrain(run_config(**data, **{"train.train_iters": 5, "checkpoint.load": ckpt}))
     assert len(first) == 4 and len(second) == 1
     assert first + second == straight[:5]  # bitwise
+
+
+def test_a_shorter_resumed_run_evaluates_on_the_samples_of_the_saved_one(run_config, tmp_path):
+    # The validation split (a tenth: about 7 samples per epoch) is sized by the evaluations of the run; a shorter
+    # resume built it for fewer epochs, ordered differently, and its evaluation at iteration 6 read other samples.
+    import bridge_train.loop as loop
+
+    data = {"dataset.mock": False, "dataset.paths": [_indexed_corpus(tmp_path)], "dataset.split": "90,10,0",
+            "dataset.cache_dir": str(tmp_path / "cache"), "train.eval_interval": 2, "train.eval_iters": 2}
+    seen = []
+    real = loop.evaluate
+
+    def recording(run, forward_step):
+        seen.append((run.train_state.iteration, real(run, forward_step)))
+        return seen[-1][1]
+
+    loop.evaluate = recording
+    try:
+        pretrain(run_config(**data, **{"train.train_iters": 10}))
+        straight, seen[:] = dict(seen), []
+        ckpt = str(tmp_path / "ckpt")
+        pretrain(run_config(**data, **{"train.train_iters": 10, "train.exit_interval": 4, "checkpoint.save": ckpt}))
+        pretrain(run_config(**data, **{"train.train_iters": 6, "checkpoint.load": ckpt}))
+    finally:
+        loop.evaluate = real
+    resumed = dict(seen)
+    assert sorted(resumed) == [2, 4, 6] and all(resumed[i] == straight[i] for i in (2, 4, 6)), (resumed, straight)

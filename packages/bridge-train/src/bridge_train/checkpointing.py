@@ -70,6 +70,8 @@ class TrainState:
     train_samples: int = 0
     """Training samples the run's dataset was built for (0: not recorded, a checkpoint of an older bridge-train);
     a resume builds at least as many, so that the dataset, and megatron-core's sample order, stay the same."""
+    valid_samples: int = 0
+    """Validation samples the run's dataset was built for; likewise."""
     world_size: int = 1
     """World size of the run that saved; RNG states are restored only into the same world."""
 

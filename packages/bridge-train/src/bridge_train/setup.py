@@ -125,7 +125,7 @@ def _dataset_sizes(cfg: ConfigContainer, saved: TrainState | None) -> tuple[int,
     """Samples to build: (train, valid, test).
 
     A resumed run reads its samples after the saved run's (with another global batch size than the saved run's,
-    not ``train_iters x global_batch_size``), from a dataset at least as large as the saved run's: megatron-core's
+    not ``train_iters x global_batch_size``), from datasets at least as large as the saved run's: megatron-core's
     GPTDataset orders a dataset of fewer epochs differently, so a resume that stops earlier would read other
     samples than the saved run would have (one that goes on longer needs a larger dataset, ordered anew).
     """
@@ -136,7 +136,8 @@ def _dataset_sizes(cfg: ConfigContainer, saved: TrainState | None) -> tuple[int,
         train = max(needed, saved.train_samples) if saved.train_samples else max(train, needed)
     if cfg.train.eval_interval:
         evals = cfg.train.train_iters // cfg.train.eval_interval + 1
-        return train, evals * cfg.train.eval_iters * gbs, cfg.train.eval_iters * gbs
+        valid = max(evals * cfg.train.eval_iters * gbs, saved.valid_samples if saved is not None else 0)
+        return train, valid, cfg.train.eval_iters * gbs
     return train, 0, 0
 
 
@@ -267,13 +268,14 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
 
     run = TrainingRun(cfg=cfg, parallel=parallel, model=model, optimizer=optimizer, scheduler=scheduler,
                       tokenizer=tokenizer, bridge=bridge,
-                      train_state=TrainState(world_size=parallel.world_size, train_samples=train_samples))
+                      train_state=TrainState(world_size=parallel.world_size, train_samples=train_samples,
+                                             valid_samples=valid_samples))
     if (cfg.checkpoint.save and cfg.checkpoint.save_optim) or (resume is not None and cfg.checkpoint.load_optim):
         check_optimizer_checkpointable(optimizer, parallel.device)
     if resume is not None:
         saved = load_training_checkpoint(run, resume)
         run.train_state = TrainState(**{**saved.__dict__, "world_size": parallel.world_size,
-                                        "train_samples": train_samples})
+                                        "train_samples": train_samples, "valid_samples": valid_samples})
         run.resumed_from = str(resume)
         say(f"resumed from {resume} at iteration {saved.iteration}")
         if saved.iteration >= cfg.train.train_iters:
