@@ -242,7 +242,9 @@ def test_data_flags_pick_real_data_and_win_over_a_shown_config_file(capsys, tmp_
                                                                         "tokenizer_path= (bridge-run: --hf-path",
            ("llama32_1b_pretrain", "--data-path", str(tmp_path / "absent")): "missing ['" + str(tmp_path / "absent"),
            ("llama32_1b_sft", "--allow-random-init", "--data-path", str(tmp_path / "absent.jsonl"), "--tokenizer-path",
-            tok): "SFT data path '" + str(tmp_path / "absent.jsonl") + "' does not exist"}
+            tok): "SFT data path '" + str(tmp_path / "absent.jsonl") + "' does not exist",
+           ("llama32_1b_sft", "--allow-random-init", "--data-path", chat, "--tokenizer-path", str(tmp_path / "no-tok")):
+               "tokenizer: Tokenizer directory '" + str(tmp_path / "no-tok") + "' does not exist"}
     for argv, expected in bad.items():
         assert main([*argv, "--dry-run"]) == 2, argv
         assert expected in capsys.readouterr().err, argv

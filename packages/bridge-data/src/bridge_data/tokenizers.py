@@ -42,7 +42,8 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer vocab_size must be >= 2, got {self.vocab_size}")
 
     def finalize(self) -> None:
-        """Check the fields that depend on each other; raise one ValueError listing every problem."""
+        """Check the fields that depend on each other; raise one ValueError listing every problem, or
+        FileNotFoundError for an HF tokenizer directory that is not there."""
         problems = []
         if self.tokenizer_type == "hf" and not self.path:
             problems.append("tokenizer_type='hf' needs path (a local HF tokenizer directory)")
@@ -55,6 +56,11 @@ class TokenizerConfig:
                 problems.append("tokenizer_type='null' takes no eod_token or chat_template")
         if problems:
             raise ValueError("Invalid TokenizerConfig: " + "; ".join(problems))
+        if self.tokenizer_type == "hf" and not os.path.isdir(self.path):  # before a model is built without it
+            raise FileNotFoundError(
+                f"Tokenizer directory {self.path!r} does not exist; point TokenizerConfig.path at a local HF "
+                "tokenizer directory (the output of save_pretrained)"
+            )
 
 
 class Tokenizer(ABC):
@@ -259,11 +265,6 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     cfg.finalize()
     if cfg.tokenizer_type == "null":
         return NullTokenizer(cfg.vocab_size)
-    if not os.path.isdir(cfg.path):
-        raise FileNotFoundError(
-            f"Tokenizer directory {cfg.path!r} does not exist; point TokenizerConfig.path at a local HF "
-            "tokenizer directory (the output of save_pretrained)"
-        )
     _require_tokenizer_files(cfg.path)
     from transformers import AutoTokenizer
 
