@@ -129,13 +129,16 @@ def test_405b_counts_embedding_and_loss_in_the_pipeline_split():
         pipeline_layout_with_embedding_and_loss(125, 16)
 
 
-def test_finetuning_without_weights_says_a_checkpoint_is_needed():
+def test_finetuning_without_weights_says_a_checkpoint_is_needed(tmp_path):
     from bridge_train import ConfigError
 
     cfg = MODELS["llama32_1b"].sft_config()
     with pytest.raises(ConfigError, match="checkpoint.pretrained_checkpoint at the weights to fine-tune"):
         cfg.validate(world_size=1)
-    cfg.checkpoint.pretrained_checkpoint = "/models/Llama-3.2-1B"
+    cfg.checkpoint.pretrained_checkpoint = str(tmp_path / "Llama-3.2-1B")
+    with pytest.raises(ConfigError, match="Llama-3.2-1B does not exist; point it at an HF model directory"):
+        cfg.validate(world_size=1)
+    (tmp_path / "Llama-3.2-1B").mkdir()
     cfg.validate(world_size=1)
 
 

@@ -115,16 +115,16 @@ def test_finetune_without_weights_is_refused_before_building(run_config, tmp_pat
 @pytest.mark.parametrize("mistake", ["missing pretrained", "HF directory as checkpoint.load"])
 def test_checkpoint_paths_that_cannot_be_meant_are_refused_before_building(run_config, tmp_path, monkeypatch,
                                                                             mistake):
+    # refused by the config check (so by bridge-run --dry-run too)
     from bridge_convert.testing import save_tiny_hf_checkpoint
-    from bridge_train import CheckpointError
 
     if mistake == "missing pretrained":
         cfg = run_config(**{"checkpoint.pretrained_checkpoint": str(tmp_path / "nope")})
-        error = FileNotFoundError, r"checkpoint.pretrained_checkpoint=.*nope does not exist"
+        error = ConfigError, r"checkpoint.pretrained_checkpoint=.*nope does not exist"
     else:
         hf = save_tiny_hf_checkpoint(tmp_path / "hf", "llama", seed=3)
         cfg = run_config(**{"checkpoint.load": hf})
-        error = CheckpointError, (r"checkpoint.load=.*hf is an HF model directory \(config.json\), not a checkpoint of "
+        error = ConfigError, (r"checkpoint.load=.*hf is an HF model directory \(config.json\), not a checkpoint of "
                              r"a run: to train from its weights set checkpoint.pretrained_checkpoint=")
 
     def no_model(*args, **kwargs):

@@ -79,8 +79,6 @@ def _build_tokenizer(cfg: ConfigContainer):
 
 def _pretrained_weights_hook(path: str):
     """Pre-wrap hook: load a Megatron checkpoint's or an HF checkpoint's weights into the fresh model chunks."""
-    from pathlib import Path
-
     def load(chunks: list) -> list:
         from bridge_convert import AutoBridge
         from bridge_convert.megatron_ckpt import load_model_state
@@ -225,10 +223,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     hooks = []
     if finetune and callable(getattr(cfg.peft, "check_targets", None)):
         hooks.append(_peft_check_hook(cfg.peft))  # on the fresh model, before any weights load
-    pretrained = cfg.checkpoint.pretrained_checkpoint
-    if pretrained and not Path(pretrained).exists():
-        raise MissingCheckpointError(f"checkpoint.pretrained_checkpoint={pretrained} does not exist; point it at an "
-                                     "HF model directory or a Megatron checkpoint")
+    pretrained = cfg.checkpoint.pretrained_checkpoint  # its existence: the config check (CheckpointConfig)
     if cfg.checkpoint.finetune and not pretrained and resume is None:
         raise MissingCheckpointError(f"checkpoint.finetune is true but checkpoint.load={cfg.checkpoint.load!r} holds "
                                      "no checkpoint of this run to resume and checkpoint.pretrained_checkpoint is not "
