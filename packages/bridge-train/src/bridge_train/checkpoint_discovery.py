@@ -17,7 +17,7 @@ from pathlib import Path
 from bridge_convert.megatron_ckpt import METADATA_FILE, TRACKER_FILE
 
 __all__ = ["CheckpointError", "MissingCheckpointError", "checkpoint_problem", "complete_iterations",
-           "find_resume_checkpoint"]
+           "find_resume_checkpoint", "hf_model_directory_problem"]
 
 logger = logging.getLogger("bridge")
 
@@ -43,6 +43,17 @@ def complete_iterations(root: Path) -> list[tuple[int, Path]]:
         if match and child.is_dir() and (child / METADATA_FILE).exists():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def hf_model_directory_problem(load_dir: str) -> str | None:
+    """The message for an HF model directory given as ``checkpoint.load`` (a ``config.json`` and no checkpoint of a
+    run in it: a run would silently start without its weights), else None."""
+    root = Path(load_dir)
+    if (root / "config.json").is_file() and not (root / TRACKER_FILE).exists() and not complete_iterations(root):
+        return (f"checkpoint.load={load_dir} is an HF model directory (config.json), not a checkpoint of a run: to "
+                f"train from its weights set checkpoint.pretrained_checkpoint={load_dir}; checkpoint.load is where a "
+                "run resumes from (its checkpoint.save directory)")
+    return None
 
 
 def checkpoint_problem(directory: Path) -> str | None:
@@ -117,11 +128,9 @@ def find_resume_checkpoint(load_dir: str | None, *, fallback_to_previous: bool =
     else:
         complete = complete_iterations(root)
         if not complete:
-            if (root / "config.json").is_file():
-                raise CheckpointError(
-                    f"checkpoint.load={load_dir} is an HF model directory (config.json), not a checkpoint of a run: "
-                    f"to train from its weights set checkpoint.pretrained_checkpoint={load_dir}; checkpoint.load is "
-                    "where a run resumes from (its checkpoint.save directory)")
+            problem = hf_model_directory_problem(load_dir)
+            if problem:
+                raise CheckpointError(problem)
             return None
         iteration, target = complete[-1]
         say(f"{root} has no {TRACKER_FILE}: resuming from the newest complete checkpoint {target.name}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from .fields import at_least
 
@@ -72,16 +71,11 @@ class CheckpointConfig:
 
     def _path_problems(self, prefix: str) -> list[str]:
         """Checkpoint paths that cannot be meant (read-only looks at the disk, before anything is built)."""
-        from bridge_convert.megatron_ckpt import TRACKER_FILE
+        from ..checkpoint_discovery import hf_model_directory_problem
 
         problems = []
         if self.pretrained_checkpoint and not os.path.exists(self.pretrained_checkpoint):
             problems.append(f"{prefix}.pretrained_checkpoint={self.pretrained_checkpoint} does not exist; point it at "
                             "an HF model directory or a Megatron checkpoint")
-        load = Path(self.load) if self.load else None
-        if load is not None and (load / "config.json").is_file() and not (load / TRACKER_FILE).exists() \
-                and not any(load.glob("iter_*")):
-            problems.append(f"{prefix}.load={self.load} is an HF model directory (config.json), not a checkpoint of "
-                            f"a run: to train from its weights set {prefix}.pretrained_checkpoint={self.load}; "
-                            f"{prefix}.load is where a run resumes from (its {prefix}.save directory)")
-        return problems
+        hf_load = hf_model_directory_problem(self.load) if self.load else None
+        return problems + ([hf_load] if hf_load else [])
