@@ -478,9 +478,9 @@ def _saved_run_config(path: Path) -> dict[str, Any]:
     return saved if isinstance(saved, dict) else {}
 
 
-def _saved_pretrained_checkpoint(path: Path) -> str | None:
-    """``checkpoint.pretrained_checkpoint`` of the run that saved checkpoint ``path`` (its resolved config)."""
-    value = (_saved_run_config(path).get("checkpoint") or {}).get("pretrained_checkpoint")
+def _saved_pretrained_checkpoint(saved: dict[str, Any]) -> str | None:
+    """``checkpoint.pretrained_checkpoint`` of the run whose resolved config is ``saved``."""
+    value = (saved.get("checkpoint") or {}).get("pretrained_checkpoint")
     return value if isinstance(value, str) else None
 
 
@@ -488,12 +488,12 @@ _DATA_SOURCE_FIELDS = ("mock", "paths", "path", "valid_path", "test_path", "spli
 """Dataset fields that say which samples a run reads (a resumed run skips the saved run's consumed samples)."""
 
 
-def _data_differences(cfg, path: Path) -> list[str]:
-    """How this run's dataset differs from that of the run that saved checkpoint ``path``: its class, or a field
-    naming the data (:data:`_DATA_SOURCE_FIELDS`)."""
+def _data_differences(cfg, saved: dict[str, Any]) -> list[str]:
+    """How this run's dataset differs from that of the run whose resolved config is ``saved``: its class, or a
+    field naming the data (:data:`_DATA_SOURCE_FIELDS`)."""
     from .config.yaml_io import to_dict
 
-    theirs = _saved_run_config(path).get("dataset")
+    theirs = saved.get("dataset")
     ours = to_dict(cfg, warn=False).get("dataset")
     if not isinstance(theirs, dict) or not isinstance(ours, dict):
         return []
@@ -669,14 +669,15 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
     if differences:
         logger.warning("resuming from %s with a PEFT setting other than the checkpoint's (%s): the config's values "
                        "apply from here on", path, "; ".join(differences))
-    base = _saved_pretrained_checkpoint(path) if adapters else None
+    saved_config = _saved_run_config(path)
+    base = _saved_pretrained_checkpoint(saved_config) if adapters else None
     if base and cfg.checkpoint.pretrained_checkpoint and \
             Path(base).resolve() != Path(cfg.checkpoint.pretrained_checkpoint).resolve():
         logger.warning("resuming the adapters of %s onto checkpoint.pretrained_checkpoint=%s, but they were trained "
                        "on %s: nothing checks that the two hold the same weights (an adapter-only checkpoint keeps "
                        "no base); point checkpoint.pretrained_checkpoint at %s to continue on the base they were "
                        "trained on", path, cfg.checkpoint.pretrained_checkpoint, base, base)
-    data = _data_differences(cfg, path)
+    data = _data_differences(cfg, saved_config)
     if data and state.rank == 0:
         root = path.parent if (path.parent / TRACKER_FILE).exists() else path
         logger.warning("resuming from %s, which a run on other data saved (%s): this run goes on from that run's "
