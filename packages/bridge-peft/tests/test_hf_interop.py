@@ -215,6 +215,62 @@ def test_unrepresentable_adapters_are_named(hf_checkpoints, runtime, tmp_path):
         load_hf_adapter(bridge, model, tmp_path / "embed")
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_whose_init_rewrites_the_base_are_refused_and_peft_converted_ones_load(init, hf_checkpoints, runtime,
+                                                                                       tmp_path):
+    """peft recomputes a PiSSA / OLoRA adapter's initial A, B on load and subtracts them from the base: the saved
+    A, B alone give other logits (they loaded silently before). Converted to plain LoRA by peft, it loads."""
+    from peft import LoraConfig, get_peft_model
+
+    ckpt = hf_checkpoints["llama31"]
+    torch.manual_seed(0)
+    trained = get_peft_model(_hf(ckpt), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                   init_lora_weights=init))
+    trained.peft_config["default"].init_lora_weights = True  # the initial adapter, as peft's docs save it
+    trained.save_pretrained(str(tmp_path / "initial"))
+    trained.peft_config["default"].init_lora_weights = init
+    with torch.no_grad():  # "training"
+        for name, param in trained.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    trained.save_pretrained(str(tmp_path / "raw"))
+    bridge, model = _megatron(ckpt)
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+        load_hf_adapter(bridge, model, tmp_path / "raw")
+    assert not any(hasattr(m, "adapter") for m in model[0].modules())
+
+    trained.save_pretrained(str(tmp_path / "converted"),
+                            path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with torch.no_grad():
+        theirs = trained.eval()(IDS).logits
+    load_hf_adapter(bridge, model, tmp_path / "converted")
+    torch.testing.assert_close(forward_logits(model, IDS), theirs, atol=1e-4, rtol=0)
+    assert (theirs - _hf(ckpt)(IDS).logits).abs().max() > 1e-2
+
+
+def test_adapter_config_without_r_or_alpha_takes_peft_defaults_and_a_corrupt_file_is_named(hf_checkpoints, runtime,
+                                                                                           tmp_path):
+    """peft reads a config that leaves out lora_alpha (and r) with LoraConfig's defaults; so does the import (a
+    bare KeyError before). A truncated safetensors file is an error naming it (safetensors' own error did not)."""
+    ckpt = hf_checkpoints["llama31"]
+    _peft_made_adapter(ckpt, tmp_path / "a", use_dora=False, targets=["q_proj", "down_proj"])
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["lora_alpha"] != 8
+    del config["lora_alpha"]
+    config_path.write_text(json.dumps(config))
+    theirs = _peft_logits(ckpt, tmp_path / "a")
+    bridge, model = _megatron(ckpt)
+    load_hf_adapter(bridge, model, tmp_path / "a")
+    torch.testing.assert_close(forward_logits(model, IDS), theirs, atol=1e-4, rtol=0)
+
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    bridge, model = _megatron(ckpt)
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+        load_hf_adapter(bridge, model, tmp_path / "a")
+
+
 def test_save_refuses_a_non_empty_output_and_leaves_it(hf_checkpoints, runtime, tmp_path):
     bridge, model = _megatron(hf_checkpoints["llama31"])
     LoRA(dim=2, alpha=2)(model)

@@ -17,7 +17,13 @@ __all__ = ["load_hf_adapter", "read_hf_adapter"]
 # adapter_config.json settings HF peft offers that have no megatron form here, with the value meaning "off"
 _UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
-                "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None}
+                "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
+                "velora_config": None, "monteclora_config": None, "kasa_config": None}
+# init_lora_weights values for which peft rewrites the base weights when it loads the adapter (W - s B0 A0 from the
+# initial adapter it recomputes): the saved A and B alone do not give the adapter's model
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# what peft assumes for keys an adapter_config.json leaves out (LoraConfig's defaults)
+_PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
 _CANONICAL = {("linear_qkv", 0): "linear_q", ("linear_qkv", 1): "linear_k", ("linear_qkv", 2): "linear_v",
               ("linear_fc1", 0): "linear_fc1_gate", ("linear_fc1", 1): "linear_fc1_up"}
 
@@ -46,6 +52,9 @@ def read_hf_adapter(peft_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
         config = json.loads(config_path.read_text())
     except ValueError as exc:
         raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an adapter config object")
+    config = {**_PEFT_DEFAULTS, **config}
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters (LoRA, DoRA) "
                          "can be loaded")
@@ -53,12 +62,21 @@ def read_hf_adapter(peft_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     for key, base in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
         if any(v != config.get(base) for v in (config.get(key) or {}).values()):
             bad.append(f"{key}={config[key]!r} (per-module ranks / alphas)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        bad.append(f"init_lora_weights={init!r} (peft rewrites the base weights with it when loading; convert the "
+                   "adapter to plain LoRA with peft's save_pretrained(..., "
+                   "path_initial_model_for_weight_conversion=...) and load that)")
     if bad:
         raise ValueError(f"{config_path}: cannot represent these HF peft settings on a megatron model: "
                          + ", ".join(bad))
     from safetensors.torch import load_file
 
-    return config, load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own error type for a truncated / corrupt file
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({exc}); re-save the adapter") from None
+    return config, tensors
 
 
 # tensors peft writes beside the LoRA ones: a copy of an adapted embedding layer's own weight
