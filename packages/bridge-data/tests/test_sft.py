@@ -165,6 +165,64 @@ def test_templates_that_render_by_where_the_conversation_ends_mask_every_turn(sa
         SFTDataConfig(path=path, seq_length=96).build(rewriting)
 
 
+# The same renderings with HF's {% generation %} markers around what the model must produce, so that
+# transformers' return_assistant_tokens_mask is the oracle for the mask (the markers render nothing otherwise).
+# Qwen3-like: the last assistant turn gets an empty think block. Mistral-like: the system prompt goes into the last
+# user turn, a space before each answer and the answer trimmed (Mistral v0.3's template).
+ORACLE_TEMPLATES = {
+    "last_turn_differs": (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}"
+        "{% generation %}{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|end|>\n"
+        "{% endgeneration %}{% else %}{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+    "system_in_last_user_turn": (
+        "{{ bos_token }}{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else none %}"
+        "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+        "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}[INST] "
+        "{% if system and m is sameas users[-1] %}{{ system }}\n\n{% endif %}{{ m['content'] }}[/INST]"
+        "{% else %}{% generation %} {{ m['content'] | trim }}<|end|>{% endgeneration %}{% endif %}{% endfor %}"),
+}
+ORACLE_CONVERSATIONS = {
+    "system": CONVERSATION,
+    "short_and_empty_answers": [{"role": "user", "content": "what is the answer?"},
+                                {"role": "assistant", "content": "a"},
+                                {"role": "user", "content": "the question?"}, {"role": "assistant", "content": ""},
+                                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "is"}],
+    "opens_with_assistant": [{"role": "assistant", "content": "hello world"}, {"role": "user", "content": "capital?"},
+                             {"role": "assistant", "content": "paris."}],
+    "untrimmed_answers": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                          {"role": "assistant", "content": " paris  "}, {"role": "user", "content": "world"},
+                          {"role": "assistant", "content": "twelve "}],
+}
+
+
+@pytest.mark.parametrize("sentencepiece", [False, True], ids=["byte_level", "sentencepiece"])
+@pytest.mark.parametrize(("template", "conversation"), [
+    # an opening assistant message has no generation prompt before it: whether the Mistral-like template's space
+    # before it belongs to the answer is not defined (transformers' mask says what the markers say)
+    (t, c) for t in sorted(ORACLE_TEMPLATES) for c in sorted(ORACLE_CONVERSATIONS)
+    if (t, c) != ("system_in_last_user_turn", "opens_with_assistant")])
+def test_assistant_mask_matches_transformers_generation_mask(template, conversation, sentencepiece, tmp_path):
+    """The mask equals transformers' return_assistant_tokens_mask on the same template with {% generation %}
+    markers, for templates that are not prefix-stable. Before: the first token of each answer was dropped under a
+    SentencePiece tokenizer (``▁paris`` starts at the space), and short, empty or trimmed answers and an opening
+    assistant message were refused."""
+    from bridge_data import TokenizerConfig, build_tokenizer
+    from bridge_data.sft_tokenize import tokenize_chat
+    from bridge_data.testing import save_tiny_tokenizer
+
+    path = save_tiny_tokenizer(tmp_path / "tok", chat_template=ORACLE_TEMPLATES[template],
+                               sentencepiece=sentencepiece)
+    tokenizer = build_tokenizer(TokenizerConfig(path=path))
+    messages = ORACLE_CONVERSATIONS[conversation]
+    ids, mask = tokenize_chat(tokenizer, messages, where="row")
+    oracle = tokenizer.hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                        return_assistant_tokens_mask=True)
+    assert ids.tolist() == list(oracle["input_ids"])
+    assert mask.astype(int).tolist() == list(oracle["assistant_masks"])
+    assert mask.sum() >= 2 * sum(m["role"] == "assistant" for m in messages)  # every turn has answer tokens
+
+
 def test_chat_data_without_template_names_tokenizer_and_file(plain_tokenizer, tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     with pytest.raises(ValueError, match=r"plain-tokenizer.*has no chat template.*chat.jsonl") as err:
@@ -255,12 +313,23 @@ def test_sample_counts_resample_shuffled_epochs(tokenizer, tmp_path, write_jsonl
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"split": "1,1,1", "valid_path": "v.jsonl"}, "do not also set"), ({"split": "1,x"}, "split must be"),
-     ({"pad_to_multiple_of": 5}, "multiple of pad_to_multiple_of")],
-    ids=["split-and-valid-path", "bad-split", "seq-not-multiple"],
+     ({"pad_to_multiple_of": 5}, "multiple of pad_to_multiple_of"),
+     # a row cut to seq_length would be padded past it (to 65 here): refused without seq-length padding too
+     ({"pad_to_multiple_of": 5, "pad_to_seq_length": False}, "multiple of pad_to_multiple_of")],
+    ids=["split-and-valid-path", "bad-split", "seq-not-multiple", "seq-not-multiple-unpadded"],
 )
 def test_finalize_rejects_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SFTDataConfig(path="d.jsonl", seq_length=64, **kwargs).finalize()
+
+
+def test_fields_assigned_after_construction_are_checked_at_finalize():
+    """Overrides assign fields after __init__: finalize() checks them again (pad_to_multiple_of=0 raised
+    ZeroDivisionError there)."""
+    cfg = SFTDataConfig(path="d.jsonl", seq_length=64)
+    cfg.pad_to_multiple_of, cfg.truncation = 0, "cut"
+    with pytest.raises(ValueError, match=r"truncation must be .*; pad_to_multiple_of must be >= 1, got 0"):
+        cfg.finalize()
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"truncation": "cut"}, "truncation"),

@@ -55,7 +55,8 @@ class PretrainDataConfig:
     """Restart position ids after every eod."""
 
     document_attention: bool = False
-    """Keep attention within documents: samples carry ``cu_seqlens`` at eod boundaries and positions restart."""
+    """Keep attention within documents: samples carry ``cu_seqlens`` at eod boundaries and positions restart. The
+    eod position's target stays the next document's first token; ``eod_mask_loss`` drops it."""
 
     num_dataset_builder_threads: int = 1
     """Threads megatron-core uses to build the per-prefix datasets of a blend."""

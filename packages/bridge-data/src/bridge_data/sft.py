@@ -77,6 +77,12 @@ class SFTDataConfig:
     """Prepend the tokenizer's bos id without a chat template (chat templates place their own)."""
 
     def __post_init__(self) -> None:
+        problems = self._field_problems()
+        if problems:
+            raise ValueError("Invalid SFTDataConfig: " + "; ".join(problems))
+
+    def _field_problems(self) -> list[str]:
+        """Each field on its own (again at finalize(): overrides assign fields after construction)."""
         problems = []
         if self.seq_length < 2:
             problems.append(f"seq_length must be >= 2, got {self.seq_length}")
@@ -84,22 +90,21 @@ class SFTDataConfig:
             problems.append(f"truncation must be 'truncate', 'drop' or 'fail', got {self.truncation!r}")
         if self.pad_to_multiple_of < 1:
             problems.append(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
-        if problems:
-            raise ValueError("Invalid SFTDataConfig: " + "; ".join(problems))
+        elif self.seq_length % self.pad_to_multiple_of:  # else a row cut to seq_length pads past it
+            problems.append(f"seq_length {self.seq_length} must be a multiple of pad_to_multiple_of "
+                            f"{self.pad_to_multiple_of}")
+        return problems
 
     def finalize(self) -> None:
         """Check the fields together (one ValueError listing every problem), then that the data files exist
         (FileNotFoundError naming them)."""
-        problems = []
+        problems = self._field_problems()
         if self.split is not None and (self.valid_path or self.test_path):
             problems.append("split carves valid/test from path; do not also set valid_path/test_path")
         if self.split is not None:
             parts = _parse_split(self.split)
             if parts is None:
                 problems.append(f"split must be 3 comma-separated non-negative numbers, got {self.split!r}")
-        if (self.packed or self.pad_to_seq_length) and self.seq_length % self.pad_to_multiple_of:
-            problems.append(f"seq_length {self.seq_length} must be a multiple of pad_to_multiple_of "
-                            f"{self.pad_to_multiple_of}")
         if problems:
             raise ValueError("Invalid SFTDataConfig: " + "; ".join(problems))
         missing = [f"{name} {str(path)!r}" for name, path in

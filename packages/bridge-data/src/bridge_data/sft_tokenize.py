@@ -3,16 +3,24 @@
 Chat mode renders the tokenizer's chat template. The assistant tokens are found by rendering the conversation
 up to each assistant message twice, once ending in the generation prompt and once including the message: the
 characters in between are what the model must produce (the answer and the template's end-of-turn marker).
-The full text is tokenized once, and tokens starting inside those character spans are the targets. This works
+The full text is tokenized once, and the tokens holding characters of those spans are the targets. This works
 with any template that renders conversations prefix-stably, with no ``{% generation %}`` markers needed.
 
 Templates that render a conversation differently depending on where it ends (Qwen3's adds an empty
 ``<think></think>`` block to the last assistant turn; Mistral's puts the system prompt into the last user turn)
-are not prefix-stable at the earlier turns. There the turn is found in the full text instead: the message
-contents located in order, the turn being its content plus the end-of-turn text the template puts after it.
+are not prefix-stable at the earlier turns. There the turn is found in the full text instead: the conversation is
+rendered once more with each message's content replaced by a marker, which places every content exactly (a short
+or empty answer cannot be mistaken for template text); the turn is its content plus the end-of-turn text the
+template puts after it.
+
+Targets are the tokens that hold a character of a turn (as ``return_assistant_tokens_mask`` counts them in
+transformers): a SentencePiece token such as ``▁paris`` starts at the space before the content.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,12 +56,13 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = render(messages[:i], True)
+        # HF refuses to render an empty conversation: an opening assistant message has no generation prompt
+        start = render(messages[:i], True) if i else None
         end = render(messages[: i + 1], False)
-        if full.startswith(start) and full.startswith(end) and len(start) <= len(end):
+        if start is not None and full.startswith(start) and full.startswith(end) and len(start) <= len(end):
             span = (len(start), len(end))
         else:
-            span = _turn_in_full_text(full, end, messages, i)
+            span = _turn_in_full_text(full, end, messages, i, render)
         if span is None or (spans and span[0] < spans[-1][1]):
             raise ValueError(
                 f"{where}: the chat template of {tokenizer.name_or_path} does not render this conversation "
@@ -66,32 +75,34 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
         raise ValueError(f"{where}: the conversation has no assistant message, so there is nothing to learn")
     encoded = hf(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(encoded["input_ids"], dtype=np.int64)
-    starts = np.asarray([s for s, _ in encoded["offset_mapping"]], dtype=np.int64)
+    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(ids), dtype=bool)
     for a, b in spans:
-        mask |= (starts >= a) & (starts < b)
+        mask |= (offsets[:, 1] > a) & (offsets[:, 0] < b)
     return ids, mask
 
 
-def _turn_in_full_text(full: str, last: str, messages: Messages, i: int) -> tuple[int, int] | None:
+def _turn_in_full_text(full: str, last: str, messages: Messages, i: int,
+                       render: Callable[[Messages, bool], str]) -> tuple[int, int] | None:
     """Character span in ``full`` of assistant message ``i``, for templates that render a conversation differently
     depending on where it ends (Qwen3's think block on the last assistant turn; Mistral's system prompt inside the
     last user turn).
 
-    The contents of the messages up to ``i`` (system prompts aside, which templates move) are located in order in
-    ``full`` and in ``last`` (the conversation rendered up to and with message ``i``); the turn is the content
-    followed by the end-of-turn text that ``last`` puts after it. None when that does not locate it unambiguously:
-    a content the template rewrote, more template text before the content than ``last`` has there, or a
-    different end of turn.
+    The contents of the messages up to ``i`` are placed in ``full`` and in ``last`` (the conversation rendered up
+    to and with message ``i``) by :func:`_locate`; the turn is the content followed by the end-of-turn text that
+    ``last`` puts after it. None when that does not locate it unambiguously: a content the template rewrote, more
+    template text before the content than ``last`` has there, or a different end of turn.
     """
-    located_full, located_last = _locate(full, messages[: i + 1]), _locate(last, messages[: i + 1])
+    located_full = _locate(full, messages, render)
+    located_last = _locate(last, messages[: i + 1], render)
     if located_full is None or located_last is None:
         return None
+    located_full = located_full[: len(located_last)]
 
-    def gap(located):  # template text between the previous message's content and this one's
-        return located[-1][0] - (located[-2][1] if len(located) > 1 else 0)
+    def previous_end(located):  # where the template text before the last content begins
+        return located[-2][1] if len(located) > 1 else 0
 
-    if gap(located_full) > gap(located_last):
+    if located_full[-1][0] - previous_end(located_full) > located_last[-1][0] - previous_end(located_last):
         return None
     end_of_turn = last[located_last[-1][1]:]
     at, stop = located_full[-1]
@@ -100,19 +111,43 @@ def _turn_in_full_text(full: str, last: str, messages: Messages, i: int) -> tupl
     return at, stop + len(end_of_turn)
 
 
-def _locate(text: str, messages: Messages) -> list[tuple[int, int]] | None:
-    """``(start, end)`` of each non-system message's content in ``text``, searched in order; None if one is missing
-    or empty."""
-    located, pos = [], 0
-    for message in messages:
-        content = message.get("content")
-        if message["role"] == "system":
-            continue
-        if not isinstance(content, str) or not content or (at := text.find(content, pos)) < 0:
+_MARKER = "\ue000{}\ue001"  # private-use characters: neither templates nor text use them
+_MARKERS = re.compile("\ue000(\\d+)\ue001")
+
+
+def _locate(text: str, messages: Messages, render: Callable[[Messages, bool], str]) -> list[tuple[int, int]] | None:
+    """``(start, end)`` in ``text`` (``messages`` rendered) of each non-system message's content, in order.
+
+    The messages are rendered again with markers for their contents: ``text`` must be that rendering with each
+    marker replaced by its content (as written, or stripped for templates that ``| trim`` it). None otherwise (the
+    template rewrote a content or renders by content) or when a content is missing or appears twice.
+    """
+    if not all(isinstance(m.get("content"), str) for m in messages):
+        return None
+    try:
+        marked = render([{**m, "content": _MARKER.format(k)} for k, m in enumerate(messages)], False)
+    except ValueError:
+        return None
+    pieces = _MARKERS.split(marked)  # template text, marker index, template text, ...
+    found: dict[int, tuple[int, int]] = {}
+    pos = 0
+    for j in range(0, len(pieces), 2):
+        if not text.startswith(pieces[j], pos):
             return None
-        located.append((at, at + len(content)))
-        pos = at + len(content)
-    return located
+        pos += len(pieces[j])
+        if j + 1 == len(pieces):
+            break
+        k = int(pieces[j + 1])
+        content = messages[k]["content"]
+        content = content if text.startswith(content, pos) else content.strip()
+        if k in found or not text.startswith(content, pos):
+            return None
+        found[k] = (pos, pos + len(content))
+        pos += len(content)
+    wanted = [k for k, m in enumerate(messages) if m["role"] != "system"]
+    if pos != len(text) or any(k not in found for k in wanted):
+        return None
+    return [found[k] for k in wanted]
 
 
 def tokenize_plain(tokenizer: HFTokenizer, messages: Messages, *, separator: str, add_bos: bool,

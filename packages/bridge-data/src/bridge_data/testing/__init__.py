@@ -41,16 +41,27 @@ def write_jsonl(path, rows: list[dict]) -> str:
 
 
 def save_tiny_tokenizer(path, *, chat_template: str | None = CHAT_TEMPLATE, pad: bool = True,
-                        vocab_size: int = 320) -> str:
-    """Train a byte-level BPE of ``vocab_size`` ids on generated text and save it as an HF tokenizer directory."""
+                        vocab_size: int = 320, sentencepiece: bool = False) -> str:
+    """Train a BPE of ``vocab_size`` ids on generated text and save it as an HF tokenizer directory.
+
+    Byte-level (GPT-2 / Llama 3 / Qwen style) by default; ``sentencepiece``: a Metaspace BPE as in Llama 2 and
+    Mistral's tokenizers, whose word tokens begin with the space before the word (``▁paris``).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
+    if sentencepiece:
+        bpe = Tokenizer(models.BPE(byte_fallback=True))
+        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        alphabet = []
+    else:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=alphabet)
     bpe.train_from_iterator(make_texts(400, seed=1), trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
                                  pad_token="<|pad|>" if pad else None)
