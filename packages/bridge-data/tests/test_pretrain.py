@@ -208,6 +208,14 @@ def test_finalize_rejects_bad_blend(kwargs, message):
         PretrainDataConfig(paths=["a", "b"], seq_length=SEQ, **kwargs).finalize()
 
 
+def test_fields_assigned_after_construction_are_checked_at_finalize():
+    """Overrides assign fields after __init__ (dataset.seq_length=0 passed finalize() before)."""
+    cfg = PretrainDataConfig(seq_length=SEQ)
+    cfg.seq_length, cfg.num_dataset_builder_threads = 0, 0
+    with pytest.raises(ValueError, match="seq_length must be >= 1, got 0; num_dataset_builder_threads must be >= 1"):
+        cfg.finalize()
+
+
 def test_mock_with_paths_warns_that_paths_are_ignored():
     cfg = PretrainDataConfig(paths=["a"], seq_length=SEQ, mock=True)
     with pytest.warns(UserWarning, match="ignoring paths"):

@@ -62,13 +62,19 @@ class PretrainDataConfig:
     """Threads megatron-core uses to build the per-prefix datasets of a blend."""
 
     def __post_init__(self) -> None:
-        if self.seq_length < 1:
-            raise ValueError(f"seq_length must be >= 1, got {self.seq_length}")
+        problems = self._field_problems()
+        if problems:
+            raise ValueError("Invalid PretrainDataConfig: " + "; ".join(problems))
+
+    def _field_problems(self) -> list[str]:
+        """Each field on its own (again at finalize(): overrides assign fields after construction)."""
+        return [f"{name} must be >= 1, got {getattr(self, name)}" for name in ("seq_length",
+                "num_dataset_builder_threads") if getattr(self, name) < 1]
 
     def finalize(self) -> None:
         """Derive ``mock``, check the fields together (one ValueError listing every problem), then that every
         indexed dataset is there (FileNotFoundError / ValueError naming it, as :func:`check_indexed_dataset`)."""
-        problems = []
+        problems = self._field_problems()
         if not self.paths:
             self.mock = True
         elif self.mock:
