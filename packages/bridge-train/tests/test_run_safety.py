@@ -151,14 +151,22 @@ def test_a_damaged_newest_checkpoint_names_the_file_and_the_previous_one(base, r
         pretrain(cfg)
 
 
-def test_fallback_to_previous_resumes_exactly_from_it(base, run_config, tmp_path, capsys):
+@pytest.mark.parametrize("keep_last_n", [None, 1])
+def test_fallback_to_previous_resumes_exactly_from_it(base, run_config, tmp_path, capsys, keep_last_n):
+    """With keep_last_n, pruning keeps the checkpoint just saved: it deleted it (and the previous one) and kept
+    ``iter_0000004.damaged``, which sorts after it, so nothing resumable was left."""
     ckpt = _copy(base, tmp_path)
     _truncate_shard(ckpt / "iter_0000004")
     resumed = pretrain(run_config(**{**BASE, "checkpoint.save": str(ckpt), "checkpoint.load": str(ckpt),
-                                     "checkpoint.fallback_to_previous": True}))
+                                     "checkpoint.fallback_to_previous": True,
+                                     **({"checkpoint.keep_last_n": keep_last_n} if keep_last_n else {})}))
     assert "falling back to the previous complete checkpoint iter_0000002" in capsys.readouterr().out
     assert list(resumed) == base["result"][2:]  # bitwise: the same floats as the uninterrupted run
     assert (ckpt / "iter_0000004.damaged").is_dir() and (ckpt / "iter_0000004" / "bridge.json").exists()
+    kept = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+    assert kept == (["iter_0000004", "iter_0000004.damaged"] if keep_last_n else
+                    ["iter_0000002", "iter_0000004", "iter_0000004.damaged"])
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
 def _lr_spy(monkeypatch) -> list[float]:

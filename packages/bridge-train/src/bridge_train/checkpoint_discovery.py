@@ -21,7 +21,7 @@ __all__ = ["CheckpointError", "MissingCheckpointError", "checkpoint_problem", "c
 
 logger = logging.getLogger("bridge")
 
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _DCP_METADATA = ".metadata"
 _MEGATRON_FILES = ("metadata.json",)
 
@@ -39,7 +39,7 @@ def complete_iterations(root: Path) -> list[tuple[int, Path]]:
     """``(iteration, directory)`` of every complete iteration directory under ``root``, oldest first."""
     found = []
     for child in root.iterdir() if root.is_dir() else ():
-        match = _ITER_DIR.match(child.name)
+        match = ITER_DIR.match(child.name)
         if match and child.is_dir() and (child / METADATA_FILE).exists():
             found.append((int(match.group(1)), child))
     return sorted(found)
@@ -112,7 +112,7 @@ def find_resume_checkpoint(load_dir: str | None, *, fallback_to_previous: bool =
         if problem:
             raise CheckpointError(f"cannot resume from checkpoint.load={load_dir}: {problem}")
         return root
-    if _ITER_DIR.match(root.name.removesuffix(".tmp")) or root.name.endswith(".damaged"):
+    if ITER_DIR.match(root.name.removesuffix(".tmp")) or root.name.endswith(".damaged"):
         previous = _previous_complete(root.parent, int(root.name[5:].split(".")[0]))
         hint = f"; the previous complete checkpoint is checkpoint.load={previous}" if previous else ""
         raise CheckpointError(f"checkpoint.load={load_dir} is not a complete checkpoint ({checkpoint_problem(root)})"

@@ -46,7 +46,7 @@ from bridge_convert.megatron_ckpt import (
     sharded_model_state,
 )
 
-from .checkpoint_discovery import CheckpointError, find_resume_checkpoint
+from .checkpoint_discovery import ITER_DIR, CheckpointError, find_resume_checkpoint
 from .resume_schedule import describe_schedule, reconcile_param_groups
 
 __all__ = ["AsyncSaves", "CheckpointError", "TrainState", "adapter_only_checkpoints", "check_save_dir_writable",
@@ -522,8 +522,10 @@ def _prune(root: Path, *, keep: int | None, current: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     if not keep:
         return
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / METADATA_FILE).exists()
-                      and not p.name.endswith(".tmp"))
+    # iteration directories only: an ``iter_N.damaged`` kept by a fallback also holds metadata, and sorted by name
+    # it came after ``iter_N`` (the checkpoint just saved was deleted as the older one)
+    complete = sorted((p for p in root.iterdir() if ITER_DIR.match(p.name) and p.is_dir()
+                       and (p / METADATA_FILE).exists()), key=lambda p: int(p.name.removeprefix("iter_")))
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
