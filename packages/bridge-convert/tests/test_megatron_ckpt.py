@@ -88,6 +88,27 @@ def test_extra_states_the_checkpoint_lacks_keep_the_modules_own(hf_checkpoints, 
     assert all(torch.equal(some[n], exported[n]) for n in some)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"vocab_size": 160}, r"it was saved with a vocabulary of 128 tokens, this model has 160 \(model\.vocab_size\)"),
+    ({"vocab_size": 100}, r"it was saved with a vocabulary of 128 tokens, this model has 100"),
+    ({"intermediate_size": 96}, r"decoder\.layers\.mlp\.linear_fc2\.weight: shape \(2, 64, 128\) in the "
+                                r"checkpoint, \(2, 64, 96\) in this model")])
+def test_a_checkpoint_of_other_shapes_is_refused_naming_the_tensor(change, message, tmp_path, runtime):
+    """megatron-core lets the embedding and output layer load at another size (their padded vocabulary depends on
+    TP): a checkpoint of another vocabulary loaded silently, rows cut off or left random. Other shape
+    mismatches were refused without naming the tensor."""
+    from bridge_convert import CheckpointMismatchError
+    from bridge_convert.testing import save_tiny_hf_checkpoint
+
+    saved = save_tiny_hf_checkpoint(tmp_path / "saved", "llama32", vocab_size=128, seed=1)
+    other = save_tiny_hf_checkpoint(tmp_path / "other", "llama32", seed=2, **{"vocab_size": 128, **change})
+    AutoBridge.import_ckpt(saved, tmp_path / "mcore")
+    bridge = AutoBridge.from_hf_pretrained(other)
+    model = bridge.to_megatron_model(load_weights=False)
+    with pytest.raises(CheckpointMismatchError, match=r"cannot load checkpoint .* into this model: " + message):
+        bridge.load_megatron_checkpoint(model, tmp_path / "mcore")
+
+
 def test_a_checkpoint_without_a_tensor_the_model_needs_is_one_clear_error(tmp_path, runtime):
     """torch's CheckpointException is a BaseException, which escaped as a traceback; now the load says which tensor
     the checkpoint lacks, and for an adapter-only (PEFT) checkpoint what it is and what to use instead."""

@@ -144,6 +144,35 @@ def _drop_missing_extra_states(request: dict[str, Any], keys: list[str], directo
     return dropped
 
 
+def _shape_problems(request: dict[str, Any], directory: Path, modules: list) -> list[str]:
+    """Tensors whose saved global shape differs from the model's, and a vocabulary of another size.
+
+    torch.distributed.checkpoint reports a shape mismatch without naming the tensor. The embedding and output
+    layer are exempt in megatron-core (``allow_shape_mismatch``: their padded vocabulary depends on TP), so a
+    checkpoint of another vocabulary loaded silently, rows cut off or left at their random init; the saved
+    vocabulary size (``bridge.json``) is compared instead.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from .offline.dcp_metadata import read_metadata
+
+    stored = read_metadata(directory).tensors
+    problems = []
+    for value in nested_values(request):
+        if isinstance(value, ShardedTensor) and not value.allow_shape_mismatch and value.key in stored:
+            saved, ours = tuple(stored[value.key].size), tuple(value.global_shape)
+            if saved != ours and f"{value.key}:" not in " ".join(problems):
+                problems.append(f"{value.key}: shape {saved} in the checkpoint, {ours} in this model")
+    meta = json.loads((directory / METADATA_FILE).read_text())
+    saved_vocab = (meta.get("hf_config") or {}).get("vocab_size")
+    vocab = getattr(getattr(modules[0], "config", None), "vocab_size", None)
+    if isinstance(saved_vocab, int) and isinstance(vocab, int) and saved_vocab != vocab:
+        problems.append(f"it was saved with a vocabulary of {saved_vocab} tokens, this model has {vocab} "
+                        "(model.vocab_size)")
+    return problems[:6]
+
+
 @contextmanager
 def _in_process_write_results():
     """Collect writer results on a thread queue for a synchronous save.
@@ -272,6 +301,10 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
     modules = unwrap_model(chunks)
     keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
     dropped = _drop_missing_extra_states(request, keys, directory)
+    problems = _shape_problems(request, directory, modules)
+    if problems:
+        raise CheckpointMismatchError((None if adapters else adapter_checkpoint_message(directory)) or
+                                      f"cannot load checkpoint {directory} into this model: " + "; ".join(problems))
     quantized = fresh_model and any(is_quantized_param(p) for m in modules for p in m.parameters())
     strategy = None
     if quantized:  # load FP8 weights as high-precision tensors (megatron's non-streaming path) to hand them over
