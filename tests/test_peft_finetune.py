@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -372,7 +373,7 @@ def test_the_tokenizer_a_run_trains_with_is_the_one_its_exports_carry(tiny_hf, t
 
     from bridge_convert import AutoBridge
     from bridge_peft.cli import main as peft_main
-    from bridge_train import finetune
+    from bridge_train import finetune, pretrain
 
     def template(path) -> str | None:
         return AutoTokenizer.from_pretrained(str(path)).chat_template
@@ -393,6 +394,21 @@ def test_the_tokenizer_a_run_trains_with_is_the_one_its_exports_carry(tiny_hf, t
     finetune(lora)
     assert peft_main(["merge", str(tmp_path / "lora"), str(tmp_path / "merged"), "--base", tiny_hf]) == 0
     assert template(tmp_path / "merged") == TRAINING_TEMPLATE
+
+    # a model with no HF directory (built from a config, as a recipe from random weights): the checkpoint's HF
+    # assets and exports carry the run's tokenizer too (they had none, so the exports had no tokenizer at all)
+    bare = make_config(tiny_hf, str(tmp_path / "bare"), train_iters=2, save_hf=True)
+    bare.checkpoint.pretrained_checkpoint = None
+    bare.model = AutoBridge.from_hf_config(json.loads((Path(tiny_hf) / "config.json").read_text())
+                                           ).to_megatron_provider(load_weights=False)
+    bare.peft, bare.tokenizer.chat_template = None, TRAINING_TEMPLATE
+    pretrain(bare)
+    iteration = tmp_path / "bare" / "iter_0000002"
+    assert template(iteration / "hf_assets") == template(iteration / "hf") == TRAINING_TEMPLATE
+    AutoBridge.export_ckpt(str(tmp_path / "bare"), str(tmp_path / "bare_exported"))
+    ours = AutoTokenizer.from_pretrained(str(tmp_path / "bare_exported"))
+    assert ours("paris is the capital")["input_ids"] == AutoTokenizer.from_pretrained(
+        str(Path(tiny_hf) / "tokenizer"))("paris is the capital")["input_ids"]
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

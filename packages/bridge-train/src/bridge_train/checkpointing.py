@@ -349,7 +349,7 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
         metadata = {**metadata, "peft": {**_peft_metadata(cfg.peft),
                                          "base": str(Path(base).resolve()) if base else None}}
     files = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n", RUN_CONFIG_FILE: cfg.to_yaml()}
-    tokenizer = _training_tokenizer(run) if assets is not None else None
+    tokenizer = _training_tokenizer(run) if run.bridge is not None else None
     needed = _checkpoint_bytes(sharded, state.device)
 
     def finalize() -> None:
@@ -357,9 +357,9 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
         if state.rank == 0:
             for name, text in files.items():
                 (tmp / name).write_text(text)
-            if assets is not None:
+            if assets is not None or tokenizer is not None:  # a model without HF files still has its tokenizer
                 (tmp / HF_ASSETS_DIR).mkdir()
-                for name in HF_ASSET_FILES:
+                for name in HF_ASSET_FILES if assets is not None else ():
                     if (Path(assets) / name).exists():
                         shutil.copy2(Path(assets) / name, tmp / HF_ASSETS_DIR / name)
                 _put_tokenizer(tmp / HF_ASSETS_DIR, tokenizer)
