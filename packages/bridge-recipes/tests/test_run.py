@@ -248,3 +248,32 @@ def test_data_flags_pick_real_data_and_win_over_a_shown_config_file(capsys, tmp_
     for argv, expected in bad.items():
         assert main([*argv, "--dry-run"]) == 2, argv
         assert expected in capsys.readouterr().err, argv
+
+
+def test_peft_named_in_a_config_file_is_the_peft_override(capsys, tmp_path):
+    """`peft: lora` in a --config file gave LoRA's defaults (dim 32) and the SFT learning rate, while the override
+    picks the LoRA recipe (dim 8, lr 1e-4); on a pretraining recipe it passed the dry run and failed at setup."""
+    (tmp_path / "peft.yaml").write_text("peft: lora\n")
+    (tmp_path / "mapping.yaml").write_text("peft: {_target_: bridge_peft.LoRA, dim: 4}\n")
+    assert main(["show", "llama3_8b_sft", "peft=lora"]) == 0
+    by_override = capsys.readouterr().out
+    assert main(["show", "llama3_8b_sft", "--config", str(tmp_path / "peft.yaml")]) == 0
+    assert capsys.readouterr().out == by_override
+    assert "dim: 8" in by_override
+    for name in ("peft.yaml", "mapping.yaml"):
+        assert main(["llama32_1b_pretrain", "--config", str(tmp_path / name), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "llama32_1b_pretrain pretrains" in err and "PEFT applies to the fine-tuning recipes" in err
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_bad_input_in_the_dry_run(capsys, tmp_path):
+    """The check ran only at setup, after the dry run had passed (and as a failure of the run)."""
+    from recipe_helpers import TINY_VOCAB, shrink
+
+    from bridge_data.testing import save_tiny_tokenizer
+
+    tokenizer = save_tiny_tokenizer(tmp_path / "tok", vocab_size=TINY_VOCAB + 64)
+    assert main(["llama32_1b_pretrain", *shrink("llama32_1b_pretrain"), "--tokenizer-path", tokenizer,
+                 "--dry-run"]) == 2
+    assert (f"tokenizer: the tokenizer has {TINY_VOCAB + 64} tokens but model.vocab_size is {TINY_VOCAB}"
+            in capsys.readouterr().err)

@@ -62,3 +62,37 @@ def test_torchrun_launches_the_console_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "llama32_1b_pretrain: trained 2 iterations" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "iter_0000002").is_dir()
+
+
+def test_an_exit_signal_saves_and_exits_128_plus_its_number(monkeypatch, tmp_path, capsys):
+    """A run SIGTERM stopped (it saved) exited 0 like a finished one: a scheduler could not tell it was preempted."""
+    import signal
+
+    import bridge_train.loop as loop
+
+    from bridge_recipes.run import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    real, steps = loop.train_step, []
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the loop's handler: it saves after this iteration
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step)
+    assert main([*_argv("llama32_1b_pretrain", "train.train_iters=6"), "--dir", str(tmp_path / "run")]) == 143
+    assert "bridge-run: stopped by SIGTERM; resume with the same command" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_an_unwritable_run_directory_is_bad_input(tmp_path, capsys):
+    """It was reported as a failure of the training run (exit 1, with the exception's class)."""
+    from bridge_recipes.run import main
+
+    (tmp_path / "a_file").write_text("x")
+    assert main([*_argv("llama32_1b_pretrain"), "--dir", str(tmp_path / "a_file")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bridge-run: error: checkpoint.save=") and "not writable" in err[0]

@@ -8,8 +8,10 @@
 
 Overrides use bridge-train's grammar (``section.field=value``, YAML values, ``--config file.yaml`` merged first);
 ``peft=lora`` / ``peft=dora`` picks the PEFT method (keeping the recipe's adapter settings) before the other
-overrides apply. Bad input is reported in one line on stderr (exit status 2) before anything is built or written;
-a failure while training is one line too (exit status 1; ``BRIDGE_RUN_TRACEBACK=1`` shows the traceback).
+overrides apply (``peft: lora`` at the top of a ``--config`` file likewise). Bad input is reported in one line on
+stderr (exit status 2) before anything is built or written; a failure while training is one line too (exit status
+1; ``BRIDGE_RUN_TRACEBACK=1`` shows the traceback); a run an exit signal stopped (after saving) exits with 128 + the
+signal number (143 for SIGTERM, 130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -126,15 +128,19 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
         raise UsageError(err.args[0]) from None
     kwargs: dict[str, Any] = {"hf_path": hf_path, "dir": dir}
     rest = []
+    # `peft: lora` in a --config file picks the method as the override does (the recipe's adapter settings)
+    named = [(f"file {path!r}", name) for path in config_files if (name := _peft_name_in(path)) is not None]
     for text in overrides:
         key, sep, value = text.partition("=")
         if sep and key.strip().lstrip("+") == "peft" and value.strip().lower() in PEFT_METHODS:
-            if not recipe.is_finetune:
-                raise UsageError(f"override {text!r}: {recipe.name} pretrains; PEFT applies to the fine-tuning "
-                                 f"recipes ({recipe.spec.name}_lora, {recipe.spec.name}_dora)")
-            kwargs["peft"] = value.strip().lower()
+            named.append((f"override {text!r}", value))
         else:
             rest.append(text)
+    for source, name in named:
+        if not recipe.is_finetune:
+            raise UsageError(f"{source}: {recipe.name} pretrains; PEFT applies to the fine-tuning recipes "
+                             f"({recipe.spec.name}_lora, {recipe.spec.name}_dora)")
+        kwargs["peft"] = name.strip().lower()
     if recipe.is_finetune:
         kwargs["allow_random_init"] = allow_random_init
     elif allow_random_init:
@@ -167,7 +173,26 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
             cfg.checkpoint.save_interval = interval
         _restore_data(cfg, *data)
     apply_overrides(cfg, rest)
+    if cfg.peft is not None and not recipe.is_finetune:  # e.g. a PEFT mapping in a --config file
+        raise UsageError(f"{recipe.name} pretrains, but the config sets peft ({type(cfg.peft).__name__}); PEFT "
+                         f"applies to the fine-tuning recipes ({recipe.spec.name}_lora, {recipe.spec.name}_dora)")
     return recipe, cfg
+
+
+def _peft_name_in(path: str) -> str | None:
+    """The PEFT method a --config file names at its top level (``peft: lora``), if any (a file that does not
+    parse is reported when it is applied)."""
+    import yaml
+
+    from .peft_methods import PEFT_METHODS
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    name = data.get("peft") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and name.strip().lower() in PEFT_METHODS else None
 
 
 _DATA_FIELDS = ("paths", "mock", "path", "schema", "use_chat_template")
@@ -275,6 +300,12 @@ def run_recipe(argv: Sequence[str]) -> list[float] | None:
             cfg.model.pipeline_model_parallel_size * cfg.model.context_parallel_size, True
     world_size = _check_layout(recipe, cfg, world_size, launched, args.dry_run)
     _check_weights(recipe, cfg, args.allow_random_init)
+    from bridge_train.setup import build_run_tokenizer
+
+    try:  # its files and its size against model.vocab_size, as the run's setup reads them
+        build_run_tokenizer(cfg)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"tokenizer: {_one_line(err)}") from None
     try:
         cfg.validate(world_size=world_size)
     except ValueError as err:
@@ -316,6 +347,10 @@ def _train(recipe, cfg) -> list[float]:
     global _training
     from bridge_train import finetune, gpt_forward_step, pretrain
 
+    if cfg.checkpoint.save:  # a --dir that cannot be written is bad input, not a failure of the run
+        from bridge_train.checkpointing import check_save_dir_writable
+
+        check_save_dir_writable(cfg.checkpoint.save)
     _training = True
     entry = finetune if recipe.is_finetune else pretrain
     losses = entry(cfg, gpt_forward_step)
@@ -323,6 +358,19 @@ def _train(recipe, cfg) -> list[float]:
         print(f"{recipe.name}: trained {len(losses)} iterations, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
               flush=True)
     return losses
+
+
+def _signal_status(result) -> int | None:
+    """128 + the signal number when an exit signal stopped the run (it saved first), as shells report a signal
+    death: a scheduler can tell a preempted run from a finished one. None otherwise."""
+    import signal
+
+    reason = getattr(result, "exit_reason", None)
+    if reason not in signal.Signals.__members__:
+        return None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"bridge-run: stopped by {reason}; resume with the same command", file=sys.stderr, flush=True)
+    return 128 + signal.Signals[reason].value
 
 
 def _one_line(err: BaseException) -> str:
@@ -358,8 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             silence_known_warnings()
         if command == "show":
             return _show(rest)
-        run_recipe(argv)
-        return 0
+        return _signal_status(run_recipe(argv)) or 0
     except SystemExit as exit_:  # argparse: --help (0) or a usage error it has already printed (2)
         return int(exit_.code or 0)
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from .checkpointing import (
 )
 from .config import ConfigContainer
 
-__all__ = ["TrainingDataExhaustedError", "TrainingRun", "setup_run"]
+__all__ = ["TrainingDataExhaustedError", "TrainingRun", "build_run_tokenizer", "setup_run"]
 
 logger = logging.getLogger("bridge")
 
@@ -59,7 +59,13 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _build_tokenizer(cfg: ConfigContainer):
+def build_run_tokenizer(cfg: ConfigContainer):
+    """The run's tokenizer (a null one of ``model.vocab_size`` ids without a tokenizer config); sets
+    ``model.vocab_size`` from it when unset. Reads the tokenizer files only, so launchers call it for a dry run.
+
+    Raises:
+        ValueError: for a tokenizer with more ids than ``model.vocab_size``, or neither of them set.
+    """
     from bridge_data import TokenizerConfig, build_tokenizer
 
     tok_cfg = cfg.tokenizer
@@ -197,7 +203,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     if cfg.peft is not None and not finetune:
         raise ValueError("cfg.peft is set: use finetune(cfg, forward_step) for parameter-efficient fine-tuning")
     world_size = _world_size()
-    tokenizer = _build_tokenizer(cfg)  # before finalize: it may supply model.vocab_size; builds no model
+    tokenizer = build_run_tokenizer(cfg)  # before finalize: it may supply model.vocab_size; builds no model
     cfg.finalize(world_size=world_size)
     bridge = _model_bridge(cfg.model)
     if cfg.checkpoint.save:

@@ -153,6 +153,10 @@ def test_peft_by_registered_name_then_edited(make_cfg, lora_registered):
     assert cfg.peft == FakeLoRA(dim=16)
     apply_overrides(cfg, ["peft=DoRA"])
     assert cfg.peft == FakeDoRA()
+    # naming the method already set keeps its settings (a recipe's adapter sizes), another one replaces it
+    cfg.peft = FakeLoRA(dim=3)
+    apply_overrides(cfg, ["peft=lora"])
+    assert cfg.peft == FakeLoRA(dim=3)
     with pytest.raises(ConfigError, match=r"unknown key 'peft.dims'; did you mean 'peft.dim'\?"):
         apply_overrides(cfg, ["peft.dims=4"])
 

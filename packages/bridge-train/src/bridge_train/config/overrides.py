@@ -15,7 +15,8 @@ can be added and removed):
 - ``++key=value``: set or add, whether or not it exists.
 - ``~key`` / ``~key=value``: reset a field to its default (remove a dict entry); with a value, only if the current
   value equals it.
-- ``peft=<name>``: a PEFT method registered with :func:`register_peft_method`; ``peft.<field>=...`` edits it.
+- ``peft=<name>``: a PEFT method registered with :func:`register_peft_method` (a PEFT of that method already
+  set stays as it is); ``peft.<field>=...`` edits it.
 """
 
 from __future__ import annotations
@@ -207,9 +208,11 @@ class _Plan:
         current = getattr(obj, name)
         if obj is self.cfg and name == "peft" and isinstance(value, str):
             try:
-                self.assignments.append((obj, name, peft_method(value)))
+                method = peft_method(value)
             except ValueError as err:
-                self.problem(f"{dotted}: {err}")
+                return self.problem(f"{dotted}: {err}")
+            if type(method) is not type(current):  # the method already set keeps its settings
+                self.assignments.append((obj, name, method))
             return
         if obj is self.cfg and name == "mixed_precision" and isinstance(value, str):
             try:  # the name is kept (finalize() applies the recipe), but a typo is refused now
