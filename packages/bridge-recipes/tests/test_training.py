@@ -69,7 +69,6 @@ def test_an_exit_signal_saves_and_exits_128_plus_its_number(monkeypatch, tmp_pat
     import signal
 
     import bridge_train.loop as loop
-
     from bridge_recipes.run import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
