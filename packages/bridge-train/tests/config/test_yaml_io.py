@@ -195,7 +195,8 @@ BAD_YAML = [
      "model._target_: cannot import 'bridge_convert.provider.Nope'"),
     ("dataset_without_target", "train: {train_iters: 5}\nmodel: {}\ndataset: {seq_length: 5}\n",
      "dataset: a mapping for DatasetConfigLike needs _target_"),
-    ("not_yaml", "train: [unclosed\n", "YAML text is not valid YAML"),
+    ("not_yaml", "train: [unclosed\n", "YAML text is not valid YAML: while parsing a flow sequence, did not find "
+     "expected ',' or ']' (line 2, column 1)"),
     ("list_document", "- 1\n- 2\n", "must be a mapping of sections"),
     ("missing_file", "does_not_exist.yaml", "config file 'does_not_exist.yaml' does not exist"),
 ]

@@ -130,7 +130,11 @@ def load_yaml(source: str | pathlib.Path) -> DictConfig:
     except FileNotFoundError:
         raise ConfigError([f"config file {str(source)!r} does not exist"], "cannot load config") from None
     except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
-        raise ConfigError([f"{where} is not valid YAML: {err}"], "cannot load config") from None
+        mark = getattr(err, "problem_mark", None)  # one line: the problem and where (PyYAML's text spans four)
+        detail = ", ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None))
+                           if part) or str(err)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError([f"{where} is not valid YAML: {' '.join(detail.split())}{at}"], "cannot load config") from None
     if not isinstance(conf, DictConfig):
         raise ConfigError([f"{where} must be a mapping of sections (train:, model:, ...), got a list"],
                           "cannot load config")
