@@ -178,6 +178,9 @@ def _merge(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from bridge_convert.runtime.warnings_filter import silence_known_warnings
+
+    silence_known_warnings()  # megatron-core's known-harmless warnings, as bridge-convert's and bridge-run's CLIs
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         from bridge_convert.runtime import initialize_parallel
