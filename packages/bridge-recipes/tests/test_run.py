@@ -260,6 +260,10 @@ def test_peft_named_in_a_config_file_is_the_peft_override(capsys, tmp_path):
     assert main(["show", "llama3_8b_sft", "--config", str(tmp_path / "peft.yaml")]) == 0
     assert capsys.readouterr().out == by_override
     assert "dim: 8" in by_override
+    assert main(["show", "llama3_8b_sft", "peft=dora"]) == 0  # an override wins over the files
+    dora = capsys.readouterr().out
+    assert main(["show", "llama3_8b_sft", "--config", str(tmp_path / "peft.yaml"), "peft=dora"]) == 0
+    assert capsys.readouterr().out == dora and "bridge_peft.lora.DoRA" in dora
     for name in ("peft.yaml", "mapping.yaml"):
         assert main(["llama32_1b_pretrain", "--config", str(tmp_path / name), "--dry-run"]) == 2
         err = capsys.readouterr().err

@@ -166,9 +166,12 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
     values = {(section, name): getattr(getattr(cfg, section), name)
               for section, names in flagged.items() for name in names}
     if config_files:
+        recipe_peft = cfg.peft
         apply_overrides(cfg, [], config_files=list(config_files))
         for (section, name), value in values.items():
             setattr(getattr(cfg, section), name, value)
+        if named and named[-1][0].startswith("override"):  # `peft=NAME` wins over what the files set
+            cfg.peft = recipe_peft
         if dir is not None and cfg.checkpoint.save_interval is None:  # the file gave no interval: the recipe's
             cfg.checkpoint.save_interval = interval
         _restore_data(cfg, *data)
