@@ -54,6 +54,9 @@ def test_json_arrays_compressed_files_and_a_bom_read_like_jsonl(tmp_path, write_
         assert [r for _, r in iter_rows(str(tmp_path / name))] == rows, name
     assert [w for w, _ in iter_rows(str(tmp_path / "array.json"))][1] == f"{tmp_path / 'array.json'} item 1"
     assert [w for w, _ in iter_rows(str(tmp_path / "d.jsonl.gz"))][1] == f"{tmp_path / 'd.jsonl.gz'}:2"
+    (tmp_path / "latin1.jsonl").write_bytes(lines.encode() + '{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:5: not UTF-8 text \(invalid continuation byte at byte 13 "):
+        list(iter_rows(str(tmp_path / "latin1.jsonl")))  # the line is named (only the file was)
     (tmp_path / "mixed.json").write_text(json.dumps([rows[0], [1]]))
     with pytest.raises(ValueError, match=r"mixed.json item 1: expected a JSON object in the array, got list"):
         list(iter_rows(str(tmp_path / "mixed.json")))

@@ -126,17 +126,17 @@ def get_field(row: dict, key: str, where: str, *, kind: type | tuple[type, ...] 
     return value
 
 
-def _open_text(path: str):
-    """``path`` as text (decompressed by its suffix); a UTF-8 byte-order mark is skipped."""
+def _open_bytes(path: str):
+    """``path`` as bytes, decompressed by its suffix (lines are decoded one by one, so an error names its line)."""
     opener = _COMPRESSED.get(_compression(path) or "", open)
-    return opener(path, "rt", encoding="utf-8-sig")
+    return opener(path, "rb")
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """JSON Lines; a ``.json`` file whose text is one JSON array (``[{...}, {...}]``, as alpaca_data.json) is
     read as that array. Read as a stream (a FIFO or ``/dev/stdin`` works): nothing is read twice."""
     array_ok = path.lower().removesuffix(_compression(path) or "").endswith(".json")
-    with _open_text(path) as f:
+    with _open_bytes(path) as f:
         lines = _read_lines(path, f)
         head = []  # the leading blank lines and the first line with text
         for line in lines:
@@ -160,9 +160,15 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
 
 
 def _read_lines(path: str, f) -> Iterator[str]:
+    """The lines of binary file ``f`` as text; a UTF-8 byte-order mark is skipped."""
     try:
-        yield from f
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as err:  # corrupt / truncated / not UTF-8
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start} of the line); "
+                                 "re-encode the file as UTF-8") from None
+    except (OSError, EOFError, lzma.LZMAError) as err:  # corrupt / truncated compressed data
         raise ValueError(f"{path}: cannot read it ({err})") from None
 
 
