@@ -188,6 +188,8 @@ ORACLE_CONVERSATIONS = {
                                 {"role": "assistant", "content": "a"},
                                 {"role": "user", "content": "the question?"}, {"role": "assistant", "content": ""},
                                 {"role": "user", "content": "and?"}, {"role": "assistant", "content": "is"}],
+    "consecutive_answers": [{"role": "user", "content": "the question?"}, {"role": "assistant", "content": "hello"},
+                            {"role": "assistant", "content": "world"}],
     "opens_with_assistant": [{"role": "assistant", "content": "hello world"}, {"role": "user", "content": "capital?"},
                              {"role": "assistant", "content": "paris."}],
     "untrimmed_answers": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},

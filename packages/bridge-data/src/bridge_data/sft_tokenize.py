@@ -62,7 +62,9 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
         if start is not None and full.startswith(start) and full.startswith(end) and len(start) <= len(end):
             span = (len(start), len(end))
         else:
-            span = _turn_in_full_text(full, end, messages, i, render)
+            bare = render(messages[:i], False) if i else ""
+            prompt = start[len(bare):] if start is not None and start.startswith(bare) else ""
+            span = _turn_in_full_text(full, end, messages, i, render, prompt)
         if span is None or (spans and span[0] < spans[-1][1]):
             raise ValueError(
                 f"{where}: the chat template of {tokenizer.name_or_path} does not render this conversation "
@@ -82,16 +84,18 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
     return ids, mask
 
 
-def _turn_in_full_text(full: str, last: str, messages: Messages, i: int,
-                       render: Callable[[Messages, bool], str]) -> tuple[int, int] | None:
+def _turn_in_full_text(full: str, last: str, messages: Messages, i: int, render: Callable[[Messages, bool], str],
+                       prompt: str) -> tuple[int, int] | None:
     """Character span in ``full`` of assistant message ``i``, for templates that render a conversation differently
     depending on where it ends (Qwen3's think block on the last assistant turn; Mistral's system prompt inside the
     last user turn).
 
     The contents of the messages up to ``i`` are placed in ``full`` and in ``last`` (the conversation rendered up
     to and with message ``i``) by :func:`_locate`; the turn is the content followed by the end-of-turn text that
-    ``last`` puts after it. None when that does not locate it unambiguously: a content the template rewrote, more
-    template text before the content than ``last`` has there, or a different end of turn.
+    ``last`` puts after it, and preceded by the template text between the generation prompt (``prompt``, what
+    ``add_generation_prompt`` appends) and the content, if ``full`` has that prompt before it (Qwen3's think block
+    on a last assistant turn that follows another). None when that does not locate it unambiguously: a content the
+    template rewrote, more template text before the content than ``last`` has there, or a different end of turn.
     """
     located_full = _locate(full, messages, render)
     located_last = _locate(last, messages[: i + 1], render)
@@ -108,7 +112,8 @@ def _turn_in_full_text(full: str, last: str, messages: Messages, i: int,
     at, stop = located_full[-1]
     if not full.startswith(end_of_turn, stop):
         return None
-    return at, stop + len(end_of_turn)
+    cut = full.rfind(prompt, previous_end(located_full), at) if prompt else -1
+    return (cut + len(prompt) if cut >= 0 else at), stop + len(end_of_turn)
 
 
 _MARKER = "\ue000{}\ue001"  # private-use characters: neither templates nor text use them
