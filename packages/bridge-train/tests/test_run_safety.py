@@ -275,3 +275,69 @@ def test_a_full_disk_during_a_save_is_one_line_with_the_path(run_config, tmp_pat
     assert "\n" not in message and "no space left on the device" in message
     assert f"{ckpt / 'iter_0000002.tmp'} (needs about " in message and "MiB free" in message
     assert not (ckpt / "iter_0000002.tmp").exists() and not (ckpt / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_keep_last_n_never_prunes_the_checkpoint_just_saved(base, run_config, tmp_path):
+    """Resumed from an earlier checkpoint of a directory that holds later ones, a save kept the later ones (newest by
+    number) and deleted the checkpoint it had just written, which the tracker names: nothing left to resume."""
+    ckpt = _copy(base, tmp_path)
+    pretrain(run_config(**{**BASE, "checkpoint.load": str(ckpt / "iter_0000002"), "checkpoint.save": str(ckpt),
+                           "checkpoint.save_interval": 3, "checkpoint.keep_last_n": 1, "train.exit_interval": 3}))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["iter_0000003", "iter_0000004"]
+
+
+def test_exit_duration_counts_from_the_start_of_setup(run_config, monkeypatch):
+    """The budget started after the model was built and the checkpoints loaded: a setup that took longer than the
+    whole budget still trained every iteration."""
+    import time
+
+    import bridge_train.setup as setup
+
+    real = setup.build_run_tokenizer
+
+    def slow(cfg):  # a slow setup (a large model, a checkpoint read from a network file system)
+        time.sleep(1.5)
+        return real(cfg)
+
+    monkeypatch.setattr(setup, "build_run_tokenizer", slow)
+    result = pretrain(run_config(**{"train.train_iters": 4, "train.exit_duration_in_mins": 1 / 60}))
+    assert result.exit_reason == "exit_duration" and len(result) == 1
+
+
+def test_iteration_time_leaves_out_evaluation_and_saves(run_config, monkeypatch, tmp_path):
+    """The time of an evaluation or a save was charged to the next iteration (its tokens/s, TFLOP/s, MFU too)."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import bridge_train.loop as loop
+
+    real_eval, real_save = loop.evaluate, loop.save_training_checkpoint
+
+    def slow_eval(*args, **kwargs):
+        time.sleep(0.6)
+        return real_eval(*args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.6)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", slow_eval)
+    monkeypatch.setattr(loop, "save_training_checkpoint", slow_save)
+    pretrain(run_config(**{"train.train_iters": 4, "train.eval_interval": 1, "train.eval_iters": 1,
+                           "checkpoint.save": str(tmp_path / "ckpt"), "checkpoint.save_interval": 1,
+                           "logger.log_interval": 1, "logger.tensorboard_dir": str(tmp_path / "tb")}))
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    seconds = [e.value for e in events.Scalars("train/iteration time (s)")]
+    assert len(seconds) == 4 and max(seconds[1:]) < 0.5, seconds  # each evaluation + save takes 1.2 s
+
+
+def test_resuming_a_checkpoint_saved_without_rng_says_so(run_config, tmp_path, caplog):
+    """The warning said the checkpoint had been saved by another number of ranks (1 ranks, this run has 1)."""
+    ckpt = str(tmp_path / "ckpt")
+    pretrain(run_config(**{"train.train_iters": 4, "checkpoint.save": ckpt, "checkpoint.save_rng": False}))
+    with caplog.at_level("WARNING", logger="bridge"):
+        pretrain(run_config(**{"train.train_iters": 5, "checkpoint.save": ckpt, "checkpoint.load": ckpt}))
+    assert "not restoring RNG states: the checkpoint was saved without them (checkpoint.save_rng=false)" in caplog.text
+    assert "saved by 1 ranks" not in caplog.text

@@ -522,10 +522,12 @@ def _prune(root: Path, *, keep: int | None, current: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     if not keep:
         return
-    # iteration directories only: an ``iter_N.damaged`` kept by a fallback also holds metadata, and sorted by name
-    # it came after ``iter_N`` (the checkpoint just saved was deleted as the older one)
+    # iteration directories only (an ``iter_N.damaged`` kept by a fallback also holds metadata), and none past the
+    # one just saved: a run resumed from an earlier checkpoint keeps the later ones of the run it branched from
+    # (newest by number, they had made it delete the checkpoint it just saved, which the tracker names)
     complete = sorted((p for p in root.iterdir() if ITER_DIR.match(p.name) and p.is_dir()
-                       and (p / METADATA_FILE).exists()), key=lambda p: int(p.name.removeprefix("iter_")))
+                       and (p / METADATA_FILE).exists() and int(p.name.removeprefix("iter_")) <= current),
+                      key=lambda p: int(p.name.removeprefix("iter_")))
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -652,7 +654,9 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
         request["optimizer"] = run.optimizer.sharded_state_dict(model_state, is_loading=True,
                                                                 metadata=_OPTIMIZER_METADATA)
     load_rng = cfg.checkpoint.load_rng and saved.world_size == state.world_size and "rng_state" in entries
-    if cfg.checkpoint.load_rng and not load_rng:
+    if cfg.checkpoint.load_rng and "rng_state" not in entries:
+        logger.warning("not restoring RNG states: the checkpoint was saved without them (checkpoint.save_rng=false)")
+    elif cfg.checkpoint.load_rng and not load_rng:
         logger.warning("not restoring RNG states: the checkpoint was saved by %d ranks, this run has %d",
                        saved.world_size, state.world_size)
     if load_rng:

@@ -229,7 +229,8 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
                                    flops_per_iteration=flops_per_iteration,
                                    tokens_per_iteration=tokens_per_iteration, start_iteration=state.iteration)
     exits = ExitRequests(cfg.robustness.exit_signals, enabled=cfg.robustness.exit_signal_handler,
-                         exit_duration_in_mins=cfg.train.exit_duration_in_mins, device=run.parallel.device)
+                         exit_duration_in_mins=cfg.train.exit_duration_in_mins, device=run.parallel.device,
+                         started_at=run.started_at)
     profiler = IterationProfiler(cfg, run.parallel.rank)
     housekeeping = _Housekeeping(cfg)
     async_saves = AsyncSaves() if cfg.checkpoint.save and cfg.checkpoint.async_save else None
@@ -249,9 +250,10 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
 
     def save() -> None:
         nonlocal saved_at, save_due, postponed
-        housekeeping.at_checkpoint()
-        gather()
-        save_training_checkpoint(run, state, async_saves=async_saves)
+        with metrics_logger.paused():  # not an iteration's time (nor its throughput)
+            housekeeping.at_checkpoint()
+            gather()
+            save_training_checkpoint(run, state, async_saves=async_saves)
         saved_at, save_due, postponed = state.iteration, False, False
 
     housekeeping.start()
@@ -286,9 +288,10 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
             metrics_logger.training(state.iteration, scalars)
             if cfg.train.eval_interval and run.valid_iterator is not None and \
                     state.iteration % cfg.train.eval_interval == 0:
-                housekeeping.around_evaluation(after=False)
-                metrics_logger.evaluation(state.iteration, "validation", evaluate(run, forward_step))
-                housekeeping.around_evaluation(after=True)
+                with metrics_logger.paused():
+                    housekeeping.around_evaluation(after=False)
+                    metrics_logger.evaluation(state.iteration, "validation", evaluate(run, forward_step))
+                    housekeeping.around_evaluation(after=True)
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
                     state.iteration % cfg.checkpoint.save_interval == 0:
                 save_due = True

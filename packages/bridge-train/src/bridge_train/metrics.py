@@ -7,6 +7,8 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,6 +71,15 @@ class MetricsLogger:
 
             self._bar = tqdm(total=self.train_iters, initial=start_iteration, desc="training", unit="it",
                              dynamic_ncols=True)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (an evaluation, a checkpoint save) is left out of the iteration time and throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last_time += time.perf_counter() - start
 
     def logs_at(self, iteration: int) -> bool:
         """Whether :meth:`training` writes at ``iteration`` (the same answer on every rank)."""

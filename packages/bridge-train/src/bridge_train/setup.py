@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class TrainingRun:
     schedule_micro_batch_size: int = 0
     resumed_from: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when setup began: ``train.exit_duration_in_mins`` counts from there (building the model
+    and loading checkpoints included, as Megatron-LM counts them)."""
 
 
 def _world_size() -> int:
@@ -200,6 +204,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    started_at = time.monotonic()
     if cfg.peft is not None and not finetune:
         raise ValueError("cfg.peft is set: use finetune(cfg, forward_step) for parameter-efficient fine-tuning")
     world_size = _world_size()
@@ -268,7 +273,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     cfg.model.finalize_model_grads_func = finalize_model_grads
 
     run = TrainingRun(cfg=cfg, parallel=parallel, model=model, optimizer=optimizer, scheduler=scheduler,
-                      tokenizer=tokenizer, bridge=bridge,
+                      tokenizer=tokenizer, bridge=bridge, started_at=started_at,
                       train_state=TrainState(world_size=parallel.world_size, train_samples=train_samples,
                                              valid_samples=valid_samples))
     if (cfg.checkpoint.save and cfg.checkpoint.save_optim) or (resume is not None and cfg.checkpoint.load_optim):

@@ -23,10 +23,12 @@ class ExitRequests:
     """Installs handlers for ``signals`` until :meth:`close`; tracks the run's duration budget."""
 
     def __init__(self, signals: tuple[str, ...], *, enabled: bool, exit_duration_in_mins: float | None,
-                 device: torch.device) -> None:
+                 device: torch.device, started_at: float | None = None) -> None:
+        """``started_at``: ``time.monotonic()`` the duration budget counts from (default: now)."""
         self.device = device
         self.received: str | None = None
-        self.deadline = time.monotonic() + 60 * exit_duration_in_mins if exit_duration_in_mins else None
+        start = time.monotonic() if started_at is None else started_at
+        self.deadline = start + 60 * exit_duration_in_mins if exit_duration_in_mins else None
         self._previous: dict[int, object] = {}
         if enabled:
             for name in signals:

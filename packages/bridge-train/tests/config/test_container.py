@@ -9,7 +9,7 @@ import pytest
 import torch
 from config_stubs import FakeLoRA, IndexedDataStub, MockDataConfig, TokenizerStub, tiny_provider
 
-from bridge_train.config import ConfigError, ProfilingConfig, TrainConfig, apply_overrides
+from bridge_train.config import ConfigError, ProfilingConfig, RobustnessConfig, TrainConfig, apply_overrides
 
 
 def _set(**changes):
@@ -112,9 +112,16 @@ INVALID = [
      "mixed_precision: unknown mixed precision recipe 'bf17_mixed'; did you mean 'bf16_mixed'?"),
     ("profiler_without_output_dir", _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_step_end=5)), 1,
      "profiling.use_pytorch_profiler needs profiling.profile_dir or logger.tensorboard_dir"),
+    # a start past the last iteration profiles nothing (an end past it stops at the end of the run: accepted)
     ("profiler_after_the_end",
-     _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_dir="/tmp/p", profile_step_end=50)), 1,
-     "profiling.profile_step_end (50) is beyond train.train_iters (10)"),
+     _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_dir="/tmp/p", profile_step_start=11,
+                                    profile_step_end=50)), 1,
+     "profiling.profile_step_start (11) is beyond train.train_iters (10); nothing would be profiled"),
+    ("profiler_from_iteration_0",
+     _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_dir="/tmp/p", profile_step_start=0)), 1,
+     "profiling.profile_step_start (0) must be >= 1"),
+    ("uncatchable_exit_signal", _set(robustness=RobustnessConfig(exit_signals=("SIGTERM", "SIGKILL"))), 1,
+     "robustness.exit_signals names ['SIGKILL'], which no process can catch"),
     ("profile_rank_outside_world",
      _set(profiling=ProfilingConfig(use_pytorch_profiler=True, profile_dir="/tmp/p", profile_ranks=(0, 4))), 2,
      "profiling.profile_ranks [4] do not exist in a world of 2 ranks"),

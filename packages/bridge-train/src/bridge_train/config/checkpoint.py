@@ -26,7 +26,7 @@ class CheckpointConfig:
     fully_parallel_save: bool = True
     """Spread the writing of replicated tensors over the data-parallel ranks."""
     save_optim: bool = True
-    """Include the optimizer state (and its scheduler) in checkpoints."""
+    """Include the optimizer state in checkpoints (the learning-rate schedule's position is always saved)."""
     save_rng: bool = True
     """Include the RNG states in checkpoints (needed for bitwise-exact resume)."""
     save_hf: bool = False
@@ -35,7 +35,8 @@ class CheckpointConfig:
     load: str | None = None
     """Directory to resume from (its ``latest`` complete checkpoint); None: start fresh."""
     load_optim: bool = True
-    """Restore the optimizer and scheduler state when resuming."""
+    """Restore the optimizer state when resuming (the learning-rate schedule always continues from the checkpoint's
+    position)."""
     load_rng: bool = True
     """Restore the RNG states when resuming."""
     fallback_to_previous: bool = False

@@ -224,9 +224,9 @@ def run_problems(cfg: Any, world_size: int | None) -> list[str]:
         if prof.profile_dir is None and cfg.logger.tensorboard_dir is None:
             problems.append("profiling.use_pytorch_profiler needs profiling.profile_dir or logger.tensorboard_dir "
                             "for the trace")
-        if prof.profile_step_end > cfg.train.train_iters:
-            problems.append(f"profiling.profile_step_end ({prof.profile_step_end}) is beyond train.train_iters "
-                            f"({cfg.train.train_iters}); the trace would never be written")
+        if prof.profile_step_start > cfg.train.train_iters:  # the end is exclusive: train_iters + 1 is the last
+            problems.append(f"profiling.profile_step_start ({prof.profile_step_start}) is beyond train.train_iters "
+                            f"({cfg.train.train_iters}); nothing would be profiled")
     if (prof.use_pytorch_profiler or prof.record_memory_history) and world_size is not None:
         outside = [r for r in prof.profile_ranks if r >= world_size]
         if outside:

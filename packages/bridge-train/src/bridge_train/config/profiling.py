@@ -14,9 +14,9 @@ class ProfilingConfig:
     use_pytorch_profiler: bool = False
     """Record a torch.profiler trace (TensorBoard / Chrome trace format)."""
     profile_step_start: int = 10
-    """First profiled iteration."""
+    """First profiled iteration (iterations count from 1)."""
     profile_step_end: int = 12
-    """Iteration at which profiling stops (exclusive)."""
+    """Iteration at which profiling stops (exclusive; past the last iteration: at the end of the run)."""
     profile_ranks: tuple[int, ...] = (0,)
     """Global ranks that profile."""
     record_shapes: bool = False
@@ -33,8 +33,8 @@ class ProfilingConfig:
         problems: list[str] = []
         if not (self.use_pytorch_profiler or self.record_memory_history):
             return problems
-        if self.profile_step_start < 0 or self.profile_step_end <= self.profile_step_start:
-            problems.append(f"{prefix}.profile_step_start ({self.profile_step_start}) must be >= 0 and < "
+        if self.profile_step_start < 1 or self.profile_step_end <= self.profile_step_start:  # iterations from 1
+            problems.append(f"{prefix}.profile_step_start ({self.profile_step_start}) must be >= 1 and < "
                             f"{prefix}.profile_step_end ({self.profile_step_end})")
         if not self.profile_ranks or any(r < 0 for r in self.profile_ranks):
             problems.append(f"{prefix}.profile_ranks must list ranks >= 0, got {list(self.profile_ranks)}")

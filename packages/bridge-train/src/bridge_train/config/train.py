@@ -22,13 +22,15 @@ class TrainConfig:
     global_batch_size: int | None = None
     """Samples per optimizer step over all data-parallel ranks; None: micro_batch_size x DP (no accumulation)."""
     eval_interval: int | None = None
-    """Evaluate every this many iterations (and after the last one); None: never evaluate."""
+    """Evaluate at every multiple of this many iterations (a last iteration that is not one gets none); None: never
+    evaluate."""
     eval_iters: int = 10
     """Micro-batch groups (global batches) per evaluation."""
     exit_interval: int | None = None
     """Save (if checkpointing is on) and exit when the iteration is a multiple of this; None: off."""
     exit_duration_in_mins: float | None = None
-    """Save and exit once the run has taken this many minutes; None: no time limit."""
+    """Save and exit once the run has taken this many minutes, counted from the start of setup (building the model
+    and loading checkpoints included); None: no time limit."""
     manual_gc: bool = False
     """Disable Python's automatic garbage collector and collect every ``manual_gc_interval`` iterations on all
     ranks together (avoids stragglers from uncoordinated GC pauses)."""
@@ -90,6 +92,10 @@ class RobustnessConfig:
         if unknown:
             problems.append(f"{prefix}.exit_signals has unknown signal names {unknown}; use names such as "
                             "SIGTERM, SIGUSR1, SIGINT")
+        uncatchable = [name for name in self.exit_signals if name in ("SIGKILL", "SIGSTOP")]
+        if uncatchable:
+            problems.append(f"{prefix}.exit_signals names {uncatchable}, which no process can catch; use SIGTERM, "
+                            "SIGUSR1 or SIGINT")
         if self.exit_signal_handler and not self.exit_signals:
             problems.append(f"{prefix}.exit_signals is empty while {prefix}.exit_signal_handler is true; "
                             "name at least one signal or turn the handler off")
