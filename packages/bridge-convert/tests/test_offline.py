@@ -328,3 +328,31 @@ def test_virtual_pipeline_layouts_load_and_export(tmp_path):
     assert_same_checkpoint(hf, tmp_path / "hf-from-built")  # the in-process export from the VP chunks
     export_megatron_checkpoint(tmp_path / "vp", tmp_path / "hf-from-vp", progress=False)
     assert_same_checkpoint(hf, tmp_path / "hf-from-vp")
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["equal", "distinct"])
+def test_a_stored_tied_lm_head_must_equal_the_embedding(same, hf_checkpoints, tmp_path, runtime):
+    """With tie_word_embeddings the checkpoint's lm_head.weight is never read: one that differs from the embedding
+    (an untied model whose config says tied) was dropped silently on both paths; transformers keeps it. A copy
+    equal to the embedding converts as before."""
+    from bridge_convert import CheckpointMismatchError
+
+    hf = _copy(hf_checkpoints["llama32"], tmp_path / "hf")
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is True
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    embed = "model.embed_tokens.weight"
+    shard = index["weight_map"][embed]
+    _rewrite_shard(hf / shard, lambda t: t.update({"lm_head.weight": t[embed].clone() if same else t[embed] + 1}))
+    index["weight_map"]["lm_head.weight"] = shard
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    if same:
+        import_hf_checkpoint(hf, tmp_path / "mc", progress=False)
+        bridge.to_megatron_model(load_weights=True)
+        return
+    message = r"lm_head\.weight differs from model\.embed_tokens\.weight, but config\.json ties them"
+    with pytest.raises(ValueError, match=message):
+        import_hf_checkpoint(hf, tmp_path / "mc", progress=False)
+    _nothing_left(tmp_path, "mc")
+    with pytest.raises(CheckpointMismatchError, match=message):
+        bridge.to_megatron_model(load_weights=True)

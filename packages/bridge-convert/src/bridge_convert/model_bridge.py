@@ -70,6 +70,19 @@ class ModelBridge:
     def is_ignored(self, hf_name: str) -> bool:
         return any(fnmatch.fnmatchcase(hf_name, pattern) for pattern in self.ignore_hf)
 
+    def tied_alias_problems(self, reader, targets: set[str]) -> list[str]:
+        """A tied alias the checkpoint stores (``lm_head.weight``) must equal its target: with tied embeddings the
+        alias is never read, so an output layer of its own would be dropped silently (transformers keeps it)."""
+        problems = []
+        for alias, target in self.tied_aliases.items():
+            if alias in reader and target in targets and target in reader:
+                ours, theirs = reader.get(alias), reader.get(target)
+                if ours.shape != theirs.shape or ours.dtype != theirs.dtype or not torch.equal(ours, theirs):
+                    problems.append(f"{alias} differs from {target}, but config.json ties them "
+                                    "(tie_word_embeddings: true); if the output layer is its own, set "
+                                    "tie_word_embeddings to false in config.json")
+        return problems
+
 
 def mapping_context(provider: GPTModelProvider, full_shape: tuple[int, ...] | None = None) -> MappingContext:
     return MappingContext(
@@ -246,6 +259,10 @@ def _check_checkpoint_names(bridge: ModelBridge, provider: GPTModelProvider, tas
         allowed.update(alias for alias, target in bridge.tied_aliases.items() if target in needed)
     missing = sorted(needed - present)
     unexpected = sorted(n for n in present - allowed if not bridge.is_ignored(n))
+    if not missing and not unexpected and provider.share_embeddings_and_output_weights:
+        tied = bridge.tied_alias_problems(reader, needed)
+        if tied:
+            raise CheckpointMismatchError(f"HF checkpoint {reader.path}: " + "; ".join(tied))
     if missing or unexpected:
         lines = []
         if missing:

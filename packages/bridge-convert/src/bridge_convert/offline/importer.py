@@ -171,6 +171,9 @@ def _plan(entries, reader: LazyHFCheckpoint, cfg, dtype: torch.dtype, tensors: _
     if unexpected:
         raise ValueError(f"HF checkpoint {reader.path} has {len(unexpected)} tensors the {bridge.hf_architecture} "
                          f"model built from its config does not have: {', '.join(unexpected[:10])}")
+    tied = bridge.tied_alias_problems(reader, used) if cfg.share_embeddings_and_output_weights else []
+    if tied:
+        raise ValueError(f"HF checkpoint {reader.path}: " + "; ".join(tied))
     return chunks
 
 
