@@ -121,3 +121,13 @@ def test_llama3_rope_parameters_other_than_megatron_defaults_are_reproduced(tmp_
     provider.rope_scaling_original_max_position_embeddings = 8192
     model = provider.provide_distributed_model(wrap_with_ddp=False)
     assert (forward_logits(model, _input_ids()) - _hf_logits(src)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_an_explicit_head_dim_converts_and_exports_bit_exactly(family, tmp_path, runtime):
+    """transformers honours config.head_dim when it is not hidden_size / heads; Qwen2's export refused such a
+    model ("cannot express this model") although it imported it with transformers' logits."""
+    path = save_tiny_hf_checkpoint(tmp_path / "src", family, head_dim=32)  # hidden 64, 4 heads: 16 by default
+    assert json.loads((Path(path) / "config.json").read_text())["head_dim"] == 32
+    assert _convert(path, tmp_path / "out") <= 1e-4
+    assert_same_checkpoint(path, tmp_path / "out")

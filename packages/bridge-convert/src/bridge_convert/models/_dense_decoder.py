@@ -134,8 +134,6 @@ def dense_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] 
     if provider.activation_func is not torch.nn.functional.silu:
         problems.append(f"activation_func={getattr(provider.activation_func, '__name__', provider.activation_func)}")
     head_dim = provider.kv_channels or provider.hidden_size // provider.num_attention_heads
-    if not head_dim_key and head_dim * provider.num_attention_heads != provider.hidden_size:
-        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
     if problems:
         raise ValueError(f"cannot express this model as {architecture}: " + "; ".join(problems))
 
@@ -159,7 +157,9 @@ def dense_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] 
         attention_dropout=float(provider.attention_dropout),
         initializer_range=float(provider.init_method_std),
     )
-    if head_dim_key or "head_dim" in raw:
+    # transformers reads head_dim from any of these configs (default hidden_size / heads): written when the family
+    # always has the key, the source had it, or the default would be wrong
+    if head_dim_key or "head_dim" in raw or head_dim * provider.num_attention_heads != provider.hidden_size:
         raw["head_dim"] = head_dim
     dtype_key = "torch_dtype" if source is not None and "torch_dtype" in source and "dtype" not in source else "dtype"
     raw[dtype_key] = dtype_to_hf(provider.params_dtype)
