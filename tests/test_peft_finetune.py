@@ -304,6 +304,11 @@ def test_cli_help_and_bad_input(tiny_hf, dora_checkpoint, tmp_path, capsys):
     del meta["peft"]["base"]
     meta_path.write_text(json.dumps(meta))
     fails(["merge", str(copy), str(tmp_path / "o5")], "records no base model", tmp_path / "o5")
+    # adapters that do not fit the PEFT the checkpoint records: the tensor and both shapes (it said "is an adapter
+    # checkpoint: it holds the adapters, not the model's weights", which is what was asked for)
+    meta["peft"]["fields"]["dim"] += 2
+    meta_path.write_text(json.dumps(meta))
+    fails(["export-adapter", str(copy), str(tmp_path / "o6")], "in the checkpoint, (", tmp_path / "o6")
 
 
 def test_pretrained_megatron_checkpoint_is_the_base(tiny_hf, tmp_path):

@@ -85,7 +85,7 @@ def _load_adapters(model, peft, ckpt: Path) -> None:
     from bridge_convert.megatron_ckpt import load_model_state, sharded_model_state
 
     state = peft.filter_sharded_state_dict(sharded_model_state(model))
-    load_model_state(model, ckpt, model_state=state, strict=False)
+    load_model_state(model, ckpt, model_state=state, strict=False, adapters=True)
 
 
 def _model_with_adapters(ckpt: Path, base: str | None, steps):
