@@ -113,3 +113,17 @@ def test_sampler_rejects_bad_arguments(kwargs, message):
 def test_cycling_sampler_has_no_length():
     with pytest.raises(TypeError):
         len(DistributedBatchSampler(10, micro_batch_size=1, dp_rank=0, dp_size=1, cycle=True))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process", "two-workers"])
+def test_iterating_leaves_the_global_rng_alone(num_workers):
+    """torch's DataLoader drew its base seed from the global RNG when an iterator was built: a resumed run builds
+    it after restoring the RNG state, so every dropout mask after a resume was one draw off the straight run's."""
+    loader = build_dataloader(_Indexed(40), micro_batch_size=2, dp_rank=0, dp_size=1, shuffle=True, seed=1,
+                              num_workers=num_workers)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = [b["tokens"][:, 0].tolist() for b in loader]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert first == [b["tokens"][:, 0].tolist() for b in build_dataloader(
+        _Indexed(40), micro_batch_size=2, dp_rank=0, dp_size=1, shuffle=True, seed=1)]  # the same order

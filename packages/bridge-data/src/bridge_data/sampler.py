@@ -172,5 +172,9 @@ def build_dataloader(dataset: torch.utils.data.Dataset, *, micro_batch_size: int
     sampler = DistributedBatchSampler(len(dataset), micro_batch_size=micro_batch_size, dp_rank=dp_rank,
                                       dp_size=dp_size, consumed_samples=consumed_samples, shuffle=shuffle,
                                       seed=seed, cycle=cycle)
+    # A generator of its own: torch's DataLoader draws its workers' base seed each time an iterator is built, from
+    # the global RNG otherwise, which moved the model's dropout masks by one draw after a resume (the iterator is
+    # built after the RNG state is restored there, before the first iteration otherwise).
     return ResumableDataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                               collate_fn=collate_fn or collate_samples, pin_memory=pin_memory)
+                               collate_fn=collate_fn or collate_samples, pin_memory=pin_memory,
+                               generator=torch.Generator().manual_seed(seed))
