@@ -53,6 +53,7 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
 
     full = render(messages, False)
     spans = []
+    located_full: list | None = None  # the full text's contents, placed once per row (only when a turn needs them)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -64,7 +65,9 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
         else:
             bare = render(messages[:i], False) if i else ""
             prompt = start[len(bare):] if start is not None and start.startswith(bare) else ""
-            span = _turn_in_full_text(full, end, messages, i, render, prompt)
+            if located_full is None:
+                located_full = _locate(full, messages, render) or []
+            span = _turn_in_full_text(full, located_full, end, messages, i, render, prompt)
         if span is None or (spans and span[0] < spans[-1][1]):
             raise ValueError(
                 f"{where}: the chat template of {tokenizer.name_or_path} does not render this conversation "
@@ -84,22 +87,21 @@ def tokenize_chat(tokenizer: HFTokenizer, messages: Messages, *, where: str) -> 
     return ids, mask
 
 
-def _turn_in_full_text(full: str, last: str, messages: Messages, i: int, render: Callable[[Messages, bool], str],
-                       prompt: str) -> tuple[int, int] | None:
+def _turn_in_full_text(full: str, located_full: list[tuple[int, int]], last: str, messages: Messages, i: int,
+                       render: Callable[[Messages, bool], str], prompt: str) -> tuple[int, int] | None:
     """Character span in ``full`` of assistant message ``i``, for templates that render a conversation differently
     depending on where it ends (Qwen3's think block on the last assistant turn; Mistral's system prompt inside the
     last user turn).
 
-    The contents of the messages up to ``i`` are placed in ``full`` and in ``last`` (the conversation rendered up
-    to and with message ``i``) by :func:`_locate`; the turn is the content followed by the end-of-turn text that
-    ``last`` puts after it, and preceded by the template text between the generation prompt (``prompt``, what
+    The contents of the messages up to ``i`` are placed in ``full`` (``located_full``: :func:`_locate` of it, empty
+    when that failed) and in ``last`` (the conversation rendered up to and with message ``i``); the turn is the
+    content followed by the end-of-turn text that ``last`` puts after it, and preceded by the template text between the generation prompt (``prompt``, what
     ``add_generation_prompt`` appends) and the content, if ``full`` has that prompt before it (Qwen3's think block
     on a last assistant turn that follows another). None when that does not locate it unambiguously: a content the
     template rewrote, more template text before the content than ``last`` has there, or a different end of turn.
     """
-    located_full = _locate(full, messages, render)
     located_last = _locate(last, messages[: i + 1], render)
-    if located_full is None or located_last is None:
+    if not located_full or located_last is None:
         return None
     located_full = located_full[: len(located_last)]
 
