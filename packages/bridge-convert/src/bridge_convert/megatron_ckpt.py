@@ -123,7 +123,7 @@ def sharded_model_state(chunks: list) -> dict[str, Any]:
     return out
 
 
-def _drop_missing_extra_states(request: dict[str, Any], keys: list[str], directory: Path) -> dict[str, set[str]]:
+def _drop_missing_extra_states(request: dict[str, Any], keys: list[str], stored_objects) -> dict[str, set[str]]:
     """Take the model's ``_extra_state`` objects that the checkpoint lacks out of ``request``; returns their keys.
 
     They hold Transformer Engine's FP8 metadata. TE's attention and norm modules have one, megatron-core's and
@@ -132,9 +132,7 @@ def _drop_missing_extra_states(request: dict[str, Any], keys: list[str], directo
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from .offline.dcp_metadata import read_metadata
-
-    stored = set(read_metadata(directory).objects)
+    stored = set(stored_objects)
     dropped = {}
     for key in keys:
         state = request[key]
@@ -144,7 +142,7 @@ def _drop_missing_extra_states(request: dict[str, Any], keys: list[str], directo
     return dropped
 
 
-def _shape_problems(request: dict[str, Any], directory: Path, modules: list) -> list[str]:
+def _shape_problems(request: dict[str, Any], stored: dict, directory: Path, modules: list) -> list[str]:
     """Tensors whose saved global shape differs from the model's, and a vocabulary of another size.
 
     torch.distributed.checkpoint reports a shape mismatch without naming the tensor. The embedding and output
@@ -155,14 +153,12 @@ def _shape_problems(request: dict[str, Any], directory: Path, modules: list) -> 
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from .offline.dcp_metadata import read_metadata
-
-    stored = read_metadata(directory).tensors
-    problems = []
+    problems, seen = [], set()
     for value in nested_values(request):
         if isinstance(value, ShardedTensor) and not value.allow_shape_mismatch and value.key in stored:
             saved, ours = tuple(stored[value.key].size), tuple(value.global_shape)
-            if saved != ours and f"{value.key}:" not in " ".join(problems):
+            if saved != ours and value.key not in seen:  # a tensor's shards share its key
+                seen.add(value.key)
                 problems.append(f"{value.key}: shape {saved} in the checkpoint, {ours} in this model")
     meta = json.loads((directory / METADATA_FILE).read_text())
     saved_vocab = (meta.get("hf_config") or {}).get("vocab_size")
@@ -300,8 +296,11 @@ def load_model_state(chunks: list, path: str | os.PathLike, *, extra_state: dict
     # whose TensorProperties has a `strides` field.)
     modules = unwrap_model(chunks)
     keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
-    dropped = _drop_missing_extra_states(request, keys, directory)
-    problems = _shape_problems(request, directory, modules)
+    from .offline.dcp_metadata import read_metadata
+
+    stored = read_metadata(directory)  # once: both checks below read it
+    dropped = _drop_missing_extra_states(request, keys, stored.objects)
+    problems = _shape_problems(request, stored.tensors, directory, modules)
     if problems:
         raise CheckpointMismatchError((None if adapters else adapter_checkpoint_message(directory)) or
                                       f"cannot load checkpoint {directory} into this model: " + "; ".join(problems))
