@@ -97,6 +97,47 @@ def test_compare_prints_a_cosine_of_one_for_identical_logits(tmp_path, capsys):
     assert "max |diff|        0\n" in out and "cosine (min/mean) 1.000000 / 1.000000" in out
 
 
+def test_compare_atol_fails_on_different_weights(hf_checkpoints, tmp_path, capsys):
+    """A Megatron checkpoint one weight away from the HF model: report only by default, exit 1 above --atol."""
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "changed"
+    shutil.copytree(hf_checkpoints["qwen3"], changed)
+    shard = next(p for p in sorted(changed.glob("*.safetensors")) if any(
+        n.endswith("mlp.down_proj.weight") for n in load_file(str(p))))
+    tensors = load_file(str(shard))
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name].view(-1)[:50] += 0.5
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert main(["import", str(changed), str(tmp_path / "mc")]) == 0
+    argv = ["compare", hf_checkpoints["qwen3"], "--megatron-path", str(tmp_path / "mc"), "--seq-len", "8"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    max_diff = float(out.split("max |diff|")[1].split()[0])
+    assert max_diff > 1e-3 and "result" not in out
+    assert main([*argv, "--atol", f"{max_diff / 2:g}"]) == 1
+    assert "result: MISMATCH: above --atol" in capsys.readouterr().out
+    assert main([*argv, "--atol", f"{max_diff * 2:g}"]) == 0
+    assert "result: within --atol" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option,value", [("--seq-len", "0"), ("--batch", "-1"), ("--atol", "-1"),
+                                          ("--atol", "nan"), ("--seq-len", "x")])
+def test_compare_refuses_bad_numbers_in_one_line(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "hf", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err
+
+
+def test_threads_is_refused_on_the_model_building_path(hf_checkpoints, tmp_path, capsys):
+    assert main(["import", hf_checkpoints["llama"], str(tmp_path / "mc"), "--impl", "local", "--threads", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "--threads sets the offline converter's readers / writers" in err and not (tmp_path / "mc").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["import", "{hf}", "{out}", "--tp", "2"], "torchrun --nproc-per-node=2"),
     (["export", "{out}", "{out}/hf"], "no Megatron checkpoint"),
@@ -150,8 +191,8 @@ def test_import_names_the_heads_before_the_process_count(hf_checkpoints, tmp_pat
     assert "processes" not in err and not (tmp_path / "out").exists()
 
 
-def _poison(src: str, dst: Path, tensor: str) -> Path:
-    """A copy of the HF checkpoint ``src`` with NaN written into a few values of ``tensor``."""
+def _poison(src: str, dst: Path, tensor: str, value: float = float("nan")) -> Path:
+    """A copy of the HF checkpoint ``src`` with ``value`` written into a few values of ``tensor``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -162,20 +203,37 @@ def _poison(src: str, dst: Path, tensor: str) -> Path:
                 continue
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             metadata = f.metadata()
-        tensors[tensor].view(-1)[::7] = float("nan")
+        tensors[tensor].view(-1)[::7] = value
         save_file(tensors, shard, metadata=metadata)
         return dst
     raise AssertionError(f"{tensor} is in no shard of {src}")
 
 
-def test_compare_fails_on_non_finite_logits(hf_checkpoints, tmp_path, capsys):
+def test_compare_refuses_non_finite_weights(hf_checkpoints, tmp_path, capsys):
     bad = _poison(hf_checkpoints["qwen3"], tmp_path / "nan", "model.layers.1.mlp.down_proj.weight")
     assert main(["compare", str(bad), "--seq-len", "8"]) == 1
     captured = capsys.readouterr()
     assert "next-token match" not in captured.out
     [error] = [line for line in captured.err.splitlines() if "error:" in line]  # tqdm bars aside
+    assert error.startswith("bridge-convert compare: error: HF checkpoint ") and \
+        "non-finite (NaN / inf) values in 1 tensors: model.layers.1.mlp.down_proj.weight" in error
+
+
+def test_compare_fails_on_non_finite_logits(hf_checkpoints, tmp_path, capsys, runtime):
+    # a Megatron checkpoint with NaN weights (a diverged training run saves them; a conversion never does)
+    from bridge_convert import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(hf_checkpoints["qwen3"])
+    model = bridge.to_megatron_model(load_weights=True)
+    with torch.no_grad():
+        model[0].decoder.layers[1].mlp.linear_fc2.weight.view(-1)[::7] = float("nan")
+    bridge.save_megatron_checkpoint(model, tmp_path / "mc")
+    assert main(["compare", hf_checkpoints["qwen3"], "--megatron-path", str(tmp_path / "mc"), "--seq-len", "8"]) == 1
+    captured = capsys.readouterr()
+    assert "next-token match" not in captured.out
+    [error] = [line for line in captured.err.splitlines() if "error:" in line]  # tqdm bars aside
     assert error.startswith("bridge-convert compare: error: Megatron logits hold") and "NaN" in error
-    assert "weights with NaN/inf: model.layers.1.mlp.down_proj.weight" in error
+    assert "Megatron weights with NaN/inf: decoder.layers.1.mlp.linear_fc2.weight" in error
 
 
 def test_export_into_a_non_empty_directory_is_refused_and_keeps_its_files(hf_checkpoints, tmp_path, capsys):

@@ -1,5 +1,7 @@
 """HF config <-> provider translation as pure functions on literal config dicts."""
 
+import json
+
 import pytest
 import torch
 
@@ -78,6 +80,24 @@ def test_mistral_sliding_window_maps_to_megatron_window():
     kw = MISTRAL.config_to_provider(base)
     assert kw["window_size"] == (4095, 0)
     assert MISTRAL.provider_to_config(GPTModelProvider(**kw), base)["sliding_window"] == 4096
+
+
+@pytest.mark.parametrize("window", ["absent", None, 7])
+def test_mistral_window_is_the_one_transformers_reads(window, tmp_path):
+    """A config.json without ``sliding_window`` gets transformers' default (4096), an explicit null none; the
+    export writes the window back, so transformers reads the same model from it."""
+    from transformers import AutoConfig
+
+    raw = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "vocab_size": 100, **({} if window == "absent" else {"sliding_window": window})}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    expected = AutoConfig.from_pretrained(tmp_path).sliding_window
+    kw = MISTRAL.config_to_provider(raw)
+    assert kw.get("window_size") == (None if expected is None else (expected - 1, 0))
+    exported = MISTRAL.provider_to_config(GPTModelProvider(**kw), raw)
+    (tmp_path / "config.json").write_text(json.dumps(exported))
+    assert AutoConfig.from_pretrained(tmp_path).sliding_window == expected
 
 
 @pytest.mark.parametrize("raw,message", [

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import model_bridge as engine
+from .finite import NonFinite
 from .hf_config import dtype_from_hf, dtype_to_hf, load_hf_config, parse_dtype
 from .megatron_ckpt import (
     HF_ASSET_FILES,
@@ -225,29 +226,39 @@ class AutoBridge:
         if state.rank != 0:
             for _ in stream:
                 pass
-            state.barrier()
+            _rank0_outcome(f"saving {path}")
             return
         from tqdm.auto import tqdm
 
-        with staged_output_dir(path, overwrite=overwrite, inputs=inputs) as tmp:
-            if layout is not None:
-                writer = ShardedSafetensorsWriter.from_source(tmp, layout)
-                dtypes = layout.dtypes
-            else:
-                writer = ShardedSafetensorsWriter.by_size(tmp, [(n, target_dtype, s) for n, s in shapes],
-                                                          max_shard_size=max_shard_size)
-                dtypes = dict.fromkeys((n for n, _ in shapes), target_dtype)
-            for name, tensor in tqdm(stream, total=len(shapes), desc="Exporting HF weights", unit="tensor"):
-                writer.add(name, tensor.to(dtypes[name]))
-                for alias in aliases.get(name, ()):
-                    writer.add(alias, tensor.to(dtypes[alias]))
-            writer.close()
-            if layout is not None:  # tensors keep their source dtypes, and so does the config
-                config.update({k: self.hf_config[k] for k in ("dtype", "torch_dtype") if k in self.hf_config})
-            record_tensor_dtype(config, dtypes)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            self._write_assets(tmp, provider, assets_from)
-        state.barrier()
+        try:
+            with staged_output_dir(path, overwrite=overwrite, inputs=inputs) as tmp:
+                if layout is not None:
+                    writer = ShardedSafetensorsWriter.from_source(tmp, layout)
+                    dtypes = layout.dtypes
+                else:
+                    writer = ShardedSafetensorsWriter.by_size(tmp, [(n, target_dtype, s) for n, s in shapes],
+                                                              max_shard_size=max_shard_size)
+                    dtypes = dict.fromkeys((n for n, _ in shapes), target_dtype)
+                non_finite = NonFinite()
+                for name, tensor in tqdm(stream, total=len(shapes), desc="Exporting HF weights", unit="tensor"):
+                    converted = tensor.to(dtypes[name])
+                    non_finite.check(converted, {name: tensor})
+                    writer.add(name, converted)
+                    for alias in aliases.get(name, ()):
+                        writer.add(alias, tensor.to(dtypes[alias]))
+                problem = non_finite.problem(f"the model saved to {path}", "export", "dtype='bfloat16' or 'float32'")
+                if problem:
+                    raise ValueError(problem)
+                writer.close()
+                if layout is not None:  # tensors keep their source dtypes, and so does the config
+                    config.update({k: self.hf_config[k] for k in ("dtype", "torch_dtype") if k in self.hf_config})
+                record_tensor_dtype(config, dtypes)
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                self._write_assets(tmp, provider, assets_from)
+        except Exception as exc:
+            _rank0_outcome(f"saving {path}", exc)
+            raise
+        _rank0_outcome(f"saving {path}")
         log_rank0("saved HF checkpoint to %s", path)
 
     def source_layout(self) -> SourceLayout | None:
@@ -414,6 +425,19 @@ class AutoBridge:
         model = bridge.to_megatron_model(load_weights=False, wrap_with_ddp=False, **overrides)
         bridge.load_megatron_checkpoint(model, megatron_path)
         bridge.save_hf_pretrained(model, hf_path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def _rank0_outcome(what: str, error: Exception | None = None) -> None:
+    """Rank 0 tells the other ranks whether ``what`` succeeded there; they raise when it did not (rather than wait
+    in a barrier rank 0 never reaches). Every rank calls it once; a no-op in a single process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    box = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(box, src=0)
+    if dist.get_rank() != 0 and box[0] is not None:
+        raise ValueError(f"{what} failed on rank 0: {box[0]}")
 
 
 def _on_rank0(convert):

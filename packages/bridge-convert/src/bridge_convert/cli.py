@@ -88,8 +88,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--megatron-path", default=None,
                    help="take the Megatron weights from this checkpoint instead of converting hf_path's")
     p.add_argument("--prompt", default=None, help="text to encode with the model's tokenizer")
-    p.add_argument("--seq-len", type=int, default=32, help="random-input length when no --prompt (default 32)")
-    p.add_argument("--batch", type=int, default=2, help="random-input batch size when no --prompt (default 2)")
+    p.add_argument("--seq-len", type=_positive_int, default=32,
+                   help="random-input length when no --prompt (default 32)")
+    p.add_argument("--batch", type=_positive_int, default=2,
+                   help="random-input batch size when no --prompt (default 2)")
+    p.add_argument("--atol", type=_tolerance, default=None, metavar="X",
+                   help="fail (exit status 1) when the max |diff| of the logits exceeds X; default: report only")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input ids when no --prompt (default 0)")
     _layout_args(p)
     for command in sub.choices.values():
@@ -110,6 +114,22 @@ def _thread_count(text: str) -> int:
     return int(text)
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tolerance; give a number >= 0, e.g. 1e-4")
+    return value
+
+
 def _offline_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_thread_count, default=None, metavar="N",
                         help="parallel readers / writers of the offline converter (default: 1 for import, 2 for "
@@ -121,7 +141,11 @@ def _builds_model(args) -> bool:
     import os
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    return args.tp != 1 or args.pp != 1 or bool(args.vp) or args.impl != "auto" or world > 1
+    builds = args.tp != 1 or args.pp != 1 or bool(args.vp) or args.impl != "auto" or world > 1
+    if builds and args.threads is not None:
+        raise ValueError("--threads sets the offline converter's readers / writers; the model-building path "
+                         "(--tp / --pp / --vp / --impl, or torchrun) has none: drop --threads")
+    return builds
 
 
 def _overrides(args) -> dict:
@@ -264,7 +288,11 @@ def _cmd_compare(args) -> int:
     print(f"  mean |diff|       {diff.mean().item():.6g}")
     print(f"  cosine (min/mean) {cosine.min().item():.6f} / {cosine.mean().item():.6f}")
     print(f"  next-token match  {match * 100:.2f}%")
-    return 0
+    if args.atol is None:
+        return 0
+    ok = diff.max().item() <= args.atol
+    print(f"  result: {'within' if ok else 'MISMATCH: above'} --atol {args.atol:g}")
+    return 0 if ok else 1
 
 
 def _require_finite(logits: dict, models: dict, args) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CheckpointMismatchError
+from .finite import NonFinite
 from .mappings import Mapping, MappingContext, VocabParallel
 from .quantized import is_quantized_param, load_into_quantized
 
@@ -230,6 +231,7 @@ def load_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: lis
         from tqdm.auto import tqdm
 
         iterator = tqdm(params, desc="Loading HF weights", unit="param")
+    non_finite = NonFinite()
     with torch.no_grad():
         for name, param, mapping, layer, split in iterator:
             hf = [reader.get(n) for n in mapping.hf_names(layer)]
@@ -240,10 +242,21 @@ def load_hf_weights(bridge: ModelBridge, provider: GPTModelProvider, chunks: lis
                     f"HF checkpoint {reader.path}: shape mismatch for {name} (from {mapping.hf_names(layer)}): the "
                     f"model needs {expected} for the full tensor, the checkpoint gives {tuple(full.shape)}")
             local = shard(full, split, state.tp_rank, state.tp_size).to(device=param.device, dtype=param.dtype)
+            non_finite.check(local, dict(zip(mapping.hf_names(layer), hf)))
             if is_quantized_param(param):  # TE FP8 weights (fp8_param): a plain copy_ loses the load at step 1
                 load_into_quantized(param, local)
             else:
                 param.data.copy_(local)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # each rank loaded its own stage: all refuse together
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, non_finite.records())
+        non_finite = NonFinite()
+        for records in gathered:
+            non_finite.merge(records)
+    problem = non_finite.problem(f"HF checkpoint {reader.path}", "load",
+                                 "params_dtype=bfloat16 or float32 (--dtype bfloat16)")
+    if problem:
+        raise ValueError(problem)
 
 
 def _check_checkpoint_names(bridge: ModelBridge, provider: GPTModelProvider, tasks: list[ParamTask],

@@ -16,9 +16,15 @@ if TYPE_CHECKING:
     from ..provider import GPTModelProvider
 
 
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
+"""``sliding_window`` of a Mistral config.json that does not name one, as transformers reads it."""
+
+
 def mistral_config_to_provider(raw: dict[str, Any]) -> dict[str, Any]:
     kwargs = dense_config_to_provider(raw, default_rope_theta=10000.0)
-    window = raw.get("sliding_window")
+    # a config without the key gets transformers' MistralConfig default (4096, what Mistral 7B v0.1 uses); an
+    # explicit null means full attention
+    window = raw.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
     if window is not None:
         # HF lets token i attend to j in (i - window, i]; megatron-core's window_size=(left, right) allows
         # [i - left, i + right].

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..finite import NonFinite
 from ..hf_config import parse_dtype
 from ..megatron_ckpt import resolve_checkpoint_dir
 from ..outputs import check_output_dir, staged_output_dir
@@ -109,6 +110,16 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
     spare: dict[str, list[torch.Tensor]] = {}  # region buffers by key, reused from layer to layer
     spare_lock = threading.Lock()
 
+    non_finite = NonFinite()
+
+    def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the HF dtype; a cast that makes NaN / inf is recorded (a tensor kept in its dtype is copied
+        byte for byte, unread: the import checked it)."""
+        converted = tensor.to(dtypes[name])
+        if converted.dtype != tensor.dtype:
+            non_finite.check(converted, {name: tensor})
+        return converted
+
     def read(entry: CheckpointEntry, layer: int | None) -> tuple[list[tuple[str, list[torch.Tensor]]], tuple]:
         """The HF tensors of one entry's layer slice, each as row blocks (see ``ShardedSafetensorsWriter.add_rows``)."""
         shape = shapes[entry.key]
@@ -118,7 +129,7 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         names = entry.hf_names(layer)
         blocks = row_blocks(runs[entry.key], pieces, region, entry.layered) if runs[entry.key] else None
         if blocks is not None:  # row ranges of the stored (mapped) chunks: no assembly, no de-interleaved copy
-            return [(n, [b.to(dtypes[n]) for b in bs]) for n, bs in zip(names, blocks)], (entry.key, None)
+            return [(n, [cast(n, b) for b in bs]) for n, bs in zip(names, blocks)], (entry.key, None)
         with spare_lock:
             free = spare.setdefault(entry.key, [])
             buffer = free.pop() if free else None
@@ -127,7 +138,7 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         full = assemble_region(pieces, region, out=buffer)
         full = full[0] if entry.layered else full
         outs = entry.mapping.to_hf(full, entry.context(cfg, megatron_shape=shape))
-        return [(n, [t.to(dtypes[n])]) for n, t in zip(names, outs)], (entry.key, buffer)
+        return [(n, [cast(n, t)]) for n, t in zip(names, outs)], (entry.key, buffer)
 
     from tqdm.auto import tqdm
 
@@ -161,6 +172,10 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
             task = next(queue, None)
             if task is not None:
                 pending.append(pool.submit(read, *task))
+        problem = non_finite.problem(f"Megatron checkpoint {directory}", "export",
+                                     "--dtype bfloat16 or float32 (dtype='bfloat16')")
+        if problem:
+            raise ValueError(problem)
         writer.close()
         record_tensor_dtype(config, {n: dtypes[n] for n, _ in hf_shapes})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
