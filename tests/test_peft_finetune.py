@@ -245,6 +245,42 @@ def test_cli_export_adapter_and_merge_agree_with_peft_and_transformers(tiny_hf, 
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)
 
 
+def test_cli_merge_onto_a_bf16_base_rounds_once_into_the_dtype_asked_for(tiny_hf, dora_checkpoint, tmp_path):
+    """The oracle: HF peft's merge of the exported adapter in float32 on the bf16 base (upcast). ``--dtype float32``
+    gives it to fp32 rounding (the base was merged in bf16 before: every weight bf16-representable); the default
+    (the base's bf16) gives it rounded once (fp32 adapters were cast to bf16 first: half the elements 1 ulp off)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from bridge_peft.cli import main
+
+    AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(tiny_hf) / name).exists():
+            (tmp_path / "bf16" / name).write_bytes((Path(tiny_hf) / name).read_bytes())
+    assert main(["export-adapter", dora_checkpoint, str(tmp_path / "adapter")]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    oracle = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    assert main(["merge", dora_checkpoint, str(tmp_path / "m32"), "--base", str(tmp_path / "bf16"),
+                 "--dtype", "float32"]) == 0
+    assert main(["merge", dora_checkpoint, str(tmp_path / "m16"), "--base", str(tmp_path / "bf16")]) == 0
+    m32, m16 = weights(tmp_path / "m32"), weights(tmp_path / "m16")
+    changed = [k for k in m32 if k.endswith("proj.weight")]
+    assert changed and all(m32[k].dtype == torch.float32 and m16[k].dtype == torch.bfloat16 for k in changed)
+    differing = total = 0
+    for k in changed:
+        torch.testing.assert_close(m32[k], oracle[k], atol=1e-6, rtol=1e-6)
+        assert not torch.equal(m32[k], m32[k].bfloat16().float())  # merged in fp32, not in the base's bf16
+        off = m16[k] != oracle[k].bfloat16()
+        differing, total = differing + int(off.sum()), total + off.numel()
+    assert differing / total < 1e-3, (differing, total)
+
+
 def test_cli_help_and_bad_input(tiny_hf, dora_checkpoint, tmp_path, capsys):
     from bridge_convert.testing import save_tiny_hf_checkpoint
     from bridge_peft.cli import _build_parser, main

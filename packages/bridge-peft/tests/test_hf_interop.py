@@ -172,6 +172,53 @@ def test_merge_unmerge_and_merged_export(method, hf_checkpoints, runtime, tmp_pa
     torch.testing.assert_close(forward_logits(model, IDS), with_adapters, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_disabling_a_merged_model_runs_the_base_and_merges_again(method, hf_checkpoints, runtime):
+    from bridge_peft import adapters_disabled
+
+    _, model = _megatron(hf_checkpoints["qwen3"])
+    base = forward_logits(model, IDS)
+    METHODS[method]()(model)
+    randomize_adapters(model, seed=9)
+    adapted = forward_logits(model, IDS)
+    assert (adapted - base).abs().max() > 1e-2
+    merge_adapters(model)
+    with adapters_disabled(model):
+        torch.testing.assert_close(forward_logits(model, IDS), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(forward_logits(model, IDS), adapted, atol=1e-4, rtol=0)
+    unmerge_adapters(model)  # still merged on exit: unmerging gives the adapted model through the adapters
+    torch.testing.assert_close(forward_logits(model, IDS), adapted, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_bf16_merge_rounds_once(method, hf_checkpoints, runtime):
+    """bf16 base and bf16 adapters: the merged weight is the exact (float64) merge rounded once to bf16; a bf16
+    product s B A rounded a quarter of the elements one more time."""
+    from bridge_peft.base import adapters_of
+
+    _, model = _megatron(hf_checkpoints["llama32"], params_dtype=torch.bfloat16)
+    METHODS[method]()(model)
+    randomize_adapters(model, seed=3)
+    pairs = adapters_of(model)
+    expected = []
+    for linear, adapter in pairs:
+        [branch] = adapter.branches.values()  # fused: one branch for the whole layer
+        w = linear.weight.detach().double()
+        full = w + adapter.scale * branch.lora_b.double() @ branch.lora_a.double()
+        if adapter.dora:
+            full = branch.magnitude.double()[:, None] / full.norm(dim=1, keepdim=True) * full
+        expected.append(full.to(torch.bfloat16))
+    merge_adapters(model)
+    differing = total = 0
+    for (linear, _), want in zip(pairs, expected):
+        got = linear.weight.detach()
+        off = got != want
+        ulp = (want.float().abs() * 2.0 ** -7).clamp_min(2.0 ** -133)  # bf16: 8 significant bits
+        assert ((got.float() - want.float()).abs()[off] <= ulp[off]).all()  # at most one rounding step away
+        differing, total = differing + int(off.sum()), total + off.numel()
+    assert differing / total < 1e-3, (differing, total)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_missing_adapter_files_are_named(hf_checkpoints, runtime, tmp_path):
     bridge, model = _megatron(hf_checkpoints["llama31"])

@@ -219,15 +219,17 @@ class LoRAAdapter(AdapterModule):
     def _tp(self) -> bool:
         return self.info.tp_size > 1
 
-    def _row_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``||W + delta||`` per output row (fp32), summed over TP where the input dim is split."""
+    def _row_norm(self, weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+        """``||W + delta||`` per output row, computed in ``dtype`` (returned in fp32), summed over TP where the
+        input dim is split."""
         import torch.distributed as dist
 
-        full = weight.detach().float() + delta.detach().float()
+        full = weight.detach().to(dtype) + delta.detach().to(dtype)
         sq = (full * full).sum(dim=1)
         if self.info.parallel == "row" and self._tp():
             dist.all_reduce(sq, group=self.info.tp_group)
-        return sq.sqrt()
+        return sq.sqrt().float()
 
     def _to_fused(self, parts: dict[str, torch.Tensor], default: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -243,10 +245,11 @@ class LoRAAdapter(AdapterModule):
         return gather_from_tensor_model_parallel_region(branch.lora_a.t(), group=self.info.tp_group).t()
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` in the layer's local weight layout ``[out_local, in_local]``."""
-        parts = {p: (b.lora_b @ self._full_a(b)).t() for p, b in self.branches.items()}
-        zeros = torch.zeros(self.info.in_features, self.info.out_features, dtype=self.branches[
-            next(iter(self.branches))].lora_b.dtype, device=self.branches[next(iter(self.branches))].lora_b.device)
+        """``s * B A`` in the layer's local weight layout ``[out_local, in_local]``, in fp32 whatever the adapter
+        dtype (a bf16 product would round every element of the merged weight, and the DoRA norm, once more)."""
+        parts = {p: (b.lora_b.float() @ self._full_a(b).float()).t() for p, b in self.branches.items()}
+        zeros = torch.zeros(self.info.in_features, self.info.out_features, dtype=torch.float32,
+                            device=self.branches[next(iter(self.branches))].lora_b.device)
         return (self._to_fused(parts, zeros).t() * self.scale).contiguous()
 
     def dora_factor(self, weight: torch.Tensor) -> torch.Tensor:
@@ -261,8 +264,9 @@ class LoRAAdapter(AdapterModule):
 
     @torch.no_grad()
     def reset_magnitude(self, weight: torch.Tensor) -> None:
-        """DoRA's init: m = ``||W + s BA||`` (the adapter then starts as the identity, as in HF peft)."""
-        norm = self._row_norm(weight, self.delta_weight())
+        """DoRA's init: m = ``||W + s BA||`` (the adapter then starts as the identity, as in HF peft). Summed in
+        fp64, so that the fp32 result does not depend on how TP splits the sum (a fresh adapter exports alike)."""
+        norm = self._row_norm(weight, self.delta_weight(), torch.float64)
         pieces = {"all": norm} if self.fused else self.layout.split(norm)
         for p, branch in self.branches.items():
             branch.magnitude.copy_(pieces[p].to(branch.magnitude.dtype))

@@ -44,7 +44,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the base model the adapters were trained on: an HF directory or a Megatron checkpoint "
                         "(default: the checkpoint.pretrained_checkpoint its run recorded)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype of the written weights (default: the base checkpoint's)")
+                   help="dtype the base is loaded, merged and written in (default: the base checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     return parser
 
@@ -88,8 +88,10 @@ def _load_adapters(model, peft, ckpt: Path) -> None:
     load_model_state(model, ckpt, model_state=state, strict=False, adapters=True)
 
 
-def _model_with_adapters(ckpt: Path, base: str | None, steps):
-    """Build the model (base weights from ``base`` when given), apply the checkpoint's PEFT, load the adapters."""
+def _model_with_adapters(ckpt: Path, base: str | None, steps, dtype: str | None = None):
+    """Build the model (base weights from ``base`` when given, in ``dtype`` or their own), apply the checkpoint's
+    PEFT, load the adapters. With a ``base`` (a merge) the adapters are fp32, whatever dtype they were saved in, so
+    that ``W + s B A`` is rounded once, into the weight dtype."""
     from bridge_convert import AutoBridge
     from bridge_convert.megatron_ckpt import read_checkpoint_metadata, resolve_checkpoint_dir
 
@@ -97,20 +99,23 @@ def _model_with_adapters(ckpt: Path, base: str | None, steps):
     meta = read_checkpoint_metadata(directory)
     peft = peft_from_metadata(meta, directory)
     adapter_bridge = AutoBridge.from_megatron_checkpoint(directory)
-    overrides = {"params_dtype": meta.get("params_dtype", "float32")}
+    chosen = {"params_dtype": dtype} if dtype else {}
     if base is None:
         bridge = adapter_bridge
-        model = bridge.to_megatron_model(load_weights=False, perform_initialization=False, **overrides)
+        model = bridge.to_megatron_model(load_weights=False, perform_initialization=False,
+                                         params_dtype=meta.get("params_dtype", "float32"))
     elif (Path(base) / "config.json").exists():
         bridge = AutoBridge.from_hf_pretrained(base)
         _check_same_model(adapter_bridge.hf_config, bridge.hf_config, directory, base)
-        model = bridge.to_megatron_model(load_weights=True)
+        model = bridge.to_megatron_model(load_weights=True, **chosen)
     else:
         bridge = AutoBridge.from_megatron_checkpoint(base)
         _check_same_model(adapter_bridge.hf_config, bridge.hf_config, directory, base)
-        model = bridge.to_megatron_model(load_weights=False, perform_initialization=False, **overrides)
+        model = bridge.to_megatron_model(load_weights=False, perform_initialization=False, **chosen)
         bridge.load_megatron_checkpoint(model, base)
     steps.update(1)
+    if base is not None and hasattr(peft, "lora_dtype"):
+        peft.lora_dtype = "float32"
     peft(model, training=False)
     _load_adapters(model, peft, directory)
     steps.update(1)
@@ -163,7 +168,7 @@ def _merge(args) -> None:
     base = args.base or _recorded_base(Path(args.checkpoint))
     check_output_dir(args.out, overwrite=args.overwrite, inputs=(args.checkpoint, base))
     with tqdm(total=4, desc="merge", unit="step") as steps:
-        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), base, steps)
+        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), base, steps, args.dtype)
         merge_adapters(model)
         steps.update(1)
         # the tokenizer the fine-tune trained with (its checkpoint's copy), else the base's

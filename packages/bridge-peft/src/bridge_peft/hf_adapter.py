@@ -69,7 +69,8 @@ def _local_adapters(model, state):
                 raise TypeError(f"{name} carries a {type(adapter).__name__}: only LoRA / DoRA / canonical LoRA "
                                 "adapters have an HF PEFT form")
             settings[name] = {"dim": adapter.dim, "alpha": adapter.scale * adapter.dim, "dora": adapter.dora,
-                              "dropout": float(getattr(adapter.dropout, "p", 0.0)), "merged": adapter.merged}
+                              "dropout": float(getattr(adapter.dropout, "p", 0.0)), "merged": adapter.merged,
+                              "dropout_position": getattr(adapter, "dropout_position", "pre")}
             for proj, branch in adapter.branches.items():
                 for kind in ("lora_a", "lora_b", "magnitude"):
                     param = getattr(branch, kind)
@@ -165,6 +166,12 @@ def save_hf_adapter(bridge, model, out_dir: str | os.PathLike, *, overwrite: boo
     if len(kinds) > 1:
         raise ValueError(f"HF PEFT adapters have one rank / alpha / DoRA setting; these layers differ: {sorted(kinds)}")
     dim, alpha, dora, dropout = kinds.pop()
+    if dropout and any(s["dropout_position"] == "post" for s in settings.values()):
+        import warnings
+
+        warnings.warn(f"the adapters drop out their output (dropout_position='post'); HF peft has only input dropout: "
+                      f"adapter_config.json's lora_dropout={dropout} makes training with peft drop out the input "
+                      "instead (inference, which applies no dropout, is the same)", UserWarning, stacklevel=2)
     hf: dict[str, torch.Tensor] = {}
     for (linear, branch, kind), full in tensors.items():
         mapping, _, modules = _linear_mapping(bridge, provider, linear)

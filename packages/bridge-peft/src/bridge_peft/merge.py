@@ -48,9 +48,22 @@ def unmerge_adapters(model) -> None:
 
 @contextmanager
 def adapters_disabled(model):
-    """Run the base model alone (adapters switched off, nothing merged); restores the previous state on exit."""
+    """Run the base model alone: adapters switched off; merged ones are unmerged for the while (as HF peft's
+    ``disable_adapter`` does) and merged again on exit, so the weights come back to within rounding of the
+    weight dtype. Restores the previous state on exit.
+
+    Raises:
+        ValueError: if the model has no adapters; TypeError for a merged adapter that cannot be unmerged.
+    """
     pairs = _adapters(model)
+    merged = [(linear, adapter) for linear, adapter in pairs if getattr(adapter, "merged", False)]
+    for _, adapter in merged:
+        if not hasattr(adapter, "unmerge"):
+            raise TypeError(f"{type(adapter).__name__} is merged and has no unmerge(): its layer cannot run the "
+                            "base weights alone")
     previous = [adapter.enabled for _, adapter in pairs]
+    for linear, adapter in merged:
+        adapter.unmerge(linear.weight)
     for _, adapter in pairs:
         adapter.enabled = False
     try:
@@ -58,3 +71,5 @@ def adapters_disabled(model):
     finally:
         for (_, adapter), state in zip(pairs, previous):
             adapter.enabled = state
+        for linear, adapter in merged:
+            adapter.merge(linear.weight)
