@@ -65,7 +65,9 @@ def test_recipe_builds_validates_and_has_the_published_values(name):
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (gbs, 1)
     opt = cfg.optimizer
     assert opt.optimizer == "adam" and opt.use_distributed_optimizer and cfg.ddp.use_distributed_optimizer
-    assert (opt.adam_beta1, opt.weight_decay, opt.clip_grad) == (0.9, 0.1, 1.0)
+    assert (opt.adam_beta1, opt.adam_eps, opt.weight_decay, opt.clip_grad) == (0.9, 1e-5, 0.1, 1.0)
+    # Megatron Bridge's optimizer helper holds the applied weight decay at 0.033, fine-tuning included
+    assert (cfg.scheduler.start_weight_decay, cfg.scheduler.end_weight_decay) == (0.033, 0.033)
     assert cfg.mixed_precision == "bf16_mixed" and cfg.scheduler.lr_decay_style == "cosine"
     if name.endswith("_pretrain"):
         assert (opt.lr, opt.min_lr, cfg.scheduler.lr_warmup_iters, opt.adam_beta2) == (3e-4, 3e-5, 2000, 0.95)
@@ -110,7 +112,10 @@ def test_peft_recipes_carry_bridge_peft_methods(name):
     assert (cfg.train.global_batch_size, model.seq_length, cfg.optimizer.lr) == (gbs, seq, 1e-4)
     assert type(cfg.peft) is (bridge_peft.DoRA if name.endswith("_dora") else bridge_peft.LoRA)
     model_name = name.rsplit("_", 1)[0]
-    assert (cfg.peft.dim, cfg.peft.alpha) == LORA[model_name]
+    dim, alpha = LORA[model_name]
+    if name.endswith("_dora") and model_name.startswith("llama32"):
+        alpha = 64  # Megatron Bridge's DoRA defaults for the 3.2 models
+    assert (cfg.peft.dim, cfg.peft.alpha) == (dim, alpha)
     assert list(cfg.peft.target_modules) == (["linear_qkv"] if model_name == "llama31_405b" else ALL_LINEAR)
     cfg.validate(world_size=tp * pp * cp)
 
@@ -165,3 +170,15 @@ def test_recipe_functions_take_keywords_and_document_them():
     sft = MODELS["llama3_8b"].sft_config(allow_random_init=True)
     assert sft.dataset.pad_to_multiple_of == 1 and sft.tokenizer is None
     assert MODELS["llama31_405b"].sft_config(allow_random_init=True).dataset.pad_to_multiple_of == 8  # TP 8 with SP
+
+
+@pytest.mark.parametrize("model_name,lora,dora", [("llama32_1b", (32, 32), (32, 64)), ("llama32_3b", (32, 32), (32, 64)),
+                                                  ("llama3_8b", (8, 16), (8, 16)), ("llama31_405b", (16, 32), (16, 32))])
+def test_adapter_settings_are_megatron_bridges_per_method(model_name, lora, dora):
+    """Megatron Bridge's 3.2 DoRA recipes take its DoRA defaults (dim 32, alpha 64); the others set both."""
+    module = MODELS[model_name]
+    for method, (dim, alpha) in (("lora", lora), ("dora", dora)):
+        peft = module.peft_config(peft=method, allow_random_init=True).peft
+        assert (type(peft).__name__, peft.dim, peft.alpha) == ({"lora": "LoRA", "dora": "DoRA"}[method], dim, alpha)
+    with pytest.raises(ValueError, match="dim"):  # 0 is a value (refused), not "the recipe's default"
+        module.peft_config(dim=0, allow_random_init=True)

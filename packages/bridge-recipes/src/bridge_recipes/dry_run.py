@@ -34,6 +34,14 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+def _weight_decay(opt: Any, sched: Any) -> str:
+    """The weight decay applied: the scheduler's start -> end (finalize() derives them from optimizer.weight_decay
+    when unset)."""
+    start = opt.weight_decay if sched.start_weight_decay is None else sched.start_weight_decay
+    end = opt.weight_decay if sched.end_weight_decay is None else sched.end_weight_decay
+    return f"{start:g}" if start == end else f"{start:g} -> {end:g} ({sched.weight_decay_incr_style})"
+
+
 def _data(cfg: Any) -> str:
     dataset = cfg.dataset
     name = type(dataset).__name__
@@ -87,7 +95,7 @@ def describe(recipe: Any, cfg: Any, world_size: int, launched: bool) -> str:
                   f"{gbs // (train.micro_batch_size * max(dp, 1))} micro-batches per step and DP rank"),
         ("schedule", f"{train.train_iters} iterations, lr {opt.lr:g} {sched.lr_decay_style} to {opt.min_lr or 0:g}, "
                      f"warmup {sched.lr_warmup_iters}; {opt.optimizer} betas ({opt.adam_beta1}, {opt.adam_beta2}), "
-                     f"weight decay {opt.weight_decay}, clip {opt.clip_grad}"),
+                     f"weight decay {_weight_decay(opt, sched)}, clip {opt.clip_grad}"),
         ("precision", str(precision)),
         ("data", _data(cfg)),
         ("peft", repr(cfg.peft) if cfg.peft is not None else "none (all parameters trained)"),

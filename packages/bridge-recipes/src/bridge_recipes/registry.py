@@ -46,7 +46,8 @@ class Recipe:
             return (f"full SFT of {spec.display_name} on packed mock SFT data: seq {spec.finetune_seq_length}, "
                     f"global batch {spec.sft_global_batch_size}, {where}, lr 5e-6")
         targets = "all linear layers" if len(spec.lora_targets) == 4 else "+".join(spec.lora_targets)
-        return (f"{'LoRA' if self.task == 'lora' else 'DoRA'} (dim {spec.lora_dim}, alpha {spec.lora_alpha}, "
+        alpha = spec.dora_alpha if self.task == "dora" and spec.dora_alpha is not None else spec.lora_alpha
+        return (f"{'LoRA' if self.task == 'lora' else 'DoRA'} (dim {spec.lora_dim}, alpha {alpha}, "
                 f"{targets}) of {spec.display_name}: seq {spec.finetune_seq_length}, global batch "
                 f"{spec.peft_global_batch_size}, {where}, lr 1e-4")
 

@@ -24,6 +24,14 @@ class MockDataConfig:
         raise AssertionError("config tests never build datasets")
 
 
+@dataclass
+class PaddedDataConfig(MockDataConfig):
+    """A dataset config whose rows are padded to a multiple (as bridge-data's SFT configs)."""
+
+    pad_to_multiple_of: int = 1
+    """Row / document length multiple."""
+
+
 @dataclass(kw_only=True, slots=True)
 class IndexedDataStub(MockDataConfig):
     """Stand-in for bridge-data's PretrainDataConfig on real data: the fields the container's rules read."""

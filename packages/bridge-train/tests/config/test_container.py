@@ -7,7 +7,14 @@ import types
 
 import pytest
 import torch
-from config_stubs import FakeLoRA, IndexedDataStub, MockDataConfig, TokenizerStub, tiny_provider
+from config_stubs import (
+    FakeLoRA,
+    IndexedDataStub,
+    MockDataConfig,
+    PaddedDataConfig,
+    TokenizerStub,
+    tiny_provider,
+)
 
 from bridge_train.config import ConfigError, ProfilingConfig, RobustnessConfig, TrainConfig, apply_overrides
 
@@ -53,6 +60,20 @@ INVALID = [
      "model.seq_length (36) must be divisible by 2 x model.context_parallel_size (2 x 4 = 8)"),
     ("sequence_parallel_without_tp", _set(**{"model.sequence_parallel": True}), 1,
      "model.sequence_parallel needs model.tensor_model_parallel_size > 1"),
+    ("ffn_not_divisible_by_tp", _set(**{"model.ffn_hidden_size": 129, "model.tensor_model_parallel_size": 2}), 2,
+     "model.ffn_hidden_size (129) must be divisible by model.tensor_model_parallel_size (2); choose a TP in "),
+    ("sequence_parallel_seq_not_divisible_by_tp",
+     _set(**{"model.tensor_model_parallel_size": 2, "model.sequence_parallel": True, "model.seq_length": 33}), 2,
+     "model.seq_length (33) must be divisible by model.tensor_model_parallel_size x context_parallel_size (2 x 1) "
+     "with sequence parallelism"),
+    ("rows_not_padded_for_context_parallel",
+     _set(**{"model.context_parallel_size": 2, "dataset": PaddedDataConfig(pad_to_multiple_of=2)}), 2,
+     "dataset.pad_to_multiple_of (2) must be a multiple of 4: every row (packed: every document in it) must split "
+     "evenly over 2 x 2 context-parallel halves; set dataset.pad_to_multiple_of=4"),
+    ("rows_not_padded_for_sequence_parallel",
+     _set(**{"model.tensor_model_parallel_size": 2, "model.sequence_parallel": True,
+             "dataset": PaddedDataConfig(pad_to_multiple_of=1)}), 2,
+     "dataset.pad_to_multiple_of (1) must be a multiple of 2"),
     ("world_not_divisible_by_model_parallel", _set(**{"model.tensor_model_parallel_size": 2}), 3,
      "world size 3 must be divisible by model.tensor_model_parallel_size x pipeline_model_parallel_size x "
      "context_parallel_size (2 x 1 x 1 = 2)"),

@@ -1,8 +1,8 @@
 """The three recipe builders every Llama model shares: pretrain, full-parameter SFT, LoRA / DoRA.
 
 Each returns a bridge-train ``ConfigContainer`` (not finalized: edit it, apply overrides, then train). Values are
-Megatron Bridge's published ones (distributed Adam with betas 0.9 / 0.95 (0.98 for fine-tuning), weight decay 0.1,
-clip 1.0, cosine schedules, ``bf16_mixed``); the model's layout and batch sizes come from its :class:`LlamaSpec`.
+Megatron Bridge's published ones (distributed Adam with betas 0.9 / 0.95 (0.98 for fine-tuning), eps 1e-5, weight
+decay 0.1 held at 0.033 by the scheduler, clip 1.0, cosine schedules, ``bf16_mixed``); the model's layout and batch sizes come from its :class:`LlamaSpec`.
 Building a config reads no file but ``hf_path``'s config.json and builds no model.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -78,7 +77,7 @@ def _provider(spec: LlamaSpec, hf_path: str | None, layout: Parallelism, seq_len
 
 def _container(*, provider, train_iters: int, global_batch_size: int, micro_batch_size: int, lr: float,
                min_lr: float, warmup: int, beta2: float, eval_interval: int, save_interval: int, dir: str | None,
-               seed: int, dataset, tokenizer, mixed_precision: str | None, weight_decay_schedule: bool):
+               seed: int, dataset, tokenizer, mixed_precision: str | None):
     from bridge_train import (
         CheckpointConfig,
         ConfigContainer,
@@ -100,8 +99,8 @@ def _container(*, provider, train_iters: int, global_batch_size: int, micro_batc
                                       save_interval=save_interval)
         logger.tensorboard_dir = os.path.join(dir, "tensorboard")
     scheduler = SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=warmup, lr_warmup_init=0.0)
-    if weight_decay_schedule:  # Megatron Bridge's pretraining: the scheduler holds weight decay at 0.033
-        scheduler.start_weight_decay = scheduler.end_weight_decay = 0.033
+    # Megatron Bridge's optimizer helper (pretraining and fine-tuning): the scheduler holds weight decay at 0.033
+    scheduler.start_weight_decay = scheduler.end_weight_decay = 0.033
     return ConfigContainer(
         model=provider,
         train=TrainConfig(train_iters=train_iters, micro_batch_size=micro_batch_size,
@@ -109,7 +108,7 @@ def _container(*, provider, train_iters: int, global_batch_size: int, micro_batc
         dataset=dataset,
         tokenizer=tokenizer,
         optimizer=OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=0.1, adam_beta1=0.9,
-                                  adam_beta2=beta2, adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=True,
+                                  adam_beta2=beta2, adam_eps=1e-5, clip_grad=1.0, use_distributed_optimizer=True,
                                   overlap_param_gather=True),
         scheduler=scheduler,
         ddp=DDPConfig(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True,
@@ -157,7 +156,7 @@ def pretrain_config(spec: LlamaSpec, *, hf_path: str | None = None, dir: str | N
     """
     from bridge_data import PretrainDataConfig
 
-    seq = seq_length or spec.pretrain_seq_length
+    seq = spec.pretrain_seq_length if seq_length is None else seq_length
     provider = _provider(spec, hf_path, spec.pretrain, seq, load_weights=True)
     tokenizer_source = tokenizer_path or (hf_path if data_paths else None)
     return _container(
@@ -165,31 +164,31 @@ def pretrain_config(spec: LlamaSpec, *, hf_path: str | None = None, dir: str | N
         micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup=lr_warmup_iters, beta2=0.95,
         eval_interval=2000, save_interval=500, dir=dir, seed=seed,
         dataset=PretrainDataConfig(seq_length=seq, paths=list(data_paths or []), mock=not data_paths, seed=seed),
-        tokenizer=_tokenizer(tokenizer_source), mixed_precision=mixed_precision, weight_decay_schedule=True)
+        tokenizer=_tokenizer(tokenizer_source), mixed_precision=mixed_precision)
 
 
 def _finetune(spec: LlamaSpec, layout: Parallelism, global_batch_size: int | None, *, hf_path, dir, data_path,
               data_format, tokenizer_path, packed, seq_length, train_iters, micro_batch_size, lr, min_lr,
               lr_warmup_iters, allow_random_init, mixed_precision, seed, default_batch: int):
+    from bridge_train.config.invariants import row_multiple
+
     from .. import sft_data
 
-    seq = seq_length or spec.finetune_seq_length
+    seq = spec.finetune_seq_length if seq_length is None else seq_length
     provider = _provider(spec, hf_path, layout, seq, load_weights=False)  # loaded by finetune() from the path
-    multiple = layout.tp if layout.sp else 1
-    if layout.cp > 1:
-        multiple = math.lcm(multiple, 2 * layout.cp)
+    multiple = row_multiple(provider)
     tokenizer_source = tokenizer_path or hf_path
     if data_path is not None and tokenizer_source is None:
         raise ValueError(f"SFT data from {data_path!r} needs a tokenizer: pass hf_path= or tokenizer_path= "
                          "(bridge-run: --hf-path or --tokenizer-path)")
     cfg = _container(
-        provider=provider, train_iters=train_iters, global_batch_size=global_batch_size or default_batch,
+        provider=provider, train_iters=train_iters, global_batch_size=default_batch if global_batch_size is None else global_batch_size,
         micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup=lr_warmup_iters, beta2=0.98,
         eval_interval=30, save_interval=100, dir=dir, seed=seed,
         dataset=sft_data.sft_data_config(seq_length=seq, data_path=data_path, data_format=data_format,
                                          packed=packed, pad_to_multiple_of=multiple, seed=seed),
         tokenizer=_tokenizer(tokenizer_source) if data_path is not None else None,
-        mixed_precision=mixed_precision, weight_decay_schedule=False)
+        mixed_precision=mixed_precision)
     if hf_path is not None:
         cfg.checkpoint.pretrained_checkpoint = str(hf_path)
     # Without weights, validation says that a pretrained checkpoint is needed (checkpoint.pretrained_checkpoint),
@@ -247,7 +246,8 @@ def peft_config(spec: LlamaSpec, *, peft: Literal["lora", "dora"] = "lora", dim:
     Args:
         peft: ``lora`` or ``dora``.
         dim: Adapter rank; None: the recipe's (32 for 3.2 1B / 3B, 8 for 8B, 16 for 70B / 405B).
-        alpha: Adapter scale numerator; None: the recipe's (32; 16 for 8B).
+        alpha: Adapter scale numerator; None: the recipe's (32, DoRA 64 for 3.2 1B / 3B; 16 for 8B; 32 for 70B /
+            405B).
         target_modules: Layers to adapt; None: every linear layer (405B: ``linear_qkv`` only).
         Other arguments: as :func:`sft_config` (default global batch 8; 32 for 405B).
     """
@@ -258,8 +258,10 @@ def peft_config(spec: LlamaSpec, *, peft: Literal["lora", "dora"] = "lora", dim:
                     allow_random_init=allow_random_init, mixed_precision=mixed_precision, seed=seed)
     from ..peft_methods import peft_method
 
-    cfg.peft = peft_method(peft, dim=dim or spec.lora_dim, alpha=alpha or spec.lora_alpha,
-                           target_modules=list(target_modules or spec.lora_targets))
+    default_alpha = spec.dora_alpha if peft == "dora" and spec.dora_alpha is not None else spec.lora_alpha
+    cfg.peft = peft_method(peft, dim=spec.lora_dim if dim is None else dim,
+                           alpha=default_alpha if alpha is None else alpha,
+                           target_modules=list(spec.lora_targets if target_modules is None else target_modules))
     return cfg
 
 

@@ -60,6 +60,8 @@ class LlamaSpec:
     lora_dim: int
     lora_alpha: int
     lora_targets: tuple[str, ...] = ALL_LINEAR
+    dora_alpha: int | None = None
+    """DoRA's alpha when it differs from ``lora_alpha`` (3.2 1B / 3B: Megatron Bridge's DoRA defaults, 32 / 64)."""
     finetune_seq_length: int = 4096
     pipeline_split_counts_embedding_and_loss: bool = False
     """405B: the embedding and the loss each count as a layer when layers are split over pipeline stages."""
@@ -100,10 +102,10 @@ _70B_PRETRAIN = Parallelism(tp=4, pp=4, vp=5, cp=2, sp=True)
 SPECS: dict[str, LlamaSpec] = {spec.name: spec for spec in (
     LlamaSpec(name="llama32_1b", hf_id="meta-llama/Llama-3.2-1B", pretrain=Parallelism(), pretrain_seq_length=8192,
               sft=_SMALL_SFT, sft_global_batch_size=8, peft=Parallelism(), peft_global_batch_size=8,
-              lora_dim=32, lora_alpha=32),
+              lora_dim=32, lora_alpha=32, dora_alpha=64),
     LlamaSpec(name="llama32_3b", hf_id="meta-llama/Llama-3.2-3B", pretrain=Parallelism(), pretrain_seq_length=8192,
               sft=_SMALL_SFT, sft_global_batch_size=8, peft=Parallelism(), peft_global_batch_size=8,
-              lora_dim=32, lora_alpha=32),
+              lora_dim=32, lora_alpha=32, dora_alpha=64),
     LlamaSpec(name="llama3_8b", hf_id="meta-llama/Meta-Llama-3-8B", pretrain=Parallelism(cp=2),
               pretrain_seq_length=8192, sft=_8B_SFT, sft_global_batch_size=8, peft=Parallelism(),
               peft_global_batch_size=8, lora_dim=8, lora_alpha=16),

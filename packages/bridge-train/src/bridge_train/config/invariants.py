@@ -5,6 +5,7 @@ Each function returns messages that name the dotted fields involved, their value
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,6 +50,10 @@ def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
                         f"({tp}) so each TP rank holds whole KV groups; choose a TP in {_divisors(groups)}")
     if heads % groups:
         problems.append(f"model.num_attention_heads ({heads}) must be a multiple of model.num_query_groups ({groups})")
+    ffn = model.ffn_hidden_size
+    if isinstance(ffn, int) and ffn % tp:
+        problems.append(f"model.ffn_hidden_size ({ffn}) must be divisible by model.tensor_model_parallel_size ({tp}); "
+                        f"choose a TP in {_divisors(ffn)}")
     if model.kv_channels is None and model.hidden_size % heads:
         problems.append(f"model.hidden_size ({model.hidden_size}) must be divisible by model.num_attention_heads "
                         f"({heads}), or set model.kv_channels")
@@ -67,6 +72,10 @@ def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
     if model.sequence_parallel and tp == 1:
         problems.append("model.sequence_parallel needs model.tensor_model_parallel_size > 1; set "
                         "model.sequence_parallel=false or raise TP")
+    elif model.sequence_parallel and model.seq_length % (tp * cp):
+        problems.append(f"model.seq_length ({model.seq_length}) must be divisible by model.tensor_model_parallel_size"
+                        f" x context_parallel_size ({tp} x {cp}) with sequence parallelism: each TP rank holds an "
+                        f"equal slice of the sequence; set it to a multiple of {tp * cp}")
     experts, ep = model.num_moe_experts, model.expert_model_parallel_size
     if ep > 1 and (not experts or experts % ep):
         problems.append(f"model.expert_model_parallel_size ({ep}) must divide model.num_moe_experts ({experts})")
@@ -183,6 +192,20 @@ def schedule_problems(scheduler: Any, optimizer: Any, train: Any) -> list[str]:
     return problems
 
 
+def row_multiple(model: Any) -> int:
+    """What the length of every variable-length row (packed: every document) must be a multiple of for the model's
+    layout: TP with sequence parallelism, 2 x CP with context parallelism (load-balanced halves)."""
+    tp, cp = model.tensor_model_parallel_size, model.context_parallel_size
+    return math.lcm(tp if model.sequence_parallel else 1, 2 * cp if cp > 1 else 1)
+
+
+def _row_split(model: Any) -> str:
+    parts = ([f"the {model.tensor_model_parallel_size} TP ranks of sequence parallelism"] if model.sequence_parallel
+             else []) + ([f"2 x {model.context_parallel_size} context-parallel halves"]
+                         if model.context_parallel_size > 1 else [])
+    return " and ".join(parts)
+
+
 def run_problems(cfg: Any, world_size: int | None) -> list[str]:
     """Dataset, PEFT, profiling and checkpoint settings against the rest of the run."""
     problems = []
@@ -204,6 +227,12 @@ def run_problems(cfg: Any, world_size: int | None) -> list[str]:
             problems.append(f"dataset.{uses_eod[0]} finds documents by the eod token of the tokenizer that wrote "
                             "dataset.paths, but tokenizer is not set (a stand-in's eod would match nothing); set "
                             "tokenizer to that tokenizer (TokenizerConfig(path=...), bridge-run --tokenizer-path)")
+        pad = getattr(cfg.dataset, "pad_to_multiple_of", None)
+        need = row_multiple(cfg.model)
+        if isinstance(pad, int) and pad >= 1 and pad % need:
+            problems.append(f"dataset.pad_to_multiple_of ({pad}) must be a multiple of {need}: every row (packed: "
+                            "every document in it) must split evenly over "
+                            f"{_row_split(cfg.model)}; set dataset.pad_to_multiple_of={math.lcm(pad, need)}")
         data_seq = getattr(cfg.dataset, "seq_length", None)
         if isinstance(data_seq, int) and data_seq > cfg.model.seq_length:
             problems.append(f"dataset.seq_length ({data_seq}) exceeds model.seq_length ({cfg.model.seq_length}); "
