@@ -88,9 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--megatron-path", default=None,
                    help="take the Megatron weights from this checkpoint instead of converting hf_path's")
     p.add_argument("--prompt", default=None, help="text to encode with the model's tokenizer")
-    p.add_argument("--seq-len", type=_positive_int, default=32,
+    p.add_argument("--seq-len", type=_positive_int("length"), default=32,
                    help="random-input length when no --prompt (default 32)")
-    p.add_argument("--batch", type=_positive_int, default=2,
+    p.add_argument("--batch", type=_positive_int("batch size"), default=2,
                    help="random-input batch size when no --prompt (default 2)")
     p.add_argument("--atol", type=_tolerance, default=None, metavar="X",
                    help="fail (exit status 1) when the max |diff| of the logits exceeds X; default: report only")
@@ -108,16 +108,14 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
                              "checkpoint; the old one is removed only once the new one is complete)")
 
 
-def _thread_count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of threads")
-    return int(text)
+def _positive_int(what: str):
+    """An argparse type: a whole number >= 1, else ``'x' is not a positive WHAT``."""
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {what}")
+        return int(text)
 
-
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
+    return parse
 
 
 def _tolerance(text: str) -> float:
@@ -131,7 +129,7 @@ def _tolerance(text: str) -> float:
 
 
 def _offline_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+    parser.add_argument("--threads", type=_positive_int("number of threads"), default=None, metavar="N",
                         help="parallel readers / writers of the offline converter (default: 1 for import, 2 for "
                              "export; each holds one layer slice of one tensor)")
 

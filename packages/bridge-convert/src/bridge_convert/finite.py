@@ -12,6 +12,8 @@ import threading
 
 import torch
 
+from .dtypes import dtype_name
+
 __all__ = ["NonFinite", "all_finite"]
 
 
@@ -70,9 +72,10 @@ class NonFinite:
                          f"refusing to {verb} them")
         if self.from_cast:
             names = sorted(self.from_cast)
-            dtypes = sorted({str(d).removeprefix("torch.") for d in self.from_cast.values()})
-            limit = " / ".join(f"{torch.finfo(getattr(torch, d)).max:g}" for d in dtypes)
-            parts.append(f"{what}: {len(names)} tensors hold values beyond the {' / '.join(dtypes)} range "
+            dtypes = sorted(set(self.from_cast.values()), key=dtype_name)
+            limit = " / ".join(f"{torch.finfo(d).max:g}" for d in dtypes)
+            parts.append(f"{what}: {len(names)} tensors hold values beyond the "
+                         f"{' / '.join(map(dtype_name, dtypes))} range "
                          f"(|x| > {limit}), which the cast would store as inf: {_listed(names)}; refusing to {verb} "
                          f"them; choose a wider dtype: {dtype_option}")
         return "; ".join(parts) or None

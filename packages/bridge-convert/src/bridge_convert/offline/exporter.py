@@ -114,7 +114,7 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
 
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` in the HF dtype; a cast that makes NaN / inf is recorded (a tensor kept in its dtype is copied
-        byte for byte, unread: the import checked it)."""
+        byte for byte, unread: only a cast can make them here)."""
         converted = tensor.to(dtypes[name])
         if converted.dtype != tensor.dtype:
             non_finite.check(converted, {name: tensor})

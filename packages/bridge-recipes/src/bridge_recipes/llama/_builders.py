@@ -2,7 +2,8 @@
 
 Each returns a bridge-train ``ConfigContainer`` (not finalized: edit it, apply overrides, then train). Values are
 Megatron Bridge's published ones (distributed Adam with betas 0.9 / 0.95 (0.98 for fine-tuning), eps 1e-5, weight
-decay 0.1 held at 0.033 by the scheduler, clip 1.0, cosine schedules, ``bf16_mixed``); the model's layout and batch sizes come from its :class:`LlamaSpec`.
+decay 0.1 held at 0.033 by the scheduler, clip 1.0, cosine schedules, ``bf16_mixed``); the model's layout and batch
+sizes come from its :class:`LlamaSpec`.
 Building a config reads no file but ``hf_path``'s config.json and builds no model.
 """
 

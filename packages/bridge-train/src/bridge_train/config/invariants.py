@@ -16,7 +16,7 @@ from .fields import at_least
 from .mixed_precision import MixedPrecisionConfig, quantization_support_problems
 
 __all__ = ["batch_problems", "data_parallel_size", "model_layout_problems", "optimizer_ddp_problems",
-           "precision_problems", "run_problems", "schedule_problems"]
+           "precision_problems", "row_multiple", "run_problems", "schedule_problems"]
 
 
 def data_parallel_size(model: Any, world_size: int | None) -> int:
