@@ -129,3 +129,34 @@ def test_batched_p2p_with_a_virtual_pipeline_over_two_stages_is_refused():
     with pytest.raises(ValueError, match="batch_p2p_comm=True with a virtual pipeline over"):
         _provider(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
                   batch_p2p_comm=True)._resolve_p2p()
+
+
+@pytest.mark.parametrize(("layout", "pp", "vp", "problem"), [
+    ("Ett|ttL", 2, None, None),
+    ("Et|t|t|tL", 2, None, None),  # 4 chunks over PP 2: VP 2, derived
+    ("Et|t|t|tL", 2, 2, None),
+    ("Et|ttL", 2, None, "places 3 decoder layers but num_layers is 4"),
+    ("Ett|t|tL", 2, None, "does not fit pipeline_model_parallel_size 2"),
+    ("Et|t|t|tL", 2, 4, "has 2 stage(s) per pipeline rank but virtual_pipeline_model_parallel_size is 4"),
+    ("tt|ttL", 2, None, "The first layer must be embedding"),
+    ("Ett|ttx", 2, None, "does not fit pipeline_model_parallel_size 2"),
+])
+def test_a_custom_pipeline_layout_is_checked_as_megatron_core_checks_it(layout, pp, vp, problem):
+    """megatron-core's own TransformerConfig is the oracle of what is refused; the provider says it in words (a
+    layout left over from a recipe after `model.num_layers=2` gave `Number of decoder layers 126must match ...`)."""
+    from megatron.core.transformer import TransformerConfig
+
+    settings = dict(num_layers=4, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
+                    pipeline_model_parallel_layout=layout)
+    try:
+        TransformerConfig(hidden_size=64, num_attention_heads=4, pipeline_dtype=torch.float32, **settings)
+        megatron_refuses = False
+    except (AssertionError, ValueError):
+        megatron_refuses = True
+    assert megatron_refuses is (problem is not None)
+    if problem is None:
+        _provider(**settings).finalize()
+    else:
+        with pytest.raises(ValueError) as err:
+            _provider(**settings).finalize()
+        assert problem in str(err.value) and "set pipeline_model_parallel_layout to None" in str(err.value)

@@ -246,3 +246,33 @@ def test_native_and_local_specs_give_the_same_adapter_gradients(ckpt, runtime):
     for name in grads[0]:
         assert grads[0][name].abs().max() > 0, name
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama31", "llama32", "qwen3", "mistral"])
+def test_linear_layer_names_without_a_model_are_the_built_models(family, hf_checkpoints, runtime):
+    from bridge_peft.base import _is_parallel_linear, global_module_names
+    from bridge_peft.matching import linear_layer_names
+
+    bridge = AutoBridge.from_hf_pretrained(hf_checkpoints[family])
+    for impl in ("native", "local"):
+        model = bridge.to_megatron_model(load_weights=False, transformer_impl=impl)
+        built = sorted(name for name, _, module in global_module_names(model[0]) if _is_parallel_linear(module))
+        assert sorted(linear_layer_names(bridge.to_megatron_provider())) == built, impl
+
+
+def test_target_names_are_checked_by_name_as_applying_checks_them(ckpt, runtime):
+    from bridge_peft.matching import linear_layer_names
+
+    names = linear_layer_names(AutoBridge.from_hf_pretrained(ckpt).to_megatron_provider())
+    good = [LoRA(target_modules=["linear_qkv", "*.layers.1.mlp.linear_fc2"]),
+            CanonicalLoRA(target_modules=["linear_q", "re:.*layers\\.0.*linear_fc1_up"])]
+    for method in good:
+        method.check_target_names(names)
+    bad = [LoRA(target_modules=["linear_qkv", "q_proj"]), DoRA(target_modules=["*.layers.7.*"]),
+           CanonicalLoRA(target_modules=["linear_qkv"])]
+    for method in bad:
+        with pytest.raises(ValueError) as by_name:
+            method.check_target_names(names)
+        with pytest.raises(ValueError) as applied:
+            method(_model(ckpt))
+        assert str(by_name.value) == str(applied.value)

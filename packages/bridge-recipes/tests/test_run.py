@@ -109,6 +109,12 @@ BAD_INPUT = {
     "nproc without nemo-run": (["llama32_1b_pretrain", "--nproc-per-node", "2"], "--nproc-per-node is for"),
     "invalid PEFT setting": (["llama32_1b_lora", "--allow-random-init", "peft.dropout=1.5"],
                              "peft: LoRA.dropout must be in [0, 1), got 1.5"),
+    "PEFT target that names no layer": (["llama32_1b_lora", "--allow-random-init", "peft.target_modules=[q_proj]"],
+                                        "peft: LoRA.target_modules ['q_proj'] match no linear layer of the model"),
+    "unknown option first": (["--bogus"], "unknown option '--bogus'; usage: bridge-run list"),
+    "layout left by the recipe": (["llama31_405b_pretrain", "model.num_layers=2", "--dry-run"],
+                                  "places 126 decoder layers but num_layers is 2; set pipeline_model_parallel_layout "
+                                  "to None (null)"),
     "invalid value": (["llama32_1b_pretrain", "train.global_batch_size=3", "train.micro_batch_size=2"],
                       "train.global_batch_size (3) must be divisible by train.micro_batch_size"),
 }
@@ -125,6 +131,16 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(case, capsys, tmp_path
     assert len(lines) == 1 and lines[0].startswith("bridge-run: error: "), captured.err
     assert expected in lines[0] and "Traceback" not in captured.err + captured.out
     assert not run_dir.exists()
+
+
+def test_traceback_switch_reads_false_values_as_off(capsys, monkeypatch):
+    argv = ["llama32_1b_pretrain", "train.train_iters=ten"]
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("BRIDGE_RUN_TRACEBACK", off)
+        assert main(argv) == 2 and "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("BRIDGE_RUN_TRACEBACK", "1")
+    with pytest.raises(Exception, match="train.train_iters"):
+        main(argv)
 
 
 def test_finetuning_without_weights_or_run_dir(capsys):
@@ -281,3 +297,29 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_bad_input_in_the_dry_run(caps
                  "--dry-run"]) == 2
     assert (f"tokenizer: the tokenizer has {TINY_VOCAB + 64} tokens but model.vocab_size is {TINY_VOCAB}"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["llama32_1b_sft", "llama32_1b_lora", "llama31_405b_lora"])
+def test_canonical_lora_adapts_the_recipes_layers_projection_by_projection(name, capsys):
+    """`peft=canonical_lora` handed the fused names (linear_qkv) to CanonicalLoRA, which match no layer (the run
+    failed at setup); on an _sft recipe it was `unknown recipe ..._canonical_lora`."""
+    from recipe_helpers import shrink
+
+    from bridge_peft import CanonicalLoRA, LoRA
+    from bridge_peft.matching import linear_layer_names
+    from bridge_recipes.run import build_config
+
+    _, lora_cfg = build_config(name.replace("_sft", "_lora"), shrink(name))
+    recipe, cfg = build_config(name, ["peft=canonical_lora", *shrink(name)])
+    assert recipe.task == "lora" and type(cfg.peft) is CanonicalLoRA and type(lora_cfg.peft) is LoRA
+    assert (cfg.peft.dim, cfg.peft.alpha) == (lora_cfg.peft.dim, lora_cfg.peft.alpha)
+    names = linear_layer_names(cfg.model)
+    cfg.peft.check_target_names(names)
+    for layer in names:
+        fused = lora_cfg.peft.targets(layer, None)
+        parts = {projection for _, projection in cfg.peft.targets(layer, None)}
+        expected = set() if not fused else {"q", "k", "v"} if layer.endswith("linear_qkv") else \
+            {"gate", "up"} if layer.endswith("linear_fc1") else {"all"}
+        assert parts == expected, layer
+    argv = [name, "peft=canonical_lora", "--allow-random-init", "--dry-run", *shrink(name)]
+    assert main(argv) == 0 and "CanonicalLoRA(" in capsys.readouterr().out

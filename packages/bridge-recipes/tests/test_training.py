@@ -34,6 +34,12 @@ def test_every_recipe_trains_two_iterations_on_one_process(name, monkeypatch):
     assert abs(losses[0] - math.log(TINY_VOCAB)) < 0.3, losses
 
 
+def test_canonical_lora_trains(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    losses = run_recipe(_argv("llama32_1b_lora", "peft=canonical_lora", "peft.lora_B_init_method=normal"))
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses) and losses[1] != losses[0]
+
+
 def _two_process_body(tasks: list[str]) -> dict[str, list[float]]:
     return {f"{task}/{layout}": run_recipe(_argv(f"llama32_1b_{task}", *extra))
             for task in tasks for layout, extra in LAYOUTS.items()}

@@ -245,6 +245,8 @@ class GPTModelProvider(TransformerConfig):
         if self.num_layers % stages and self.pipeline_model_parallel_layout is None:
             problems.append(f"num_layers ({self.num_layers}) is not divisible by pipeline_model_parallel_size x "
                             f"virtual_pipeline_model_parallel_size ({stages})")
+        if self.pipeline_model_parallel_layout is not None:
+            problems += self._layout_problems()
         if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size == 1 \
                 and self.virtual_pipeline_model_parallel_size > 1:
             problems.append("virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size > 1")
@@ -267,6 +269,34 @@ class GPTModelProvider(TransformerConfig):
             problems.append(f"transformer_impl must be one of {['auto', *TRANSFORMER_IMPLS]}, "
                             f"got {self.transformer_impl!r}")
         return problems
+
+    def _layout_problems(self) -> list[str]:
+        """A custom pipeline layout checked with megatron-core's own parser, in words (megatron-core asserts, e.g.
+        ``Number of decoder layers 126must match num_layers 2``, after logging the layout from every rank)."""
+        from megatron.core.transformer.enums import LayerType
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        layout, pp, vp = self.pipeline_model_parallel_layout, self.pipeline_model_parallel_size, \
+            self.virtual_pipeline_model_parallel_size
+        what = f"pipeline_model_parallel_layout {str(layout)!r}"
+        fix = ("; set pipeline_model_parallel_layout to None (null) to split the layers evenly, or write a layout "
+               "that fits")
+        try:
+            parsed = PipelineParallelLayerLayout(layout.input_data if isinstance(layout, PipelineParallelLayerLayout)
+                                                 else layout, pp)
+        except (AssertionError, ValueError, TypeError, KeyError) as err:
+            return [f"{what} does not fit pipeline_model_parallel_size {pp}: {err}{fix}"]
+        decoders = parsed.flatten_layout.count(LayerType.decoder)
+        if decoders != self.num_layers:
+            return [f"{what} places {decoders} decoder layers but num_layers is {self.num_layers}{fix}"]
+        if vp is not None and vp != parsed.virtual_pipeline_model_parallel_size:
+            return [f"{what} has {parsed.virtual_pipeline_model_parallel_size} stage(s) per pipeline rank but "
+                    f"virtual_pipeline_model_parallel_size is {vp}{fix}"]
+        try:
+            parsed.validate_layer_layout(num_layers=self.num_layers, mtp_num_layers=self.mtp_num_layers)
+        except (AssertionError, NotImplementedError) as err:
+            return [f"{what}: {err}{fix}"]
+        return []
 
     # ------------------------------------------------------------------------------------------ build
     @property

@@ -167,6 +167,7 @@ class PEFT:
 
     def targets(self, name: str, module: nn.Module) -> list[tuple[str, str]]:
         """``(pattern, projection)`` pairs by which this layer is targeted; projection ``all`` = the whole layer.
+        ``module`` is None when only names are checked (:meth:`check_target_names`).
 
         Subclasses that adapt parts of a fused layer (canonical LoRA) override this.
         """
@@ -201,6 +202,36 @@ class PEFT:
             if training and embedding is not None and not hasattr(embedding, _RECOMPUTE_HOOK):
                 setattr(embedding, _RECOMPUTE_HOOK, embedding.register_forward_hook(_embedding_output_needs_grad))
         return model  # the same list (or module), now with adapters
+
+    def check_target_names(self, names: list[str]) -> None:
+        """Raise what applying would raise for targets that match none of the linear layer ``names`` (global names,
+        e.g. :func:`bridge_peft.matching.linear_layer_names` of a model provider): a check by name alone, before
+        any model is built (``bridge-run --dry-run`` runs it). Layers refused for other reasons (a tied output
+        layer) are found only when applying. A subclass overriding :meth:`targets` outside bridge-peft may need
+        the module itself, so its targets are checked when it is applied only.
+
+        Raises:
+            ValueError: as :meth:`__call__` for bad settings or targets matching no layer.
+        """
+        self.validate()
+        if type(self).targets.__module__.split(".")[0] != "bridge_peft":
+            return
+        hits = dict.fromkeys(self.target_modules, 0)
+        for name in names:
+            for pattern, _ in self.targets(name, None):
+                hits[pattern] += 1
+        self._raise_unmatched([p for p, n in hits.items() if n == 0], names)
+
+    def _raise_unmatched(self, missing: list[str], linear_names: list[str]) -> None:
+        if not missing:
+            return
+        examples = ", ".join(sorted(set(linear_names))[:6]) or "none on this rank"
+        hf = {m: _HF_NAMES[m] for m in missing if m in _HF_NAMES}
+        hint = (f"; {list(hf)} are HF names: megatron's are {hf} (LoRA / DoRA adapt the fused linear_qkv and "
+                "linear_fc1 whole; CanonicalLoRA adapts linear_q / linear_k / linear_v / linear_fc1_gate / "
+                "linear_fc1_up separately)") if hf else ""
+        raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
+                         f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
 
     def check_targets(self, model) -> None:
         """Raise what applying would raise for these settings and targets on ``model``, attaching nothing: bridge-
@@ -242,15 +273,7 @@ class PEFT:
         if refused:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(refused))
         totals = _all_reduce_counts(list(hits.values()))
-        missing = [p for p, n in zip(hits, totals) if n == 0]
-        if missing:
-            examples = ", ".join(sorted(set(linear_names))[:6]) or "none on this rank"
-            hf = {m: _HF_NAMES[m] for m in missing if m in _HF_NAMES}
-            hint = (f"; {list(hf)} are HF names: megatron's are {hf} (LoRA / DoRA adapt the fused linear_qkv and "
-                    "linear_fc1 whole; CanonicalLoRA adapts linear_q / linear_k / linear_v / linear_fc1_gate / "
-                    "linear_fc1_up separately)") if hf else ""
-            raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
-                             f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
+        self._raise_unmatched([p for p, n in zip(hits, totals) if n == 0], linear_names)
         return plan
 
     # ------------------------------------------------------------------------------- inspection

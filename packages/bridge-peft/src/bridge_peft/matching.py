@@ -16,7 +16,7 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
-__all__ = ["check_patterns", "matches", "matching_patterns"]
+__all__ = ["check_patterns", "linear_layer_names", "matches", "matching_patterns"]
 
 _WILDCARD = set("*?[")
 
@@ -49,3 +49,16 @@ def matching_patterns(name: str, patterns: Iterable[str]) -> list[str]:
 def matches(name: str, patterns: Iterable[str]) -> bool:
     """True when any of ``patterns`` matches the module ``name``."""
     return any(_matches_one(name, p) for p in patterns)
+
+
+def linear_layer_names(provider) -> list[str]:
+    """Global names of the linear layers of the GPT model that ``provider`` (a bridge-convert model provider) builds,
+    in every layer and pipeline stage, read from its family's mapping table: what target patterns match against,
+    known without building the model."""
+    from bridge_convert import AutoBridge
+
+    table = AutoBridge.for_provider(provider).model_bridge.mappings_for(provider)
+    modules = dict.fromkeys(m.megatron.removesuffix(".weight") for m in table if m.megatron.endswith(".weight"))
+    linear = [m for m in modules if m.rpartition(".")[2].startswith("linear_") or m == "output_layer"]
+    return [m.replace("*", str(layer)) if "*" in m else m
+            for m in linear for layer in (range(provider.num_layers) if "*" in m else (None,))]

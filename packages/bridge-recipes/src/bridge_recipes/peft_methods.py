@@ -37,8 +37,30 @@ def peft_class(name: str) -> type:
 
 
 def peft_method(name: str, *, dim: int, alpha: int, target_modules: list[str]) -> Any:
-    """A bridge-peft ``LoRA`` / ``DoRA`` with these adapter settings (other fields at bridge-peft's defaults)."""
-    return peft_class(name)(target_modules=list(target_modules), dim=dim, alpha=alpha)
+    """A bridge-peft ``LoRA`` / ``DoRA`` / ``CanonicalLoRA`` with these adapter settings (other fields at bridge-peft's
+    defaults). For ``canonical_lora`` a fused layer named in ``target_modules`` stands for its projections
+    (``linear_qkv`` -> ``linear_q``, ``linear_k``, ``linear_v``; ``linear_fc1`` -> ``linear_fc1_gate``,
+    ``linear_fc1_up``), so the recipes' targets adapt the same layers."""
+    cls = peft_class(name)
+    targets = list(target_modules)
+    if cls.__name__ == "CanonicalLoRA":
+        from bridge_peft.lora import CANONICAL_TARGETS
+
+        parts: dict[str, list[str]] = {}
+        for canonical, (fused, _) in CANONICAL_TARGETS.items():
+            parts.setdefault(fused, []).append(canonical)
+        targets = [c for t in targets for c in ([t] if _is_pattern(t) else _split(t, parts))]
+    return cls(target_modules=targets, dim=dim, alpha=alpha)
+
+
+def _is_pattern(target: str) -> bool:
+    return target.startswith("re:") or any(c in target for c in "*?[")
+
+
+def _split(target: str, parts: dict[str, list[str]]) -> list[str]:
+    """``linear_qkv`` / ``decoder.layers.3.self_attention.linear_qkv`` as its canonical projections' names."""
+    prefix, _, leaf = target.rpartition(".")
+    return [f"{prefix}.{c}" if prefix else c for c in parts[leaf]] if leaf in parts else [target]
 
 
 def register_with_bridge_train() -> None:

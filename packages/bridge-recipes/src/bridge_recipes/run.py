@@ -146,8 +146,8 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
     elif allow_random_init:
         raise UsageError(f"--allow-random-init applies to the sft / lora / dora recipes; {recipe.name} starts "
                          "from random weights unless --hf-path is given")
-    if "peft" in kwargs and recipe.task == "sft":
-        recipe = get_recipe(f"{recipe.spec.name}_{kwargs['peft']}")
+    if "peft" in kwargs and recipe.task == "sft":  # canonical LoRA takes the LoRA recipe's settings
+        recipe = get_recipe(f"{recipe.spec.name}_{'lora' if kwargs['peft'] == 'canonical_lora' else kwargs['peft']}")
     kwargs.update(_data_kwargs(recipe, data_paths, data_format, tokenizer_path))
     try:
         cfg = recipe.build(**kwargs)
@@ -317,6 +317,7 @@ def run_recipe(argv: Sequence[str]) -> list[float] | None:
             problems = [p + " (--hf-path DIR sets it; --allow-random-init trains random weights, for benchmarks)"
                         if "checkpoint.finetune is true" in p else p for p in problems]
         raise UsageError("; ".join(problems)) from None
+    _check_peft_targets(cfg)
     if args.dry_run:
         from .dry_run import describe
 
@@ -328,6 +329,20 @@ def run_recipe(argv: Sequence[str]) -> list[float] | None:
         launch(recipe.name, _forwarded_args(argv), nproc_per_node=world_size)
         return None
     return _train(recipe, cfg)
+
+
+def _check_peft_targets(cfg) -> None:
+    """A PEFT target that names no linear layer of the model, found by name (the model is not built): the run
+    would fail at setup after making its run directory."""
+    check = getattr(cfg.peft, "check_target_names", None)
+    if check is None:
+        return
+    from bridge_peft.matching import linear_layer_names
+
+    try:
+        check(linear_layer_names(cfg.model))
+    except ValueError as err:
+        raise UsageError(f"peft: {_one_line(err)}") from None
 
 
 def _forwarded_args(argv: Sequence[str]) -> list[str]:
@@ -400,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "each takes --help")
         return 0 if argv else USAGE_ERROR
     command, rest = argv[0], argv[1:]
+    if command.startswith("-"):  # argparse would say "the following arguments are required: recipe"
+        _report(f"unknown option {command!r}; usage: bridge-run list | show RECIPE [key=value ...] | RECIPE "
+                "[options] [key=value ...] (bridge-run --help)")
+        return USAGE_ERROR
     try:
         if command == "list":
             return _list(rest)
@@ -416,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report("interrupted")
         return 130
     except Exception as err:  # noqa: BLE001 - every failure becomes one line; the traceback on request
-        if os.environ.get("BRIDGE_RUN_TRACEBACK"):
+        if os.environ.get("BRIDGE_RUN_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise
         usage = not _training
         rank = os.environ.get("RANK")

@@ -235,7 +235,7 @@ def sft_config(spec: LlamaSpec, *, hf_path: str | None = None, dir: str | None =
                      allow_random_init=allow_random_init, mixed_precision=mixed_precision, seed=seed)
 
 
-def peft_config(spec: LlamaSpec, *, peft: Literal["lora", "dora"] = "lora", dim: int | None = None,
+def peft_config(spec: LlamaSpec, *, peft: Literal["lora", "dora", "canonical_lora"] = "lora", dim: int | None = None,
                 alpha: int | None = None, target_modules: list[str] | None = None, hf_path: str | None = None,
                 dir: str | None = None, data_path: str | None = None, data_format: Literal["chat", "squad"] = "chat",
                 tokenizer_path: str | None = None, packed: bool = True, seq_length: int | None = None,
@@ -245,7 +245,8 @@ def peft_config(spec: LlamaSpec, *, peft: Literal["lora", "dora"] = "lora", dim:
     """LoRA or DoRA fine-tuning (``cfg.peft`` is bridge-peft's ``LoRA`` / ``DoRA``): LR 1e-4, otherwise as SFT.
 
     Args:
-        peft: ``lora`` or ``dora``.
+        peft: ``lora``, ``dora`` or ``canonical_lora`` (LoRA's settings, one adapter per projection of
+            ``linear_qkv`` / ``linear_fc1``; fused names in ``target_modules`` stand for their projections).
         dim: Adapter rank; None: the recipe's (32 for 3.2 1B / 3B, 8 for 8B, 16 for 70B / 405B).
         alpha: Adapter scale numerator; None: the recipe's (32, DoRA 64 for 3.2 1B / 3B; 16 for 8B; 32 for 70B /
             405B).
