@@ -228,7 +228,7 @@ def dora_checkpoint(tiny_hf, tmp_path_factory) -> str:
 
 
 def test_cli_export_adapter_and_merge_agree_with_peft_and_transformers(tiny_hf, dora_checkpoint, tmp_path):
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
     from bridge_peft.cli import main
@@ -241,7 +241,11 @@ def test_cli_export_adapter_and_merge_agree_with_peft_and_transformers(tiny_hf, 
         base_logits = base(ids).logits
         adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(ids).logits
+        # the adapter names the base the run fine-tuned (it named the architecture, which peft cannot load)
+        auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32).eval()
+        auto_logits = auto(ids).logits
     assert (adapted - base_logits).abs().max() > 1e-3  # the trained adapters change the model
+    torch.testing.assert_close(auto_logits, adapted, atol=0, rtol=0)
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)
 
 

@@ -103,6 +103,12 @@ def test_output_that_is_a_file_is_refused(tmp_path):
         check_output_dir(tmp_path / "out", overwrite=True)
 
 
+def test_output_below_a_file_is_refused(tmp_path):
+    (tmp_path / "file.py").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot be made: .*file.py is a file, not a directory"):
+        check_output_dir(tmp_path / "file.py" / "sub" / "out")
+
+
 def test_read_only_parent_is_one_line(tmp_path):
     if os.geteuid() == 0:  # root writes through permissions; /proc/sys refuses writes to everyone
         parent = "/proc/sys"

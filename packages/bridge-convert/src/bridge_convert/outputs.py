@@ -97,6 +97,10 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {path} exists and is a file, not a directory; choose a directory path")
     if not path.exists():
+        ancestor = next(p for p in resolved.parents if p.exists())  # where the new directories would be made
+        if not ancestor.is_dir():
+            raise OutputError(f"output {path} cannot be made: {ancestor} is a file, not a directory; choose "
+                              "another path")
         return
     if _holds_training_checkpoint(path):
         raise OutputError(f"output {path} holds a Megatron training checkpoint ({TRACKER_FILE} or iter_* "

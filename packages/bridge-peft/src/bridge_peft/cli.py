@@ -32,8 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--base-model-name", default=None,
-                   help="base_model_name_or_path recorded in adapter_config.json (default: the checkpoint's "
-                        "architecture name)")
+                   help="base_model_name_or_path recorded in adapter_config.json (default: the HF directory the "
+                        "run fine-tuned, as its checkpoint records it; else the architecture name)")
 
     p = sub.add_parser("merge", help="adapter checkpoint + base model -> merged HF checkpoint",
                        description="Merge the adapters of a bridge-train PEFT checkpoint into a base model and "
@@ -141,6 +141,16 @@ def _recorded_base(ckpt: Path) -> str:
     return base
 
 
+def _recorded_hf_base(directory: Path) -> str | None:
+    """The HF directory the adapters were trained on, as its run recorded it, if it is one here (what HF peft's
+    ``AutoPeftModelForCausalLM`` loads as the base); None otherwise."""
+    from bridge_convert.megatron_ckpt import read_checkpoint_metadata
+
+    entry = read_checkpoint_metadata(directory).get("peft")
+    base = entry.get("base") if isinstance(entry, dict) else None
+    return str(base) if base and (Path(base) / "config.json").is_file() else None
+
+
 def _export_adapter(args) -> None:
     from tqdm.auto import tqdm
 
@@ -151,7 +161,7 @@ def _export_adapter(args) -> None:
     check_output_dir(args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
     with tqdm(total=3, desc="export-adapter", unit="step") as steps:
         bridge, model, directory = _model_with_adapters(Path(args.checkpoint), None, steps)
-        name = args.base_model_name or bridge.model_bridge.hf_architecture
+        name = args.base_model_name or _recorded_hf_base(directory) or bridge.model_bridge.hf_architecture
         save_hf_adapter(bridge, model, args.out, overwrite=args.overwrite, base_model_name_or_path=name)
         steps.update(1)
     print(f"wrote the HF PEFT adapter of {directory} to {args.out}")
