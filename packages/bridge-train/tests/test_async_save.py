@@ -68,3 +68,37 @@ def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays
         pretrain(run_config(**{"train.train_iters": 4, "checkpoint.save": str(ckpt), "checkpoint.save_interval": 2,
                                "checkpoint.async_save": True}))
     assert (ckpt / TRACKER_FILE).read_text().strip() == "2"
+
+
+def test_a_run_that_fails_while_a_background_save_is_in_flight_finishes_that_save_first(run_config, tmp_path,
+                                                                                         monkeypatch, capsys):
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    import bridge_train.loop as loop
+
+    real_write = FileSystemWriterAsync.write_preloaded_data_multithread
+
+    def slow_write(*args, **kwargs):  # runs in the forked writer process
+        time.sleep(3)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriterAsync, "write_preloaded_data_multithread", staticmethod(slow_write))
+    ckpt = tmp_path / "ckpt"
+    real_step = loop.train_step
+
+    def step(run, forward_step, iteration):
+        if iteration == 5:
+            assert (ckpt / "iter_0000004.tmp").exists()  # iteration 4's save is still being written
+            raise RuntimeError("a bug in the user's forward step")
+        return real_step(run, forward_step, iteration)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    with pytest.raises(RuntimeError, match="a bug in the user's forward step"):
+        pretrain(run_config(**{"train.train_iters": 8, "checkpoint.save": str(ckpt), "checkpoint.save_interval": 4,
+                               "checkpoint.async_save": True}))
+    assert "finishing the background checkpoint save in flight first" in capsys.readouterr().out
+    assert (ckpt / TRACKER_FILE).read_text().strip() == "4"
+    assert (ckpt / "iter_0000004" / "bridge.json").exists() and not (ckpt / "iter_0000004.tmp").exists()
+    monkeypatch.setattr(loop, "train_step", real_step)
+    resumed = pretrain(run_config(**{"train.train_iters": 6, "checkpoint.load": str(ckpt)}))
+    assert len(list(resumed)) == 2  # resumed at iteration 4, not from scratch

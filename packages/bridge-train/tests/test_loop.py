@@ -112,7 +112,14 @@ def test_finetune_without_weights_is_refused_before_building(run_config, tmp_pat
     assert err[-1].startswith("error: checkpoint.load=") and "exit_on_missing_checkpoint is set" in err[-1]
 
 
-@pytest.mark.parametrize("mistake", ["missing pretrained", "HF directory as checkpoint.load"])
+def test_a_checkpoint_load_with_nothing_to_resume_says_the_run_starts_fresh(run_config, tmp_path, capsys):
+    """A mistyped checkpoint.load trained from iteration 0 without a word."""
+    pretrain(run_config(**{"train.train_iters": 4, "checkpoint.load": str(tmp_path / "typo")}))
+    assert (f"checkpoint.load={tmp_path / 'typo'} does not exist (yet): nothing to resume, this run starts at "
+            "iteration 0" in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("mistake", ["missing pretrained", "HF directory as checkpoint.load", "a file as checkpoint.load"])
 def test_checkpoint_paths_that_cannot_be_meant_are_refused_before_building(run_config, tmp_path, monkeypatch,
                                                                             mistake):
     # refused by the config check (so by bridge-run --dry-run too)
@@ -121,6 +128,10 @@ def test_checkpoint_paths_that_cannot_be_meant_are_refused_before_building(run_c
     if mistake == "missing pretrained":
         cfg = run_config(**{"checkpoint.pretrained_checkpoint": str(tmp_path / "nope")})
         error = ConfigError, r"checkpoint.pretrained_checkpoint=.*nope does not exist"
+    elif mistake == "a file as checkpoint.load":  # found no checkpoint in it and trained from scratch, silently
+        (tmp_path / "ckpt.pt").write_bytes(b"weights")
+        cfg = run_config(**{"checkpoint.load": str(tmp_path / "ckpt.pt")})
+        error = ConfigError, r"checkpoint\.load=.*ckpt\.pt is a file; point it at the checkpoint\.save directory"
     else:
         hf = save_tiny_hf_checkpoint(tmp_path / "hf", "llama", seed=3)
         cfg = run_config(**{"checkpoint.load": hf})

@@ -130,33 +130,75 @@ def test_a_save_into_an_existing_iteration_directory_is_refused(base, run_config
     assert _snapshot(ckpt / "iter_0000004") == before
 
 
+@pytest.mark.parametrize("load", ["none", "another directory"])
+def test_saving_into_another_runs_checkpoints_is_refused_before_any_model_is_built(base, run_config, tmp_path,
+                                                                                   monkeypatch, load):
+    """A run that does not resume from them trained from iteration 0 into them: it moved their tracker back,
+    keep_last_n deleted them, and the save of iteration 2 was refused after training that far."""
+    ckpt = _copy(base, tmp_path)
+    before = _snapshot(ckpt)
+    other = {} if load == "none" else {"checkpoint.load": str(base["ckpt"])}
+    cfg = run_config(**{**BASE, **other, "checkpoint.save": str(ckpt), "checkpoint.keep_last_n": 1})
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    with pytest.raises(CheckpointError, match=rf"checkpoint\.save={ckpt} holds 2 checkpoint\(s\) of another run "
+                                              rf"\(newest iter_0000004\) and this run .*; to continue that run set "
+                                              rf"checkpoint\.load={ckpt}, or save to an empty directory"):
+        pretrain(cfg)
+    assert _snapshot(ckpt) == before
+
+
 def _truncate_shard(directory: Path) -> Path:
     shard = max(directory.glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     return shard
 
 
-@pytest.mark.parametrize("damage", ["truncated shard", "missing .metadata"])
+def _garble(path: Path) -> None:
+    path.write_bytes(b"\x00{garbled")
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing .metadata", "garbled metadata.json",
+                                    "garbled bridge.json", "overwritten shard"])
 def test_a_damaged_newest_checkpoint_names_the_file_and_the_previous_one(base, run_config, tmp_path, damage):
+    """The garbled JSON files and an overwritten shard (its size intact) raised a raw JSONDecodeError / DCP's
+    multi-rank CheckpointException traceback."""
     ckpt = _copy(base, tmp_path)
     newest = ckpt / "iter_0000004"
     if damage == "truncated shard":
         bad = _truncate_shard(newest)
         expected = rf"{bad.name} is truncated"
-    else:
+    elif damage == "missing .metadata":
         (newest / ".metadata").unlink()
         expected = r"\.metadata is missing"
+    elif damage == "overwritten shard":
+        shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(torch.randint(0, 256, (shard.stat().st_size,), dtype=torch.uint8,
+                                        generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+        expected = rf"cannot read the checkpoint {newest} \(.*\): its files are damaged; resume from"
+    else:
+        name = damage.removeprefix("garbled ")
+        _garble(newest / name)
+        expected = rf"{name} is not valid JSON \(Expecting value"
     cfg = run_config(**{**BASE, "checkpoint.load": str(ckpt), "checkpoint.save": str(ckpt)})
     with pytest.raises(CheckpointError, match=expected + r".*checkpoint\.load=.*iter_0000002"):
         pretrain(cfg)
 
 
-@pytest.mark.parametrize("keep_last_n", [None, 1])
-def test_fallback_to_previous_resumes_exactly_from_it(base, run_config, tmp_path, capsys, keep_last_n):
+@pytest.mark.parametrize(("keep_last_n", "damage"), [(None, "truncated shard"), (1, "truncated shard"),
+                                                     (None, "garbled bridge.json")])
+def test_fallback_to_previous_resumes_exactly_from_it(base, run_config, tmp_path, capsys, keep_last_n, damage):
     """With keep_last_n, pruning keeps the checkpoint just saved: it deleted it (and the previous one) and kept
-    ``iter_0000004.damaged``, which sorts after it, so nothing resumable was left."""
+    ``iter_0000004.damaged``, which sorts after it, so nothing resumable was left. A garbled bridge.json did not
+    fall back (a raw JSONDecodeError)."""
     ckpt = _copy(base, tmp_path)
-    _truncate_shard(ckpt / "iter_0000004")
+    if damage == "truncated shard":
+        _truncate_shard(ckpt / "iter_0000004")
+    else:
+        _garble(ckpt / "iter_0000004" / "bridge.json")
     resumed = pretrain(run_config(**{**BASE, "checkpoint.save": str(ckpt), "checkpoint.load": str(ckpt),
                                      "checkpoint.fallback_to_previous": True,
                                      **({"checkpoint.keep_last_n": keep_last_n} if keep_last_n else {})}))

@@ -10,6 +10,7 @@ reads it, so the error names the bad file and the previous complete checkpoint, 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 from bridge_convert.megatron_ckpt import METADATA_FILE, TRACKER_FILE
 
 __all__ = ["CheckpointError", "MissingCheckpointError", "checkpoint_problem", "complete_iterations",
-           "find_resume_checkpoint", "hf_model_directory_problem"]
+           "find_resume_checkpoint", "hf_model_directory_problem", "save_dir_problem",
+           "unreadable_checkpoint_error"]
 
 logger = logging.getLogger("bridge")
 
@@ -56,6 +58,20 @@ def hf_model_directory_problem(load_dir: str) -> str | None:
     return None
 
 
+def save_dir_problem(save_dir: str, resume: Path | None) -> str | None:
+    """The message for a ``checkpoint.save`` directory holding complete checkpoints the run does not resume from
+    (its saves would move that run's tracker back, ``keep_last_n`` would delete its checkpoints, and a save of an
+    iteration it holds would be refused hours in), else None."""
+    root = Path(save_dir)
+    complete = complete_iterations(root)
+    if not complete or (resume is not None and resume.resolve().parent == root.resolve()):
+        return None
+    this_run = "starts fresh" if resume is None else f"resumes from {resume}, outside it"
+    return (f"checkpoint.save={save_dir} holds {len(complete)} checkpoint(s) of another run (newest "
+            f"{complete[-1][1].name}) and this run {this_run}; to continue that run set checkpoint.load={save_dir}, "
+            "or save to an empty directory")
+
+
 def checkpoint_problem(directory: Path) -> str | None:
     """What is wrong with the files of one iteration directory, or None when they are whole.
 
@@ -66,6 +82,11 @@ def checkpoint_problem(directory: Path) -> str | None:
     for name in (_DCP_METADATA, *_MEGATRON_FILES):
         if not (directory / name).is_file():
             return f"{directory / name} is missing"
+    for name in (METADATA_FILE, *_MEGATRON_FILES):  # small JSON files read before (or while) the weights load
+        try:
+            json.loads((directory / name).read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+            return f"{directory / name} is not valid JSON ({exc})"
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
@@ -90,6 +111,18 @@ def _previous_complete(root: Path, before: int) -> Path | None:
         if iteration < before and checkpoint_problem(directory) is None:
             return directory
     return None
+
+
+def unreadable_checkpoint_error(directory: Path, exc: BaseException) -> CheckpointError:
+    """A checkpoint whose files passed :func:`checkpoint_problem` but whose data megatron-core / DCP cannot read (a
+    shard overwritten in place): the error names it and the previous complete checkpoint."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    previous = _previous_complete(directory.parent, int(directory.name[5:])) if ITER_DIR.match(directory.name) \
+        else None
+    hint = (f"resume from the previous complete checkpoint with checkpoint.load={previous}" if previous is not None
+            else "no earlier complete checkpoint exists")
+    return CheckpointError(f"cannot read the checkpoint {directory} ({reason}): its files are damaged; {hint}")
 
 
 def find_resume_checkpoint(load_dir: str | None, *, fallback_to_previous: bool = False,

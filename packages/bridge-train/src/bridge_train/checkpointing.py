@@ -46,7 +46,12 @@ from bridge_convert.megatron_ckpt import (
     sharded_model_state,
 )
 
-from .checkpoint_discovery import ITER_DIR, CheckpointError, find_resume_checkpoint
+from .checkpoint_discovery import (
+    ITER_DIR,
+    CheckpointError,
+    find_resume_checkpoint,
+    unreadable_checkpoint_error,
+)
 from .resume_schedule import describe_schedule, reconcile_param_groups
 
 __all__ = ["AsyncSaves", "CheckpointError", "TrainState", "adapter_only_checkpoints", "check_save_dir_writable",
@@ -618,13 +623,25 @@ def _torch_adam_step_fixes(optimizer):
                     param_state["step"] = param_state["step"].clone()
 
 
+@contextmanager
+def _reading(path: Path):
+    """DCP's error for data it cannot read (a raw multi-rank traceback) as one line naming the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        raise unreadable_checkpoint_error(path, exc) from None
+
+
 def check_resumable(path: Path, load: str) -> TrainState:
     """The counters saved in the checkpoint to resume (read before a model is built: the datasets are sized by
     them). Refuses a checkpoint in ``checkpoint.load`` that holds weights without a training state (what
     ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    with _reading(path):
+        common = dist_checkpointing.load_common_state_dict(str(path))
     if "train_state" not in common:
         raise CheckpointError(
             f"checkpoint.load={load}{'' if Path(load) == path else f' ({path})'} holds model weights but no training "
@@ -644,7 +661,8 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
     from megatron.core import dist_checkpointing
 
     cfg, state = run.cfg, run.parallel
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    with _reading(path):
+        common = dist_checkpointing.load_common_state_dict(str(path))
     saved = TrainState.from_dict(common["train_state"])
     model_state = _model_state(run)
     request: dict[str, Any] = {}
@@ -664,8 +682,9 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
     adapters = adapter_only_checkpoints(cfg)
     differences = _peft_differences(cfg.peft, path) if adapters else []
     try:
-        loaded = load_model_state(run.model, path, extra_state=request, model_state=model_state,
-                                  strict=not adapters, adapters=adapters)
+        with _reading(path):
+            loaded = load_model_state(run.model, path, extra_state=request, model_state=model_state,
+                                      strict=not adapters, adapters=adapters)
     except CheckpointMismatchError as exc:
         if not differences:
             raise

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .checkpoint_discovery import CheckpointError
 from .checkpointing import AsyncSaves, save_training_checkpoint
 from .forward_step import adapt_forward_step
 from .metrics import MetricsLogger, flops_per_token
@@ -211,6 +212,22 @@ class _Housekeeping:
             gc.collect()
 
 
+def _finish_pending_save(async_saves: AsyncSaves, exc: BaseException, world_size: int, metrics_logger) -> None:
+    """On the way out of a failed run, make the background save in flight durable and the latest, where that
+    cannot hang: finalizing takes every rank, so only one process, or an error every rank raises at the same
+    iteration (a non-finite streak: the grad norm is all-reduced). Elsewhere the previous checkpoint stays the
+    latest."""
+    if world_size > 1 and not isinstance(exc, NonFiniteLossError):
+        metrics_logger.message("the background checkpoint save in flight was not finalized (finalizing takes "
+                               "every rank); the previous checkpoint stays the latest")
+        return
+    metrics_logger.message(f"{type(exc).__name__}: finishing the background checkpoint save in flight first")
+    try:
+        async_saves.wait()
+    except CheckpointError as failed:  # the run's own error is the one raised
+        metrics_logger.message(str(failed))
+
+
 def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
     """Run iterations until ``train.train_iters`` (or an exit condition).
 
@@ -320,9 +337,9 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
         if async_saves is not None:
             async_saves.wait()
         gather()  # the returned model holds the trained weights on every rank
-    except NonFiniteLossError:
-        if async_saves is not None:  # every rank raises it together: the pending save can still complete
-            async_saves.wait()
+    except Exception as exc:  # (Ctrl-C leaves at once: the previous checkpoint stays the latest)
+        if async_saves is not None and async_saves.pending and not isinstance(exc, CheckpointError):
+            _finish_pending_save(async_saves, exc, run.parallel.world_size, metrics_logger)
         raise
     finally:
         profiler.stop()

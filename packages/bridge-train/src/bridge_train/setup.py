@@ -17,7 +17,7 @@ from typing import Any
 
 from bridge_convert.runtime import ParallelLayout, ParallelState, initialize_parallel
 
-from .checkpoint_discovery import MissingCheckpointError
+from .checkpoint_discovery import CheckpointError, MissingCheckpointError, save_dir_problem
 from .checkpointing import (
     TrainState,
     adapter_only_checkpoints,
@@ -195,8 +195,8 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
 
     Raises:
         ConfigError: for any invalid setting, before anything is built.
-        CheckpointError: for an unwritable ``checkpoint.save`` (before anything is built) or a damaged resume
-            checkpoint.
+        CheckpointError: for an unwritable ``checkpoint.save`` or one holding checkpoints of another run (before
+            anything is built), or a damaged resume checkpoint.
         ValueError / FileNotFoundError: for a missing pretrained or resume checkpoint (MissingCheckpointError,
             a CheckpointError, when the run needs one that is not there).
     """
@@ -227,10 +227,17 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
 
     resume = find_resume_checkpoint(cfg.checkpoint.load, fallback_to_previous=cfg.checkpoint.fallback_to_previous,
                                     say=say)
+    taken = save_dir_problem(cfg.checkpoint.save, resume) if cfg.checkpoint.save else None
+    if taken:
+        raise CheckpointError(taken)
     saved_counters = check_resumable(resume, cfg.checkpoint.load) if resume is not None else None
-    if cfg.checkpoint.load and resume is None and cfg.checkpoint.exit_on_missing_checkpoint:
-        raise MissingCheckpointError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
-                                     "checkpoint.exit_on_missing_checkpoint is set")
+    if cfg.checkpoint.load and resume is None:
+        if cfg.checkpoint.exit_on_missing_checkpoint:
+            raise MissingCheckpointError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
+                                         "checkpoint.exit_on_missing_checkpoint is set")
+        missing = "does not exist" if not os.path.exists(cfg.checkpoint.load) else "holds no checkpoint"
+        say(f"checkpoint.load={cfg.checkpoint.load} {missing} (yet): nothing to resume, this run starts at iteration "
+            "0 (checkpoint.exit_on_missing_checkpoint=true refuses instead)")
     hooks = []
     if finetune and callable(getattr(cfg.peft, "check_targets", None)):
         hooks.append(_peft_check_hook(cfg.peft))  # on the fresh model, before any weights load

@@ -78,5 +78,8 @@ class CheckpointConfig:
         if self.pretrained_checkpoint and not os.path.exists(self.pretrained_checkpoint):
             problems.append(f"{prefix}.pretrained_checkpoint={self.pretrained_checkpoint} does not exist; point it at "
                             "an HF model directory or a Megatron checkpoint")
+        if self.load and os.path.isfile(self.load):
+            problems.append(f"{prefix}.load={self.load} is a file; point it at the checkpoint.save directory of the "
+                            "run to resume, or at one of its iter_* directories")
         hf_load = hf_model_directory_problem(self.load) if self.load else None
         return problems + ([hf_load] if hf_load else [])
