@@ -186,3 +186,74 @@ def test_a_text_the_tokenizer_refuses_names_its_row(tmp_path, capsys):
     rc, _, err = _run(capsys, "-i", str(src), "-o", str(tmp_path / "c"), "--null-vocab-size", "100")
     assert rc == 1 and f"{src}:3: key 'text': NullTokenizer reads whitespace-separated ids, got 'hello'" in err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def _two_keys_jsonl(path, n=20):
+    path.write_text("".join(f'{{"a": "{i % 90} 1", "b": "{(i * 7) % 90} 2 3"}}\n' for i in range(n)))
+    return str(path)
+
+
+def test_a_run_that_fails_finishing_its_second_output_leaves_neither(tmp_path, capsys, monkeypatch):
+    """Each key's pair was renamed into place as soon as it was finished: a full disk at the second key's index
+    left the first key's complete pair (and, with --overwrite, beside the other key's old one)."""
+    src = _two_keys_jsonl(tmp_path / "in.jsonl")
+    real = IndexedWriter.finish
+
+    def finish(self):
+        if self.prefix.endswith("_b"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self)
+
+    monkeypatch.setattr(IndexedWriter, "finish", finish)
+    (tmp_path / "out").mkdir()
+    rc, _, err = _run(capsys, "-i", src, "-o", str(tmp_path / "out" / "c"), "--text-key", "a", "b",
+                      "--null-vocab-size", "100")
+    assert rc == 1 and err.count("\n") == 1, err
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_an_output_another_run_put_in_place_meanwhile_is_not_replaced(tmp_path, capsys, monkeypatch):
+    """The existence check ran at the start only: the run that finished second replaced the other's output."""
+    src = _two_keys_jsonl(tmp_path / "in.jsonl")
+    real = IndexedWriter.finish
+
+    def finish(self):  # another run, into the same prefix, puts its b pair in place while this one writes
+        if self.prefix.endswith("_b"):
+            for ext in (".bin", ".idx"):
+                (tmp_path / f"c_b{ext}").write_text("the other run's")
+        return real(self)
+
+    monkeypatch.setattr(IndexedWriter, "finish", finish)
+    rc, _, err = _run(capsys, "-i", src, "-o", str(tmp_path / "c"), "--text-key", "a", "b", "--null-vocab-size", "100")
+    assert rc == 1 and f"output {tmp_path / 'c_b.bin'} appeared while this run was writing" in err
+    assert sorted(os.listdir(tmp_path)) == ["c_b.bin", "c_b.idx", "in.jsonl"]  # a's pair taken back, no temporaries
+    assert (tmp_path / "c_b.bin").read_text() == (tmp_path / "c_b.idx").read_text() == "the other run's"
+
+
+def test_a_failed_run_removes_the_output_directories_it_made(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    rc, _, err = _run(capsys, "-i", str(bad), "-o", str(tmp_path / "new" / "deep" / "c"), "--null-vocab-size", "100")
+    assert rc == 1 and "NullTokenizer reads whitespace-separated ids" in err
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+    (tmp_path / "afile").write_text("")
+    rc, _, err = _run(capsys, "-i", str(bad), "-o", str(tmp_path / "afile" / "sub" / "c"), "--null-vocab-size", "100")
+    assert rc == 1 and (f"cannot create the output directory {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a "
+                        "file, not a directory") in err  # was "afile: File exists"
+
+
+def test_repeated_text_keys_are_all_written(tmp_path, capsys):
+    """--text-key a --text-key b wrote only b, to PREFIX (the last flag won)."""
+    src = _two_keys_jsonl(tmp_path / "in.jsonl")
+    rc, out, _ = _run(capsys, "-i", src, "-o", str(tmp_path / "c"), "--text-key", "a", "--text-key", "b",
+                      "--null-vocab-size", "100")
+    assert rc == 0 and sorted(p for p in os.listdir(tmp_path) if p.startswith("c")) == [
+        "c_a.bin", "c_a.idx", "c_b.bin", "c_b.idx"]
+
+
+def test_eod_token_with_the_null_tokenizer_is_a_usage_error(tmp_path, capsys):
+    """It was accepted and ignored (the eod stayed N - 1)."""
+    with pytest.raises(SystemExit) as info:
+        main(["preprocess", "-i", _ids_jsonl(tmp_path / "in.jsonl"), "-o", str(tmp_path / "c"),
+              "--null-vocab-size", "100", "--eod-token", "5"])
+    assert info.value.code == 2 and "--eod-token needs --tokenizer" in capsys.readouterr().err

@@ -167,6 +167,46 @@ def test_an_unwritable_index_cache_is_named_with_the_fix(indexed_corpus, tokeniz
             tokenizer, train_samples=None, valid_samples=None, test_samples=None)
 
 
+def test_data_rewritten_under_the_same_prefix_is_not_sampled_by_the_old_cached_indices(tmp_path, write_jsonl,
+                                                                                        tokenizer):
+    """megatron-core's cache key held the paths, seed, lengths and tokenizer, not the data: after
+    `preprocess --overwrite` the old data's sample indices were reused (its length, samples cut at the old bounds)."""
+    prefix = _null_corpus(tmp_path, write_jsonl, "c", 0, 99, n=80, seed=0)
+    null = NullTokenizer(vocab_size=100)
+
+    def build(cache):
+        return PretrainDataConfig(paths=[prefix], seq_length=SEQ, split="100,0,0", cache_dir=str(cache)).build(
+            null, train_samples=None, valid_samples=None, test_samples=None)[0]
+
+    old = build(tmp_path / "cache")
+    rows = [{"text": " ".join(["7"] * (2 + i % 3))} for i in range(80)]  # the same count, shorter documents
+    preprocess(PreprocessConfig(inputs=[write_jsonl(tmp_path / "new.jsonl", rows)], output_prefix=prefix,
+                                progress=False, overwrite=True,
+                                tokenizer=TokenizerConfig(tokenizer_type="null", vocab_size=100)))
+    again, fresh = build(tmp_path / "cache"), build(tmp_path / "fresh-cache")
+    assert len(again) == len(fresh) != len(old)
+    assert all(torch.equal(again[i]["tokens"], fresh[i]["tokens"]) for i in range(len(fresh)))
+
+
+def test_a_truncated_bin_is_refused_naming_it(tmp_path, write_jsonl):
+    """A .bin cut short (an interrupted copy) passed the check and failed at the first sample read with numpy's
+    'offset must be non-negative and no greater than buffer length'."""
+    prefix = _null_corpus(tmp_path, write_jsonl, "c", 0, 99)
+    data = (tmp_path / "c.bin").read_bytes()
+    (tmp_path / "c.bin").write_bytes(data[:len(data) - 2])
+    with pytest.raises(ValueError, match=rf"c\.bin is truncated \({len(data) - 2:,} bytes; its \.idx indexes "
+                                         rf"{len(data):,}\)"):
+        PretrainDataConfig(paths=[prefix], seq_length=SEQ).finalize()
+
+
+def test_token_sizes_follow_megatron_cores_dtype_codes():
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from bridge_data.pretrain import _ITEM_SIZES
+
+    assert {code.value: DType.size(code.value) for code in DType} == _ITEM_SIZES
+
+
 def test_empty_indexed_dataset_is_rejected(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

@@ -91,6 +91,20 @@ def test_resume_with_another_dp_size_continues_the_global_order():
     assert next(iter(one_rank)) == [8, 9, 10, 11]
 
 
+def _global_stream(n, dp_size, consumed, steps):
+    ranks = [iter(DistributedBatchSampler(n, micro_batch_size=1, dp_rank=r, dp_size=dp_size, consumed_samples=consumed,
+                                          shuffle=True, seed=3, cycle=True)) for r in range(dp_size)]
+    return [i for _ in range(steps) for rank in ranks for i in next(rank)]
+
+
+def test_cycling_resume_with_another_dp_size_past_an_epoch_continues_the_global_order():
+    """10 samples in steps of 4 dropped 2 per epoch, and of 2 none: a resume at sample 16 on two ranks restarted in
+    the middle of the epoch the four ranks had finished (samples served twice, others skipped)."""
+    uninterrupted = _global_stream(10, 4, 0, 8)
+    assert _global_stream(10, 2, 16, 8) == uninterrupted[16:]
+    assert all(sorted(uninterrupted[e * 10:(e + 1) * 10]) == list(range(10)) for e in range(3))  # whole epochs
+
+
 def test_resume_refuses_a_changed_order():
     saved = DistributedBatchSampler(10, micro_batch_size=1, dp_rank=0, dp_size=1, shuffle=True, seed=1).state_dict()
     other = DistributedBatchSampler(10, micro_batch_size=1, dp_rank=0, dp_size=1, shuffle=True, seed=2)

@@ -348,3 +348,21 @@ def test_rows_truncated_before_the_answer_are_skipped(tokenizer, tmp_path, write
         train, _, _ = SFTDataConfig(path=path, seq_length=16).build(tokenizer)
     assert len(train) == 1 and "1 rows cut to seq_length before their answer" in caplog.text
     assert np.isclose(float(train[0]["loss_mask"].sum()), len(tokenizer.tokenize("yo")) + 2)
+
+
+def test_pathlib_paths_are_accepted(tokenizer, tmp_path, write_jsonl):
+    """SFTDataConfig's path is typed os.PathLike, yet build() (and preprocess) failed with 'PosixPath' object has
+    no attribute 'lower'."""
+    from pathlib import Path
+
+    from bridge_data.preprocessing import PreprocessConfig, preprocess
+    from bridge_data.tokenizers import TokenizerConfig
+
+    path = Path(write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "2+2?", "completion": "four"}]))
+    [sample] = SFTDataConfig(path=path, seq_length=64).build(tokenizer)[0]
+    [again] = SFTDataConfig(path=str(path), seq_length=64).build(tokenizer)[0]
+    assert all(torch.equal(sample[k], again[k]) for k in sample)
+    ids = Path(write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 3"}]))
+    [result] = preprocess(PreprocessConfig(inputs=[ids], output_prefix=tmp_path / "c", progress=False,
+                                           tokenizer=TokenizerConfig(tokenizer_type="null", vocab_size=10)))
+    assert result.prefix == str(tmp_path / "c") and (result.num_documents, result.num_tokens) == (1, 4)

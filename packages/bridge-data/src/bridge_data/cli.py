@@ -15,7 +15,7 @@ from bridge_data.tokenizers import TokenizerConfig
 _EXAMPLE = """example:
   bridge-data preprocess --input corpus.jsonl --tokenizer /models/llama3 \\
       --text-key text --output-prefix data/corpus --workers 4
-  -> data/corpus.bin + data/corpus.idx, usable as PretrainDataConfig(paths=["data/corpus"])
+  prints "data/corpus.bin/.idx: N documents, N tokens"; use it as PretrainDataConfig(paths=["data/corpus"])
 """
 
 
@@ -41,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "directory; repeat to concatenate several")
     pre.add_argument("--output-prefix", "-o", required=True, metavar="PREFIX",
                      help="write PREFIX.bin and PREFIX.idx (PREFIX_KEY.* when several text keys are given)")
-    pre.add_argument("--text-key", "--json-keys", dest="text_keys", nargs="+", default=["text"], metavar="KEY",
-                     help="row key(s) holding the text (default: text)")
+    pre.add_argument("--text-key", "--json-keys", dest="text_keys", nargs="+", action="extend", metavar="KEY",
+                     help="row key(s) holding the text, each written to PREFIX_KEY.* when several are given "
+                          "(repeatable; default: text)")
     tok = pre.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", metavar="DIR", help="local HF tokenizer directory")
     tok.add_argument("--null-vocab-size", type=int, metavar="N",
                      help="use the null tokenizer (texts are whitespace-separated ids < N)")
-    pre.add_argument("--eod-token", default=None, help="token ending each document (default: the eos token)")
+    pre.add_argument("--eod-token", default=None,
+                     help="token ending each document, with --tokenizer (default: the eos token; the null "
+                          "tokenizer's eod is N - 1)")
     pre.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                      help="append the eod id after each document (default: on)")
     pre.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=False,
@@ -106,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: Arguments without the program name; None reads ``sys.argv``.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eod_token is not None and args.tokenizer is None:
+        parser.error("--eod-token needs --tokenizer: the null tokenizer's eod is --null-vocab-size - 1")
+    args.text_keys = args.text_keys or ["text"]
     silence_known_warnings()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a `kill` cleans up like Ctrl-C
     try:

@@ -5,7 +5,9 @@ and renames both into place only when complete, the ``.idx`` last (an old ``.idx
 never leaves a ``.bin``/``.idx`` pair that looks valid but is not. While it works it holds an exclusive
 ``flock`` on its ``.bin.tmp``: a run that is killed (the lock dies with the process) leaves temporaries that the
 next run into the same prefix recognises by name and removes, without ever touching a live run's files or
-anything this package did not name. Files are created with mode ``0o666`` minus the umask, as ``open()`` does.
+anything this package did not name. Without ``overwrite`` an output that another run put in place meanwhile is
+not replaced either: the rename refuses an existing name. Files are created with mode ``0o666`` minus the umask,
+as ``open()`` does.
 """
 
 from __future__ import annotations
@@ -119,6 +121,21 @@ def check_outputs(outputs: list[str], inputs: list[str], *, overwrite: bool) -> 
                               "it, or choose another --output-prefix")
 
 
+def _place_new(tmp: str, final: str) -> None:
+    """Rename ``tmp`` to ``final`` unless ``final`` exists (FileExistsError): a hard link is atomic and refuses an
+    existing name (``os.replace`` would not); where links are not supported, a check just before the rename."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, "exists", final) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
 def _create_temp(directory: str, base: str) -> tuple[int, str]:
     while True:
         path = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.bin.tmp")
@@ -173,6 +190,7 @@ class IndexedWriter:
         self.num_documents = 0
         self.num_tokens = 0
         self._done = False
+        self._linked: list[tuple[str, int]] = []  # (output, inode) put in place by publish without overwrite
 
     @property
     def bytes_written(self) -> int:
@@ -186,8 +204,13 @@ class IndexedWriter:
         self.num_documents += 1
         self.num_tokens += len(ids)
 
-    def commit(self) -> None:
-        """Finish the index and rename both files into place (replacing an older pair)."""
+    def commit(self, *, overwrite: bool = True) -> None:
+        """:meth:`finish`, then :meth:`publish`."""
+        self.finish()
+        self.publish(overwrite=overwrite)
+
+    def finish(self) -> None:
+        """Write the index and flush both temporary files to disk (nothing is renamed yet)."""
         try:
             self._builder.finalize(self._tmp_idx)
             for tmp in (self._tmp_bin, self._tmp_idx):
@@ -198,14 +221,42 @@ class IndexedWriter:
                     os.close(fd)
         except OSError as exc:
             raise disk_error(exc, self._tmp_idx, self.bytes_written) from exc
-        final_idx = self.prefix + ".idx"
-        # Remove the old index first: until the new one lands, no valid-looking pair exists.
-        if os.path.exists(final_idx):
-            os.unlink(final_idx)
-        os.replace(self._tmp_bin, self.prefix + ".bin")
-        os.replace(self._tmp_idx, final_idx)
+
+    def publish(self, *, overwrite: bool) -> None:
+        """Rename the finished files into place: replacing an older pair with ``overwrite``, else only where no
+        output exists at this moment (another run may have written one since the start).
+
+        Raises:
+            OutputExistsError: without ``overwrite``, an output exists now; nothing of this writer is in place.
+        """
+        final_bin, final_idx = self.prefix + ".bin", self.prefix + ".idx"
+        if overwrite:
+            # Remove the old index first: until the new one lands, no valid-looking pair exists.
+            if os.path.exists(final_idx):
+                os.unlink(final_idx)
+            os.replace(self._tmp_bin, final_bin)
+            os.replace(self._tmp_idx, final_idx)
+        else:
+            for tmp, final in ((self._tmp_bin, final_bin), (self._tmp_idx, final_idx)):
+                try:
+                    _place_new(tmp, final)
+                except FileExistsError:
+                    self.retract()
+                    raise OutputExistsError(errno.EEXIST, f"output {final} appeared while this run was writing "
+                                            "(another run into the same prefix?); this run's output was not put "
+                                            "in place; pass --overwrite, or choose another --output-prefix") from None
+                self._linked.append((final, os.stat(final).st_ino))
         self._done = True
         os.close(self._lock_fd)
+
+    def retract(self) -> None:
+        """Take back what :meth:`publish` without ``overwrite`` put in place (the names still holding this
+        writer's files); a failed multi-output run leaves none of its outputs."""
+        for final, inode in reversed(self._linked):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(final).st_ino == inode:
+                    os.unlink(final)
+        self._linked = []
 
     def discard(self) -> None:
         """Remove the temporary files of an uncommitted writer (no-op after commit)."""

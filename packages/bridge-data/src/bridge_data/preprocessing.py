@@ -8,6 +8,7 @@ behind is removed by the next run into the same prefix.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import multiprocessing
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from bridge_data.indexed_writer import (
     IndexedWriter,
     OutputError,
+    OutputExistsError,
     check_outputs,
     disk_error,
     remove_stale_temporaries,
@@ -81,11 +83,12 @@ class PreprocessConfig:
             problems.append(f"workers must be >= 1, got {self.workers}")
         if self.chunk_size < 1:
             problems.append(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if not self.output_prefix or self.output_prefix.endswith(("/", ".bin", ".idx")):
+        if not self.output_prefix or os.fspath(self.output_prefix).endswith(("/", ".bin", ".idx")):
             problems.append(f"output_prefix must be a path prefix without .bin/.idx, got {self.output_prefix!r}")
         if problems:
             raise ValueError("Invalid PreprocessConfig: " + "; ".join(problems))
         self.tokenizer.finalize()
+        self.inputs, self.output_prefix = [os.fspath(p) for p in self.inputs], os.fspath(self.output_prefix)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -135,14 +138,41 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
     prefixes = output_prefixes(cfg)
     check_outputs([p + ext for p in prefixes.values() for ext in (".bin", ".idx")], cfg.inputs,
                   overwrite=cfg.overwrite)
-    for prefix in prefixes.values():
-        parent = os.path.dirname(os.path.abspath(prefix))
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise disk_error(exc, parent) from exc
-        remove_stale_temporaries(prefix)
+    made: list[str] = []  # the output directories this run creates, removed again if it fails
+    try:
+        for prefix in prefixes.values():
+            made += _make_directory(os.path.dirname(os.path.abspath(prefix)))
+            remove_stale_temporaries(prefix)
+        return _preprocess(cfg, prefixes)
+    except BaseException:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):  # only while empty: a directory someone else filled stays
+                os.rmdir(directory)
+        raise
 
+
+def _make_directory(directory: str) -> list[str]:
+    """Create ``directory`` and its missing parents; return those created, outermost first."""
+    missing, path = [], directory
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise OutputError(errno.ENOTDIR, f"cannot create the output directory {directory}: {path} is a file, not a "
+                          "directory; choose another --output-prefix")
+    made = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by another process: not ours to remove
+            continue
+        except OSError as exc:
+            raise disk_error(exc, path) from exc
+        made.append(path)
+    return made
+
+
+def _preprocess(cfg: PreprocessConfig, prefixes: dict[str, str]) -> list[PreprocessResult]:
     tokenizer = build_tokenizer(cfg.tokenizer)
     if cfg.prepend_bos and tokenizer.bos is None:
         raise ValueError(f"prepend_bos is set but tokenizer {tokenizer!r} has no bos token")
@@ -169,8 +199,17 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
         if empty:
             raise ValueError(f"No documents to write for text key(s) {empty} from {cfg.inputs}: the inputs hold "
                              "no rows, or every text is empty")
-        for writer in writers.values():
-            writer.commit()
+        for writer in writers.values():  # every output complete on disk before any is renamed into place
+            writer.finish()
+        published: list[IndexedWriter] = []
+        try:
+            for writer in writers.values():
+                writer.publish(overwrite=cfg.overwrite)
+                published.append(writer)
+        except OutputExistsError:  # another run wrote one of them meanwhile: take back the others
+            for writer in published:
+                writer.retract()
+            raise
     finally:
         for writer in writers.values():
             writer.discard()

@@ -4,6 +4,8 @@ train/valid/test and sampled by megatron-core's ``BlendedMegatronDatasetBuilder`
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import struct
 import warnings
@@ -18,6 +20,8 @@ from bridge_data.samples import to_sample
 from bridge_data.tokenizers import Tokenizer
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"
+_IDX_HEAD_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+_ITEM_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core's DType codes: bytes per token
 
 
 @dataclass(kw_only=True, slots=True)
@@ -133,21 +137,24 @@ class PretrainDataConfig:
         """
         self.finalize()
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
         from bridge_data.mock import RandomMockGPTDataset
 
         sizes = [train_samples, valid_samples, test_samples]
+        fingerprints = {}
         if not self.mock:
             if self.weights is not None and None in sizes:
                 raise ValueError("PretrainDataConfig.weights needs train_samples, valid_samples and test_samples; "
                                  f"got {sizes}")
             for prefix in self.paths:
-                self._check_split_sizes(prefix, check_indexed_dataset(prefix))
-        config = GPTDatasetConfig(
+                sequences, fingerprints[str(prefix)] = _read_index(prefix)
+                self._check_split_sizes(prefix, sequences)
+        dataset_class, config_class = _fingerprinted_gpt_dataset()
+        config = config_class(
+            index_fingerprints=fingerprints,
             random_seed=self.seed,
             sequence_length=self.seq_length,
-            blend=None if self.mock else (list(self.paths), self.weights),
+            blend=None if self.mock else ([str(p) for p in self.paths], self.weights),
             split=None if self.mock else self.split,
             path_to_cache=self.cache_dir,
             tokenizer=_MegatronTokenizerView(tokenizer),
@@ -158,7 +165,7 @@ class PretrainDataConfig:
             inter_document_masking=self.document_attention,
             num_dataset_builder_threads=self.num_dataset_builder_threads,
         )
-        cls = RandomMockGPTDataset if self.mock else GPTDataset
+        cls = RandomMockGPTDataset if self.mock else dataset_class
         try:
             datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
         except Exception as err:  # megatron-core wraps a failed cache write on rank 0 in a bare Exception
@@ -186,6 +193,27 @@ class PretrainDataConfig:
                     f"split={self.split!r} leaves the {name} split of {prefix!r} ({num_documents} documents) empty; "
                     "use more documents, or a split that gives it none (e.g. '100,0,0')"
                 )
+
+
+@functools.cache
+def _fingerprinted_gpt_dataset() -> tuple[type, type]:
+    """megatron-core's ``GPTDataset`` and its config, with the indexed files' fingerprints in the key of the
+    sample-index cache: the key was the paths, seed, lengths and tokenizer, so data rewritten under the same prefix
+    (``bridge-data preprocess --overwrite``) was sampled by the old data's cached indices (samples cut at the old
+    documents' bounds, reads past the end)."""
+    from megatron.core.datasets import gpt_dataset
+
+    @dataclass
+    class GPTDatasetConfig(gpt_dataset.GPTDatasetConfig):
+        index_fingerprints: dict[str, str] = field(default_factory=dict)
+        """:func:`index_fingerprint` of every prefix of the blend."""
+
+    class GPTDataset(gpt_dataset.GPTDataset):  # megatron-core names its cache files after the class
+        @staticmethod
+        def _key_config_attributes() -> list[str]:
+            return [*gpt_dataset.GPTDataset._key_config_attributes(), "index_fingerprints"]
+
+    return GPTDataset, GPTDatasetConfig
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -239,18 +267,48 @@ def check_indexed_dataset(prefix: str) -> int:
         FileNotFoundError: Naming the missing file(s).
         ValueError: If the index is not a megatron-core index, or holds no documents.
     """
+    return _read_index(prefix)[0]
+
+
+def index_fingerprint(prefix: str) -> str:
+    """A digest of what megatron-core's sample indices of ``prefix`` are computed from (the sequence count and
+    lengths in its ``.idx``; the ``.bin`` size): it changes when the data is rewritten with other documents.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`check_indexed_dataset`.
+    """
+    return _read_index(prefix)[1]
+
+
+def _read_index(prefix: str) -> tuple[int, str]:
+    """``(sequences, fingerprint)`` of ``prefix.idx``, checking the ``.bin`` holds every token it indexes."""
+    prefix = os.fspath(prefix)
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"Indexed dataset {prefix!r} is incomplete: missing {missing}; write it with "
                                 "`bridge-data preprocess --output-prefix PREFIX` (paths are given without .bin/.idx)")
+    digest = hashlib.blake2b(digest_size=16)
     with open(prefix + ".idx", "rb") as f:
-        head = f.read(9 + 8 + 1 + 8 + 8)
-    if len(head) < 34 or head[:9] != _IDX_HEADER:
-        raise ValueError(f"{prefix}.idx is not a megatron-core index file (bad header)")
-    sequences, document_bounds = struct.unpack("<QQ", head[18:34])
-    if sequences == 0 or document_bounds <= 1:
-        raise ValueError(f"Indexed dataset {prefix!r} holds no documents")
-    return sequences
+        head = f.read(_IDX_HEAD_BYTES)
+        if len(head) < _IDX_HEAD_BYTES or head[:9] != _IDX_HEADER or head[17] not in _ITEM_SIZES:
+            raise ValueError(f"{prefix}.idx is not a megatron-core index file (bad header)")
+        sequences, document_bounds = struct.unpack("<QQ", head[18:34])
+        if sequences == 0 or document_bounds <= 1:
+            raise ValueError(f"Indexed dataset {prefix!r} holds no documents")
+        tokens, left = 0, sequences * 4  # the int32 sequence lengths follow the header
+        while left:
+            chunk = f.read(min(left, 1 << 24))
+            if not chunk:
+                raise ValueError(f"{prefix}.idx is truncated (its header counts {sequences:,} sequences)")
+            digest.update(chunk)
+            tokens += int(np.frombuffer(chunk, dtype=np.int32).sum(dtype=np.int64))
+            left -= len(chunk)
+    needed, size = tokens * _ITEM_SIZES[head[17]], os.path.getsize(prefix + ".bin")
+    if size < needed:
+        raise ValueError(f"{prefix}.bin is truncated ({size:,} bytes; its .idx indexes {needed:,}): copy it again, or "
+                         "rewrite it with `bridge-data preprocess --overwrite`")
+    digest.update(struct.pack("<QQ", sequences, size))
+    return sequences, digest.hexdigest()
 
 
 class _MegatronTokenizerView:

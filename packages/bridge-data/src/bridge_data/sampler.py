@@ -1,10 +1,11 @@
 """Data-parallel batch sampling that resumes exactly where training stopped.
 
-Samples are consumed in global steps of ``micro_batch_size * dp_size``: step ``k`` of an epoch takes positions
-``[k * G, (k + 1) * G)`` of that epoch's order, and DP rank ``r`` reads the ``r``-th slice of ``micro_batch_size``
-of them. The only state is ``consumed_samples``, counted over all DP ranks, so a run resumed from a saved state
-(even with another DP size) draws exactly the samples an uninterrupted run would have drawn next. A trailing
-partial global step of each epoch is dropped.
+The epochs' orders, one after the other, make one stream of samples; it is consumed in global steps of
+``G = micro_batch_size * dp_size``: step ``k`` takes positions ``[k * G, (k + 1) * G)`` of the stream (cycling, a
+step can take the end of one epoch and the start of the next), and DP rank ``r`` reads the ``r``-th slice of
+``micro_batch_size`` of them. The only state is ``consumed_samples``, counted over all DP ranks, and a position of
+the stream does not depend on ``G``, so a run resumed from a saved state (even with another DP size) draws exactly
+the samples an uninterrupted run would have drawn next. Without cycling, a trailing partial global step is dropped.
 """
 
 from __future__ import annotations
@@ -65,33 +66,31 @@ class DistributedBatchSampler:
         """Samples consumed per step over all DP ranks."""
         return self.micro_batch_size * self.dp_size
 
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples used per epoch (the trailing partial global step is dropped)."""
-        return self.dataset_len // self.global_batch_size * self.global_batch_size
-
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.dataset_len)
         return np.random.default_rng((self.seed, epoch)).permutation(self.dataset_len)
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch, order = -1, None
-        while self.cycle or self.consumed_samples < self.samples_per_epoch:
-            pos = self.consumed_samples
-            if pos // self.samples_per_epoch != epoch:
-                epoch = pos // self.samples_per_epoch
-                order = self._order(epoch)
-            start = pos % self.samples_per_epoch + self.dp_rank * self.micro_batch_size
-            batch = order[start : start + self.micro_batch_size].tolist()
-            self.consumed_samples = pos + self.global_batch_size
+        orders: dict[int, np.ndarray] = {}
+        n = self.dataset_len
+        while self.cycle or self.consumed_samples + self.global_batch_size <= n:
+            start = self.consumed_samples + self.dp_rank * self.micro_batch_size
+            batch = []
+            for pos in range(start, start + self.micro_batch_size):
+                epoch = pos // n
+                if epoch not in orders:
+                    orders = {e: o for e, o in orders.items() if e >= epoch - 1}  # a step spans two epochs at most
+                    orders[epoch] = self._order(epoch)
+                batch.append(int(orders[epoch][pos % n]))
+            self.consumed_samples += self.global_batch_size
             yield batch
 
     def __len__(self) -> int:
         """Batches left to yield on this rank (one epoch at most; undefined when cycling)."""
         if self.cycle:
             raise TypeError("a cycling DistributedBatchSampler has no length")
-        return max(0, self.samples_per_epoch - self.consumed_samples) // self.global_batch_size
+        return max(0, self.dataset_len - self.consumed_samples) // self.global_batch_size
 
     def state_dict(self) -> dict[str, Any]:
         """The resume state: consumed samples plus what must match on resume."""

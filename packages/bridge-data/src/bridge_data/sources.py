@@ -39,6 +39,7 @@ def detect_format(path: str) -> SourceFormat:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If ``path`` is neither a known file type nor an HF ``datasets`` directory.
     """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Input {path!r} does not exist")
     if os.path.isdir(path):
@@ -60,6 +61,7 @@ def detect_format(path: str) -> SourceFormat:
 
 def count_rows(path: str, *, split: str = "train") -> int | None:
     """Number of rows in ``path`` when it is cheap to know (Parquet metadata, HF datasets), else None."""
+    path = os.fspath(path)
     fmt = detect_format(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -89,6 +91,7 @@ def iter_rows(path: str, *, columns: list[str] | None = None, split: str = "trai
         FileNotFoundError: If ``path`` does not exist.
         ValueError: On malformed JSON, a non-object JSON line, a missing column or a missing split.
     """
+    path = os.fspath(path)
     fmt = detect_format(path)
     if fmt == "jsonl":
         yield from _iter_jsonl(path)
