@@ -217,6 +217,10 @@ def test_flags_win_over_a_shown_config_file_and_overrides_win_over_flags(capsys,
     assert cfg.checkpoint.save_interval == 100 and cfg.logger.tensorboard_dir == str(tmp_path / "run" / "tensorboard")
     _, cfg = build_config("llama3_8b_lora", config_files=files, allow_random_init=True)
     assert cfg.checkpoint.finetune is False and cfg.checkpoint.pretrained_checkpoint is None
+    # without the flag, a file's checkpoint.finetune stands (recipe < files < flags); it was reset to the recipe's
+    (tmp_path / "no-weights.yaml").write_text("checkpoint:\n  finetune: false\n")
+    _, cfg = build_config("llama3_8b_lora", config_files=[str(tmp_path / "no-weights.yaml")])
+    assert cfg.checkpoint.finetune is False
     _, cfg = build_config("llama32_1b_pretrain", ["checkpoint.save=/elsewhere", "checkpoint.save_interval=7"],
                           config_files=[str(tmp_path / "llama32_1b_pretrain.yaml")], dir=str(tmp_path / "run"))
     assert cfg.checkpoint.save == "/elsewhere" and cfg.checkpoint.save_interval == 7
@@ -323,3 +327,37 @@ def test_canonical_lora_adapts_the_recipes_layers_projection_by_projection(name,
         assert parts == expected, layer
     argv = [name, "peft=canonical_lora", "--allow-random-init", "--dry-run", *shrink(name)]
     assert main(argv) == 0 and "CanonicalLoRA(" in capsys.readouterr().out
+
+
+def _readme_commands() -> list[list[str]]:
+    """The README's bridge-run examples that need no files (models, data, a config) or launcher."""
+    import pathlib
+    import shlex
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## `bridge-run`\n```bash\n", 1)[1].split("```", 1)[0]
+    out = []
+    for line in block.splitlines():
+        args = shlex.split(line.split("#", 1)[0])
+        if args[:1] == ["python"]:
+            args = ["bridge-run", *args[3:]]  # python -m bridge_recipes.run ...
+        if args[:1] == ["bridge-run"] and args[1] not in ("list", "show") and not any(
+                a.startswith(("/models", "data/", "--launcher", "--hf-path", "--config")) for a in args):
+            out.append(args[1:])
+    return out
+
+
+@pytest.mark.parametrize("args", _readme_commands(), ids=lambda a: " ".join(a))
+def test_the_readmes_examples_pass_the_dry_run(args, capsys, tmp_path, monkeypatch):
+    """Two of them failed the config check as written (a warmup longer than train.train_iters)."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--dry-run"]) == 0, capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_importing_bridge_recipes_registers_its_peft_methods():
+    """bridge-train's error said importing bridge-recipes registers them; only building a recipe did."""
+    code = ("import bridge_recipes, sys; from bridge_train.config import peft_method_names; "
+            "print(sorted(peft_method_names())); print('bridge_peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["['canonical_lora', 'dora', 'lora']", "False"]  # bridge-peft is not imported for it

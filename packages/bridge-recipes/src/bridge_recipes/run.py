@@ -160,8 +160,9 @@ def build_config(recipe_name: str, overrides: Sequence[str] = (), *, config_file
     # names these keys too, as null) and yields to key=value overrides, which apply last.
     flagged = {"checkpoint": ["save", "load"] if dir is not None else [],
                "logger": ["tensorboard_dir"] if dir is not None else []}
-    if recipe.is_finetune:
-        flagged["checkpoint"] += ["finetune"] + (["pretrained_checkpoint"] if hf_path is not None else [])
+    if recipe.is_finetune:  # --allow-random-init sets checkpoint.finetune=false; without it a file's value stands
+        flagged["checkpoint"] += (["finetune"] if allow_random_init else []) + (
+            ["pretrained_checkpoint"] if hf_path is not None else [])
     interval = cfg.checkpoint.save_interval
     values = {(section, name): getattr(getattr(cfg, section), name)
               for section, names in flagged.items() for name in names}

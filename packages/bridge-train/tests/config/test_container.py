@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import types
 
 import pytest
@@ -155,6 +156,25 @@ INVALID = [
     ("megatron_transformer_config_error", _set(**{"model.fp8_output_proj": True}), 1,
      "model: fp8_output_proj must be used together with fp8 mode"),
     ("bad_world_size", _set(), 0, "world_size must be a positive integer, got 0"),
+    # model values that passed and failed at build (a raw ZeroDivisionError / torch error), or trained silently
+    ("zero_kv_groups", _set(**{"model.num_query_groups": 0}), 1, "model.num_query_groups must be >= 1, got 0"),
+    ("zero_kv_channels", _set(**{"model.kv_channels": 0}), 1, "model.kv_channels must be >= 1, got 0"),
+    ("zero_ffn", _set(**{"model.ffn_hidden_size": 0}), 1, "model.ffn_hidden_size must be >= 1, got 0"),
+    ("zero_vocab_divisor", _set(**{"model.make_vocab_size_divisible_by": 0}), 1,
+     "model.make_vocab_size_divisible_by must be >= 1, got 0"),
+    ("negative_init_std", _set(**{"model.init_method_std": -1.0}), 1, "model.init_method_std must be >= 0, got -1.0"),
+    ("dropout_above_one", _set(**{"model.hidden_dropout": 1.5}), 1, "model.hidden_dropout must be in [0, 1], got 1.5"),
+    ("unknown_norm", _set(**{"model.normalization": "Bogus"}), 1,
+     "model.normalization must be 'RMSNorm' or 'LayerNorm', got 'Bogus'"),
+    # NaN passes every range check (comparisons are False), inf passes "> 0"
+    ("nan_lr", _set(**{"optimizer.lr": math.nan}), 1, "optimizer.lr must be a finite number, got nan"),
+    ("inf_lr", _set(**{"optimizer.lr": math.inf}), 1, "optimizer.lr must be a finite number, got inf"),
+    ("nan_weight_decay", _set(**{"optimizer.weight_decay": math.nan}), 1,
+     "optimizer.weight_decay must be a finite number, got nan"),
+    ("inf_warmup_fraction", _set(**{"scheduler.lr_warmup_fraction": math.inf}), 1,  # was a raw OverflowError
+     "scheduler.lr_warmup_fraction must be a finite number, got inf"),
+    ("nan_dropout", _set(**{"model.attention_dropout": math.nan}), 1,
+     "model.attention_dropout must be a finite number, got nan"),
 ]
 
 

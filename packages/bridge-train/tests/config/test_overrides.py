@@ -41,6 +41,13 @@ OVERRIDES = [
     ("bool", "train.manual_gc=true", lambda c: c.train.manual_gc, True),
     ("str", "checkpoint.save=/tmp/ckpt", lambda c: c.checkpoint.save, "/tmp/ckpt"),
     ("str_quoted_number", "checkpoint.save='123'", lambda c: c.checkpoint.save, "123"),
+    # YAML 1.1 reads these as numbers (8, 1000, 1000.0, 16, 1.1): a text field takes the text, as in Hydra
+    ("str_octal_looking", "checkpoint.save=010", lambda c: c.checkpoint.save, "010"),
+    ("str_underscored", "logger.wandb_exp_name=2024_01", lambda c: c.logger.wandb_exp_name, "2024_01"),
+    ("str_exponent", "logger.wandb_exp_name=1e3", lambda c: c.logger.wandb_exp_name, "1e3"),
+    ("str_hex_looking", "checkpoint.save=0x10", lambda c: c.checkpoint.save, "0x10"),
+    ("str_trailing_zero", "checkpoint.save=1.10", lambda c: c.checkpoint.save, "1.10"),
+    ("int_underscored", "train.train_iters=1_000", lambda c: c.train.train_iters, 1000),
     ("optional_null", "train.global_batch_size=null", lambda c: c.train.global_batch_size, None),
     ("literal", "robustness.nan_policy=skip", lambda c: c.robustness.nan_policy, "skip"),
     ("literal_int", "train.empty_unused_memory_level=2", lambda c: c.train.empty_unused_memory_level, 2),
@@ -75,12 +82,44 @@ def test_override_edits_named_precision_recipe(make_cfg):
     assert cfg.mixed_precision.fp8 == "hybrid" and cfg.mixed_precision.num_layers_at_end_in_bf16 == 2
 
 
+@pytest.mark.parametrize("order", ["recipe first", "recipe last"])
+def test_a_precision_field_the_recipe_would_undo_is_refused(make_cfg, order):
+    """finalize() applied the recipe over these overrides, silently (a logger.info line)."""
+    cfg = make_cfg()
+    overrides = ["model.pipeline_dtype=float32", "optimizer.initial_loss_scale=1024", "model.enable_autocast=true"]
+    recipe = ["mixed_precision=bf16_mixed"]
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(cfg, recipe + overrides if order == "recipe first" else overrides + recipe)
+    assert info.value.problems == [
+        "model.pipeline_dtype (torch.float32) would be set back to torch.bfloat16 by mixed_precision 'bf16_mixed' at "
+        "finalize(); set mixed_precision.pipeline_dtype to it instead, or mixed_precision=null to set the precision "
+        "fields yourself (from override 'model.pipeline_dtype=float32')",
+        "optimizer.initial_loss_scale (1024.0) would be set back to 4294967296.0 by mixed_precision 'bf16_mixed' at "
+        "finalize(); set mixed_precision.initial_loss_scale to it instead, or mixed_precision=null to set the "
+        "precision fields yourself (from override 'optimizer.initial_loss_scale=1024')",
+        "model.enable_autocast (True) would be set back to False by mixed_precision 'bf16_mixed' at finalize(); set "
+        "mixed_precision.autocast_enabled to it instead, or mixed_precision=null to set the precision fields "
+        "yourself (from override 'model.enable_autocast=true')"]
+    # the recipe's own values, and the recipe edited, are fine
+    apply_overrides(cfg, recipe + ["model.pipeline_dtype=bf16", "mixed_precision.initial_loss_scale=1024"])
+    cfg.finalize(world_size=1)
+    assert cfg.model.pipeline_dtype is torch.bfloat16 and cfg.optimizer.initial_loss_scale == 1024
+
+
 BAD = [
     ("unknown_key_sibling", "train.trian_iters=5",
      "unknown key 'train.trian_iters'; did you mean 'train.train_iters'? (from override 'train.trian_iters=5')"),
     ("unknown_key_other_section", "train.lr=3e-4", "unknown key 'train.lr'; did you mean 'optimizer.lr'?"),
     ("unknown_model_key", "model.num_layrs=3", "unknown key 'model.num_layrs'; did you mean 'model.num_layers'?"),
     ("unknown_section", "optimiser.lr=1", "unknown key 'optimiser'; did you mean 'optimizer'?"),
+    # other trainers' names: these suggested eval_iters, lion_beta1, mamba_num_heads, tp_comm_overlap, dataset.seed
+    ("alias_iters", "train.iters=5", "unknown key 'train.iters'; did you mean 'train.train_iters'?"),
+    ("alias_beta1", "optimizer.beta1=0.8", "unknown key 'optimizer.beta1'; did you mean 'optimizer.adam_beta1'?"),
+    ("alias_num_heads", "model.num_heads=8",
+     "unknown key 'model.num_heads'; did you mean 'model.num_attention_heads'?"),
+    ("alias_tp", "model.tp=2", "unknown key 'model.tp'; did you mean 'model.tensor_model_parallel_size'?"),
+    ("alias_seed", "train.seed=3", "unknown key 'train.seed'; did you mean 'rng.seed'?"),
+    ("alias_save_dir", "checkpoint.save_dir=/x", "unknown key 'checkpoint.save_dir'; did you mean 'checkpoint.save'?"),
     ("bad_int", "train.train_iters=ten",
      "train.train_iters: cannot use 'ten': expected int, got 'ten' (str) (from override 'train.train_iters=ten')"),
     ("bad_float", "optimizer.lr=fast", "optimizer.lr: cannot use 'fast': expected float | null"),
@@ -165,8 +204,8 @@ def test_peft_name_without_any_registered_method_says_what_to_do(make_cfg, monke
     from bridge_train.config import protocols
 
     monkeypatch.setattr(protocols, "_METHODS", {})
-    with pytest.raises(ConfigError, match=r"peft: unknown PEFT method 'lora': none is registered \(bridge-recipes "
-                                          r"registers lora and dora when imported\)"):
+    with pytest.raises(ConfigError, match=r"peft: unknown PEFT method 'lora': none is registered \(`import "
+                                          r"bridge_recipes` registers lora, dora and canonical_lora\)"):
         apply_overrides(make_cfg(), ["peft=lora"])
 
 

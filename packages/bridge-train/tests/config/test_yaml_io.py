@@ -96,6 +96,45 @@ def test_finalized_config_round_trips_and_refinalizes(make_cfg):
     assert back.to_yaml() == text
 
 
+def test_a_finalized_pipeline_layout_is_saved_and_refinalizes(make_cfg):
+    """finalize() parses the layout text into megatron-core's PipelineParallelLayerLayout, which had no YAML form:
+    run_config.yaml lost it, and the loaded config failed its check (num_layers not divisible by PP)."""
+    cfg = make_cfg(model=tiny_provider(num_layers=3, pipeline_model_parallel_size=2,
+                                       pipeline_model_parallel_layout="Et|ttL"),
+                   mixed_precision="bf16_mixed", train=TrainConfig(train_iters=10, micro_batch_size=2))
+    cfg.finalize(world_size=2)
+    assert type(cfg.model.pipeline_model_parallel_layout).__name__ == "PipelineParallelLayerLayout"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        text = cfg.to_yaml()
+    assert "  pipeline_model_parallel_layout: Et|ttL\n" in text
+    back = ConfigContainer.from_yaml(text)
+    back.finalize(world_size=2)
+    assert back.to_yaml() == text
+
+
+@pytest.mark.parametrize("text", ["1e3", "1e-4", "5E+2", "1.5e3", "010", "0x1F", "true", "null", "1:30"])
+def test_strings_that_look_like_numbers_round_trip(make_cfg, text):
+    """PyYAML's float rule needs a dot and a signed exponent, OmegaConf's (the reader) does not: '1e3' was written
+    unquoted and read back as 1000.0."""
+    cfg = make_cfg()
+    cfg.logger.wandb_exp_name = text
+    assert ConfigContainer.from_yaml(cfg.to_yaml()).logger.wandb_exp_name == text
+
+
+@pytest.mark.parametrize("finalized", [False, True])
+def test_an_init_method_the_user_set_warns_that_it_is_not_saved(make_cfg, finalized):
+    """Every init_method was skipped silently, as if finalize() had derived it: the reloaded config initialised
+    the weights with another std and nothing said so."""
+    cfg = make_cfg(train=TrainConfig(train_iters=10, micro_batch_size=2))
+    cfg.model.init_method = functools.partial(torch.nn.init.normal_, mean=0.0, std=0.5)
+    if finalized:
+        cfg.finalize(world_size=1)
+    with pytest.warns(ConfigWarning, match=r"model\.init_method = functools\.partial\(.*std=0\.5\)") as record:
+        cfg.to_yaml()
+    assert "output_layer_init_method" not in str(record[0].message)  # derived by finalize(): silently re-derived
+
+
 def test_runtime_hooks_are_not_saved(make_cfg):
     cfg = make_cfg()
     cfg.model.no_sync_func = lambda: None

@@ -220,8 +220,11 @@ class ConfigContainer:
         if self.train.global_batch_size is None:
             self.train.global_batch_size = self.train.micro_batch_size * self.data_parallel_size(world_size)
         self.scheduler.finalize(self.train.train_iters, self.optimizer.weight_decay)
-        return [message for name in ("model", "optimizer", "ddp", "dataset", "tokenizer")
-                for message in _finalize_section(name, getattr(self, name))]
+        derived = frozenset(n for n in yaml_io.DERIVED_CALLABLES if getattr(self.model, n, None) is None)
+        problems = [message for name in ("model", "optimizer", "ddp", "dataset", "tokenizer")
+                    for message in _finalize_section(name, getattr(self, name))]
+        self.model._derived_callables = derived  # what finalize() made: not saved (it is made again on load)
+        return problems
 
     def _resolve_mixed_precision(self) -> tuple[MixedPrecisionConfig | None, list[str]]:
         value = self.mixed_precision

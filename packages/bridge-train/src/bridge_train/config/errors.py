@@ -49,6 +49,20 @@ def _word_score(typed: str, name: str) -> float:
     return len(set(typed_words) & set(name_words)) / len(set(typed_words) | set(name_words))
 
 
+_ALIASES = {
+    "iters": "train.train_iters", "max_steps": "train.train_iters", "train_steps": "train.train_iters",
+    "tp": "model.tensor_model_parallel_size", "pp": "model.pipeline_model_parallel_size",
+    "cp": "model.context_parallel_size", "ep": "model.expert_model_parallel_size",
+    "vp": "model.virtual_pipeline_model_parallel_size", "vpp": "model.virtual_pipeline_model_parallel_size",
+    "num_heads": "model.num_attention_heads", "n_heads": "model.num_attention_heads",
+    "num_kv_heads": "model.num_query_groups", "num_key_value_heads": "model.num_query_groups",
+    "save_dir": "checkpoint.save", "load_dir": "checkpoint.load", "seed": "rng.seed",
+    "log_every": "logger.log_interval", "log_freq": "logger.log_interval", "beta1": "optimizer.adam_beta1",
+    "beta2": "optimizer.adam_beta2", "eps": "optimizer.adam_eps", "warmup_steps": "scheduler.lr_warmup_iters",
+}
+"""Names other trainers (Hugging Face, torchtitan, Megatron-LM's flags) use for a key of another name or section."""
+
+
 def closest_key(key: str, candidates: Iterable[str], everywhere: Iterable[str] = ()) -> str | None:
     """The valid key most like ``key``, or None when nothing is close.
 
@@ -60,11 +74,14 @@ def closest_key(key: str, candidates: Iterable[str], everywhere: Iterable[str] =
     leaf = _leaf(key)
     siblings = {_leaf(k): k for k in candidates}
     others: dict[str, str] = {}
+    everywhere = list(everywhere)
     for full in everywhere:
         others.setdefault(_leaf(full), full)
     match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.8)
-    if match or leaf in others:
-        return siblings[match[0]] if match else others[leaf]
+    alias = _ALIASES.get(leaf.lower())
+    alias = alias if alias in everywhere else None
+    if match or alias or leaf in others:
+        return siblings[match[0]] if match else alias or others[leaf]
     # (score, spelling similarity, key): a sibling wins a tie, as the user chose its section
     ranked = [(_word_score(leaf, name) + (0.1 if full in siblings.values() else 0),
                difflib.SequenceMatcher(None, leaf, name).ratio(), full)

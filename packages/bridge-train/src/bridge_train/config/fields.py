@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import functools
 import importlib
+import math
 import types
 import typing
 from typing import Annotated, Any, Literal, NotRequired, TypedDict, Union
@@ -349,7 +350,20 @@ def type_problems(obj: Any, prefix: str) -> list[str]:
         adapter.validate_python(data, strict=True, context={"strict": True})
     except ValidationError as err:
         return _problems(err, declared, data, prefix, strict=True)
-    return []
+    return _non_finite(obj, prefix)
+
+
+def _non_finite(obj: Any, prefix: str) -> list[str]:
+    """NaN in any float field, and infinity where the default is finite (a range check lets both through: every
+    comparison with NaN is False, and inf passes ``> 0``)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name) if f.init else None
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isnan(value) or not (isinstance(f.default, float) and math.isinf(f.default)):
+            out.append(f"{prefix}.{f.name} must be a finite number, got {value}")
+    return out
 
 
 def at_least(obj: Any, prefix: str, *, above: bool = False, null_disables: bool = True,

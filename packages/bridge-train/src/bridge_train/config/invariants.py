@@ -33,6 +33,14 @@ def model_layout_problems(model: Any, world_size: int | None) -> list[str]:
         "num_layers", "hidden_size", "num_attention_heads", "seq_length", "tensor_model_parallel_size",
         "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size",
         "virtual_pipeline_model_parallel_size"), 1))
+    # None: derived (the KV groups are the heads, kv_channels hidden / heads, the FFN 4 x hidden)
+    problems += at_least(model, "model", null_disables=False, **dict.fromkeys((
+        "num_query_groups", "kv_channels", "ffn_hidden_size", "make_vocab_size_divisible_by"), 1))
+    problems += at_least(model, "model", null_disables=False, init_method_std=0)
+    problems += [f"model.{name} must be in [0, 1], got {getattr(model, name)}"
+                 for name in ("hidden_dropout", "attention_dropout") if not 0 <= getattr(model, name) <= 1]
+    if model.normalization not in ("RMSNorm", "LayerNorm"):
+        problems.append(f"model.normalization must be 'RMSNorm' or 'LayerNorm', got {model.normalization!r}")
     if model.vocab_size is None or model.vocab_size < 1:
         problems.append(f"model.vocab_size must be a positive integer, got {model.vocab_size!r}; set it from the "
                         "tokenizer (the bridge does this when importing an HF model)")
@@ -170,11 +178,13 @@ def schedule_problems(scheduler: Any, optimizer: Any, train: Any) -> list[str]:
     problems = []
     decay = scheduler.lr_decay_iters or train.train_iters
     warmup = scheduler.lr_warmup_iters
-    if scheduler.lr_warmup_fraction is not None:
+    if scheduler.lr_warmup_fraction is not None and 0 <= scheduler.lr_warmup_fraction < 1:  # else: refused
         warmup = int(scheduler.lr_warmup_fraction * decay)
     if warmup >= decay:
+        knob = ("scheduler.lr_warmup_fraction" if scheduler.lr_warmup_fraction is not None
+                else f"scheduler.lr_warmup_iters, e.g. scheduler.lr_warmup_iters={decay // 10}")
         problems.append(f"scheduler.lr_warmup_iters ({warmup}) must be < the decay length ({decay}, "
-                        "scheduler.lr_decay_iters or train.train_iters); shorten the warmup")
+                        f"scheduler.lr_decay_iters or train.train_iters); shorten the warmup ({knob})")
     if scheduler.lr_decay_style == "WSD" and scheduler.lr_wsd_decay_iters and scheduler.lr_wsd_decay_iters > decay:
         problems.append(f"scheduler.lr_wsd_decay_iters ({scheduler.lr_wsd_decay_iters}) must be <= the decay length "
                         f"({decay})")

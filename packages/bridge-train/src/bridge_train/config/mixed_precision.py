@@ -140,23 +140,10 @@ class MixedPrecisionConfig:
             optimizer_config: A megatron-core OptimizerConfig, or None.
             ddp_config: A megatron-core DistributedDataParallelConfig, or None.
         """
-        pipeline_dtype = self.pipeline_dtype or self.params_dtype
-        model = self._pick("bf16", "fp16", "params_dtype", "fp8", "fp4") | {
-            "pipeline_dtype": pipeline_dtype, "enable_autocast": self.autocast_enabled,
-            "autocast_dtype": self.autocast_dtype or pipeline_dtype, "fp8_param": self.fp8_param_gather,
-            "fp4_param": self.fp4_param_gather}
-        # the FP8/FP4 details only matter (and are only copied) when FP8/FP4 is on
-        model |= self._pick(*(_FP8_DETAILS if self.fp8 else ()), *(("fp4_recipe",) if self.fp4 else ()),
-                            *(_BF16_EDGES if self.fp8 or self.fp4 else ()))
-        optimizer = self._pick("bf16", "fp16", "params_dtype", "reuse_grad_buf_for_mxfp8_param_ag", "loss_scale",
-                               "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
-        optimizer["fp8_recipe"] = self.fp8_recipe if self.fp8 else None
-        ddp = self._pick("grad_reduce_in_fp32", "fp8_param_gather", "fp4_param_gather",
-                         "reuse_grad_buf_for_mxfp8_param_ag")
-        for section, config, values in (("model", model_config, model), ("optimizer", optimizer_config, optimizer),
-                                        ("ddp", ddp_config, ddp)):
+        targets = self.targets()
+        for section, config in (("model", model_config), ("optimizer", optimizer_config), ("ddp", ddp_config)):
             names = {f.name for f in dataclasses.fields(config)} if config is not None else set()
-            for name, value in values.items() if config is not None else ():
+            for name, (value, _) in targets[section].items() if config is not None else ():
                 if name not in names:
                     raise TypeError(f"{type(config).__name__} has no field {name!r}; {self.label} targets "
                                     "megatron-core 0.19")
@@ -164,8 +151,28 @@ class MixedPrecisionConfig:
                     logger.info("%s sets %s.%s: %r -> %r", self.label, section, name, getattr(config, name), value)
                     setattr(config, name, value)
 
-    def _pick(self, *names: str) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in names}
+    def targets(self) -> dict[str, dict[str, tuple[Any, str]]]:
+        """What :meth:`apply` sets: ``{section: {field: (value, the field of this recipe it comes from)}}`` for the
+        sections ``model``, ``optimizer`` and ``ddp``."""
+        pipeline_dtype = self.pipeline_dtype or self.params_dtype
+        model = self._pick("bf16", "fp16", "params_dtype", "fp8", "fp4") | {
+            "pipeline_dtype": (pipeline_dtype, "pipeline_dtype"),
+            "enable_autocast": (self.autocast_enabled, "autocast_enabled"),
+            "autocast_dtype": (self.autocast_dtype or pipeline_dtype, "autocast_dtype"),
+            "fp8_param": (self.fp8_param_gather, "fp8_param_gather"),
+            "fp4_param": (self.fp4_param_gather, "fp4_param_gather")}
+        # the FP8/FP4 details only matter (and are only copied) when FP8/FP4 is on
+        model |= self._pick(*(_FP8_DETAILS if self.fp8 else ()), *(("fp4_recipe",) if self.fp4 else ()),
+                            *(_BF16_EDGES if self.fp8 or self.fp4 else ()))
+        optimizer = self._pick("bf16", "fp16", "params_dtype", "reuse_grad_buf_for_mxfp8_param_ag", "loss_scale",
+                               "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+        optimizer["fp8_recipe"] = (self.fp8_recipe if self.fp8 else None, "fp8_recipe")
+        ddp = self._pick("grad_reduce_in_fp32", "fp8_param_gather", "fp4_param_gather",
+                         "reuse_grad_buf_for_mxfp8_param_ag")
+        return {"model": model, "optimizer": optimizer, "ddp": ddp}
+
+    def _pick(self, *names: str) -> dict[str, tuple[Any, str]]:
+        return {name: (getattr(self, name), name) for name in names}
 
 
 _FP8_DETAILS = ("fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_wgrad",

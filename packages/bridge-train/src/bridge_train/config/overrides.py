@@ -15,6 +15,8 @@ can be added and removed):
 - ``++key=value``: set or add, whether or not it exists.
 - ``~key`` / ``~key=value``: reset a field to its default (remove a dict entry); with a value, only if the current
   value equals it.
+- A model / optimizer / DDP precision field that the ``mixed_precision`` recipe sets at finalize() is refused
+  when an override changes it to another value (the recipe would undo it): set ``mixed_precision.<field>``.
 - ``peft=<name>``: a PEFT method registered with :func:`register_peft_method` (a PEFT of that method already
   set stays as it is); ``peft.<field>=...`` edits it.
 """
@@ -55,6 +57,8 @@ class _Patch(NamedTuple):
     op: str
     key: str
     conf: DictConfig | None
+    number_text: str | None = None
+    """The value's text when YAML read it as a number: a text field takes the text (``010``, not ``8``)."""
 
 
 def apply_overrides(cfg: ConfigContainer, overrides: Sequence[str] = (), *,
@@ -138,14 +142,17 @@ def _parse_override(text: Any) -> _Patch | str:
         detail = ", ".join(str(part) for part in parts if part) or str(err).splitlines()[0]
         return (f"override {text!r}: {value!r} is not valid YAML ({detail}); close the brackets, and quote "
                 "text or ${...} inside [...] / {...} ('x', \"${a.b}\")")
-    return _Patch(f"override {text!r}", op, key, conf)
+    raw = OmegaConf.to_container(conf, resolve=False) if conf is not None else None
+    leaf = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), raw)
+    number = isinstance(leaf, int | float) and not isinstance(leaf, bool)
+    return _Patch(f"override {text!r}", op, key, conf, value.strip() if number else None)
 
 
 def _apply_patches(cfg: ConfigContainer, patches: list[_Patch]) -> list[str]:
     """Apply each patch in turn; a patch with a problem is skipped whole. Returns every problem."""
-    problems = []
+    problems, assigned = [], []
     for patch in patches:
-        plan = _Plan(cfg, patch.source)
+        plan = _Plan(cfg, patch.source, (patch.key, patch.number_text) if patch.number_text else None)
         try:
             data = _resolved(cfg, patch.conf) if patch.conf is not None else None
         except OmegaConfBaseException as err:
@@ -157,7 +164,32 @@ def _apply_patches(cfg: ConfigContainer, patches: list[_Patch]) -> list[str]:
                 plan.node(cfg, data, "")
         problems += plan.problems
         for obj, name, value in plan.assignments if not plan.problems else ():
+            if patch.key and getattr(obj, name) != value:  # an override's change (a file carries whole sections)
+                assigned.append((patch.source, obj, name))
             setattr(obj, name, value)
+    return problems + _undone_by_mixed_precision(cfg, assigned)
+
+
+def _undone_by_mixed_precision(cfg: ConfigContainer, assigned: list[tuple[str, Any, str]]) -> list[str]:
+    """Model / optimizer / DDP values set here that the ``mixed_precision`` recipe would overwrite at finalize()."""
+    recipe = cfg.mixed_precision
+    try:
+        recipe = get_mixed_precision_config(recipe) if isinstance(recipe, str) else recipe
+    except ValueError:
+        return []  # a bad name is reported where it is set
+    if not isinstance(recipe, MixedPrecisionConfig):
+        return []
+    targets = recipe.targets()
+    problems = []
+    for source, obj, name in assigned:
+        section = next((s for s in ("model", "optimizer", "ddp") if getattr(cfg, s) is obj), None)
+        if section is None or name not in targets[section]:
+            continue
+        value, field = targets[section][name]
+        if getattr(obj, name) != value:
+            problems.append(f"{section}.{name} ({getattr(obj, name)!r}) would be set back to {value!r} by "
+                            f"{recipe.label} at finalize(); set mixed_precision.{field} to it instead, or "
+                            f"mixed_precision=null to set the precision fields yourself (from {source})")
     return problems
 
 
@@ -182,8 +214,8 @@ def _join(path: str, name: str) -> str:
 class _Plan:
     """Walks a patch over the live config, converting values and recording assignments without making them."""
 
-    def __init__(self, cfg: ConfigContainer, source: str) -> None:
-        self.cfg, self.source = cfg, source
+    def __init__(self, cfg: ConfigContainer, source: str, number_text: tuple[str, str] | None = None) -> None:
+        self.cfg, self.source, self.number_text = cfg, source, number_text
         self.problems: list[str] = []
         self.assignments: list[tuple[Any, str, Any]] = []
 
@@ -238,7 +270,10 @@ class _Plan:
         for message in problems:
             self.problem(message)
         if not problems:
-            self.assignments.append((obj, name, values[name]))
+            converted = values[name]
+            if isinstance(converted, str) and self.number_text and self.number_text[0] == dotted:
+                converted = self.number_text[1]  # YAML 1.1 read 010 as 8, 2024_01 as 202401, 1e3 as 1000.0
+            self.assignments.append((obj, name, converted))
 
     def add_or_remove(self, op: str, key: str, data: dict | None) -> None:
         """``+key=value`` (a new dict entry) and ``~key[=value]`` (reset a field to its default, remove a dict entry)."""

@@ -82,6 +82,6 @@ def peft_method(name: str) -> PeftLike:
     if key in _METHODS:
         return _METHODS[key]()
     if not _METHODS:
-        raise ValueError(f"unknown PEFT method {name!r}: none is registered (bridge-recipes registers lora and dora "
-                         "when imported); import it, or set cfg.peft to a PEFT object in Python")
+        raise ValueError(f"unknown PEFT method {name!r}: none is registered (`import bridge_recipes` registers lora, "
+                         "dora and canonical_lora); import it, or set cfg.peft to a PEFT object in Python")
     raise ValueError(unknown_name_message("PEFT method", name, peft_method_names()))

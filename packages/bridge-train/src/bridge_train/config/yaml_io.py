@@ -2,10 +2,12 @@
 
 Every dataclass node is written with ``_target_`` (its class's import path) so that reading it back rebuilds the
 same classes, e.g. the model provider's subclass. ``torch.dtype`` is written by name (``bfloat16``), enums by member
-name, callables by import path (``torch.nn.functional.silu``). Not written:
+name, callables by import path (``torch.nn.functional.silu``), a parsed pipeline layout by the text or list it was
+parsed from. Not written:
 
 - runtime hooks the training loop attaches to the model/optimizer configs (``no_sync_func``, ``timers``, ...);
-- derived callables that ``finalize()`` recomputes (``init_method`` and friends, as ``functools.partial``);
+- derived callables that ``finalize()`` recomputes (``init_method`` and friends, as ``functools.partial``; one
+  the user set warns as below);
 - anything else without a YAML form (a lambda as ``activation_func``): skipped with a :class:`ConfigWarning`
   naming the field; a top-level object that is not a dataclass (a dataset, tokenizer or PEFT object) is recorded
   by class path and repr only (``{_target_, _repr_}``).
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import pathlib
+import sys
 import warnings
 from typing import Any
 
@@ -39,8 +43,9 @@ RUNTIME_FIELDS = frozenset({
 })
 """megatron-core config fields the training loop sets at run time (hooks bound to the live model); never saved."""
 
-_DERIVED_CALLABLES = frozenset({"init_method", "output_layer_init_method", "embedding_init_method"})
-"""TransformerConfig fields that finalize() derives from ``init_method_std`` when None."""
+DERIVED_CALLABLES = frozenset({"init_method", "output_layer_init_method", "embedding_init_method"})
+"""TransformerConfig fields that finalize() derives from ``init_method_std`` when None (the container's finalize()
+records which it derived in the model's ``_derived_callables``; one set by the user has no YAML form and warns)."""
 
 _UNSET = object()
 
@@ -57,6 +62,9 @@ def _plain(value: Any, path: str, skipped: list[str]) -> Any:
         return value.name
     if isinstance(value, pathlib.PurePath):
         return str(value)
+    layout = sys.modules.get("megatron.core.transformer.pipeline_parallel_layer_layout")
+    if layout is not None and isinstance(value, layout.PipelineParallelLayerLayout):
+        return _plain(value.input_data, path, skipped)  # finalize() parses the text / list it was made from again
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _dataclass(value, path, skipped)
     if isinstance(value, list | tuple) or (isinstance(value, dict) and all(isinstance(k, str | int) for k in value)):
@@ -83,7 +91,7 @@ def _dataclass(obj: Any, path: str, skipped: list[str]) -> dict[str, Any]:
                 plain = {TARGET_KEY: f"{type(value).__module__}.{type(value).__qualname__}", REPR_KEY: repr(value)}
                 skipped.append(f"{dotted} (only its class path and repr are saved)")
             else:
-                if f.name not in _DERIVED_CALLABLES:
+                if f.name not in getattr(obj, "_derived_callables", ()):
                     skipped.append(f"{dotted} = {value!r}")
                 continue
         if type(plain) is int and hints.get(f.name) in (float, float | None):
@@ -108,9 +116,21 @@ def to_dict(obj: Any, *, warn: bool = True) -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def _dumper() -> type[yaml.SafeDumper]:
+    """PyYAML's safe dumper resolving plain scalars as OmegaConf's loader reads them: its float rule is looser
+    (``1e3``, ``1e-4``), so such strings are quoted (written plain, they came back as floats)."""
+    try:
+        from omegaconf._yaml import get_yaml_loader
+    except ImportError:  # omegaconf before 2.4
+        from omegaconf._utils import get_yaml_loader
+    return type("Dumper", (yaml.SafeDumper,), {"yaml_implicit_resolvers": get_yaml_loader().yaml_implicit_resolvers})
+
+
 def to_yaml(obj: Any, path: str | pathlib.Path | None = None) -> str:
     """YAML text of ``obj`` (written to ``path`` too when given)."""
-    text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
+    text = yaml.dump(to_dict(obj), Dumper=_dumper(), sort_keys=False, default_flow_style=False, width=120,
+                     allow_unicode=True)
     if path is not None:
         pathlib.Path(path).write_text(text)
     return text
