@@ -13,19 +13,24 @@ from bridge_convert.megatron_ckpt import TRACKER_FILE
 from bridge_train import CheckpointError, pretrain
 
 
-def test_training_continues_during_an_async_save_and_the_checkpoint_resumes_bitwise(run_config, tmp_path,
-                                                                                      monkeypatch):
+@pytest.fixture
+def slow_writer(monkeypatch):
+    """Every background write takes 3 s more (in the forked writer process)."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    import bridge_train.loop as loop
 
     real_write = FileSystemWriterAsync.write_preloaded_data_multithread
 
-    def slow_write(*args, **kwargs):  # runs in the forked writer process
+    def slow_write(*args, **kwargs):
         time.sleep(3)
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(FileSystemWriterAsync, "write_preloaded_data_multithread", staticmethod(slow_write))
+
+
+def test_training_continues_during_an_async_save_and_the_checkpoint_resumes_bitwise(run_config, tmp_path,
+                                                                                      monkeypatch, slow_writer):
+    import bridge_train.loop as loop
+
     ckpt = tmp_path / "ckpt"
     seen = []
     real_step = loop.train_step
@@ -71,18 +76,10 @@ def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays
 
 
 def test_a_run_that_fails_while_a_background_save_is_in_flight_finishes_that_save_first(run_config, tmp_path,
-                                                                                         monkeypatch, capsys):
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
+                                                                                         monkeypatch, capsys,
+                                                                                         slow_writer):
     import bridge_train.loop as loop
 
-    real_write = FileSystemWriterAsync.write_preloaded_data_multithread
-
-    def slow_write(*args, **kwargs):  # runs in the forked writer process
-        time.sleep(3)
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(FileSystemWriterAsync, "write_preloaded_data_multithread", staticmethod(slow_write))
     ckpt = tmp_path / "ckpt"
     real_step = loop.train_step
 
