@@ -251,6 +251,22 @@ def test_adapter_for_another_base_is_refused_with_shapes(hf_checkpoints, runtime
     assert not any(hasattr(m, "adapter") for m in model[0].modules())
 
 
+def test_bad_ranks_and_alphas_in_the_adapter_config_are_named(hf_checkpoints, runtime, tmp_path):
+    """lora_alpha null was a raw float() TypeError; an r other than the tensors' rank blamed the base model."""
+    _peft_made_adapter(hf_checkpoints["llama31"], tmp_path / "a", use_dora=False, targets=["q_proj"])
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    bridge, model = _megatron(hf_checkpoints["llama31"])
+    for change, message in [({"lora_alpha": None}, r"lora_alpha must be a positive number, got None"),
+                            ({"r": "4"}, r"r must be a positive integer \(the LoRA rank\), got '4'"),
+                            ({"r": config["r"] * 2}, rf"q_proj: its lora_A / lora_B have rank \[{config['r']}\], but "
+                                                     rf"adapter_config.json says r={config['r'] * 2}")]:
+        config_path.write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_hf_adapter(bridge, model, tmp_path / "a")
+    assert not any(hasattr(m, "adapter") for m in model[0].modules())
+
+
 def test_unrepresentable_adapters_are_named(hf_checkpoints, runtime, tmp_path):
     _peft_made_adapter(hf_checkpoints["llama32"], tmp_path / "embed", use_dora=False, targets=["embed_tokens"])
     bridge, model = _megatron(hf_checkpoints["llama32"])

@@ -61,11 +61,19 @@ def test_targets_excludes_freeze_and_counts(ckpt, runtime):
 
 def test_bad_settings_fail_with_one_clear_error_and_leave_the_model(ckpt, runtime):
     for kwargs, message in [({"dim": 0}, "dim must be a positive integer"), ({"dim": -2}, "dim must be"),
-                            ({"alpha": 0}, "alpha must be > 0"), ({"dropout": 1.5}, "dropout must be in"),
+                            ({"alpha": 0}, "alpha must be a finite number > 0"), ({"dropout": 1.5}, "dropout must be a number in"),
                             ({"dropout_position": "mid"}, "dropout_position"),
                             ({"lora_A_init_method": "ones"}, "lora_A_init_method"),
                             ({"target_modules": []}, "target_modules is empty"),
-                            ({"target_modules": ["re:("]}, "not a valid regular expression")]:
+                            ({"target_modules": ["re:("]}, "not a valid regular expression"),
+                            # accepted before (alpha nan made every logit nan), or raw float() errors
+                            ({"alpha": float("nan")}, "alpha must be a finite number > 0"),
+                            ({"alpha": float("inf")}, "alpha must be a finite number"),
+                            ({"alpha": True}, "alpha must be a finite number"),
+                            ({"dropout": "x"}, "dropout must be a number in"),
+                            ({"dropout": None}, "dropout must be a number in"),
+                            ({"split_a_on_rank": "no"}, "split_a_on_rank must be true or false"),
+                            ({"seed": "abc"}, "seed must be an integer")]:
         with pytest.raises(ValueError, match=message):
             LoRA(**kwargs)
     model = _model(ckpt)
@@ -80,9 +88,24 @@ def test_bad_settings_fail_with_one_clear_error_and_leave_the_model(ckpt, runtim
     lora.dim = 0  # a dotted override after construction is checked when the method is applied
     with pytest.raises(ValueError, match="dim must be"):
         lora(model)
+    with pytest.raises(ValueError, match=r"LoRA: exclude_modules \['\*\.linear_qkv'\] removes every layer "
+                                         r"target_modules \['linear_qkv'\] matches: nothing would be adapted"):
+        LoRA(target_modules=["linear_qkv"], exclude_modules=["*.linear_qkv"])(model)  # applied 0 adapters
+    with pytest.raises(ValueError, match=r"\['linear_qkv'\] are fused layers, which CanonicalLoRA targets by their "
+                                         r"parts: linear_qkv -> linear_q / linear_k / linear_v"):
+        CanonicalLoRA(target_modules=["linear_qkv"])(model)
     LoRA(dim=2)(model)
     with pytest.raises(ValueError, match="already has an adapter"):
         LoRA(dim=2)(model)
+
+
+def test_adapters_of_16_bit_on_float32_weights_are_refused_by_the_training_check(ckpt, runtime):
+    """megatron-core's optimizer without mixed precision asserted float32 grads at the first step of the run."""
+    model = _model(ckpt)
+    with pytest.raises(ValueError, match=r"LoRA\.lora_dtype='bfloat16' on float32 weights: without mixed precision"):
+        LoRA(lora_dtype="bfloat16").check_targets(model)
+    LoRA(lora_dtype="float32").check_targets(model)
+    LoRA(lora_dtype="bfloat16").check_targets(_model(ckpt, params_dtype=torch.bfloat16, bf16=True))
 
 
 def test_zero_b_starts_at_the_base_and_disabling_restores_it(ckpt, runtime):
@@ -113,6 +136,14 @@ def test_adapter_state_dict_round_trip(ckpt, runtime):
     assert torch.equal(forward_logits(fresh, IDS), forward_logits(model, IDS))
     with pytest.raises(ValueError, match="missing"):
         peft.load_adapter_state_dict(fresh, {k: v for k, v in state.items() if "layers.0" not in k})
+    # merged: the unmerge after a load subtracted the new values' delta from weights holding the old one
+    base = {k: v.clone() for k, v in fresh[0].state_dict().items() if k.endswith(".weight") and "adapter" not in k}
+    PEFT.merge(fresh)
+    with pytest.raises(ValueError, match=r"the adapters are merged into the weights .*: unmerge them"):
+        peft.load_adapter_state_dict(fresh, {k: torch.randn_like(v) for k, v in state.items()})
+    PEFT.unmerge(fresh)
+    after = fresh[0].state_dict()
+    assert max((after[k] - v).abs().max().item() for k, v in base.items()) < 1e-5
 
 
 def test_init_dtype_and_dropout_options(ckpt, runtime):

@@ -108,7 +108,7 @@ BAD_INPUT = {
     "missing config file": (["llama32_1b_pretrain", "--config", "/nonexistent/run.yaml"], "does not exist"),
     "nproc without nemo-run": (["llama32_1b_pretrain", "--nproc-per-node", "2"], "--nproc-per-node is for"),
     "invalid PEFT setting": (["llama32_1b_lora", "--allow-random-init", "peft.dropout=1.5"],
-                             "peft: LoRA.dropout must be in [0, 1), got 1.5"),
+                             "peft: LoRA.dropout must be a number in [0, 1), got 1.5"),
     "PEFT target that names no layer": (["llama32_1b_lora", "--allow-random-init", "peft.target_modules=[q_proj]"],
                                         "peft: LoRA.target_modules ['q_proj'] match no linear layer of the model"),
     "unknown option first": (["--bogus"], "unknown option '--bogus'; usage: bridge-run list"),

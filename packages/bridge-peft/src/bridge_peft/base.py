@@ -30,6 +30,8 @@ _HF_NAMES = {"q_proj": "linear_qkv / linear_q", "k_proj": "linear_qkv / linear_k
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
+_FUSED_PARTS = {"linear_qkv": ("linear_q", "linear_k", "linear_v"), "linear_fc1": ("linear_fc1_gate", "linear_fc1_up")}
+
 
 def model_chunks(model) -> tuple[list, bool]:
     """``(chunks, was_list)``: a model given as one module or as a list of chunks."""
@@ -217,10 +219,20 @@ class PEFT:
         if type(self).targets.__module__.split(".")[0] != "bridge_peft":
             return
         hits = dict.fromkeys(self.target_modules, 0)
+        kept = 0
         for name in names:
-            for pattern, _ in self.targets(name, None):
+            found = self.targets(name, None)
+            for pattern, _ in found:
                 hits[pattern] += 1
+            kept += bool(found) and not matches(name, self.exclude_modules)
         self._raise_unmatched([p for p, n in hits.items() if n == 0], names)
+        self._raise_all_excluded(kept)
+
+    def _raise_all_excluded(self, kept: int) -> None:
+        if not kept:
+            raise ValueError(f"{type(self).__name__}: exclude_modules {self.exclude_modules} removes every layer "
+                             f"target_modules {self.target_modules} matches: nothing would be adapted (and nothing "
+                             "trained)")
 
     def _raise_unmatched(self, missing: list[str], linear_names: list[str]) -> None:
         if not missing:
@@ -230,6 +242,11 @@ class PEFT:
         hint = (f"; {list(hf)} are HF names: megatron's are {hf} (LoRA / DoRA adapt the fused linear_qkv and "
                 "linear_fc1 whole; CanonicalLoRA adapts linear_q / linear_k / linear_v / linear_fc1_gate / "
                 "linear_fc1_up separately)") if hf else ""
+        fused = [m for m in missing if m.rpartition(".")[2] in _FUSED_PARTS]
+        if fused and type(self).targets is not PEFT.targets:  # a method adapting the parts of fused layers
+            hint += (f"; {fused} are fused layers, which {type(self).__name__} targets by their parts: "
+                     + ", ".join(f"{m.rpartition('.')[2]} -> {' / '.join(_FUSED_PARTS[m.rpartition('.')[2]])}"
+                                 for m in fused))
         raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
                          f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
 
@@ -242,7 +259,16 @@ class PEFT:
             ValueError: as :meth:`__call__` for bad settings, targets matching no layer, or refused layers.
         """
         self.validate()
-        self._plan(model_chunks(model)[0])
+        self.check_trainable([module for module, _, _ in self._plan(model_chunks(model)[0])])
+
+    def check_trainable(self, modules: list[nn.Module]) -> None:
+        """Raise for settings megatron-core's optimizer cannot train on these layers (:meth:`check_targets` runs
+        it; applying does not: another optimizer may take them); a method whose adapters have a dtype of their
+        own checks it here.
+
+        Raises:
+            ValueError: naming the setting and the fix.
+        """
 
     def _plan(self, chunks: list) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
         """``(module, global name, projections)`` of every layer to adapt; raises for refused or unmatched targets."""
@@ -272,8 +298,9 @@ class PEFT:
         refused = _gather_messages(refused)  # the output layer lives on the last pipeline stage only
         if refused:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(refused))
-        totals = _all_reduce_counts(list(hits.values()))
+        totals = _all_reduce_counts([*hits.values(), len(plan)])
         self._raise_unmatched([p for p, n in zip(hits, totals) if n == 0], linear_names)
+        self._raise_all_excluded(totals[-1])
         return plan
 
     # ------------------------------------------------------------------------------- inspection
@@ -311,6 +338,11 @@ class PEFT:
             ValueError: naming missing / unexpected keys or a shape mismatch.
         """
         chunks, _ = model_chunks(model)
+        merged = [name for chunk in chunks for name, _, module in global_module_names(chunk)
+                  if isinstance(module, AdapterModule) and getattr(module, "merged", False)]
+        if merged:  # unmerge would then subtract the new values' delta, not the merged one
+            raise ValueError(f"the adapters are merged into the weights ({merged[0]}, ...): unmerge them "
+                             "(PEFT.unmerge(model)) before loading other adapter values")
         mine = PEFT.adapter_state_dict(chunks)
         missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
         if missing or unexpected:

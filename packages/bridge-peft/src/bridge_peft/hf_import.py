@@ -70,6 +70,11 @@ def read_hf_adapter(peft_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     if bad:
         raise ValueError(f"{config_path}: cannot represent these HF peft settings on a megatron model: "
                          + ", ".join(bad))
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{config_path}: r must be a positive integer (the LoRA rank), got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{config_path}: lora_alpha must be a positive number, got {alpha!r}")
     from safetensors.torch import load_file
 
     try:
@@ -141,6 +146,11 @@ def load_hf_adapter(bridge, model, peft_dir: str | os.PathLike, *, training: boo
             problems.append(f"{module} has {sorted(parts)}, expected {sorted(need)} (use_dora={dora})")
             continue
         out_f, in_f = shapes[module + ".weight"]
+        ranks = {parts["lora_a"].shape[0], parts["lora_b"].shape[-1]}
+        if ranks != {r}:
+            problems.append(f"{module}: its lora_A / lora_B have rank {sorted(ranks)}, but adapter_config.json says "
+                            f"r={r}; fix r in {directory / 'adapter_config.json'}")
+            continue
         expect = {"lora_a": (r, in_f), "lora_b": (out_f, r), "magnitude": (out_f,)}
         for kind, tensor in parts.items():
             if tuple(tensor.shape) != expect[kind]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .adapters import LoRAAdapter, fused_layout
@@ -61,10 +63,15 @@ class LoRA(PEFT):
         name = type(self).__name__
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"{name}.dim must be a positive integer (the LoRA rank), got {self.dim!r}")
-        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ValueError(f"{name}.alpha must be > 0 (the scale is alpha / dim), got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"{name}.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"{name}.alpha must be a finite number > 0 (the scale is alpha / dim), got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{name}.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.split_a_on_rank, bool):
+            raise ValueError(f"{name}.split_a_on_rank must be true or false, got {self.split_a_on_rank!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{name}.seed must be an integer, got {self.seed!r}")
         if self.dropout_position not in ("pre", "post"):
             raise ValueError(f"{name}.dropout_position must be 'pre' or 'post', got {self.dropout_position!r}")
         for key in ("lora_A_init_method", "lora_B_init_method"):
@@ -74,6 +81,13 @@ class LoRA(PEFT):
             _dtype(self.lora_dtype)
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{name}.lora_dtype {self.lora_dtype!r} is not a dtype ({exc})") from None
+
+    def check_trainable(self, modules: list[nn.Module]) -> None:
+        dtype = _dtype(self.lora_dtype)
+        if dtype is not None and dtype.itemsize < 4 and any(m.weight.dtype == torch.float32 for m in modules):
+            raise ValueError(f"{type(self).__name__}.lora_dtype={self.lora_dtype!r} on float32 weights: without mixed "
+                             "precision megatron-core's optimizer steps float32 parameters only (it fails at the first "
+                             "step); train with a bf16 / fp16 mixed-precision recipe, or leave lora_dtype unset")
 
     def save_hf(self, bridge, model, out_dir) -> None:
         """bridge-train's ``checkpoint.save_hf`` for a run with this method: the adapters in the HF PEFT format
