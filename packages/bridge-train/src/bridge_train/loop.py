@@ -35,9 +35,22 @@ def _reduce_losses(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> d
     A micro-batch reports its mean loss (averaged over micro-batches) or ``[loss sum, tokens]`` (per-token loss,
     megatron-core's reporting form: the sum over all tokens divided by their number).
     """
+    value = _loss_sums(run, losses)
+    return {"lm loss": float(value[0] / value[1]) if value[1] > 0 else float("nan")}
+
+
+def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """``(sum of micro-batch means or of token losses, their count)`` over micro-batches and data-parallel ranks."""
     state = run.parallel
-    value = torch.zeros(2, dtype=torch.float64, device=state.device)  # (sum of means or of losses, count)
+    value = torch.zeros(2, dtype=torch.float64, device=state.device)
     if state.is_last_pp_stage and losses:
+        if not isinstance(losses[0], dict) or "lm loss" not in losses[0]:
+            from .forward_step import ForwardStepSignatureError
+
+            got = sorted(losses[0]) if isinstance(losses[0], dict) else type(losses[0]).__name__
+            raise ForwardStepSignatureError(
+                f"the forward step's loss function must report its loss under the key 'lm loss' (as "
+                f"`return loss, {{'lm loss': loss}}`), got {got}; the loop reduces, logs and checks that key")
         for d in losses:  # on the device: no host sync per micro-batch
             reported = torch.as_tensor(d["lm loss"]).detach().reshape(-1).to(value)  # a float from user code too
             value[0] += reported[0]
@@ -46,7 +59,7 @@ def _reduce_losses(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> d
         dist.broadcast(value, src=dist.get_process_group_ranks(state.pp_group)[-1], group=state.pp_group)
     if state.dp_size > 1 or state.cp_size > 1:
         dist.all_reduce(value, group=state.dp_group(with_context_parallel=True))
-    return {"lm loss": float(value[0] / value[1]) if value[1] > 0 else float("nan")}
+    return value
 
 
 def _grads_finite(run: TrainingRun) -> bool:
@@ -108,13 +121,15 @@ def train_step(run: TrainingRun, forward_step: Callable, iteration: int) -> tupl
 
 @torch.no_grad()
 def evaluate(run: TrainingRun, forward_step: Callable) -> float:
-    """Mean validation loss over ``train.eval_iters`` global batches."""
+    """Validation loss over ``train.eval_iters`` global batches: with per-token losses
+    (``model.calculate_per_token_loss``) the sum over every token of them by their number, else the mean of the
+    micro-batch means."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cfg = run.cfg
     for chunk in run.model:
         chunk.eval()
-    total, count = 0.0, 0
+    total = torch.zeros(2, dtype=torch.float64, device=run.parallel.device)
     for _ in range(cfg.train.eval_iters):
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=run.valid_iterator, model=run.model,
@@ -122,12 +137,11 @@ def evaluate(run: TrainingRun, forward_step: Callable) -> float:
             micro_batch_size=run.schedule_micro_batch_size, decoder_seq_length=run.schedule_seq_length,
             forward_only=True,
         )
-        total += _reduce_losses(run, losses)["lm loss"]
-        count += 1
+        total += _loss_sums(run, losses)  # summed whole: an average of per-batch ratios weighs tokens unequally
         run.train_state.consumed_valid_samples += cfg.train.global_batch_size
     for chunk in run.model:
         chunk.train()
-    return total / max(count, 1)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
 def finish_param_gather(model: list) -> None:
@@ -279,6 +293,7 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
     try:
         while state.iteration < cfg.train.train_iters:
             profiler.before_iteration(state.iteration + 1)
+            lr = run.optimizer.param_groups[0]["lr"]  # the rate this iteration's update uses (the step moves it on)
             loss, grad_norm, applied = train_step(run, forward_step, state.iteration + 1)
             state.iteration += 1
             profiler.after_iteration(state.iteration)
@@ -286,9 +301,14 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
             if async_saves is not None:
                 async_saves.poll()
             state.consumed_train_samples += cfg.train.global_batch_size
+            # fp16: a finite loss whose step was not applied is the loss scaler backing off from an overflow (it
+            # starts at 2**32): megatron-core's normal start, counted as skipped but no non-finite streak
+            scaler_skip = not applied and cfg.model.fp16 and math.isfinite(loss["lm loss"])
             if applied:
                 consecutive_skips = 0
                 state.floating_point_operations_so_far += flops_per_iteration
+            elif scaler_skip:
+                state.skipped_iterations += 1
             else:
                 state.skipped_iterations += 1
                 consecutive_skips += 1
@@ -297,7 +317,7 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
                     raise NonFiniteLossError(f"{consecutive_skips} consecutive iterations skipped (limit {limit}) "
                                              f"at iteration {state.iteration}")
             history.append(loss["lm loss"])
-            scalars = {**loss, "lr": run.optimizer.param_groups[0]["lr"], "grad norm": grad_norm,
+            scalars = {**loss, "lr": lr, "grad norm": grad_norm,
                        "skipped iterations": state.skipped_iterations}
             if cfg.logger.log_params_norm and metrics_logger.logs_at(state.iteration):
                 gather()
@@ -321,7 +341,8 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
             elif save_due:
                 save()
             reason = exits.should_exit()
-            if reason is None and cfg.train.exit_interval and state.iteration % cfg.train.exit_interval == 0:
+            if reason is None and cfg.train.exit_interval and state.iteration % cfg.train.exit_interval == 0 \
+                    and state.iteration < cfg.train.train_iters:  # at train_iters the run simply ends
                 reason = "exit_interval"
             if reason is not None:
                 metrics_logger.message(f"exiting at iteration {state.iteration} ({reason})")

@@ -8,8 +8,10 @@ agrees across all ranks (one all-reduce), so every rank saves the same final che
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
+import threading
 import time
 from types import FrameType
 
@@ -17,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ExitRequests"]
+
+logger = logging.getLogger("bridge")
 
 
 class ExitRequests:
@@ -30,7 +34,11 @@ class ExitRequests:
         start = time.monotonic() if started_at is None else started_at
         self.deadline = start + 60 * exit_duration_in_mins if exit_duration_in_mins else None
         self._previous: dict[int, object] = {}
-        if enabled:
+        if enabled and threading.current_thread() is not threading.main_thread():
+            logger.warning("not installing the exit-signal handlers (%s): the run is not in the main thread, where "
+                           "Python delivers signals; set robustness.exit_signal_handler=false to say so",
+                           ", ".join(signals))
+        elif enabled:
             for name in signals:
                 number = getattr(signal, name)
                 self._previous[number] = signal.signal(number, self._handle)

@@ -29,11 +29,11 @@ class LoggerConfig:
     log_throughput: bool = True
     """Log tokens/s, TFLOP/s per GPU and MFU."""
     log_memory: bool = True
-    """Log allocated / reserved / peak device memory."""
+    """Log the peak device memory allocated (``memory max allocated (GB)``; the peak RSS on CPU)."""
     log_params_norm: bool = False
     """Log the L2 norm of all parameters (costs an all-reduce)."""
     progress_bar: bool | None = None
-    """Show a tqdm progress bar; None: only when stdout is an interactive terminal."""
+    """Show a tqdm progress bar (on stderr); None: only when stderr is an interactive terminal."""
     print_config: bool = True
     """Print the resolved config (YAML) at start, on rank 0."""
 
