@@ -141,7 +141,7 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
     made: list[str] = []  # the output directories this run creates, removed again if it fails
     try:
         for prefix in prefixes.values():
-            made += _make_directory(os.path.dirname(os.path.abspath(prefix)))
+            _make_directory(os.path.dirname(os.path.abspath(prefix)), made)
             remove_stale_temporaries(prefix)
         return _preprocess(cfg, prefixes)
     except BaseException:
@@ -151,8 +151,8 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
         raise
 
 
-def _make_directory(directory: str) -> list[str]:
-    """Create ``directory`` and its missing parents; return those created, outermost first."""
+def _make_directory(directory: str, made: list[str]) -> None:
+    """Create ``directory`` and its missing parents, appending each one created to ``made`` (outermost first)."""
     missing, path = [], directory
     while not os.path.exists(path):
         missing.append(path)
@@ -160,7 +160,6 @@ def _make_directory(directory: str) -> list[str]:
     if not os.path.isdir(path):
         raise OutputError(errno.ENOTDIR, f"cannot create the output directory {directory}: {path} is a file, not a "
                           "directory; choose another --output-prefix")
-    made = []
     for path in reversed(missing):
         try:
             os.mkdir(path)
@@ -169,7 +168,6 @@ def _make_directory(directory: str) -> list[str]:
         except OSError as exc:
             raise disk_error(exc, path) from exc
         made.append(path)
-    return made
 
 
 def _preprocess(cfg: PreprocessConfig, prefixes: dict[str, str]) -> list[PreprocessResult]:
