@@ -206,7 +206,7 @@ def _fingerprinted_gpt_dataset() -> tuple[type, type]:
     @dataclass
     class GPTDatasetConfig(gpt_dataset.GPTDatasetConfig):
         index_fingerprints: dict[str, str] = field(default_factory=dict)
-        """:func:`index_fingerprint` of every prefix of the blend."""
+        """The :func:`_read_index` fingerprint of every prefix of the blend."""
 
     class GPTDataset(gpt_dataset.GPTDataset):  # megatron-core names its cache files after the class
         @staticmethod
@@ -270,23 +270,22 @@ def check_indexed_dataset(prefix: str) -> int:
     return _read_index(prefix)[0]
 
 
-def index_fingerprint(prefix: str) -> str:
-    """A digest of what megatron-core's sample indices of ``prefix`` are computed from (the sequence count and
-    lengths in its ``.idx``; the ``.bin`` size): it changes when the data is rewritten with other documents.
-
-    Raises:
-        FileNotFoundError / ValueError: as :func:`check_indexed_dataset`.
-    """
-    return _read_index(prefix)[1]
-
-
 def _read_index(prefix: str) -> tuple[int, str]:
-    """``(sequences, fingerprint)`` of ``prefix.idx``, checking the ``.bin`` holds every token it indexes."""
+    """``(sequences, fingerprint)`` of ``prefix.idx`` (a digest of what megatron-core's sample indices are computed
+    from: the sequence count and lengths, and the ``.bin`` size), checking the ``.bin`` holds every token it
+    indexes. The config check and the build both ask: the files are read once while they stay the same."""
     prefix = os.fspath(prefix)
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"Indexed dataset {prefix!r} is incomplete: missing {missing}; write it with "
                                 "`bridge-data preprocess --output-prefix PREFIX` (paths are given without .bin/.idx)")
+    stats = [os.stat(prefix + ext) for ext in (".idx", ".bin")]
+    return _index_summary(prefix, tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats))
+
+
+@functools.lru_cache(maxsize=64)
+def _index_summary(prefix: str, stats: tuple) -> tuple[int, str]:
+    """:func:`_read_index` for files whose ``(inode, size, mtime)`` are ``stats`` (a rewrite changes them)."""
     digest = hashlib.blake2b(digest_size=16)
     with open(prefix + ".idx", "rb") as f:
         head = f.read(_IDX_HEAD_BYTES)
