@@ -257,6 +257,24 @@ def test_dora_on_a_padded_output_layer_trains_finite(method, runtime, tmp_path):
     torch.testing.assert_close(model[0].output_layer.weight.detach(), base, atol=1e-6, rtol=0)
 
 
+def test_a_drawn_b_on_output_layer_does_not_depend_on_the_vocab_padding(runtime, tmp_path):
+    """B of ``output_layer`` is drawn over the real vocabulary (100 rows): megatron's padding (128 rows at TP=1,
+    256 at TP=2 with the default divisor) starts at zero, so the same seed gives the same adapter at every TP."""
+    from bridge_convert.testing import save_tiny_hf_checkpoint
+
+    hf = save_tiny_hf_checkpoint(tmp_path / "hf", "llama31", vocab_size=100)
+    b = {}
+    for divisor in (128, 256):
+        model = _model(hf, make_vocab_size_divisible_by=divisor)
+        LoRA(target_modules=["output_layer"], dim=4, alpha=8, lora_B_init_method="xavier")(model)
+        b[divisor] = model[0].output_layer.adapter.branches["all"].lora_b.detach()
+        assert b[divisor].shape[0] == divisor and torch.count_nonzero(b[divisor][100:]) == 0
+    assert torch.count_nonzero(b[128][:100]) == 400
+    assert torch.equal(b[128][:100], b[256][:100])
+    # xavier's fan_out is the real vocabulary, as HF peft's lm_head adapter of 100 rows has it
+    assert abs(float(b[128][:100].std()) - (2.0 / (100 + 4)) ** 0.5) < 0.03
+
+
 def test_native_and_local_specs_give_the_same_adapter_gradients(ckpt, runtime):
     """The native spec (fused chunked loss, which skips the frozen output layer's weight-gradient GEMM) and the
     local spec agree on every adapter gradient, an lm_head adapter's included; no frozen base weight gets a

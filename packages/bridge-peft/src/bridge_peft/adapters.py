@@ -32,7 +32,7 @@ from torch import nn
 
 from .linear import AdapterModule, LinearInfo
 
-__all__ = ["FusedLayout", "LoRAAdapter", "LoRABranch", "fused_layout"]
+__all__ = ["FusedLayout", "LoRAAdapter", "LoRABranch", "fused_layout", "real_out_rows"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,17 @@ def fused_layout(module: nn.Module, name: str, info: LinearInfo) -> FusedLayout:
     return FusedLayout("none")
 
 
+def real_out_rows(module: nn.Module, name: str, info: LinearInfo) -> int:
+    """The output rows of ``module`` that are real model outputs: for ``output_layer`` of a model built by a
+    bridge-convert provider, the unpadded vocabulary (megatron pads it to a multiple of ``divisible_by x TP``);
+    else all of them."""
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    if name.rsplit(".", 1)[-1] == "output_layer" and info.parallel == "column" and isinstance(vocab, int) \
+            and 0 < vocab < info.full_out:
+        return vocab
+    return info.full_out
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
 
@@ -165,12 +176,14 @@ class LoRAAdapter(AdapterModule):
         dora: add the DoRA magnitude (initialised to ``||W + s BA||``, with ``weight``).
         split_a_on_rank: column-parallel layers: split A on the rank dim instead of replicating it.
         seed: init seed.
+        real_rows: of a fused adapter's B, the rows drawn by ``b_init`` (:func:`real_out_rows`); the rest (the
+            padded vocabulary of ``output_layer``) start at zero, so the adapter is the same at every TP size.
     """
 
     def __init__(self, info: LinearInfo, layout: FusedLayout, projections: tuple[str, ...], *, name: str,
                  weight: torch.Tensor, dim: int, alpha: float, dropout: float, dropout_position: str,
                  a_init: str, b_init: str, dtype: torch.dtype | None, dora: bool, split_a_on_rank: bool,
-                 seed: int) -> None:
+                 seed: int, real_rows: int | None = None) -> None:
         super().__init__(info)
         self.layout = layout
         self.dim = dim
@@ -191,8 +204,12 @@ class LoRAAdapter(AdapterModule):
         for proj in projections:
             gen = _generator(seed, f"{name}:{proj}")
             a_full = init_tensor((dim, info.full_in), a_init, gen)
-            rows = info.full_out if proj == "all" else layout.local_rows(proj) * size
-            b_full = init_tensor((rows, dim), b_init, gen)
+            if proj == "all":
+                drawn = min(real_rows or info.full_out, info.full_out)
+                b_full = torch.zeros(info.full_out, dim)
+                b_full[:drawn] = init_tensor((drawn, dim), b_init, gen)
+            else:
+                b_full = init_tensor((layout.local_rows(proj) * size, dim), b_init, gen)
             if info.parallel == "column":
                 a_split = (0, 1) if self.split_a else None
                 b_split = (0, info.weight_stride if proj == "all" else 1) if size > 1 else None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import LoRAAdapter, fused_layout
+from .adapters import LoRAAdapter, fused_layout, real_out_rows
 from .base import PEFT
 from .linear import linear_info
 from .matching import matching_patterns
@@ -102,7 +102,8 @@ class LoRA(PEFT):
             info, fused_layout(module, name, info), projections, name=name, weight=module.weight, dim=self.dim,
             alpha=float(self.alpha), dropout=float(self.dropout), dropout_position=self.dropout_position,
             a_init=self.lora_A_init_method, b_init=self.lora_B_init_method, dtype=_dtype(self.lora_dtype),
-            dora=self.use_dora, split_a_on_rank=self.split_a_on_rank, seed=self.seed)
+            dora=self.use_dora, split_a_on_rank=self.split_a_on_rank, seed=self.seed,
+            real_rows=real_out_rows(module, name, info))
 
 
 @dataclass(kw_only=True)
@@ -163,4 +164,4 @@ class CanonicalLoRA(LoRA):
             info, layout, projections, name=name, weight=module.weight, dim=self.dim, alpha=float(self.alpha),
             dropout=float(self.dropout), dropout_position=self.dropout_position, a_init=self.lora_A_init_method,
             b_init=self.lora_B_init_method, dtype=_dtype(self.lora_dtype), dora=self.use_dora,
-            split_a_on_rank=self.split_a_on_rank, seed=self.seed)
+            split_a_on_rank=self.split_a_on_rank, seed=self.seed, real_rows=real_out_rows(module, name, info))
