@@ -100,6 +100,52 @@ def test_mistral_window_is_the_one_transformers_reads(window, tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).sliding_window == expected
 
 
+FAMILIES = [(LLAMA, "llama"), (QWEN2, "qwen2"), (QWEN3, "qwen3"), (MISTRAL, "mistral")]
+
+
+@pytest.mark.parametrize(("bridge", "model_type"), FAMILIES, ids=lambda b: getattr(b, "hf_architecture", b))
+def test_keys_a_config_leaves_out_mean_what_transformers_reads(bridge, model_type, tmp_path):
+    """No max_position_embeddings / num_key_value_heads / head_dim: each family's transformers defaults differ
+    (Llama 2048 positions, Qwen 32768 and 32 KV heads, Qwen3 head_dim 128, Mistral 131072 and 8 KV heads)."""
+    from transformers import AutoConfig
+
+    raw = {"architectures": [bridge.hf_architecture], "model_type": model_type, "hidden_size": 2048,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 32, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = AutoConfig.from_pretrained(tmp_path)
+    expected = (hf.max_position_embeddings, hf.num_key_value_heads, getattr(hf, "head_dim", None) or 2048 // 32)
+    kw = bridge.config_to_provider(raw)
+    assert (kw["seq_length"], kw["num_query_groups"], kw["kv_channels"]) == expected
+    (tmp_path / "config.json").write_text(json.dumps(bridge.provider_to_config(GPTModelProvider(**kw), raw)))
+    back = AutoConfig.from_pretrained(tmp_path)
+    assert (back.max_position_embeddings, back.num_key_value_heads, getattr(back, "head_dim", None) or 64) == expected
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"rope_scaling": {"type": "linear"}}, "rope_scaling.factor is missing; it must be a positive number"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": None}}, "rope_scaling.factor is None"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "original_max_position_embeddings": 0.5}},
+     "original_max_position_embeddings is 0.5; it must be a positive integer"),
+    ({"rope_scaling": "linear"}, "rope_scaling is 'linear'; it must be an object"),
+    ({"rope_theta": -1.0}, "rope_theta is -1.0"),
+    ({"num_key_value_heads": 3}, r"num_attention_heads \(32\) must be a multiple of num_key_value_heads \(3\)"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers is 0; it must be a positive integer"),
+    ({"hidden_size": "2048"}, "hidden_size is '2048'"),
+    ({"vocab_size": 1.5}, "vocab_size is 1.5"),
+    ({"head_dim": None, "hidden_size": 2050}, r"hidden_size \(2050\) is not a multiple of num_attention_heads"),
+])
+def test_bad_config_values_are_named(raw, message):
+    with pytest.raises(ValueError, match=message):
+        LLAMA.config_to_provider({**LLAMA_32_1B, **raw})
+
+
+def test_a_mistral_window_that_is_not_a_size_is_named():
+    base = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    with pytest.raises(ValueError, match="sliding_window is 0"):
+        MISTRAL.config_to_provider({**base, "sliding_window": 0})
+
+
 @pytest.mark.parametrize("raw,message", [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
@@ -125,3 +171,11 @@ def test_write_rope_keeps_the_requested_layout():
     assert raw == {"rope_theta": 5e5, "rope_scaling": None}
     write_rope(raw, RopeSettings(theta=5e5, rope_type="linear", factor=2.0))
     assert raw == {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}
+
+
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
+    from bridge_convert.hf_config import load_hf_config
+
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
+        load_hf_config(tmp_path)

@@ -26,15 +26,18 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: if the directory or its config.json is missing.
-        ValueError: if config.json is not valid JSON.
+        ValueError: if config.json is not valid JSON or not a JSON object.
     """
     file = Path(path) / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {path}: is this an HF model directory?")
     try:
-        return json.loads(file.read_text())
+        raw = json.loads(file.read_text())
     except ValueError as exc:
         raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object of config keys")
+    return raw
 
 
 def dtype_from_hf(raw: dict[str, Any], default: torch.dtype = torch.float32) -> torch.dtype:
@@ -65,32 +68,50 @@ class RopeSettings:
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
+def _positive(params: dict[str, Any], key: str, where: str, default: Any = None, kind: type = float):
+    """``params[key]`` as a positive ``kind`` (``default`` when absent; required when ``default`` is None)."""
+    value = params.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+    if ok and kind is int:
+        ok = float(value).is_integer()
+    if not ok:
+        needed = "a positive integer" if kind is int else "a positive number"
+        found = "is missing" if key not in params else f"is {value!r}"
+        raise ValueError(f"config.json: {where + '.' if where else ''}{key} {found}; it must be {needed}")
+    return kind(value)
+
+
 def read_rope(raw: dict[str, Any], default_theta: float = 10000.0) -> RopeSettings:
     """RoPE settings from either layout: ``rope_parameters`` (transformers 5) or ``rope_scaling`` + ``rope_theta``.
 
     Raises:
-        ValueError: for a RoPE type megatron-core cannot compute exactly (yarn, dynamic, longrope, ...).
+        ValueError: for a RoPE type megatron-core cannot compute exactly (yarn, dynamic, longrope, ...), and for
+            missing or non-positive factors (they are named).
     """
     params = raw.get("rope_parameters")
     legacy = params is None
+    where = "rope_scaling" if legacy else "rope_parameters"
     if legacy:
-        params = dict(raw.get("rope_scaling") or {})
-    theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
+        params = raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json: {where} is {params!r}; it must be an object (or null)")
+    theta = _positive(params, "rope_theta", where) if "rope_theta" in params else \
+        _positive(raw, "rope_theta", "", default_theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {list(SUPPORTED_ROPE_TYPES)}); "
                          "converting it would build a model that computes different positions")
     if rope_type == "llama3":
-        return RopeSettings(theta=float(theta), rope_type="llama3", factor=float(params.get("factor", 8.0)),
-                            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-                            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                            original_max_position_embeddings=int(params.get("original_max_position_embeddings",
-                                                                            8192)),
+        return RopeSettings(theta=theta, rope_type="llama3", factor=_positive(params, "factor", where, 8.0),
+                            low_freq_factor=_positive(params, "low_freq_factor", where, 1.0),
+                            high_freq_factor=_positive(params, "high_freq_factor", where, 4.0),
+                            original_max_position_embeddings=_positive(
+                                params, "original_max_position_embeddings", where, 8192, int),
                             legacy_layout=legacy)
     if rope_type == "linear":
-        return RopeSettings(theta=float(theta), rope_type="linear", factor=float(params["factor"]),
+        return RopeSettings(theta=theta, rope_type="linear", factor=_positive(params, "factor", where),
                             legacy_layout=legacy)
-    return RopeSettings(theta=float(theta), legacy_layout=legacy)
+    return RopeSettings(theta=theta, legacy_layout=legacy)
 
 
 def write_rope(raw: dict[str, Any], rope: RopeSettings) -> None:

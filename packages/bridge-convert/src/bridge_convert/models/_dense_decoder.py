@@ -56,26 +56,57 @@ def _require(raw: dict[str, Any], *keys: str) -> None:
         raise ValueError(f"HF config is missing {missing} (architecture {raw.get('architectures')})")
 
 
+def _count(raw: dict[str, Any], key: str, default: Any = None) -> int:
+    """``raw[key]`` as a positive integer (``default`` when absent or null)."""
+    value = raw.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.json: {key} is {value!r}; it must be a positive integer")
+    return value
+
+
 def dense_config_to_provider(raw: dict[str, Any], *, qkv_bias: bool = False, qk_norm: bool = False,
-                             default_rope_theta: float = 10000.0) -> dict[str, Any]:
-    """HF config dict -> GPTModelProvider keyword arguments (pure; no files, no torch state)."""
+                             default_rope_theta: float = 10000.0, max_position_embeddings: int = 2048,
+                             num_key_value_heads: int | None = None, head_dim: int | None = None
+                             ) -> dict[str, Any]:
+    """HF config dict -> GPTModelProvider keyword arguments (pure; no files, no torch state).
+
+    The keyword defaults are the family's transformers config defaults for keys a config.json may leave out
+    (what transformers builds from it): ``num_key_value_heads`` / ``head_dim`` None mean the number of heads /
+    ``hidden_size // heads``; a key that is present but null means that too.
+
+    Raises:
+        ValueError: for missing required keys and sizes that are not positive integers or do not fit together
+            (``num_attention_heads`` not a multiple of ``num_key_value_heads``); each is named.
+    """
     _require(raw, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported (these decoders use SwiGLU with 'silu')")
-    heads = raw["num_attention_heads"]
-    hidden = raw["hidden_size"]
-    head_dim = raw.get("head_dim") or hidden // heads
+    heads = _count(raw, "num_attention_heads")
+    hidden = _count(raw, "hidden_size")
+    groups = _count(raw, "num_key_value_heads", heads) if "num_key_value_heads" in raw else \
+        (num_key_value_heads or heads)
+    if heads % groups:
+        raise ValueError(f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                         f"({groups})")
+    if "head_dim" in raw:
+        head_dim = raw["head_dim"]
+    if head_dim is None and hidden % heads:
+        raise ValueError(f"config.json: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}); "
+                         "give head_dim")
+    head_dim = _count({"head_dim": head_dim}, "head_dim", hidden // heads)
+    max_positions = _count(raw, "max_position_embeddings", max_position_embeddings)
     rope = read_rope(raw, default_rope_theta)
     kwargs: dict[str, Any] = dict(
-        num_layers=raw["num_hidden_layers"],
+        num_layers=_count(raw, "num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=raw["intermediate_size"],
+        ffn_hidden_size=_count(raw, "intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=raw.get("num_key_value_heads") or heads,
+        num_query_groups=groups,
         kv_channels=head_dim,
-        vocab_size=raw["vocab_size"],
-        seq_length=raw.get("max_position_embeddings", 4096),
+        vocab_size=_count(raw, "vocab_size"),
+        seq_length=max_positions,
         layernorm_epsilon=raw.get("rms_norm_eps", 1e-6),
         normalization="RMSNorm",
         gated_linear_unit=True,

@@ -22,7 +22,7 @@ def llama_config_to_provider(raw: dict[str, Any]) -> dict[str, Any]:
         # "q/k/v only" (add_qkv_bias) or "every linear" (add_bias_linear), so neither maps exactly.
         raise ValueError("LlamaForCausalLM with attention_bias or mlp_bias is not supported: megatron-core cannot "
                          "put biases on exactly those layers (Llama 3 checkpoints have none)")
-    return dense_config_to_provider(raw, default_rope_theta=10000.0)
+    return dense_config_to_provider(raw, default_rope_theta=10000.0, max_position_embeddings=2048)
 
 
 def llama_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] | None) -> dict[str, Any]:

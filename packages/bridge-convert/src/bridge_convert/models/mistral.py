@@ -21,14 +21,17 @@ MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
 
 
 def mistral_config_to_provider(raw: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dense_config_to_provider(raw, default_rope_theta=10000.0)
+    kwargs = dense_config_to_provider(raw, default_rope_theta=10000.0, max_position_embeddings=131072,
+                                      num_key_value_heads=8)
     # a config without the key gets transformers' MistralConfig default (4096, what Mistral 7B v0.1 uses); an
     # explicit null means full attention
     window = raw.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
     if window is not None:
         # HF lets token i attend to j in (i - window, i]; megatron-core's window_size=(left, right) allows
         # [i - left, i + right].
-        kwargs["window_size"] = (int(window) - 1, 0)
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ValueError(f"config.json: sliding_window is {window!r}; it must be a positive integer or null")
+        kwargs["window_size"] = (window - 1, 0)
     return kwargs
 
 

@@ -24,7 +24,8 @@ def _no_sliding_window(raw: dict[str, Any], arch: str) -> None:
 
 def qwen2_config_to_provider(raw: dict[str, Any]) -> dict[str, Any]:
     _no_sliding_window(raw, "Qwen2ForCausalLM")
-    return dense_config_to_provider(raw, qkv_bias=True, default_rope_theta=10000.0)
+    return dense_config_to_provider(raw, qkv_bias=True, default_rope_theta=10000.0,
+                                    max_position_embeddings=32768, num_key_value_heads=32)
 
 
 def qwen2_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] | None) -> dict[str, Any]:
@@ -38,7 +39,8 @@ def qwen3_config_to_provider(raw: dict[str, Any]) -> dict[str, Any]:
     _no_sliding_window(raw, "Qwen3ForCausalLM")
     if raw.get("attention_bias"):
         raise ValueError("Qwen3ForCausalLM with attention_bias=True is not supported (bias on o_proj too)")
-    return dense_config_to_provider(raw, qk_norm=True, default_rope_theta=10000.0)
+    return dense_config_to_provider(raw, qk_norm=True, default_rope_theta=10000.0,
+                                    max_position_embeddings=32768, num_key_value_heads=32, head_dim=128)
 
 
 def qwen3_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] | None) -> dict[str, Any]:
