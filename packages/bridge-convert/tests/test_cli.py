@@ -191,6 +191,21 @@ def test_import_names_the_heads_before_the_process_count(hf_checkpoints, tmp_pat
     assert "processes" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_refused_import_says_so_on_its_own_line_without_a_progress_bar(hf_checkpoints, tmp_path, capsys):
+    """The config's KV heads do not match the stored k_proj: refused while planning, before any byte is read (the
+    bar was made first and never closed, so the error ran on after ``Importing: 0%|``)."""
+    import json
+
+    hf = Path(shutil.copytree(hf_checkpoints["llama"], tmp_path / "hf"))
+    config = json.loads((hf / "config.json").read_text())
+    config["num_key_value_heads"] = config["num_attention_heads"]
+    (hf / "config.json").write_text(json.dumps(config))
+    assert main(["import", str(hf), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bridge-convert import: error: ") and err.count("\n") == 1, repr(err)
+    assert "self_attn.k_proj.weight: expected" in err and not (tmp_path / "out").exists()
+
+
 def _poison(src: str, dst: Path, tensor: str, value: float = float("nan")) -> Path:
     """A copy of the HF checkpoint ``src`` with ``value`` written into a few values of ``tensor``."""
     from safetensors import safe_open

@@ -203,14 +203,9 @@ def import_hf_checkpoint(hf_path: str | os.PathLike, megatron_path: str | os.Pat
     if dtype is None:
         warn_if_rounded(reader.float_dtypes(bridge.is_ignored), params_dtype)
     entries = checkpoint_entries(bridge, cfg)
-    from tqdm.auto import tqdm
-
-    total = sum(torch.Size(reader.shape_of(n)).numel() * reader.dtype_of(n).itemsize for n in reader.keys()
-                if not bridge.is_ignored(n))
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Importing", disable=not progress)
     lock = threading.Lock()
 
-    def advance(n: int) -> None:
+    def advance(n: int) -> None:  # tensors are read (and the bar made) only once the plan holds
         with lock:
             bar.update(n)
 
@@ -232,6 +227,12 @@ def import_hf_checkpoint(hf_path: str | os.PathLike, megatron_path: str | os.Pat
     if layout is not None:
         metadata["hf_source_layout"] = layout.to_json()
     needed = sum(c.nbytes for c in chunks)
+    from tqdm.auto import tqdm
+
+    # made after every check above: a refused import prints its error on a line of its own, not after a bar
+    total = sum(torch.Size(reader.shape_of(n)).numel() * reader.dtype_of(n).itemsize for n in reader.keys()
+                if not bridge.is_ignored(n))
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Importing", disable=not progress)
     try:
         with staged_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path], needed_bytes=needed) as tmp:
             directory = tmp / "iter_0000000"
