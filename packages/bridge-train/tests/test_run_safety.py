@@ -121,6 +121,21 @@ def test_missing_tracker_resumes_from_the_newest_complete_checkpoint(base, run_c
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
 
 
+def test_a_crash_between_the_rename_and_the_tracker_update_resumes_from_the_renamed_checkpoint(
+        base, run_config, tmp_path, capsys):
+    """iter_0000004 is whole but the tracker still names 2 (the process died between the two renames): resuming
+    from 2 trained 3..4 and then refused to save iteration 4 over the directory, on every relaunch."""
+    ckpt = _copy(base, tmp_path)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2\n")
+    before = _snapshot(ckpt / "iter_0000004")
+    resumed = pretrain(run_config(**{**BASE, "train.train_iters": 6, "checkpoint.save": str(ckpt),
+                                     "checkpoint.load": str(ckpt)}))
+    assert len(resumed) == 2  # iterations 5 and 6
+    assert "names iteration 2 but iter_0000004 is complete and newer" in capsys.readouterr().out
+    assert _snapshot(ckpt / "iter_0000004") == before
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+
+
 def test_a_save_into_an_existing_iteration_directory_is_refused(base, run_config, tmp_path):
     ckpt = _copy(base, tmp_path)
     before = _snapshot(ckpt / "iter_0000004")

@@ -129,8 +129,9 @@ def find_resume_checkpoint(load_dir: str | None, *, fallback_to_previous: bool =
                            say=print) -> Path | None:
     """The iteration directory to resume from, or None when ``load_dir`` holds no checkpoint yet.
 
-    ``load_dir`` is a checkpoint root (the tracker names the iteration; without a tracker, the newest complete
-    iteration is taken and ``say`` reports it) or one iteration directory.
+    ``load_dir`` is a checkpoint root (the tracker names the iteration; without a tracker, or with a whole
+    iteration newer than the tracker's, which a process killed between a save's rename and its tracker update
+    leaves, the newest complete iteration is taken and ``say`` reports it) or one iteration directory.
 
     Raises:
         CheckpointError: the chosen checkpoint's files are damaged (naming the file and the previous complete
@@ -158,6 +159,13 @@ def find_resume_checkpoint(load_dir: str | None, *, fallback_to_previous: bool =
                                   f"of the newest complete iter_* directory into it, or delete it")
         iteration = int(text)
         target = root / f"iter_{iteration:07d}"
+        newer = [(i, d) for i, d in complete_iterations(root) if i > iteration and checkpoint_problem(d) is None]
+        if newer:  # a save finished its directory and the process died before it moved the tracker
+            iteration, target = newer[-1]
+            say(f"{tracker} names iteration {text} but {target.name} is complete and newer (a save interrupted "
+                f"before the tracker moved): resuming from {target.name}; to resume from iteration {text} set "
+                f"checkpoint.load={root / f'iter_{int(text):07d}'} and move the newer iter_* directories away")
+            return target
     else:
         complete = complete_iterations(root)
         if not complete:
