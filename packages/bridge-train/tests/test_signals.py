@@ -123,3 +123,29 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_llama,
     assert len(resumed) == 15  # iterations 6..20: it resumed from iteration 5
     assert (ckpt / TRACKER_FILE).read_text().strip() == "20"
     assert not (ckpt / "iter_0000010.tmp").exists()  # the leftover was cleaned up by a later save
+
+
+def _one_rank_signalled(signals: dict[int, str]) -> str | None:
+    import torch
+    import torch.distributed as dist
+
+    from bridge_train.signals import ExitRequests
+
+    dist.init_process_group("gloo")
+    exits = ExitRequests(("SIGTERM", "SIGUSR1"), enabled=True, exit_duration_in_mins=None,
+                         device=torch.device("cpu"))
+    try:
+        if dist.get_rank() in signals:
+            os.kill(os.getpid(), getattr(signal, signals[dist.get_rank()]))
+        return exits.should_exit()
+    finally:
+        exits.close()
+
+
+@pytest.mark.parametrize("signals", [{1: "SIGTERM"}, {0: "SIGUSR1", 2: "SIGTERM"}], ids=["one", "two_kinds"])
+def test_a_signal_on_one_rank_stops_every_rank_under_its_name(signals):
+    """The other ranks reported "signal on another rank": a script branching on the reason (the example exits
+    128 + signal without exporting) then ran a collective export on some ranks only, and hung or crashed."""
+    from bridge_convert.testing.distributed import run_multiprocess
+
+    assert run_multiprocess(_one_rank_signalled, 3, signals) == ["SIGTERM"] * 3

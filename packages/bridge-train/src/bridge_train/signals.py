@@ -22,6 +22,9 @@ __all__ = ["ExitRequests"]
 
 logger = logging.getLogger("bridge")
 
+_SIGNAL_BASE = 2
+"""``should_exit``'s all-reduced code: 0 go on, 1 the duration budget, ``_SIGNAL_BASE + signal number`` a signal."""
+
 
 class ExitRequests:
     """Installs handlers for ``signals`` until :meth:`close`; tracks the run's duration budget."""
@@ -53,10 +56,14 @@ class ExitRequests:
                              "and exiting; press Ctrl-C again to stop at once without saving\n")
 
     def should_exit(self) -> str | None:
-        """The reason to stop now (a signal name or "exit_duration"), identical on every rank, or None."""
+        """The reason to stop now (a signal name or "exit_duration"), identical on every rank, or None.
+
+        A signal one rank received stops every rank under its name (of signals received by different ranks, the
+        highest-numbered one), so a script that branches on the reason takes the same branch on every rank.
+        """
         local = 0
         if self.received is not None:
-            local = 2
+            local = _SIGNAL_BASE + signal.Signals[self.received].value
         elif self.deadline is not None and time.monotonic() >= self.deadline:
             local = 1
         value = local
@@ -64,8 +71,8 @@ class ExitRequests:
             flag = torch.tensor([local], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             value = int(flag.item())
-        if value == 2:
-            return self.received or "signal on another rank"
+        if value >= _SIGNAL_BASE:
+            return signal.Signals(value - _SIGNAL_BASE).name
         return "exit_duration" if value == 1 else None
 
     def close(self) -> None:
