@@ -123,3 +123,40 @@ def test_virtual_pipeline_matches_single_process_and_resumes(tmp_path):
             "train.train_iters": 4, "checkpoint.finetune": True,
             "checkpoint.pretrained_checkpoint": str(tmp_path / name / "iter_0000004")})))
     torch.testing.assert_close(tuned["vp"], tuned["one"], rtol=0, atol=1e-5)
+
+
+def _renamed_loss_forward_step(data_iterator, model):
+    from bridge_train import gpt_forward_step
+
+    output, loss_func = gpt_forward_step(data_iterator, model)
+
+    def renamed(out):
+        loss, *rest = loss_func(out)
+        return (loss, *rest[:-1], {"loss": rest[-1]["lm loss"]})
+    return output, renamed
+
+
+def _user_error_body(hf_path: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from train_helpers import make_run_config
+
+    from bridge_train import user_errors_exit
+
+    err = io.StringIO()
+    cfg = make_run_config(hf_path, **{"train.train_iters": 4, "model.pipeline_model_parallel_size": 2})
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info, user_errors_exit():
+        pretrain(cfg, _renamed_loss_forward_step)
+    return info.value.code, err.getvalue().strip().splitlines()[-1]  # after the weight-loading progress bar
+
+
+@pytest.mark.multiproc
+def test_a_user_error_of_the_last_pipeline_stage_is_said_on_every_rank(tiny_llama):
+    """The loss dict is checked on the last stage only: it raised there, and rank 0 (the first stage) waited in the
+    loss broadcast, so the error was never printed (user_errors_exit printed on rank 0 only)."""
+    first, last = run_multiprocess(_user_error_body, 2, tiny_llama)
+    assert first[0] == last[0] == 1
+    assert first[1].startswith("error: the forward step's loss function must report its loss under the key 'lm "
+                               "loss'") and "(on the last pipeline stage)" in first[1]
+    assert last[1].startswith("[rank 1] error: the forward step's loss function") and "got ['loss']" in last[1]

@@ -64,8 +64,9 @@ def user_errors_exit(debug: bool = False) -> Iterator[None]:
     """For the ``main`` of a training script: an error that the user's config, files or data cause
     (``ConfigError``, ``CheckpointError``, bridge-convert's ``CheckpointMismatchError``, ``NonFiniteLossError``,
     ``ForwardStepSignatureError``, ``TrainingDataExhaustedError``) is printed as its message alone
-    (``error: ...`` on stderr, by rank 0) and the process exits with status 1; with ``debug`` it propagates
-    with its traceback. Any other exception (a bug) propagates unchanged.
+    (``error: ...`` on stderr by every process that raises it; ``[rank N] error: ...`` on ranks other than 0
+    once the process group exists, as an error raised on some ranks only must be seen) and the process exits with
+    status 1; with ``debug`` it propagates with its traceback. Any other exception (a bug) propagates unchanged.
     """
     try:
         yield
@@ -74,6 +75,6 @@ def user_errors_exit(debug: bool = False) -> Iterator[None]:
             raise
         import torch.distributed as dist
 
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"{f'[rank {rank}] ' if rank else ''}error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -43,20 +43,25 @@ def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> torch
     """``(sum of micro-batch means or of token losses, their count)`` over micro-batches and data-parallel ranks."""
     state = run.parallel
     value = torch.zeros(2, dtype=torch.float64, device=state.device)
-    if state.is_last_pp_stage and losses:
-        if not isinstance(losses[0], dict) or "lm loss" not in losses[0]:
-            from .forward_step import ForwardStepSignatureError
-
-            got = sorted(losses[0]) if isinstance(losses[0], dict) else type(losses[0]).__name__
-            raise ForwardStepSignatureError(
-                f"the forward step's loss function must report its loss under the key 'lm loss' (as "
-                f"`return loss, {{'lm loss': loss}}`), got {got}; the loop reduces, logs and checks that key")
+    bad_key = state.is_last_pp_stage and bool(losses) and (not isinstance(losses[0], dict)
+                                                           or "lm loss" not in losses[0])
+    if bad_key:  # said on every stage: the others wait for the broadcast below
+        got = sorted(losses[0]) if isinstance(losses[0], dict) else type(losses[0]).__name__
+        value[1] = -1.0
+    elif state.is_last_pp_stage and losses:
         for d in losses:  # on the device: no host sync per micro-batch
             reported = torch.as_tensor(d["lm loss"]).detach().reshape(-1).to(value)  # a float from user code too
             value[0] += reported[0]
             value[1] += reported[1] if reported.numel() == 2 else 1.0
     if state.pp_size > 1:
         dist.broadcast(value, src=dist.get_process_group_ranks(state.pp_group)[-1], group=state.pp_group)
+    if bad_key or (not state.is_last_pp_stage and value[1] < 0):
+        from .forward_step import ForwardStepSignatureError
+
+        raise ForwardStepSignatureError(
+            "the forward step's loss function must report its loss under the key 'lm loss' (as "
+            f"`return loss, {{'lm loss': loss}}`), got {got if bad_key else 'other keys (on the last pipeline stage)'}"
+            "; the loop reduces, logs and checks that key")
     if state.dp_size > 1 or state.cp_size > 1:
         dist.all_reduce(value, group=state.dp_group(with_context_parallel=True))
     return value
