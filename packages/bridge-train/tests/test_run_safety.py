@@ -398,3 +398,27 @@ def test_resuming_a_checkpoint_saved_without_rng_says_so(run_config, tmp_path, c
         pretrain(run_config(**{"train.train_iters": 5, "checkpoint.save": ckpt, "checkpoint.load": ckpt}))
     assert "not restoring RNG states: the checkpoint was saved without them (checkpoint.save_rng=false)" in caplog.text
     assert "saved by 1 ranks" not in caplog.text
+
+
+def test_resuming_with_the_other_kind_of_optimizer_is_refused_before_any_model_is_built(base, run_config, tmp_path,
+                                                                                      monkeypatch):
+    """The distributed optimizer's state holds other entries than the regular optimizer's: loading one into the
+    other failed after the model was built, in megatron-core's sharded-state matching, naming no setting."""
+    ckpt = _copy(base, tmp_path)  # saved with the regular optimizer
+    before = _snapshot(ckpt)
+    other = {**BASE, "train.train_iters": 6, "checkpoint.save": str(ckpt), "checkpoint.load": str(ckpt),
+             "optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True}
+    cfg = run_config(**other)
+    real_build = type(cfg.model).provide_distributed_model
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    with pytest.raises(CheckpointError, match=r"saved with optimizer\.use_distributed_optimizer=false and this run "
+                                              r"sets true; .*or set checkpoint\.load_optim=false"):
+        pretrain(cfg)
+    assert _snapshot(ckpt) == before
+    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", real_build)
+    resumed = pretrain(run_config(**other, **{"checkpoint.load_optim": False}))
+    assert len(resumed) == 2  # iterations 5 and 6 from the saved weights, with a fresh optimizer state

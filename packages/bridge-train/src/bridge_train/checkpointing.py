@@ -634,10 +634,27 @@ def _reading(path: Path):
         raise unreadable_checkpoint_error(path, exc) from None
 
 
-def check_resumable(path: Path, load: str) -> TrainState:
+def _optimizer_kind_problem(cfg, path: Path, common: dict[str, Any]) -> str | None:
+    """Why this run cannot load the optimizer state of ``path``: it was saved by the other kind of optimizer (the
+    distributed optimizer's per-parameter shards and the regular optimizer's state hold different entries)."""
+    if not cfg.checkpoint.load_optim or "optimizer" not in set(common.get("saved_entries", ())):
+        return None
+    saved = (_saved_run_config(path).get("optimizer") or {}).get("use_distributed_optimizer")
+    ours = bool(cfg.optimizer.use_distributed_optimizer)
+    if not isinstance(saved, bool) or saved == ours:
+        return None
+    return (f"cannot resume the optimizer state of {path}: it was saved with optimizer.use_distributed_optimizer="
+            f"{str(saved).lower()} and this run sets {str(ours).lower()}; resume with the checkpoint's setting "
+            f"(optimizer.use_distributed_optimizer={str(saved).lower()} ddp.use_distributed_optimizer="
+            f"{str(saved).lower()}), or set checkpoint.load_optim=false to go on with the weights, the schedule and a "
+            "fresh optimizer state")
+
+
+def check_resumable(path: Path, load: str, cfg=None) -> TrainState:
     """The counters saved in the checkpoint to resume (read before a model is built: the datasets are sized by
     them). Refuses a checkpoint in ``checkpoint.load`` that holds weights without a training state (what
-    ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it."""
+    ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it; and, given the
+    run's ``cfg``, optimizer state that this run's kind of optimizer cannot load."""
     from megatron.core import dist_checkpointing
 
     with _reading(path):
@@ -649,6 +666,9 @@ def check_resumable(path: Path, load: str) -> TrainState:
             "training from its weights set "
             f"checkpoint.pretrained_checkpoint={path.parent if (path.parent / TRACKER_FILE).exists() else path} and "
             "point checkpoint.load / checkpoint.save at this run's own directory")
+    problem = _optimizer_kind_problem(cfg, path, common) if cfg is not None else None
+    if problem:
+        raise CheckpointError(problem)
     return TrainState.from_dict(common["train_state"])
 
 
