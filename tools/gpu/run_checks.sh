@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # GPU acceptance checks for the lent GPU machines (device tool): run from the repo root with wheels in .whl/.
 #   bash tools/gpu/run_checks.sh [convert] [native] [optim] [train] [train1b] [peft] [recipes] [te] [te-train]
-# Writes logs to $OUT (or ./gpu-logs). The GPU image has torch 2.11 and transformers but not these; fetch them here:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform any -d .whl megatron-core==0.19.2 liger-kernel==0.8.5 omegaconf==2.4.0
-#   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+# Writes logs to $OUT (or ./gpu-logs). The GPU image has torch 2.11 and transformers but not megatron-core, pydantic,
+# peft and the rest: fetch their wheels into .whl as tools/gpu/README.md ("The wheels") says
 # and carry .whl (git-ignored). "convert" and "train" need 2 GPUs (about 2 and 3 minutes), "native" (the native
 # spec's kernels against torch / the local spec, ~1.5 minutes), "optim" (bridge-train's fused optimizer step inside
 # megatron-core's bf16 optimizer, and a distributed-optimizer resume, ~1.5 minutes), "train1b", "peft" (bridge-peft's GPU tests, the TE spec's when TE
