@@ -76,8 +76,20 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``bridge.json`` of a checkpoint (root or iteration directory)."""
-    meta = json.loads((resolve_checkpoint_dir(path) / METADATA_FILE).read_text())
+    """The ``bridge.json`` of a checkpoint (root or iteration directory).
+
+    Raises:
+        ValueError: naming the file, when it is not a JSON object (a damaged or hand-edited file) or is from a
+            newer bridge-convert.
+    """
+    file = resolve_checkpoint_dir(path) / METADATA_FILE
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise ValueError(f"{file} is not valid JSON ({exc}): the checkpoint's metadata is damaged") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not the object bridge-convert writes: the "
+                         "checkpoint's metadata is damaged")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"checkpoint format {meta['format_version']} is newer than this bridge-convert "
                          f"understands ({FORMAT_VERSION}); upgrade bridge-convert")
@@ -87,7 +99,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def adapter_checkpoint_message(directory: str | os.PathLike) -> str | None:
     """What to say when the model's weights are asked of a PEFT checkpoint, which holds the adapters alone."""
     try:
-        peft = json.loads((Path(directory) / METADATA_FILE).read_text()).get("peft")
+        peft = read_checkpoint_metadata(directory).get("peft")
     except (OSError, ValueError):
         return None
     if not peft:
@@ -160,7 +172,7 @@ def _shape_problems(request: dict[str, Any], stored: dict, directory: Path, modu
             if saved != ours and value.key not in seen:  # a tensor's shards share its key
                 seen.add(value.key)
                 problems.append(f"{value.key}: shape {saved} in the checkpoint, {ours} in this model")
-    meta = json.loads((directory / METADATA_FILE).read_text())
+    meta = read_checkpoint_metadata(directory)
     saved_vocab = (meta.get("hf_config") or {}).get("vocab_size")
     vocab = getattr(getattr(modules[0], "config", None), "vocab_size", None)
     if isinstance(saved_vocab, int) and isinstance(vocab, int) and saved_vocab != vocab:
