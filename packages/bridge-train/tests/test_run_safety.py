@@ -64,6 +64,14 @@ def _copy(base, tmp_path) -> Path:
     return Path(shutil.copytree(base["ckpt"], tmp_path / "ckpt"))
 
 
+def _forbid_model_build(monkeypatch, cfg) -> None:
+    """Make building ``cfg``'s model fail the test: what is refused must be refused before that."""
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+
+
 def _snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -155,10 +163,7 @@ def test_saving_into_another_runs_checkpoints_is_refused_before_any_model_is_bui
     other = {} if load == "none" else {"checkpoint.load": str(base["ckpt"])}
     cfg = run_config(**{**BASE, **other, "checkpoint.save": str(ckpt), "checkpoint.keep_last_n": 1})
 
-    def no_build(*args, **kwargs):
-        raise AssertionError("a model was built")
-
-    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    _forbid_model_build(monkeypatch, cfg)
     with pytest.raises(CheckpointError, match=rf"checkpoint\.save={ckpt} holds 2 checkpoint\(s\) of another run "
                                               rf"\(newest iter_0000004\) and this run .*; to continue that run set "
                                               rf"checkpoint\.load={ckpt}, or save to an empty directory"):
@@ -295,10 +300,7 @@ def test_an_unwritable_save_directory_fails_before_any_model_is_built(run_config
     (tmp_path / "a-file").write_text("not a directory")
     cfg = run_config(**{"checkpoint.save": str(tmp_path / "a-file" / "ckpt")})
 
-    def no_build(*args, **kwargs):
-        raise AssertionError("a model was built although the save directory is unusable")
-
-    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    _forbid_model_build(monkeypatch, cfg)
     with pytest.raises(CheckpointError, match=r"checkpoint\.save=.*a-file/ckpt is not writable \(Not a directory\)"):
         pretrain(cfg)
 
@@ -308,10 +310,7 @@ def test_save_hf_that_cannot_be_done_fails_before_any_model_is_built(run_config,
     refused by bridge-convert's output check, so the run crashed at its first checkpoint."""
     cfg = run_config(**{"checkpoint.save": f"{tiny_llama}/runs/ckpt", "checkpoint.save_hf": True})
 
-    def no_build(*args, **kwargs):
-        raise AssertionError("a model was built although checkpoint.save_hf cannot be done")
-
-    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    _forbid_model_build(monkeypatch, cfg)
     with pytest.raises(CheckpointError, match=r"checkpoint\.save=.*runs/ckpt is inside the HF directory .* the "
                                               r"model was loaded from"):
         pretrain(cfg)
@@ -409,16 +408,12 @@ def test_resuming_with_the_other_kind_of_optimizer_is_refused_before_any_model_i
     other = {**BASE, "train.train_iters": 6, "checkpoint.save": str(ckpt), "checkpoint.load": str(ckpt),
              "optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True}
     cfg = run_config(**other)
-    real_build = type(cfg.model).provide_distributed_model
 
-    def no_build(*args, **kwargs):
-        raise AssertionError("a model was built")
-
-    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", no_build)
+    _forbid_model_build(monkeypatch, cfg)
     with pytest.raises(CheckpointError, match=r"saved with optimizer\.use_distributed_optimizer=false and this run "
                                               r"sets true; .*or set checkpoint\.load_optim=false"):
         pretrain(cfg)
     assert _snapshot(ckpt) == before
-    monkeypatch.setattr(type(cfg.model), "provide_distributed_model", real_build)
+    monkeypatch.undo()
     resumed = pretrain(run_config(**other, **{"checkpoint.load_optim": False}))
     assert len(resumed) == 2  # iterations 5 and 6 from the saved weights, with a fresh optimizer state
