@@ -90,8 +90,11 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not the object bridge-convert writes: the "
                          "checkpoint's metadata is damaged")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"checkpoint format {meta['format_version']} is newer than this bridge-convert "
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{file}: format_version is {version!r}, not a number: the checkpoint's metadata is damaged")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {version} is newer than this bridge-convert "
                          f"understands ({FORMAT_VERSION}); upgrade bridge-convert")
     return meta
 
