@@ -408,7 +408,6 @@ def test_resuming_with_the_other_kind_of_optimizer_is_refused_before_any_model_i
     other = {**BASE, "train.train_iters": 6, "checkpoint.save": str(ckpt), "checkpoint.load": str(ckpt),
              "optimizer.use_distributed_optimizer": True, "ddp.use_distributed_optimizer": True}
     cfg = run_config(**other)
-
     _forbid_model_build(monkeypatch, cfg)
     with pytest.raises(CheckpointError, match=r"saved with optimizer\.use_distributed_optimizer=false and this run "
                                               r"sets true; .*or set checkpoint\.load_optim=false"):

@@ -650,12 +650,14 @@ def _optimizer_kind_problem(cfg, path: Path, common: dict[str, Any]) -> str | No
             "fresh optimizer state")
 
 
-def check_resumable(path: Path, load: str, cfg=None) -> TrainState:
+def check_resumable(path: Path, cfg) -> TrainState:
     """The counters saved in the checkpoint to resume (read before a model is built: the datasets are sized by
     them). Refuses a checkpoint in ``checkpoint.load`` that holds weights without a training state (what
-    ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it; and, given the
-    run's ``cfg``, optimizer state that this run's kind of optimizer cannot load."""
+    ``bridge-convert import`` / ``AutoBridge.import_ckpt`` write): there is no run to resume in it; and optimizer
+    state that the run's kind of optimizer cannot load."""
     from megatron.core import dist_checkpointing
+
+    load = cfg.checkpoint.load
 
     with _reading(path):
         common = dist_checkpointing.load_common_state_dict(str(path))
@@ -666,7 +668,7 @@ def check_resumable(path: Path, load: str, cfg=None) -> TrainState:
             "training from its weights set "
             f"checkpoint.pretrained_checkpoint={path.parent if (path.parent / TRACKER_FILE).exists() else path} and "
             "point checkpoint.load / checkpoint.save at this run's own directory")
-    problem = _optimizer_kind_problem(cfg, path, common) if cfg is not None else None
+    problem = _optimizer_kind_problem(cfg, path, common)
     if problem:
         raise CheckpointError(problem)
     return TrainState.from_dict(common["train_state"])

@@ -230,7 +230,7 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     taken = save_dir_problem(cfg.checkpoint.save, resume) if cfg.checkpoint.save else None
     if taken:
         raise CheckpointError(taken)
-    saved_counters = check_resumable(resume, cfg.checkpoint.load, cfg) if resume is not None else None
+    saved_counters = check_resumable(resume, cfg) if resume is not None else None
     if cfg.checkpoint.load and resume is None:
         if cfg.checkpoint.exit_on_missing_checkpoint:
             raise MissingCheckpointError(f"checkpoint.load={cfg.checkpoint.load!r} holds no checkpoint and "
