@@ -58,6 +58,39 @@ def test_a_run_sequence_length_is_not_the_models_context(bridge, model_type):
     assert bridge.provider_to_config(provider, source)["max_position_embeddings"] == 262144
 
 
+def test_token_ids_a_smaller_vocab_leaves_out_are_written_as_null():
+    """A recipe's Llama-3.2-1B config shrunk to 256 tokens kept bos 128000 / eos 128001, which transformers warns
+    about on every load (its own check is the oracle); ids inside the new vocabulary, and the source's own invalid
+    ones (pad -1, as some Hub configs have), stay as they were."""
+    import copy
+    import logging
+
+    import transformers
+
+    source = {**copy.deepcopy(LLAMA_32_1B), "eos_token_id": [128001, 7, 128009], "pad_token_id": -1, "sep_token_id": 5}
+    provider = GPTModelProvider(**LLAMA.config_to_provider(source))
+    provider.vocab_size = 256
+    with pytest.warns(UserWarning, match=r"bos_token_id 128000, eos_token_id \[128001, 7, 128009\] lie outside "
+                                         r"this model's vocabulary of 256 tokens"):
+        raw = LLAMA.provider_to_config(provider, source)
+    assert (raw["bos_token_id"], raw["eos_token_id"], raw["pad_token_id"], raw["sep_token_id"]) == (None, 7, -1, 5)
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    transformers.utils.logging.warning_once.cache_clear()  # it says each message once per process
+    try:
+        # (transformers edits the rope dict it is given: copies)
+        transformers.LlamaConfig(**copy.deepcopy({k: v for k, v in raw.items() if k != "pad_token_id"}))
+        transformers.LlamaConfig(**copy.deepcopy({**source, "vocab_size": 256, "pad_token_id": None}))  # it warns
+    finally:
+        hf_logger.removeHandler(handler)
+    assert [r.getMessage().split(",")[0] for r in records] == [
+        "Model config: bos_token_id must be `None` or an integer within the vocabulary (between 0 and 255)"]
+
+
 def test_provider_without_source_writes_a_complete_config():
     provider = GPTModelProvider(**LLAMA.config_to_provider(LLAMA_32_1B))
     raw = LLAMA.provider_to_config(provider, None)

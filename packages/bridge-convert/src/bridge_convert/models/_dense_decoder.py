@@ -6,6 +6,7 @@ window, which config keys exist); the family modules call these with their switc
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -192,7 +193,34 @@ def dense_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] 
     # always has the key, the source had it, or the default would be wrong
     if head_dim_key or "head_dim" in raw or head_dim * provider.num_attention_heads != provider.hidden_size:
         raw["head_dim"] = head_dim
+    _drop_token_ids_outside_vocab(raw, provider.vocab_size, (source or {}).get("vocab_size"))
     dtype_key = "torch_dtype" if source is not None and "torch_dtype" in source and "dtype" not in source else "dtype"
     raw[dtype_key] = dtype_to_hf(provider.params_dtype)
     write_rope(raw, provider_rope(provider, legacy))
     return raw
+
+
+def _drop_token_ids_outside_vocab(raw: dict[str, Any], vocab: int, source_vocab: Any) -> None:
+    """Write as null the ``*_token_id`` values (``eos_token_id`` may be a list) that a changed ``vocab_size`` leaves
+    outside the vocabulary (a recipe's Llama config shrunk to 256 tokens keeps bos 128000): transformers warns about
+    such a config on every load, and no token of this model can have that id. Ids that were already outside the
+    source's own vocabulary (``pad_token_id: -1`` on the Hub) are kept as the source wrote them."""
+    def outside(token_id: Any) -> bool:
+        inside_source = not isinstance(source_vocab, int) or 0 <= token_id < source_vocab
+        return type(token_id) is int and inside_source and token_id >= vocab
+
+    dropped = []
+    for key, value in list(raw.items()):
+        if not key.endswith("_token_id"):
+            continue
+        if isinstance(value, list) and any(outside(v) for v in value):
+            kept = [v for v in value if not outside(v)]
+            raw[key] = kept if len(kept) > 1 else kept[0] if kept else None
+        elif outside(value):
+            raw[key] = None
+        else:
+            continue
+        dropped.append(f"{key} {value}")
+    if dropped:
+        warnings.warn(f"the HF config's {', '.join(dropped)} lie outside this model's vocabulary of {vocab} tokens "
+                      f"(the source config's is {source_vocab}); they are written as null", stacklevel=3)
