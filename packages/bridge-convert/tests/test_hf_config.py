@@ -67,13 +67,14 @@ def test_token_ids_a_smaller_vocab_leaves_out_are_written_as_null():
 
     import transformers
 
-    source = {**copy.deepcopy(LLAMA_32_1B), "eos_token_id": [128001, 7, 128009], "pad_token_id": -1, "sep_token_id": 5}
+    source = {**copy.deepcopy(LLAMA_32_1B), "eos_token_id": [128001, 7, 128009], "pad_token_id": -1, "sep_token_id": 5,
+              "unk_token_id": None}
     provider = GPTModelProvider(**LLAMA.config_to_provider(source))
     provider.vocab_size = 256
     with pytest.warns(UserWarning, match=r"bos_token_id 128000, eos_token_id \[128001, 7, 128009\] lie outside "
                                          r"this model's vocabulary of 256 tokens"):
         raw = LLAMA.provider_to_config(provider, source)
-    assert (raw["bos_token_id"], raw["eos_token_id"], raw["pad_token_id"], raw["sep_token_id"]) == (None, 7, -1, 5)
+    assert (raw["bos_token_id"], raw["eos_token_id"], raw["pad_token_id"], raw["sep_token_id"], raw["unk_token_id"]) == (None, 7, -1, 5, None)
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

@@ -206,8 +206,9 @@ def _drop_token_ids_outside_vocab(raw: dict[str, Any], vocab: int, source_vocab:
     such a config on every load, and no token of this model can have that id. Ids that were already outside the
     source's own vocabulary (``pad_token_id: -1`` on the Hub) are kept as the source wrote them."""
     def outside(token_id: Any) -> bool:
-        inside_source = not isinstance(source_vocab, int) or 0 <= token_id < source_vocab
-        return type(token_id) is int and inside_source and token_id >= vocab
+        if type(token_id) is not int:  # null, or a value the source wrote otherwise
+            return False
+        return token_id >= vocab and (not isinstance(source_vocab, int) or 0 <= token_id < source_vocab)
 
     dropped = []
     for key, value in list(raw.items()):
