@@ -114,6 +114,29 @@ def test_peft_made_adapter_imports_with_peft_logits(family, use_dora, targets, h
     assert not hasattr(qkv, "adapter") or "all" not in qkv.adapter.branches
 
 
+def test_an_adapter_loaded_for_inference_runs_without_its_dropout(hf_checkpoints, runtime, tmp_path):
+    """peft's from_pretrained (is_trainable=False) puts the model in eval mode; so does load_hf_adapter(training=False):
+    a direct forward (not forward_logits, which switches to eval itself) gives peft's logits, every time."""
+    from peft import LoraConfig, get_peft_model
+
+    ckpt = hf_checkpoints["llama32"]
+    model = get_peft_model(_hf(ckpt), LoraConfig(r=4, lora_alpha=6, target_modules=ALL_HF, lora_dropout=0.5,
+                                                 init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    theirs = _peft_logits(ckpt, tmp_path / "adapter")
+    bridge, chunks = _megatron(ckpt)
+    load_hf_adapter(bridge, chunks, tmp_path / "adapter")
+    positions = torch.arange(IDS.shape[1]).expand_as(IDS)
+    with torch.no_grad():
+        for _ in range(2):
+            ours = chunks[0](IDS, positions, attention_mask=None)[..., :theirs.shape[-1]]
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert not any(module.training for module in chunks[0].modules())
+    trained = _megatron(ckpt)[1]
+    load_hf_adapter(bridge, [chunk.eval() for chunk in trained], tmp_path / "adapter", training=True)
+    assert all(module.training for module in trained[0].modules())  # the caller trains it: train mode
+
+
 def test_peft_made_lm_head_adapter_loads_and_its_saved_base_is_checked(hf_checkpoints, runtime, tmp_path):
     """peft saves an adapted lm_head's own weight with the adapter (save_embedding_layers): it is the base's here,
     so the adapter loads with peft's logits; an adapter whose saved weight differs is refused with nothing attached."""

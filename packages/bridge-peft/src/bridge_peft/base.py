@@ -183,7 +183,9 @@ class PEFT:
     def __call__(self, model, training: bool = True):
         """Attach adapters to the matched layers of ``model`` (list of chunks or one module) and freeze the base.
 
-        Returns the same list (or module). With ``training=False`` nothing is trainable (inference / export).
+        Returns the same list (or module). ``training=True`` puts the chunks in train mode; with ``training=False``
+        nothing is trainable and the chunks are put in eval mode (inference / export: no adapter dropout), as HF
+        peft's ``from_pretrained(is_trainable=False)`` does.
 
         Raises:
             ValueError: for a target pattern that matches no layer of the model (all ranks agree), bad
@@ -198,6 +200,7 @@ class PEFT:
             adapter.layer_stacked = stacked(name)
             attach_adapter(module, adapter)
         for chunk in chunks:
+            chunk.train(training)
             for param in _unwrap(chunk).parameters():
                 param.requires_grad_(bool(training and getattr(param, "bridge_adapter", False)))
             embedding = getattr(_unwrap(chunk), "embedding", None)
