@@ -16,7 +16,7 @@ KNOWN = ["Transformer Engine and Apex are not installed", "full scope is depreca
          "is experimental and still under active development", "MCore's async save is deprecated",
          "No CUDA runtime is found", "The argument order of load has been changed",
          "Unable to save", "invalid escape sequence", "full_param_layout not provided",
-         "is not a leaf Tensor is being accessed"]
+         "is not a leaf Tensor is being accessed", "absl.logging is not installed"]
 
 
 @pytest.fixture
@@ -37,6 +37,8 @@ def test_known_warnings_are_hidden_by_message_and_module_only(fresh_filter):
     _warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
           "megatron.core.optimizer")
     _warn("full scope is deprecated. Use empty cuda_graph_modules", "megatron.core.transformer.transformer_config")
+    _warn("absl.logging is not installed. Using logging.getLogger(__name__) instead. Please install absl.logging "
+          "with `pip install absl-py` to use absl.logging.", "megatron.core.hyper_comm_grid")  # without absl-py
     assert fresh_filter == []
     _warn("Transformer Engine and Apex are not installed. Falling back", "my_project.optim")  # another module
     _warn("something new in megatron", "megatron.core.optimizer")  # another message, same module

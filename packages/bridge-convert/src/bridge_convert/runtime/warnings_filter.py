@@ -44,6 +44,9 @@ KNOWN_HARMLESS: tuple[KnownWarning, ...] = (
                  r"megatron_fsdp\.mixed_precision", UserWarning, _MCORE_FALLBACK),
     KnownWarning(r"Apex is not installed\. Falling back to Torch Norm", r"megatron\.core\.models\.[\w.]+",
                  UserWarning, "the specs this package builds use torch norms"),
+    # Imported with megatron.core's parallel state when absl-py is absent (an install of bridge-convert alone).
+    KnownWarning(r"absl\.logging is not installed", r"megatron\.core\.hyper_comm_grid", UserWarning,
+                 "megatron-core then logs through the standard logging module, which is what this package reads"),
     # Compile-time notices in megatron-core's own sources (the warning's module is the file path there).
     KnownWarning(r"invalid escape sequence", r".*[/\\]megatron[/\\]core[/\\].*", SyntaxWarning,
                  "docstrings of megatron-core modules, printed once when they are first compiled"),
