@@ -188,7 +188,7 @@ def _merge(args) -> None:
         bridge.save_hf_pretrained(model, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                   assets_from=assets if tokenizer_kept else None)
         steps.update(1)
-    print(f"wrote {base} with the adapters of {directory} merged to {args.out}")
+    print(f"wrote {args.out}: {base} with the adapters of {directory} merged in")
 
 
 def main(argv: list[str] | None = None) -> int:
