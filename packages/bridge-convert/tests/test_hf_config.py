@@ -71,8 +71,8 @@ def test_token_ids_a_smaller_vocab_leaves_out_are_written_as_null():
               "unk_token_id": None}
     provider = GPTModelProvider(**LLAMA.config_to_provider(source))
     provider.vocab_size = 256
-    with pytest.warns(UserWarning, match=r"bos_token_id 128000, eos_token_id \[128001, 7, 128009\] lie outside "
-                                         r"this model's vocabulary of 256 tokens"):
+    with pytest.warns(UserWarning, match=r"bos_token_id 128000, eos_token_id \[128001, 7, 128009\] \(from the "
+                                         r"source config\) are outside its vocabulary of 256 tokens"):
         raw = LLAMA.provider_to_config(provider, source)
     assert (raw["bos_token_id"], raw["eos_token_id"], raw["pad_token_id"], raw["sep_token_id"], raw["unk_token_id"]) == (None, 7, -1, 5, None)
 

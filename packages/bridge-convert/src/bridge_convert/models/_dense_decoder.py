@@ -223,5 +223,6 @@ def _drop_token_ids_outside_vocab(raw: dict[str, Any], vocab: int, source_vocab:
             continue
         dropped.append(f"{key} {value}")
     if dropped:
-        warnings.warn(f"the HF config's {', '.join(dropped)} lie outside this model's vocabulary of {vocab} tokens "
-                      f"(the source config's is {source_vocab}); they are written as null", stacklevel=3)
+        warnings.warn(f"HF config of this model: {', '.join(dropped)} (from the source config) are outside its "
+                      f"vocabulary of {vocab} tokens (the source's has {source_vocab}) and are written as null",
+                      stacklevel=3)
