@@ -608,6 +608,12 @@ def test_a_split_without_training_or_validation_data_is_named(tiny_hf, caplog):
                                  ["dataset.split=100,0,0", "train.eval_interval=1"]))
     assert ("train.eval_interval=1, but the dataset has no validation data (dataset.split=100,0,0): no evaluation "
             "will run") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bridge"):  # no split at all: say which fields give one
+        finetune(apply_overrides(make_config(tiny_hf, None, train_iters=2),
+                                 ["dataset.split=null", "train.eval_interval=1"]))
+    assert ("no validation data: no evaluation will run; set dataset.split or dataset.valid_path (e.g. "
+            "dataset.split=90,5,5), or set train.eval_interval=null") in caplog.text
 
 
 def test_a_resume_with_adapter_dropout_continues_bitwise(tiny_hf, tmp_path):

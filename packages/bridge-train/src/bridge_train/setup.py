@@ -261,9 +261,11 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
     if train_ds is None:
         raise ValueError(f"the dataset config produced no training data{which}; give the training split a share")
     if cfg.train.eval_interval and valid_ds is None and parallel.rank == 0:
+        fields = [f"dataset.{name}" for name in ("split", "valid_path") if hasattr(cfg.dataset, name)]
+        fix = ("give the validation split a share" if which
+               else f"set {' or '.join(fields)} (e.g. dataset.split=90,5,5)" if fields else "give it validation data")
         logger.warning("train.eval_interval=%d, but the dataset has no validation data%s: no evaluation will run; "
-                       "give the validation split a share, or set train.eval_interval=null", cfg.train.eval_interval,
-                       which)
+                       "%s, or set train.eval_interval=null", cfg.train.eval_interval, which, fix)
     model = cfg.model.provide_distributed_model(
         wrap_with_ddp=True, ddp_config=cfg.ddp, pre_wrap_hooks=hooks, seed=cfg.rng.seed,
         overlap_param_gather_with_optimizer_step=False,
