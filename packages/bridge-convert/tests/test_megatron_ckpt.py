@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 from bridge_convert import AutoBridge
-from bridge_convert.megatron_ckpt import TRACKER_FILE, read_checkpoint_metadata, resolve_checkpoint_dir
+from bridge_convert.megatron_ckpt import (
+    METADATA_FILE,
+    TRACKER_FILE,
+    read_checkpoint_metadata,
+    resolve_checkpoint_dir,
+)
 from bridge_convert.runtime import initialize_parallel
 from bridge_convert.testing import assert_same_checkpoint, run_multiprocess
 
@@ -44,6 +49,12 @@ def test_resolve_reports_missing_and_incomplete_checkpoints(tmp_path):
     (tmp_path / TRACKER_FILE).write_text("5\n")
     with pytest.raises(FileNotFoundError, match="points at iteration 5, but .*iter_0000005 is not a complete"):
         resolve_checkpoint_dir(tmp_path)
+    (tmp_path / "iter_0000005").mkdir()
+    (tmp_path / "iter_0000005" / METADATA_FILE).write_text("{}")
+    for file in (tmp_path / TRACKER_FILE, tmp_path / "iter_0000005" / METADATA_FILE):  # a file of one: its folder
+        with pytest.raises(FileNotFoundError, match=f"{file.name} is a file of a Megatron checkpoint; pass the "
+                                                    f"directory that holds it, {file.parent}$"):
+            resolve_checkpoint_dir(file)
 
 
 def test_extra_states_the_checkpoint_lacks_keep_the_modules_own(hf_checkpoints, tmp_path, runtime):

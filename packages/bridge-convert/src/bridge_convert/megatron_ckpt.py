@@ -72,6 +72,9 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         if not (resolved / METADATA_FILE).exists():
             raise FileNotFoundError(f"{tracker} points at iteration {text}, but {resolved} is not a complete checkpoint")
         return resolved
+    if path.is_file() and (path.name in (METADATA_FILE, TRACKER_FILE) or (path.parent / METADATA_FILE).exists()):
+        raise FileNotFoundError(f"{path} is a file of a Megatron checkpoint; pass the directory that holds it, "
+                                f"{path.parent}")
     raise FileNotFoundError(f"no Megatron checkpoint at {path} (expected {TRACKER_FILE} or {METADATA_FILE})")
 
 
