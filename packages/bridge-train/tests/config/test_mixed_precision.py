@@ -78,6 +78,11 @@ def test_recipe_lookup_returns_fresh_copies():
 def test_recipe_lookup_rejects_unknown_name_with_suggestion():
     with pytest.raises(ValueError, match=r"unknown mixed precision recipe 'bf16-mixd'; did you mean 'bf16_mixed'\?"):
         get_mixed_precision_config("bf16-mixd")
+    # a start of several names (too short for a spelling match): the shortest
+    with pytest.raises(ValueError, match=r"unknown mixed precision recipe 'bf16'; did you mean 'bf16_mixed'\?"):
+        get_mixed_precision_config("bf16")
+    with pytest.raises(ValueError, match=r"unknown mixed precision recipe 'int8'\. Known: fp32, "):
+        get_mixed_precision_config("int8")
 
 
 _BF16 = dict(bf16=True, fp16=False, params_dtype=BF16, pipeline_dtype=BF16)

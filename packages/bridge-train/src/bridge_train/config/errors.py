@@ -32,8 +32,11 @@ class ConfigWarning(UserWarning):
 
 
 def unknown_name_message(what: str, name: str, known: Sequence[str]) -> str:
-    """``"unknown PEFT method 'lorra'; did you mean 'lora'? Known: dora, lora"`` or ``"unknown ... 'x'. Known: ..."`` (a registry lookup)."""
-    close = difflib.get_close_matches(str(name).strip().lower().replace("-", "_"), list(known), n=1)
+    """``"unknown PEFT method 'lorra'; did you mean 'lora'? Known: dora, lora"`` or ``"unknown ... 'x'. Known: ..."``
+    (a registry lookup); a name that starts one or more known ones (``bf16``) suggests the shortest of them."""
+    key = str(name).strip().lower().replace("-", "_")
+    close = difflib.get_close_matches(key, list(known), n=1) or sorted(
+        (k for k in known if key and k.startswith(key)), key=len)[:1]
     return f"unknown {what} {name!r}{f'; did you mean {close[0]!r}?' if close else '.'} Known: {', '.join(known)}"
 
 
