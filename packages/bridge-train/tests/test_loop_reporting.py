@@ -100,6 +100,20 @@ def test_fp16_loss_scaler_skips_are_no_non_finite_streak(run_config):
     assert 10 <= result.state.skipped_iterations < 14  # the skips are still counted and logged
 
 
+@pytest.mark.parametrize("floor", [{"mixed_precision.min_loss_scale": 2.0**31}, {"mixed_precision.loss_scale": 2.0**30}],
+                         ids=["dynamic-scale-at-its-minimum", "static-scale"])
+def test_fp16_overflows_at_the_smallest_loss_scale_are_a_streak(run_config, floor):
+    """Skips the scaler cannot end (its scale at min_loss_scale, or a static one) went on for the whole run with
+    no update; they are a non-finite streak, stopped at robustness.max_consecutive_skips (fp16 holds |x| <= 65504:
+    every gradient scaled by 2**30 overflows)."""
+    from bridge_train.loop import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"4 consecutive iterations skipped \(limit 3\) at iteration \d+: "
+                                                 r"the fp16 gradients overflow at the smallest loss scale"):
+        pretrain(run_config(**{"train.train_iters": 14, "mixed_precision": "fp16_mixed", **floor,
+                               "robustness.max_consecutive_skips": 3, "scheduler.lr_warmup_iters": 1}))
+
+
 def test_a_loss_func_without_the_lm_loss_key_is_named(run_config):
     def forward_step(data_iterator, model):
         output, loss_func = gpt_forward_step(data_iterator, model)

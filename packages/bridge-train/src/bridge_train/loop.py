@@ -124,6 +124,17 @@ def train_step(run: TrainingRun, forward_step: Callable, iteration: int) -> tupl
     return metrics, float(grad_norm) if grad_norm is not None else float("nan"), bool(applied)
 
 
+def _loss_scale_floor(cfg) -> str:
+    opt = cfg.optimizer
+    return f"static loss_scale {opt.loss_scale}" if opt.loss_scale is not None else f"min_loss_scale {opt.min_loss_scale}"
+
+
+def _loss_scale_at_floor(run: TrainingRun) -> bool:
+    """fp16: the loss scale cannot shrink any more (a static ``loss_scale``, or the dynamic one at ``min_loss_scale``)."""
+    opt = run.cfg.optimizer
+    return opt.loss_scale is not None or float(run.optimizer.get_loss_scale()) <= opt.min_loss_scale
+
+
 @torch.no_grad()
 def evaluate(run: TrainingRun, forward_step: Callable) -> float:
     """Validation loss over ``train.eval_iters`` global batches: with per-token losses
@@ -307,20 +318,24 @@ def train(run: TrainingRun, forward_step: Callable) -> TrainingResult:
                 async_saves.poll()
             state.consumed_train_samples += cfg.train.global_batch_size
             # fp16: a finite loss whose step was not applied is the loss scaler backing off from an overflow (it
-            # starts at 2**32): megatron-core's normal start, counted as skipped but no non-finite streak
+            # starts at 2**32): megatron-core's normal start, counted as skipped but no non-finite streak, unless
+            # the scale cannot shrink any more (then no scale makes the gradients fit: it is one)
             scaler_skip = not applied and cfg.model.fp16 and math.isfinite(loss["lm loss"])
+            at_floor = scaler_skip and _loss_scale_at_floor(run)
             if applied:
                 consecutive_skips = 0
                 state.floating_point_operations_so_far += flops_per_iteration
-            elif scaler_skip:
+            elif scaler_skip and not at_floor:
                 state.skipped_iterations += 1
             else:
                 state.skipped_iterations += 1
                 consecutive_skips += 1
                 limit = cfg.robustness.max_consecutive_skips
                 if limit is not None and consecutive_skips > limit:
+                    why = (f": the fp16 gradients overflow at the smallest loss scale ({_loss_scale_floor(cfg)}; "
+                           "lower the learning rate or train in bf16)") if at_floor else ""
                     raise NonFiniteLossError(f"{consecutive_skips} consecutive iterations skipped (limit {limit}) "
-                                             f"at iteration {state.iteration}")
+                                             f"at iteration {state.iteration}{why}")
             history.append(loss["lm loss"])
             scalars = {**loss, "lr": lr, "grad norm": grad_norm,
                        "skipped iterations": state.skipped_iterations}

@@ -78,7 +78,8 @@ class RobustnessConfig:
     """On a NaN/Inf loss or grad norm: "stop" raises with the iteration number; "skip" drops that step's update
     (the optimizer step is not applied) and goes on."""
     max_consecutive_skips: int | None = 10
-    """With nan_policy="skip", stop anyway after this many non-finite iterations in a row; None: never."""
+    """With nan_policy="skip", stop anyway after this many non-finite iterations in a row (and, under either policy,
+    after this many fp16 updates in a row that overflow at the smallest loss scale); None: never."""
     exit_signal_handler: bool = True
     """Catch ``exit_signals``: finish the current iteration, save a checkpoint (if saving is on) and exit cleanly."""
     exit_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
