@@ -114,6 +114,32 @@ def test_fp16_overflows_at_the_smallest_loss_scale_are_a_streak(run_config, floo
                                "robustness.max_consecutive_skips": 3, "scheduler.lr_warmup_iters": 1}))
 
 
+def _with_z_loss(data_iterator, model, *, only_after: int = 0, calls=[0]):  # noqa: B006 (a call counter)
+    """gpt_forward_step whose loss dict also reports ``z loss`` (twice the lm loss), from call ``only_after`` on."""
+    output, loss_func = gpt_forward_step(data_iterator, model)
+    calls[0] += 1
+    extra = calls[0] > only_after
+
+    def with_z(out):
+        loss, *rest = loss_func(out)
+        report = rest[-1]
+        return (loss, *rest[:-1], {**report, "z loss": report["lm loss"] * 2} if extra else report)
+    return output, with_z
+
+
+def test_other_keys_of_the_loss_dict_are_logged(run_config, monkeypatch):
+    """Only 'lm loss' was reduced and logged: an auxiliary loss a forward step reported went nowhere."""
+    import functools
+
+    seen = _logged(monkeypatch)
+    result = pretrain(run_config(**{"train.train_iters": 4, "logger.log_interval": 1}),
+                      functools.partial(_with_z_loss, calls=[0]))
+    assert [s["z loss"] for _, s in seen] == pytest.approx([2 * loss for loss in result], rel=1e-12)
+    with pytest.raises(ForwardStepSignatureError, match=r"must report the keys of the first iteration, \['lm loss'\]"
+                                                        r", every time"):  # a key that comes and goes
+        pretrain(run_config(**{"train.train_iters": 4}), functools.partial(_with_z_loss, only_after=1, calls=[0]))
+
+
 def test_a_loss_func_without_the_lm_loss_key_is_named(run_config):
     def forward_step(data_iterator, model):
         output, loss_func = gpt_forward_step(data_iterator, model)

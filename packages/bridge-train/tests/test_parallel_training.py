@@ -3,6 +3,8 @@ the parameter norm (``logger.log_params_norm``) counts every parameter once acro
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -160,3 +162,31 @@ def test_a_user_error_of_the_last_pipeline_stage_is_said_on_every_rank(tiny_llam
     assert first[1].startswith("error: the forward step's loss function must report its loss under the key 'lm "
                                "loss'") and "(on the last pipeline stage)" in first[1]
     assert last[1].startswith("[rank 1] error: the forward step's loss function") and "got ['loss']" in last[1]
+
+
+def _z_loss_body(hf_path: str) -> dict[str, list[tuple[float, float]]]:
+    from test_loop_reporting import _with_z_loss
+    from train_helpers import make_run_config
+
+    from bridge_train.metrics import MetricsLogger
+
+    out, seen = {}, []
+    real = MetricsLogger.training
+    MetricsLogger.training = lambda self, it, scalars: (seen.append(scalars), real(self, it, scalars))[1]
+    try:
+        for name, layout in (("pp2", {"model.pipeline_model_parallel_size": 2}), ("dp2", {})):
+            seen.clear()
+            pretrain(make_run_config(hf_path, **{"train.train_iters": 4, "logger.log_interval": 1}, **layout),
+                     functools.partial(_with_z_loss, calls=[0]))
+            out[name] = [(s["lm loss"], s["z loss"]) for s in seen]
+    finally:
+        MetricsLogger.training = real
+    return out
+
+
+@pytest.mark.multiproc
+def test_other_loss_keys_reach_every_rank(tiny_llama):
+    """The first pipeline stage has no losses: the keys of the last one's are sent to it (it logged none)."""
+    for rank in run_multiprocess(_z_loss_body, 2, tiny_llama):
+        for name, logged in rank.items():
+            assert len(logged) == 4 and all(z == pytest.approx(2 * lm, rel=1e-12) for lm, z in logged), name

@@ -30,19 +30,49 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _reduce_losses(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """The loss over micro-batches and data-parallel ranks; the same on every rank.
+    """``lm loss`` and every other key the loss function reports, over micro-batches and data-parallel ranks; the
+    same on every rank.
 
-    A micro-batch reports its mean loss (averaged over micro-batches) or ``[loss sum, tokens]`` (per-token loss,
+    A micro-batch reports each as its mean (averaged over micro-batches) or ``[sum, tokens]`` (per-token loss,
     megatron-core's reporting form: the sum over all tokens divided by their number).
     """
-    value = _loss_sums(run, losses)
-    return {"lm loss": float(value[0] / value[1]) if value[1] > 0 else float("nan")}
+    keys = ("lm loss", *_extra_loss_keys(run, losses))
+    value = _loss_sums(run, losses, keys, same_keys=True)
+    return {key: float(value[2 * i] / value[2 * i + 1]) if value[2 * i + 1] > 0 else float("nan")
+            for i, key in enumerate(keys)}
 
 
-def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """``(sum of micro-batch means or of token losses, their count)`` over micro-batches and data-parallel ranks."""
+def _extra_loss_keys(run: TrainingRun, losses: list) -> list[str]:
+    """The keys beside ``lm loss`` of the first training iteration's loss dicts (sent to every rank once: the
+    other pipeline stages have no losses), which every later iteration must report too."""
+    if "loss keys" in run.extras:
+        return run.extras["loss keys"]
     state = run.parallel
-    value = torch.zeros(2, dtype=torch.float64, device=state.device)
+    keys = sorted(k for k in losses[0] if k != "lm loss") if (
+        state.is_last_pp_stage and losses and isinstance(losses[0], dict)) else []
+    if state.pp_size > 1:
+        box = [keys]
+        dist.broadcast_object_list(box, src=dist.get_process_group_ranks(state.pp_group)[-1], group=state.pp_group)
+        keys = box[0]
+    if state.dp_size > 1 or state.cp_size > 1:
+        group = state.dp_group(with_context_parallel=True)
+        seen: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(seen, keys, group=group)
+        if any(other != keys for other in seen):
+            from .forward_step import ForwardStepSignatureError
+
+            raise ForwardStepSignatureError(f"the loss function reports other keys on other data-parallel ranks "
+                                            f"({sorted(map(str, seen))}); report the same keys on every rank")
+    run.extras["loss keys"] = keys
+    return keys
+
+
+def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]], keys: tuple[str, ...] = ("lm loss",),
+               same_keys: bool = False) -> torch.Tensor:
+    """``(sum of micro-batch means or of token losses, their count)`` of each of ``keys`` (``lm loss`` first) over
+    micro-batches and data-parallel ranks; ``same_keys``: every loss dict must have exactly ``keys``."""
+    state = run.parallel
+    value = torch.zeros(2 * len(keys) + 1, dtype=torch.float64, device=state.device)  # the last: other keys seen
     bad_key = state.is_last_pp_stage and bool(losses) and (not isinstance(losses[0], dict)
                                                            or "lm loss" not in losses[0])
     if bad_key:  # said on every stage: the others wait for the broadcast below
@@ -50,9 +80,13 @@ def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> torch
         value[1] = -1.0
     elif state.is_last_pp_stage and losses:
         for d in losses:  # on the device: no host sync per micro-batch
-            reported = torch.as_tensor(d["lm loss"]).detach().reshape(-1).to(value)  # a float from user code too
-            value[0] += reported[0]
-            value[1] += reported[1] if reported.numel() == 2 else 1.0
+            if same_keys and set(d) != set(keys):
+                value[-1] = 1.0
+                continue
+            for i, key in enumerate(keys):
+                reported = torch.as_tensor(d[key]).detach().reshape(-1).to(value)  # a float from user code too
+                value[2 * i] += reported[0]
+                value[2 * i + 1] += reported[1] if reported.numel() == 2 else 1.0
     if state.pp_size > 1:
         dist.broadcast(value, src=dist.get_process_group_ranks(state.pp_group)[-1], group=state.pp_group)
     if bad_key or (not state.is_last_pp_stage and value[1] < 0):
@@ -64,7 +98,12 @@ def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> torch
             "; the loop reduces, logs and checks that key")
     if state.dp_size > 1 or state.cp_size > 1:
         dist.all_reduce(value, group=state.dp_group(with_context_parallel=True))
-    return value
+    if value[-1] > 0:
+        from .forward_step import ForwardStepSignatureError
+
+        raise ForwardStepSignatureError(f"the loss function must report the keys of the first iteration, "
+                                        f"{list(keys)}, every time (the loop logs each); it reported others")
+    return value[:-1]
 
 
 def _grads_finite(run: TrainingRun) -> bool:
