@@ -124,4 +124,25 @@ def test_a_forward_step_of_another_signature_is_refused_up_front():
     with pytest.raises(ForwardStepSignatureError, match=r"wrong\(batch\) has an unsupported signature; expected "
                                                         r"forward_step\(data_iterator, model\)"):
         adapt_forward_step(wrong, state=None)
-    assert adapt_forward_step(gpt_forward_step, state=None) is gpt_forward_step
+    assert adapt_forward_step(gpt_forward_step, state=None) is gpt_forward_step  # its returns need no check
+
+
+def test_a_forward_step_returning_another_shape_is_named(run_config):
+    """The schedule unpacked the results itself: 'cannot unpack non-iterable Tensor object', 'len() of a 0-d
+    tensor'."""
+    from bridge_train.forward_step import ForwardStepSignatureError
+
+    def output_only(data_iterator, model):
+        return gpt_forward_step(data_iterator, model)[0]
+
+    def bare_loss(data_iterator, model):
+        output, loss_func = gpt_forward_step(data_iterator, model)
+        return output, lambda out: loss_func(out)[0]
+
+    short = {"train.train_iters": 2, "scheduler.lr_warmup_iters": 1}
+    with pytest.raises(ForwardStepSignatureError, match=r"forward_step .*output_only returned a Tensor; it must "
+                                                        r"return \(output_tensor, loss_func\)"):
+        pretrain(run_config(**short), output_only)
+    with pytest.raises(ForwardStepSignatureError, match=r"the loss function of forward_step .*bare_loss returned a "
+                                                        r"Tensor; it must return \(loss, \{'lm loss': ...\}\)"):
+        pretrain(run_config(**short), bare_loss)

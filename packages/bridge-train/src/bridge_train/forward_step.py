@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -99,17 +100,21 @@ def adapt_forward_step(forward_step: Callable, state) -> Callable:
 
     A Megatron Bridge-style ``forward_step(state, data_iterator, model)`` gets ``state`` (the
     :class:`bridge_train.setup.TrainingRun`: ``cfg``, ``train_state``, ``model``, ...) bound as its first
-    argument; any other signature is refused here rather than with a TypeError deep in the schedule.
+    argument; any other signature is refused here rather than with a TypeError deep in the schedule, and what the
+    step and its loss function return is checked when they are called.
 
     Raises:
         ForwardStepSignatureError: a TypeError naming the function, its signature and the two accepted ones.
     """
     import inspect
 
+    if forward_step is gpt_forward_step:
+        return forward_step
+    name = getattr(forward_step, "__qualname__", repr(forward_step))
     try:
         signature = inspect.signature(forward_step)
     except (TypeError, ValueError):  # a builtin or C callable: trust it
-        return forward_step
+        return _checked_returns(forward_step, name)
     params = list(signature.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [p for p in positional if p.default is p.empty]
@@ -117,10 +122,39 @@ def adapt_forward_step(forward_step: Callable, state) -> Callable:
     required_kw = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
     if not required_kw:
         if len(required) == 3 or (len(required) < 3 <= len(positional) and positional[0].name == "state"):
-            return partial(forward_step, state)
+            return _checked_returns(partial(forward_step, state), name)
         if len(required) <= 2 and (len(positional) >= 2 or varargs):
-            return forward_step
-    name = getattr(forward_step, "__qualname__", repr(forward_step))
+            return _checked_returns(forward_step, name)
     raise ForwardStepSignatureError(f"forward_step {name}{signature} has an unsupported signature; expected "
                     "forward_step(data_iterator, model) -> (output, loss_func), or Megatron Bridge's "
                     "forward_step(state, data_iterator, model)")
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+def _checked_returns(forward_step: Callable, name: str) -> Callable:
+    """``forward_step`` whose result and loss function's result are checked: the schedule unpacked them with a bare
+    ValueError / TypeError of its own."""
+    expected = "(loss, {'lm loss': ...}) or (loss, tokens, {'lm loss': ...})"
+
+    def checked_loss(loss_func: Callable) -> Callable:
+        def loss(output_tensor):
+            result = loss_func(output_tensor)
+            if not (isinstance(result, tuple) and len(result) in (2, 3)):
+                raise ForwardStepSignatureError(f"the loss function of forward_step {name} returned {_shape(result)};"
+                                                f" it must return {expected}")
+            return result
+        return loss
+
+    def step(*args):  # (data_iterator, model[, checkpoint_activations_microbatch])
+        result = forward_step(*args)
+        if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+            raise ForwardStepSignatureError(f"forward_step {name} returned {_shape(result)}; it must return "
+                                            f"(output_tensor, loss_func), loss_func(output_tensor) returning {expected}")
+        return result[0], checked_loss(result[1])
+
+    return step
