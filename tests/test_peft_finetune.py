@@ -456,6 +456,30 @@ def test_the_tokenizer_a_run_trains_with_is_the_one_its_exports_carry(tiny_hf, t
         str(Path(tiny_hf) / "tokenizer"))("paris is the capital")["input_ids"]
 
 
+def test_a_shrunk_vocabulary_exports_the_bos_and_eos_of_its_tokenizer(tiny_hf, tmp_path):
+    """A Llama 3 config (bos 128000, eos 128001) shrunk to the run's 320-token tokenizer: the exports wrote the
+    source's ids, outside the vocabulary (transformers warns, and generation never stops at eos), or null; the
+    tokenizer exported with the model knows them (transformers' AutoTokenizer is the oracle)."""
+    from transformers import AutoTokenizer
+
+    from bridge_convert import AutoBridge
+    from bridge_train import pretrain
+
+    source = {**json.loads((Path(tiny_hf) / "config.json").read_text()), "vocab_size": 128256,
+              "bos_token_id": 128000, "eos_token_id": 128001}
+    cfg = make_config(tiny_hf, str(tmp_path / "run"), train_iters=2, save_hf=True)
+    cfg.checkpoint.pretrained_checkpoint, cfg.peft = None, None
+    cfg.model = AutoBridge.from_hf_config(source).to_megatron_provider(load_weights=False)
+    cfg.model.vocab_size = 320
+    with pytest.warns(UserWarning, match="bos_token_id 128000, eos_token_id 128001 .* outside its vocabulary of 320"):
+        pretrain(cfg)
+    AutoBridge.export_ckpt(str(tmp_path / "run"), str(tmp_path / "exported"))
+    for out in (tmp_path / "run" / "iter_0000002" / "hf", tmp_path / "exported"):
+        config, tokenizer = json.loads((out / "config.json").read_text()), AutoTokenizer.from_pretrained(str(out))
+        assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+        assert config["vocab_size"] == 320 and max(tokenizer.bos_token_id, tokenizer.eos_token_id) < 320
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_full_activation_recompute_trains_the_adapters_like_no_recompute(tiny_hf, method):
     """Under full recompute the adapters inside the checkpointed layers got no gradient at all (the frozen

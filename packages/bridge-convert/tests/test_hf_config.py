@@ -213,3 +213,33 @@ def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
     (tmp_path / "config.json").write_text("[1]")
     with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
         load_hf_config(tmp_path)
+
+
+def test_null_bos_and_eos_take_the_ids_of_the_tokenizer_saved_beside_them(tmp_path):
+    """transformers' AutoTokenizer reading the same directory is the oracle for the ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer
+
+    from bridge_convert.hf_config import fill_token_ids_from_tokenizer
+
+    vocab = {"<unk>": 0, "hello": 1, "<s>": 2, "</s>": 3, "<big>": 9}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+
+    def export(config: dict, **named) -> dict:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", **named}))
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        fill_token_ids_from_tokenizer(tmp_path)
+        return json.loads((tmp_path / "config.json").read_text())
+
+    filled = export({"vocab_size": 8, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
+                    bos_token="<s>", eos_token={"__type": "AddedToken", "content": "</s>", "special": True})
+    oracle = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (filled["bos_token_id"], filled["eos_token_id"]) == (oracle.bos_token_id, oracle.eos_token_id) == (2, 3)
+    assert filled["pad_token_id"] is None  # only bos / eos: a null pad may be the source's own choice
+    # set ids stay; a token the tokenizer lacks, or one outside the vocabulary, stays null
+    assert export({"vocab_size": 8, "bos_token_id": 5, "eos_token_id": None}, bos_token="<s>",
+                  eos_token="<none>") == {"vocab_size": 8, "bos_token_id": 5, "eos_token_id": None}
+    assert export({"vocab_size": 8, "bos_token_id": None}, bos_token="<big>")["bos_token_id"] is None
+    (tmp_path / "tokenizer.json").unlink()  # no tokenizer: nothing to take
+    assert export({"vocab_size": 8, "bos_token_id": None}, bos_token="<s>")["bos_token_id"] is None

@@ -15,7 +15,7 @@ import torch
 
 from . import model_bridge as engine
 from .finite import NonFinite
-from .hf_config import dtype_from_hf, dtype_to_hf, load_hf_config, parse_dtype
+from .hf_config import dtype_from_hf, dtype_to_hf, fill_token_ids_from_tokenizer, load_hf_config, parse_dtype
 from .megatron_ckpt import (
     HF_ASSET_FILES,
     HF_ASSETS_DIR,
@@ -298,6 +298,7 @@ class AutoBridge:
                     copied |= name == "generation_config.json"
         if not copied and provider.generation_config:
             (out / "generation_config.json").write_text(json.dumps(provider.generation_config, indent=2) + "\n")
+        fill_token_ids_from_tokenizer(out)
 
     # ------------------------------------------------------------------------ Megatron checkpoints
     def checkpoint_metadata(self, model: list) -> dict[str, Any]:

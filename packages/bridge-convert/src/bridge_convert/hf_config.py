@@ -17,8 +17,8 @@ import torch
 
 from .dtypes import dtype_name, parse_dtype
 
-__all__ = ["RopeSettings", "dtype_from_hf", "dtype_to_hf", "load_hf_config", "parse_dtype", "read_rope",
-           "write_rope"]
+__all__ = ["RopeSettings", "dtype_from_hf", "dtype_to_hf", "fill_token_ids_from_tokenizer", "load_hf_config",
+           "parse_dtype", "read_rope", "write_rope"]
 
 
 def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -131,3 +131,39 @@ def write_rope(raw: dict[str, Any], rope: RopeSettings) -> None:
     else:
         params["rope_theta"] = rope.theta
         raw["rope_parameters"] = params
+
+
+def fill_token_ids_from_tokenizer(directory: str | os.PathLike) -> list[str]:
+    """Give a null ``bos_token_id`` / ``eos_token_id`` in ``directory/config.json`` the id the tokenizer saved there
+    has for its bos / eos token (``tokenizer_config.json`` names the token, ``tokenizer.json`` its id).
+
+    An export writes such ids as null when a shrunk vocabulary leaves the source config's outside it; the model's
+    own tokenizer, exported with it, knows them (generation stops at the config's eos). Nothing changes without
+    both tokenizer files, or for a token the tokenizer lacks or whose id lies outside the vocabulary.
+
+    Returns:
+        The keys filled.
+    """
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        missing = [k for k in ("bos_token_id", "eos_token_id") if k in config and config[k] is None]
+        if not missing or not (directory / "tokenizer.json").is_file():
+            return []
+        named = json.loads((directory / "tokenizer_config.json").read_text())
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception:  # noqa: BLE001  (unreadable files; tokenizers raises its own error type for a bad one)
+        return []
+    filled = []
+    for key in missing:
+        token = named.get(key.removesuffix("_id"))
+        token = token.get("content") if isinstance(token, dict) else token
+        token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
+        if isinstance(token_id, int) and 0 <= token_id < int(config.get("vocab_size") or 0):
+            config[key] = token_id
+            filled.append(key)
+    if filled:
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return filled

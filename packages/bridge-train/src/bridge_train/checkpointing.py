@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from bridge_convert.errors import CheckpointMismatchError
+from bridge_convert.hf_config import fill_token_ids_from_tokenizer
 from bridge_convert.megatron_ckpt import (
     FORMAT_VERSION,
     HF_ASSET_FILES,
@@ -395,6 +396,8 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
                 run.bridge.save_hf_pretrained(run.model, tmp / "hf")
                 if state.rank == 0:
                     _put_tokenizer(tmp / "hf", tokenizer)
+                    if tokenizer is not None:
+                        fill_token_ids_from_tokenizer(tmp / "hf")
         with _write_results_queue(async_saves is not None), writer_errors:
             request = dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy(run),
                                               async_sharded_save=async_saves is not None, async_strategy="mcore")

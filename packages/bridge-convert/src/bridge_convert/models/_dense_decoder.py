@@ -224,5 +224,5 @@ def _drop_token_ids_outside_vocab(raw: dict[str, Any], vocab: int, source_vocab:
         dropped.append(f"{key} {value}")
     if dropped:
         warnings.warn(f"HF config of this model: {', '.join(dropped)} (from the source config) are outside its "
-                      f"vocabulary of {vocab} tokens (the source's has {source_vocab}) and are written as null",
-                      stacklevel=3)
+                      f"vocabulary of {vocab} tokens (the source's has {source_vocab}): written as null (an export "
+                      "with a tokenizer takes its bos / eos ids)", stacklevel=3)
