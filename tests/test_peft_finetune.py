@@ -577,27 +577,68 @@ def test_pipeline_stage_without_adapters_resumes_or_is_refused_before_training(t
     assert not list((tmp_path / "first stage empty").glob("iter_*"))  # refused before training, nothing saved
 
 
-def test_resuming_adapters_onto_another_base_names_both(tiny_hf, dora_checkpoint, tmp_path, caplog):
-    """An adapter-only checkpoint keeps no base: resuming it with another checkpoint.pretrained_checkpoint says
-    which base the adapters were trained on; the same base (by another spelling of its path) says nothing."""
+def _tuned_copy(hf: str, out: Path) -> str:
+    """``hf`` with every weight moved by 5% of itself (a fine-tune of it, as far as the weights go)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1 + 0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(out)
+    return str(out)
+
+
+def test_resuming_adapters_onto_another_base(tiny_hf, dora_checkpoint, tmp_path, caplog):
+    """An adapter-only checkpoint keeps no base, but a fingerprint of it: resuming onto other weights (a fine-tune
+    of the base) is refused before training, a copy of the base at another path says nothing; a checkpoint without
+    the fingerprint (an older bridge-train's) warns, naming the base the adapters were trained on."""
+    import json
     import logging
     import shutil
 
     from bridge_peft import DoRA
+    from bridge_train.checkpoint_discovery import CheckpointError
     from bridge_train.setup import setup_run
 
-    other = shutil.copytree(tiny_hf, tmp_path / "other-base")
+    copy = shutil.copytree(tiny_hf, tmp_path / "copy-of-base")
     peft = DoRA(dim=4, alpha=8, lora_B_init_method="xavier")
-    for base, warned in ((str(other), True), (f"{tiny_hf}/../{Path(tiny_hf).name}", False)):
-        ckpt = shutil.copytree(dora_checkpoint, tmp_path / f"ckpt-{warned}")
+
+    def resume(base: str, name: str, *, fingerprint: bool = True):
+        ckpt = shutil.copytree(dora_checkpoint, tmp_path / name)
+        if not fingerprint:
+            meta_path = next(ckpt.glob("iter_*")) / "bridge.json"
+            meta = json.loads(meta_path.read_text())
+            del meta["peft"]["base_fingerprint"]
+            meta_path.write_text(json.dumps(meta))
         cfg = make_config(tiny_hf, str(ckpt), train_iters=6, peft=peft)
         cfg.checkpoint.pretrained_checkpoint = base
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="bridge_train"):
-            assert setup_run(cfg, finetune=True).train_state.iteration == 4
-        message = (f"onto checkpoint.pretrained_checkpoint={other}, but they were trained on {tiny_hf}: nothing "
-                   "checks that the two hold the same weights")
-        assert (message in caplog.text) is warned, caplog.text
+            return setup_run(cfg, finetune=True)
+
+    warning = f"but they were trained on {tiny_hf}: nothing checks that the two hold the same weights"
+    assert resume(str(copy), "copy").train_state.iteration == 4 and warning not in caplog.text
+    assert resume(str(copy), "old", fingerprint=False).train_state.iteration == 4 and warning in caplog.text
+    with pytest.raises(CheckpointError, match=r"cannot resume the adapters of .*: the base model's weights here "
+                                              r"\(checkpoint.pretrained_checkpoint=.*tuned\) are not the ones they "
+                                              r"were trained on"):
+        resume(_tuned_copy(tiny_hf, tmp_path / "tuned"), "resumed-on-tuned")
+
+
+def test_merge_onto_other_weights_is_refused_unless_asked_for(tiny_hf, dora_checkpoint, tmp_path, capsys):
+    """bridge-peft merge checked the base's shapes only: a fine-tune of the base (same shapes) merged silently into
+    a model nobody trained. --other-base merges onto it all the same (adapters carried over on purpose)."""
+    from bridge_peft.cli import main
+
+    tuned = _tuned_copy(tiny_hf, tmp_path / "tuned")
+    capsys.readouterr()
+    assert main(["merge", dora_checkpoint, str(tmp_path / "refused"), "--base", tuned]) == 2
+    assert ("were trained on other weights than those of --base" in capsys.readouterr().err
+            and not (tmp_path / "refused").exists())
+    assert main(["merge", dora_checkpoint, str(tmp_path / "merged"), "--base", tuned, "--other-base"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(("override", "error"), [

@@ -46,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype the base is loaded, merged and written in (default: the base checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--other-base", action="store_true",
+                   help="merge even when BASE's weights are not those the adapters were trained on (the checkpoint "
+                        "records a fingerprint of them), e.g. to carry adapters over to an instruct variant")
     return parser
 
 
@@ -88,7 +91,19 @@ def _load_adapters(model, peft, ckpt: Path) -> None:
     load_model_state(model, ckpt, model_state=state, strict=False, adapters=True)
 
 
-def _model_with_adapters(ckpt: Path, base: str | None, steps, dtype: str | None = None):
+def _check_same_weights(meta: dict, model, ckpt: Path, base: str) -> None:
+    from bridge_convert.weights_fingerprint import base_weights_fingerprint, same_weights
+
+    recorded = (meta.get("peft") or {}).get("base_fingerprint")
+    if same_weights(recorded, base_weights_fingerprint(model)) is False:
+        trained_on = (meta.get("peft") or {}).get("base")
+        raise ValueError(f"the adapters in {ckpt} were trained on other weights than those of --base {base} (the "
+                         f"checkpoint records a fingerprint of its base{f', {trained_on}' if trained_on else ''}): "
+                         "the merge would be a model nobody trained; pass the base they were trained on, or "
+                         "--other-base to merge onto these weights all the same")
+
+
+def _model_with_adapters(ckpt: Path, base: str | None, steps, dtype: str | None = None, other_base: bool = False):
     """Build the model (base weights from ``base`` when given, in ``dtype`` or their own), apply the checkpoint's
     PEFT, load the adapters. With a ``base`` (a merge) the adapters are fp32, whatever dtype they were saved in, so
     that ``W + s B A`` is rounded once, into the weight dtype."""
@@ -113,6 +128,8 @@ def _model_with_adapters(ckpt: Path, base: str | None, steps, dtype: str | None 
         _check_same_model(adapter_bridge.hf_config, bridge.hf_config, directory, base)
         model = bridge.to_megatron_model(load_weights=False, perform_initialization=False, **chosen)
         bridge.load_megatron_checkpoint(model, base)
+    if base is not None and not other_base:
+        _check_same_weights(meta, model, directory, base)
     steps.update(1)
     if base is not None and hasattr(peft, "lora_dtype"):
         peft.lora_dtype = "float32"
@@ -178,7 +195,8 @@ def _merge(args) -> None:
     base = args.base or _recorded_base(Path(args.checkpoint))
     check_output_dir(args.out, overwrite=args.overwrite, inputs=(args.checkpoint, base))
     with tqdm(total=4, desc="merge", unit="step") as steps:
-        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), base, steps, args.dtype)
+        bridge, model, directory = _model_with_adapters(Path(args.checkpoint), base, steps, args.dtype,
+                                                        other_base=args.other_base)
         merge_adapters(model)
         steps.update(1)
         # the tokenizer the fine-tune trained with (its checkpoint's copy), else the base's

@@ -353,7 +353,8 @@ def save_training_checkpoint(run, train_state: TrainState, *, async_saves: Async
         base = cfg.checkpoint.pretrained_checkpoint
         # the base the adapters were trained on, for `bridge-peft merge` (the checkpoint keeps no base weights)
         metadata = {**metadata, "peft": {**_peft_metadata(cfg.peft),
-                                         "base": str(Path(base).resolve()) if base else None}}
+                                         "base": str(Path(base).resolve()) if base else None,
+                                         "base_fingerprint": run.extras.get("base fingerprint")}}
     files = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n", RUN_CONFIG_FILE: cfg.to_yaml()}
     tokenizer = _training_tokenizer(run) if run.bridge is not None else None
     needed = _checkpoint_bytes(sharded, state.device)
@@ -484,6 +485,21 @@ def _saved_run_config(path: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         return {}
     return saved if isinstance(saved, dict) else {}
+
+
+def _same_base(run, path: Path) -> bool | None:
+    """Whether the base weights of this run are those the adapters in checkpoint ``path`` were trained on, by the
+    fingerprint both record (on the rank that holds them; None elsewhere and for checkpoints without one)."""
+    from bridge_convert.weights_fingerprint import same_weights
+
+    current = run.extras.get("base fingerprint")
+    if current is None:
+        return None
+    try:
+        recorded = (json.loads((Path(path) / METADATA_FILE).read_text()).get("peft") or {}).get("base_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return same_weights(recorded, current)
 
 
 def _saved_pretrained_checkpoint(saved: dict[str, Any]) -> str | None:
@@ -721,11 +737,18 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
                        "apply from here on", path, "; ".join(differences))
     saved_config = _saved_run_config(path)
     base = _saved_pretrained_checkpoint(saved_config) if adapters else None
-    if base and cfg.checkpoint.pretrained_checkpoint and \
+    same = _same_base(run, path) if adapters else None
+    if not _agree(same is not False, state.device):
+        raise CheckpointError(f"cannot resume the adapters of {path}: the base model's weights here "
+                              f"(checkpoint.pretrained_checkpoint={cfg.checkpoint.pretrained_checkpoint}) are not the "
+                              f"ones they were trained on ({base or 'the run recorded no path'}; the checkpoint "
+                              "records a fingerprint of them); point checkpoint.pretrained_checkpoint at that base, "
+                              "or save this run into another checkpoint.save directory to start new adapters")
+    if same is None and base and cfg.checkpoint.pretrained_checkpoint and \
             Path(base).resolve() != Path(cfg.checkpoint.pretrained_checkpoint).resolve():
         logger.warning("resuming the adapters of %s onto checkpoint.pretrained_checkpoint=%s, but they were trained "
                        "on %s: nothing checks that the two hold the same weights (an adapter-only checkpoint keeps "
-                       "no base); point checkpoint.pretrained_checkpoint at %s to continue on the base they were "
+                       "no base, and this one records no fingerprint of it); point checkpoint.pretrained_checkpoint at %s to continue on the base they were "
                        "trained on", path, cfg.checkpoint.pretrained_checkpoint, base, base)
     data = _data_differences(cfg, saved_config)
     if data and state.rank == 0:

@@ -285,6 +285,10 @@ def setup_run(cfg: ConfigContainer, *, finetune: bool) -> TrainingRun:
                       tokenizer=tokenizer, bridge=bridge, started_at=started_at,
                       train_state=TrainState(world_size=parallel.world_size, train_samples=train_samples,
                                              valid_samples=valid_samples))
+    if finetune and adapter_only_checkpoints(cfg):  # what the checkpoints do not keep: merges / resumes compare it
+        from bridge_convert.weights_fingerprint import base_weights_fingerprint
+
+        run.extras["base fingerprint"] = base_weights_fingerprint(model)
     if (cfg.checkpoint.save and cfg.checkpoint.save_optim) or (resume is not None and cfg.checkpoint.load_optim):
         check_optimizer_checkpointable(optimizer, parallel.device)
     if resume is not None:
