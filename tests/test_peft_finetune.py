@@ -627,6 +627,17 @@ def test_resuming_adapters_onto_another_base(tiny_hf, dora_checkpoint, tmp_path,
         resume(_tuned_copy(tiny_hf, tmp_path / "tuned"), "resumed-on-tuned")
 
 
+def test_an_adapter_checkpoint_as_the_pretrained_weights_is_refused_by_the_config_check(tiny_hf, dora_checkpoint):
+    """It was refused only once the model had been built and the weights were being read."""
+    from bridge_train.config import ConfigError
+
+    cfg = make_config(tiny_hf, None, train_iters=2)
+    cfg.checkpoint.pretrained_checkpoint = dora_checkpoint
+    with pytest.raises(ConfigError, match=r"checkpoint.pretrained_checkpoint: .*ckpt is an adapter checkpoint "
+                                          r"\(bridge_peft.lora.DoRA\): it holds the adapters, not the model's weights"):
+        cfg.validate(world_size=1)
+
+
 def test_merge_onto_other_weights_is_refused_unless_asked_for(tiny_hf, dora_checkpoint, tmp_path, capsys):
     """bridge-peft merge checked the base's shapes only: a fine-tune of the base (same shapes) merged silently into
     a model nobody trained. --other-base merges onto it all the same (adapters carried over on purpose)."""

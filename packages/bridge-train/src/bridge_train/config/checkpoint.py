@@ -72,12 +72,16 @@ class CheckpointConfig:
 
     def _path_problems(self, prefix: str) -> list[str]:
         """Checkpoint paths that cannot be meant (read-only looks at the disk, before anything is built)."""
+        from bridge_convert.megatron_ckpt import adapter_checkpoint_message
+
         from ..checkpoint_discovery import hf_model_directory_problem
 
         problems = []
         if self.pretrained_checkpoint and not os.path.exists(self.pretrained_checkpoint):
             problems.append(f"{prefix}.pretrained_checkpoint={self.pretrained_checkpoint} does not exist; point it at "
                             "an HF model directory or a Megatron checkpoint")
+        elif self.pretrained_checkpoint and (adapters := adapter_checkpoint_message(self.pretrained_checkpoint)):
+            problems.append(f"{prefix}.pretrained_checkpoint: {adapters}")  # it was found after the model was built
         if self.load and os.path.isfile(self.load):
             problems.append(f"{prefix}.load={self.load} is a file; point it at the checkpoint.save directory of the "
                             "run to resume, or at one of its iter_* directories")
