@@ -44,6 +44,7 @@ from bridge_convert.megatron_ckpt import (
     TRACKER_FILE,
     checkpoint_iteration_dir,
     load_model_state,
+    read_checkpoint_metadata,
     sharded_model_state,
 )
 
@@ -496,8 +497,8 @@ def _same_base(run, path: Path) -> bool | None:
     if current is None:
         return None
     try:
-        recorded = (json.loads((Path(path) / METADATA_FILE).read_text()).get("peft") or {}).get("base_fingerprint")
-    except (OSError, ValueError, AttributeError):
+        recorded = (read_checkpoint_metadata(path).get("peft") or {}).get("base_fingerprint")
+    except (OSError, ValueError):
         return None
     return same_weights(recorded, current)
 
@@ -748,8 +749,9 @@ def load_training_checkpoint(run, path: Path) -> TrainState:
             Path(base).resolve() != Path(cfg.checkpoint.pretrained_checkpoint).resolve():
         logger.warning("resuming the adapters of %s onto checkpoint.pretrained_checkpoint=%s, but they were trained "
                        "on %s: nothing checks that the two hold the same weights (an adapter-only checkpoint keeps "
-                       "no base, and this one records no fingerprint of it); point checkpoint.pretrained_checkpoint at %s to continue on the base they were "
-                       "trained on", path, cfg.checkpoint.pretrained_checkpoint, base, base)
+                       "no base, and this one records no fingerprint of it); point "
+                       "checkpoint.pretrained_checkpoint at %s to continue on the base they were trained on", path,
+                       cfg.checkpoint.pretrained_checkpoint, base, base)
     data = _data_differences(cfg, saved_config)
     if data and state.rank == 0:
         root = path.parent if (path.parent / TRACKER_FILE).exists() else path

@@ -37,9 +37,8 @@ def _reduce_losses(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> d
     megatron-core's reporting form: the sum over all tokens divided by their number).
     """
     keys = ("lm loss", *_extra_loss_keys(run, losses))
-    value = _loss_sums(run, losses, keys, same_keys=True)
-    return {key: float(value[2 * i] / value[2 * i + 1]) if value[2 * i + 1] > 0 else float("nan")
-            for i, key in enumerate(keys)}
+    sums = _loss_sums(run, losses, keys, same_keys=True).tolist()  # one copy to the host
+    return {key: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] > 0 else float("nan") for i, key in enumerate(keys)}
 
 
 def _extra_loss_keys(run: TrainingRun, losses: list) -> list[str]:
