@@ -153,6 +153,41 @@ def test_offline_export_of_a_training_checkpoint_matches_the_model_building_expo
     assert torch.equal(tensors["model.norm.weight"], weight)
 
 
+def test_a_given_max_shard_size_cuts_the_files_even_where_the_source_layout_matches(hf_checkpoints,
+                                                                                   offline_checkpoints, tmp_path,
+                                                                                   runtime):
+    from safetensors import safe_open
+
+    def files(path) -> dict[str, list[str]]:
+        return {f.name: sorted(safe_open(str(f), "pt").keys()) for f in sorted(Path(path).glob("*.safetensors"))}
+
+    source = hf_checkpoints["llama"]
+    for options in ({"dtype": "bfloat16"}, {}):  # the two paths write the same bytes (the last: kept for below)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        AutoBridge.export_ckpt(offline_checkpoints["llama"], tmp_path / "offline", max_shard_size="40KB", **options)
+        AutoBridge.export_ckpt(offline_checkpoints["llama"], tmp_path / "built", max_shard_size="40KB", offline=False,
+                               **options)
+        names = sorted(p.name for p in (tmp_path / "built").iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "offline").iterdir()) and len(names) > 4
+        for name in names:
+            assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "built" / name).read_bytes(), name
+    cut = files(tmp_path / "offline")
+    assert len(cut) > len(files(source))
+    for name, keys in cut.items():
+        if len(keys) > 1:
+            assert (tmp_path / "offline" / name).stat().st_size <= 40_000 + 4096, name  # + the header
+    _, by_file = json.loads((tmp_path / "offline" / "model.safetensors.index.json").read_text()).values()
+    assert {k: by_file[k] for ks in cut.values() for k in ks} == by_file  # the index names the new files
+    from safetensors.torch import load_file
+
+    original = {k: v for f in Path(source).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    exported = {k: v for f in (tmp_path / "offline").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert original.keys() == exported.keys()
+    for name, tensor in original.items():  # in the source dtype, bit for bit
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    torch.testing.assert_close(_hf_logits(tmp_path / "offline"), _hf_logits(source), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _copy(src, dst) -> Path:
     shutil.copytree(src, dst)

@@ -27,7 +27,13 @@ from .megatron_ckpt import (
 from .outputs import CONVERTED_MARKER, OutputError, check_output_dir, staged_output_dir
 from .registry import get_bridge, supported_architectures
 from .runtime import get_parallel_state, log_rank0
-from .safetensors_io import LazyHFCheckpoint, ShardedSafetensorsWriter, SourceLayout
+from .safetensors_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    LazyHFCheckpoint,
+    ShardedSafetensorsWriter,
+    SourceLayout,
+    sized_plan,
+)
 
 if TYPE_CHECKING:
     from .provider import GPTModelProvider
@@ -199,15 +205,16 @@ class AutoBridge:
         return self.model_bridge.provider_to_config(provider, self.hf_config)
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                           max_shard_size: int | str = "5GB", overwrite: bool = False,
+                           max_shard_size: int | str | None = None, overwrite: bool = False,
                            assets_from: str | os.PathLike | None = None) -> None:
         """Write the model as an HF checkpoint: config, generation config, tokenizer files, safetensors shards.
 
         When this bridge knows the source HF checkpoint's layout (it was made from that checkpoint, or from a
         Megatron checkpoint imported from it) and the tensor names and shapes match, every tensor returns to its
         source file, offset and dtype, and the index is copied: unchanged weights give byte-identical files.
-        Otherwise, or when ``dtype`` is given, files are cut at ``max_shard_size`` in ``dtype`` (default: the
-        model's params dtype). Tensors are written to their final place as they stream in, so memory holds one
+        Otherwise, or when ``dtype`` is given, files are cut at ``max_shard_size`` (default 5GB) in ``dtype``
+        (default: the model's params dtype). A ``max_shard_size`` given cuts the files at it even when the source
+        layout matches (the tensors keep the source dtypes then). Tensors are written to their final place as they stream in, so memory holds one
         tensor at a time. All ranks call this; rank 0 writes. The directory appears only when complete: a failure
         leaves no partial output behind. A non-empty ``path`` is refused unless ``overwrite`` (see
         :mod:`bridge_convert.outputs` for what is never overwritten). ``assets_from``: a directory whose tokenizer
@@ -232,13 +239,12 @@ class AutoBridge:
 
         try:
             with staged_output_dir(path, overwrite=overwrite, inputs=inputs) as tmp:
-                if layout is not None:
+                dtypes = layout.dtypes if layout is not None else dict.fromkeys((n for n, _ in shapes), target_dtype)
+                if layout is not None and max_shard_size is None:
                     writer = ShardedSafetensorsWriter.from_source(tmp, layout)
-                    dtypes = layout.dtypes
                 else:
-                    writer = ShardedSafetensorsWriter.by_size(tmp, [(n, target_dtype, s) for n, s in shapes],
-                                                              max_shard_size=max_shard_size)
-                    dtypes = dict.fromkeys((n for n, _ in shapes), target_dtype)
+                    writer = ShardedSafetensorsWriter.by_size(tmp, sized_plan(shapes, dtypes, aliases),
+                                                              max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
                 non_finite = NonFinite()
                 for name, tensor in tqdm(stream, total=len(shapes), desc="Exporting HF weights", unit="tensor"):
                     converted = tensor.to(dtypes[name])
@@ -392,7 +398,7 @@ class AutoBridge:
     @classmethod
     def export_ckpt(cls, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
                     dtype: torch.dtype | str | None = None, overwrite: bool = False,
-                    max_shard_size: int | str = "5GB", offline: bool | None = None, threads: int = 2,
+                    max_shard_size: int | str | None = None, offline: bool | None = None, threads: int = 2,
                     **provider_overrides: Any) -> None:
         """Megatron checkpoint -> HF checkpoint, written whole or not at all.
 
@@ -404,7 +410,8 @@ class AutoBridge:
         Args:
             dtype: HF tensor dtype (default: the source HF layout's dtypes, else the checkpoint's).
             overwrite: replace a non-empty ``hf_path`` (never an input or a training checkpoint).
-            max_shard_size: largest safetensors file when not reproducing the source layout.
+            max_shard_size: largest safetensors file; given, the files are cut at it even where the source layout
+                would be reproduced (default: the source's files, else 5GB).
             threads: tensors the offline converter reads ahead in parallel.
         """
         offline = not provider_overrides if offline is None else offline

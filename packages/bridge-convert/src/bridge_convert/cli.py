@@ -69,9 +69,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="Megatron checkpoint -> HF checkpoint")
     p.add_argument("megatron_path", help="Megatron checkpoint (root with a tracker file, or an iter_* directory)")
     p.add_argument("hf_path", help="output HF model directory")
-    p.add_argument("--max-shard-size", default="5GB", type=_shard_size, metavar="SIZE",
-                   help="largest safetensors file when not reproducing the source layout: bytes, or a number with "
-                        "KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of 1024), e.g. 500MB, 2GiB (default 5GB)")
+    p.add_argument("--max-shard-size", type=_shard_size, metavar="SIZE",
+                   help="cut the safetensors files at SIZE (even where the source checkpoint's files would be "
+                        "reproduced): bytes, or a number with KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of "
+                        "1024), e.g. 500MB, 2GiB (default: the source's files when the tensors match them, else 5GB)")
     p.add_argument("--no-overwrite", action="store_true", help="refuse a non-empty output directory: the default now (kept for older scripts); an error together with --overwrite")
     _layout_args(p)
     _output_args(p)

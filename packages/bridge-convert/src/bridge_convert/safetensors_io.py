@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
     "FilePlan",
     "LazyHFCheckpoint",
     "ShardedSafetensorsWriter",
@@ -31,6 +32,7 @@ __all__ = [
     "buffer_address",
     "mapped_tensor",
     "parse_size",
+    "sized_plan",
     "write_bytes",
 ]
 
@@ -38,6 +40,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+"""Largest file of an export that does not reproduce its source's files (transformers' ``save_pretrained`` default)."""
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -389,6 +393,22 @@ class SourceLayout:
         return cls(dict(data["headers"]), data.get("index_text"))
 
 
+def sized_plan(shapes: list[tuple[str, tuple[int, ...]]], dtypes: dict[str, torch.dtype],
+               aliases: dict[str, list[str]]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of each tensor, each followed by its tied aliases, for
+    :meth:`ShardedSafetensorsWriter.by_size`: the tensors before the first layer, then layer by layer, then the
+    rest, by name within each, so that every export path (the model's order, the checkpoint's) cuts the same files."""
+    layers = [int(m.group(1)) if (m := re.search(r"\.layers\.(\d+)\.", name)) else None for name, _ in shapes]
+    first = next((i for i, layer in enumerate(layers) if layer is not None), len(shapes))
+
+    def key(i: int) -> tuple:
+        group = (1, layers[i]) if layers[i] is not None else (0 if i < first else 2, 0)
+        return group, shapes[i][0]
+
+    return [(name, dtypes[name], shapes[i][1]) for i in sorted(range(len(shapes)), key=key)
+            for name in (shapes[i][0], *aliases.get(shapes[i][0], ()))]
+
+
 class ShardedSafetensorsWriter:
     """Write tensors, in any order, straight to their place in pre-planned safetensors files.
 
@@ -416,7 +436,7 @@ class ShardedSafetensorsWriter:
 
     @classmethod
     def by_size(cls, out_dir: str | os.PathLike, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
-                max_shard_size: int | str = "5GB", metadata: dict[str, str] | None = None
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, metadata: dict[str, str] | None = None
                 ) -> ShardedSafetensorsWriter:
         """Fill files in the given order up to ``max_shard_size`` each, named as ``save_pretrained`` names them."""
         limit = parse_size(max_shard_size)

@@ -21,7 +21,7 @@ from ..finite import NonFinite
 from ..hf_config import parse_dtype
 from ..megatron_ckpt import resolve_checkpoint_dir
 from ..outputs import check_output_dir, staged_output_dir
-from ..safetensors_io import ShardedSafetensorsWriter
+from ..safetensors_io import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, sized_plan
 from .dist_ckpt import DistCheckpointReader, assemble_region
 from .layout import CheckpointEntry, checkpoint_entries, expected_megatron_shapes, model_config
 from .row_blocks import hf_row_runs, row_blocks
@@ -59,7 +59,7 @@ def _check_stored(entries: list[CheckpointEntry], reader: DistCheckpointReader, 
 
 
 def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
-                               dtype: torch.dtype | str | None = None, max_shard_size: int | str = "5GB",
+                               dtype: torch.dtype | str | None = None, max_shard_size: int | str | None = None,
                                overwrite: bool = False, threads: int = 2, progress: bool = True) -> None:
     """Convert a Megatron checkpoint (root or ``iter_*`` directory) into an HF model directory.
 
@@ -68,7 +68,8 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
         hf_path: output directory, written whole or not at all.
         dtype: HF tensor dtype; default: the source checkpoint's layout and dtypes when the tensors match it,
             else the checkpoint's own dtype. Given, files are cut at ``max_shard_size``.
-        max_shard_size: largest safetensors file when not reproducing the source layout.
+        max_shard_size: largest safetensors file; given, the files are cut at it even where the source layout
+            would be reproduced (keeping the source dtypes). Default: the source's files, else 5GB.
         overwrite: replace a non-empty output (see :func:`bridge_convert.outputs.check_output_dir`).
         threads: tensors read ahead in parallel (each holds one layer slice of one tensor).
         progress: show a progress bar in bytes written.
@@ -146,11 +147,11 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
     with staged_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path], needed_bytes=total) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Exporting",
                  disable=not progress) as bar, ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        if layout is not None:
+        if layout is not None and max_shard_size is None:
             writer = ShardedSafetensorsWriter.from_source(tmp, layout)
         else:
-            writer = ShardedSafetensorsWriter.by_size(tmp, [(n, dtypes[n], s) for n, s in hf_shapes],
-                                                      max_shard_size=max_shard_size)
+            writer = ShardedSafetensorsWriter.by_size(tmp, sized_plan(hf_shapes, dtypes, aliases),
+                                                      max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
         pending: deque = deque()
         queue = iter(tasks)
         for task in queue:
