@@ -132,6 +132,13 @@ def test_compare_refuses_bad_numbers_in_one_line(option, value, capsys):
     assert err.count("\n") == 1 and option in err
 
 
+@pytest.mark.parametrize("option,value", [("--seq-len", "12"), ("--batch", "3"), ("--seed", "0")])
+def test_compare_refuses_random_input_options_with_a_prompt(option, value, hf_checkpoints, capsys):
+    assert main(["compare", hf_checkpoints["llama"], "--prompt", "Hello", option, value]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{option}: only for the random input" in err and "--prompt" in err
+
+
 def test_threads_is_refused_on_the_model_building_path(hf_checkpoints, tmp_path, capsys):
     assert main(["import", hf_checkpoints["llama"], str(tmp_path / "mc"), "--impl", "local", "--threads", "4"]) == 1
     err = capsys.readouterr().err

@@ -89,13 +89,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--megatron-path", default=None,
                    help="take the Megatron weights from this checkpoint instead of converting hf_path's")
     p.add_argument("--prompt", default=None, help="text to encode with the model's tokenizer")
-    p.add_argument("--seq-len", type=_positive_int("length"), default=32,
+    p.add_argument("--seq-len", type=_positive_int("length"), default=None,
                    help="random-input length when no --prompt (default 32)")
-    p.add_argument("--batch", type=_positive_int("batch size"), default=2,
+    p.add_argument("--batch", type=_positive_int("batch size"), default=None,
                    help="random-input batch size when no --prompt (default 2)")
     p.add_argument("--atol", type=_tolerance, default=None, metavar="X",
                    help="fail (exit status 1) when the max |diff| of the logits exceeds X; default: report only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random input ids when no --prompt (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random input ids when no --prompt (default 0)")
     _layout_args(p)
     for command in sub.choices.values():
         # --debug after the subcommand too; SUPPRESS keeps a subcommand from resetting a --debug given before it.
@@ -250,6 +250,11 @@ def _cmd_compare(args) -> int:
     from .forward import forward_logits
     from .hf_config import parse_dtype
 
+    random_input = {"--seq-len": args.seq_len, "--batch": args.batch, "--seed": args.seed}
+    if args.prompt is not None and any(v is not None for v in random_input.values()):
+        given = " / ".join(k for k, v in random_input.items() if v is not None)
+        raise ValueError(f"{given}: only for the random input; with --prompt the input is the prompt's tokens "
+                         f"(drop {given} or --prompt)")
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
     overrides = _overrides(args)
     dtype = parse_dtype(overrides.get("params_dtype", bridge.to_megatron_provider(load_weights=False).params_dtype))
@@ -265,7 +270,8 @@ def _cmd_compare(args) -> int:
         ids = AutoTokenizer.from_pretrained(args.hf_path)(args.prompt, return_tensors="pt").input_ids
     else:
         vocab = bridge.hf_config["vocab_size"]
-        ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+        shape, seed = (args.batch or 2, args.seq_len or 32), args.seed or 0
+        ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
     megatron = forward_logits(model, ids)
     import torch.distributed as dist
 
