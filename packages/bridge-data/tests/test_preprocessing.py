@@ -41,6 +41,23 @@ def test_parquet_and_hf_dir_give_the_same_documents(tokenizer_dir, corpus_jsonl,
     assert _read(preprocess(_cfg(tokenizer_dir, [str(tmp_path / "hf")], tmp_path / "h"))[0].prefix) == ref
 
 
+def test_split_picks_a_datasetdict_split_and_is_refused_where_no_input_has_splits(tokenizer_dir, corpus_jsonl,
+                                                                                 tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    path, texts = corpus_jsonl(12)
+    DatasetDict({"train": Dataset.from_dict({"text": texts}), "validation": Dataset.from_dict({"text": texts[:3]})}
+                ).save_to_disk(str(tmp_path / "dd"))
+    Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "one"))
+    ref = _read(preprocess(_cfg(tokenizer_dir, [path], tmp_path / "j"))[0].prefix)
+    [valid] = preprocess(_cfg(tokenizer_dir, [path, str(tmp_path / "dd")], tmp_path / "v", split="validation"))
+    assert _read(valid.prefix) == ref + ref[:3]  # the JSONL whole, the DatasetDict's validation split
+    for inputs in ([path], [str(tmp_path / "one")]):  # a file, a Dataset without splits: nothing to pick from
+        with pytest.raises(ValueError, match=r"split 'validation' picks a split of an HF DatasetDict directory"):
+            preprocess(_cfg(tokenizer_dir, inputs, tmp_path / "out" / "x", split="validation"))
+        assert not (tmp_path / "out").exists()
+
+
 def test_workers_write_the_same_bytes_as_one_process(tokenizer_dir, corpus_jsonl, tmp_path):
     path, _ = corpus_jsonl(60)
     preprocess(_cfg(tokenizer_dir, [path], tmp_path / "one"))

@@ -289,6 +289,8 @@ def test_reads_hf_datasets_dict_and_parquet(tokenizer, tmp_path, write_jsonl):
     _, _, only_test = SFTDataConfig(path=str(tmp_path / "hf"), test_path=str(tmp_path / "hf"), seq_length=32,
                                     hf_split="test").build(tokenizer)
     assert len(only_test) == 2
+    with pytest.raises(ValueError, match=r"hf_split 'test' picks a split of an HF DatasetDict directory"):
+        SFTDataConfig(path=str(tmp_path / "d.parquet"), seq_length=32, hf_split="test").build(tokenizer)
 
 
 def test_split_carves_disjoint_valid_and_test_sets(tokenizer, tmp_path, write_jsonl):

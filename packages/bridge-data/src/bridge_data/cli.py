@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="put the bos id before each document (default: off)")
     pre.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     pre.add_argument("--chunk-size", type=int, default=256, help="rows per worker task (default: 256)")
-    pre.add_argument("--split", default="train", help="split of an HF DatasetDict directory (default: train)")
+    pre.add_argument("--split", default="train",
+                     help="split of an HF DatasetDict directory (default: train); another is refused when no input "
+                          "is one")
     pre.add_argument("--overwrite", action="store_true",
                      help="replace an existing PREFIX.bin/.idx (never an input); default: refuse")
     pre.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

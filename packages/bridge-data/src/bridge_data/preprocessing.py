@@ -27,7 +27,7 @@ from bridge_data.indexed_writer import (
     disk_error,
     remove_stale_temporaries,
 )
-from bridge_data.sources import count_rows, detect_format, get_field, iter_rows
+from bridge_data.sources import check_split, count_rows, detect_format, get_field, iter_rows
 from bridge_data.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class PreprocessConfig:
     """Rows sent to a worker at a time."""
 
     split: str = "train"
-    """Split to read from HF ``DatasetDict`` directories."""
+    """Split to read from HF ``DatasetDict`` directories; another split is refused when no input is one."""
 
     overwrite: bool = False
     """Replace existing outputs instead of refusing to."""
@@ -135,6 +135,7 @@ def preprocess(cfg: PreprocessConfig) -> list[PreprocessResult]:
     cfg.finalize()
     for path in cfg.inputs:
         detect_format(path)
+    check_split(cfg.split, cfg.inputs, "split")
     prefixes = output_prefixes(cfg)
     check_outputs([p + ext for p in prefixes.values() for ext in (".bin", ".idx")], cfg.inputs,
                   overwrite=cfg.overwrite)

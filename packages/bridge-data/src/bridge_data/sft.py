@@ -15,7 +15,7 @@ from bridge_data.packing import PackedDataset
 from bridge_data.samples import round_up, sequence_pieces, to_sample
 from bridge_data.sft_schemas import SchemaName, get_schema
 from bridge_data.sft_tokenize import tokenize_chat, tokenize_plain
-from bridge_data.sources import detect_format, read_rows
+from bridge_data.sources import check_split, detect_format, read_rows
 from bridge_data.tokenizers import HFTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class SFTDataConfig:
     """Carve valid/test out of ``path``, e.g. ``"90,5,5"`` (seeded shuffle of rows). Not with valid/test_path."""
 
     hf_split: str = "train"
-    """Split to read from HF ``DatasetDict`` directories."""
+    """Split to read from HF ``DatasetDict`` directories; another split is refused when no path is one."""
 
     schema: SchemaName = "auto"
     """Row layout (see :mod:`bridge_data.sft_schemas`): auto, messages, sharegpt, prompt_completion, alpaca, squad,
@@ -112,6 +112,7 @@ class SFTDataConfig:
                    if isinstance(path, str | os.PathLike) and not os.path.exists(path)]
         if missing:  # before a model is built for data that is not there
             raise FileNotFoundError(f"SFT data {', '.join(missing)} does not exist")
+        check_split(self.hf_split, [self.path, self.valid_path, self.test_path], "hf_split")
 
     def build(self, tokenizer: Tokenizer, *, train_samples: int | None = None, valid_samples: int | None = None,
               test_samples: int | None = None) -> tuple[torch.utils.data.Dataset | None, ...]:

@@ -22,6 +22,19 @@ _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
+def check_split(split: str, paths: list, name: str) -> None:
+    """Refuse a split other than ``train`` (the default) when no path is an HF ``DatasetDict`` directory: no input
+    would read it.
+
+    Raises:
+        ValueError: naming the option (``name``) and the inputs.
+    """
+    given = [os.fspath(p) for p in paths if p is not None]
+    if split != "train" and not any(os.path.isfile(os.path.join(p, "dataset_dict.json")) for p in given):
+        raise ValueError(f"{name} {split!r} picks a split of an HF DatasetDict directory (DatasetDict.save_to_disk), "
+                         f"but none of {given} is one; drop {name}")
+
+
 def _compression(path: str) -> str | None:
     return next((suffix for suffix in _COMPRESSED if path.lower().endswith(suffix)), None)
 
