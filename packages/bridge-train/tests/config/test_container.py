@@ -350,6 +350,34 @@ def test_wandb_project_without_wandb_installed_is_rejected(make_cfg, monkeypatch
         cfg.validate()
 
 
+def test_options_of_a_feature_that_is_off_are_refused(make_cfg):
+    """W&B settings without a W&B project, resume settings without a directory to resume from, trace settings without
+    the profiler: nothing reads them."""
+    cfg = make_cfg()
+    cfg.logger.wandb_entity, cfg.logger.wandb_save_dir = "team", "/tmp/wandb"
+    cfg.checkpoint.fallback_to_previous = cfg.checkpoint.exit_on_missing_checkpoint = True
+    cfg.profiling.record_shapes, cfg.profiling.memory_snapshot_path = True, "/tmp/snapshot.pickle"
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert sorted(info.value.problems) == [
+        "checkpoint.exit_on_missing_checkpoint is true but checkpoint.load is not set",
+        "checkpoint.fallback_to_previous is true but checkpoint.load is not set",
+        "logger.wandb_entity is set but logger.wandb_project is not (no W&B run); set logger.wandb_project, or "
+        "logger.wandb_entity=null",
+        "logger.wandb_save_dir is set but logger.wandb_project is not (no W&B run); set logger.wandb_project, or "
+        "logger.wandb_save_dir=null",
+        "profiling.memory_snapshot_path is set but profiling.record_memory_history is false; set "
+        "profiling.record_memory_history=true, or profiling.memory_snapshot_path=null",
+        "profiling.record_shapes is set but profiling.use_pytorch_profiler is false; set "
+        "profiling.use_pytorch_profiler=true, or profiling.record_shapes=false",
+    ]
+    cfg.profiling.use_pytorch_profiler = cfg.profiling.record_memory_history = True  # all read now
+    cfg.profiling.profile_dir = "/tmp/traces"
+    cfg.logger.wandb_entity = cfg.logger.wandb_save_dir = None
+    cfg.checkpoint.fallback_to_previous = cfg.checkpoint.exit_on_missing_checkpoint = False
+    cfg.validate()
+
+
 def test_the_null_hint_is_given_only_where_null_disables_the_field(make_cfg):
     """``optimizer.lr=null`` is refused and ``scheduler.lr_decay_iters=null`` means train_iters: neither is offered
     as a way to disable; ``train.eval_interval=null`` does turn evaluation off."""

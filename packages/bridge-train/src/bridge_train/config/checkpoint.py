@@ -66,8 +66,8 @@ class CheckpointConfig:
         if self.finetune and not self.pretrained_checkpoint and not self.load:
             problems.append(f"{prefix}.finetune is true but neither {prefix}.pretrained_checkpoint nor "
                             f"{prefix}.load is set; point {prefix}.pretrained_checkpoint at the weights to fine-tune")
-        if self.exit_on_missing_checkpoint and not self.load:
-            problems.append(f"{prefix}.exit_on_missing_checkpoint is true but {prefix}.load is not set")
+        problems += [f"{prefix}.{name} is true but {prefix}.load is not set" for name in
+                     ("exit_on_missing_checkpoint", "fallback_to_previous") if getattr(self, name) and not self.load]
         return problems + self._path_problems(prefix)
 
     def _path_problems(self, prefix: str) -> list[str]:

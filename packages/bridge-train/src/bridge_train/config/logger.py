@@ -43,4 +43,7 @@ class LoggerConfig:
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             problems.append(f"{prefix}.wandb_project is {self.wandb_project!r} but wandb is not installed; "
                             f"install bridge-train[wandb] or set {prefix}.wandb_project=null")
+        unused = [] if self.wandb_project else ("wandb_entity", "wandb_exp_name", "wandb_save_dir")
+        problems += [f"{prefix}.{name} is set but {prefix}.wandb_project is not (no W&B run); set "
+                     f"{prefix}.wandb_project, or {prefix}.{name}=null" for name in unused if getattr(self, name)]
         return problems

@@ -30,7 +30,11 @@ class ProfilingConfig:
 
     def check(self, prefix: str = "profiling") -> list[str]:
         """Problems with this config alone (the trace directory fallback is the container's)."""
-        problems: list[str] = []
+        problems = [f"{prefix}.{name} is set but {prefix}.{switch} is false; set {prefix}.{switch}=true, or "
+                    f"{prefix}.{name}={'false' if name == 'record_shapes' else 'null'}"
+                    for switch, names in (("use_pytorch_profiler", ("record_shapes", "profile_dir")),
+                                          ("record_memory_history", ("memory_snapshot_path",)))
+                    for name in names if getattr(self, name) and not getattr(self, switch)]
         if not (self.use_pytorch_profiler or self.record_memory_history):
             return problems
         if self.profile_step_start < 1 or self.profile_step_end <= self.profile_step_start:  # iterations from 1
