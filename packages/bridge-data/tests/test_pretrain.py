@@ -256,7 +256,7 @@ def test_fields_assigned_after_construction_are_checked_at_finalize():
         cfg.finalize()
 
 
-def test_mock_with_paths_warns_that_paths_are_ignored():
+def test_mock_with_paths_is_refused():
     cfg = PretrainDataConfig(paths=["a"], seq_length=SEQ, mock=True)
-    with pytest.warns(UserWarning, match="ignoring paths"):
+    with pytest.raises(ValueError, match=r"mock is True and paths is set \(\['a'\]\): real data and random mock"):
         cfg.finalize()

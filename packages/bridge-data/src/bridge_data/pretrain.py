@@ -8,7 +8,6 @@ import functools
 import hashlib
 import os
 import struct
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +81,8 @@ class PretrainDataConfig:
         if not self.paths:
             self.mock = True
         elif self.mock:
-            warnings.warn(f"PretrainDataConfig.mock is True: ignoring paths {self.paths}", stacklevel=2)
+            problems.append(f"mock is True and paths is set ({list(self.paths)}): real data and random mock tokens "
+                            "at once; set mock=False to train on the paths, or paths=[] for mock data")
         if self.weights is not None and not self.mock:
             if len(self.weights) != len(self.paths):
                 problems.append(f"weights has {len(self.weights)} entries for {len(self.paths)} paths")
