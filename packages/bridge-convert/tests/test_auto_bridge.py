@@ -108,3 +108,15 @@ def test_export_with_dtype_shards_by_size(hf_checkpoints, tmp_path, runtime):
     for (name, a), (_, b) in zip(source.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a.to(torch.bfloat16), b), name
     assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 2
+
+
+@pytest.mark.parametrize("threads,offline,message", [
+    (4, False, "threads sets the offline converter's readers / writers; the model-building path"),
+    (0, True, "threads must be a positive integer, got 0"),
+])
+def test_threads_is_refused_where_nothing_reads_it(threads, offline, message, hf_checkpoints, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        AutoBridge.import_ckpt(hf_checkpoints["llama"], tmp_path / "mc", offline=offline, threads=threads)
+    with pytest.raises(ValueError, match=message):
+        AutoBridge.export_ckpt(tmp_path / "mc", tmp_path / "hf", offline=offline, threads=threads)
+    assert list(tmp_path.iterdir()) == []

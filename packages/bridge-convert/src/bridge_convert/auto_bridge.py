@@ -347,7 +347,7 @@ class AutoBridge:
 
     @classmethod
     def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike, *, overwrite: bool = False,
-                    dtype: torch.dtype | str | None = None, offline: bool | None = None, threads: int = 1,
+                    dtype: torch.dtype | str | None = None, offline: bool | None = None, threads: int | None = None,
                     **provider_overrides: Any) -> Path:
         """HF checkpoint -> Megatron checkpoint, written whole or not at all.
 
@@ -361,7 +361,7 @@ class AutoBridge:
             dtype: parameter dtype (default: the HF config's; a warning says so when that rounds the stored
                 weights, e.g. float32 weights under a config saying bfloat16); same as ``params_dtype=``.
             overwrite: replace a non-empty ``megatron_path`` (never an input or a training checkpoint).
-            threads: writer threads of the offline converter.
+            threads: writer threads of the offline converter (default 1); refused with the model-building path.
 
         Returns:
             The iteration directory.
@@ -371,6 +371,7 @@ class AutoBridge:
                 raise ValueError("pass dtype or params_dtype, not both")
             dtype = provider_overrides.pop("params_dtype")
         offline = not provider_overrides if offline is None else offline
+        _threads_only_offline(offline, threads)
         if offline:
             if provider_overrides:
                 raise ValueError(f"offline import takes no model overrides ({sorted(provider_overrides)}): its "
@@ -378,7 +379,7 @@ class AutoBridge:
             from .offline import import_hf_checkpoint
 
             return _on_rank0(lambda: import_hf_checkpoint(hf_path, megatron_path, dtype=dtype, overwrite=overwrite,
-                                                          threads=threads))
+                                                          threads=threads or 1))
         bridge = cls.from_hf_pretrained(hf_path)
         check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
         if dtype is not None:
@@ -398,7 +399,7 @@ class AutoBridge:
     @classmethod
     def export_ckpt(cls, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
                     dtype: torch.dtype | str | None = None, overwrite: bool = False,
-                    max_shard_size: int | str | None = None, offline: bool | None = None, threads: int = 2,
+                    max_shard_size: int | str | None = None, offline: bool | None = None, threads: int | None = None,
                     **provider_overrides: Any) -> None:
         """Megatron checkpoint -> HF checkpoint, written whole or not at all.
 
@@ -412,9 +413,11 @@ class AutoBridge:
             overwrite: replace a non-empty ``hf_path`` (never an input or a training checkpoint).
             max_shard_size: largest safetensors file; given, the files are cut at it even where the source layout
                 would be reproduced (default: the source's files, else 5GB).
-            threads: tensors the offline converter reads ahead in parallel.
+            threads: tensors the offline converter reads ahead in parallel (default 2); refused with the
+                model-building path.
         """
         offline = not provider_overrides if offline is None else offline
+        _threads_only_offline(offline, threads)
         if offline:
             if provider_overrides:
                 raise ValueError(f"offline export takes no model overrides ({sorted(provider_overrides)}); pass "
@@ -423,7 +426,7 @@ class AutoBridge:
 
             _on_rank0(lambda: export_megatron_checkpoint(megatron_path, hf_path, dtype=dtype,
                                                          max_shard_size=max_shard_size, overwrite=overwrite,
-                                                         threads=threads))
+                                                         threads=threads or 2))
             return
         bridge = cls.from_megatron_checkpoint(megatron_path)
         check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
@@ -446,6 +449,14 @@ def _rank0_outcome(what: str, error: Exception | None = None) -> None:
     dist.broadcast_object_list(box, src=0)
     if dist.get_rank() != 0 and box[0] is not None:
         raise ValueError(f"{what} failed on rank 0: {box[0]}")
+
+
+def _threads_only_offline(offline: bool, threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None and not offline:
+        raise ValueError("threads sets the offline converter's readers / writers; the model-building path (model "
+                         "overrides or offline=False) has none: drop threads")
 
 
 def _on_rank0(convert):

@@ -182,7 +182,7 @@ def _cmd_import(args) -> int:
                                      **_overrides(args))
     else:
         out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, overwrite=args.overwrite, dtype=args.dtype,
-                                     threads=args.threads or 1)
+                                     threads=args.threads)
     _print0(f"imported {args.hf_path} -> {out}")
     return 0
 
@@ -199,7 +199,7 @@ def _cmd_export(args) -> int:
                                overwrite=args.overwrite, offline=False, **overrides)
     else:
         AutoBridge.export_ckpt(args.megatron_path, args.hf_path, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                               overwrite=args.overwrite, threads=args.threads or 2)
+                               overwrite=args.overwrite, threads=args.threads)
     _print0(f"exported {args.megatron_path} -> {args.hf_path}")
     return 0
 
