@@ -268,6 +268,12 @@ def test_data_flags_pick_real_data_and_win_over_a_shown_config_file(capsys, tmp_
     for argv, expected in bad.items():
         assert main([*argv, "--dry-run"]) == 2, argv
         assert expected in capsys.readouterr().err, argv
+    _, cfg = build_config("llama32_1b_sft", tokenizer_path=tok, allow_random_init=True)  # the mock data's ids
+    assert type(cfg.dataset).__name__ == "MockSFTDataConfig" and cfg.tokenizer.path == tok  # (it was dropped)
+    from bridge_recipes.llama import llama32_1b
+
+    with pytest.raises(ValueError, match="data_format='squad' applies to data_path, which is not set"):
+        llama32_1b.peft_config(data_format="squad", allow_random_init=True)  # (it gave mock data)
 
 
 def test_peft_named_in_a_config_file_is_the_peft_override(capsys, tmp_path):

@@ -182,13 +182,16 @@ def _finetune(spec: LlamaSpec, layout: Parallelism, global_batch_size: int | Non
     if data_path is not None and tokenizer_source is None:
         raise ValueError(f"SFT data from {data_path!r} needs a tokenizer: pass hf_path= or tokenizer_path= "
                          "(bridge-run: --hf-path or --tokenizer-path)")
+    if data_path is None and data_format != "chat":  # the mock SFT data reads no file
+        raise ValueError(f"data_format={data_format!r} applies to data_path, which is not set (mock SFT data): pass "
+                         "data_path= (bridge-run: --data-path), or drop data_format")
     cfg = _container(
         provider=provider, train_iters=train_iters, global_batch_size=default_batch if global_batch_size is None else global_batch_size,
         micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup=lr_warmup_iters, beta2=0.98,
         eval_interval=30, save_interval=100, dir=dir, seed=seed,
         dataset=sft_data.sft_data_config(seq_length=seq, data_path=data_path, data_format=data_format,
                                          packed=packed, pad_to_multiple_of=multiple, seed=seed),
-        tokenizer=_tokenizer(tokenizer_source) if data_path is not None else None,
+        tokenizer=_tokenizer(tokenizer_source if data_path is not None else tokenizer_path),  # mock: its ids
         mixed_precision=mixed_precision)
     if hf_path is not None:
         cfg.checkpoint.pretrained_checkpoint = str(hf_path)
@@ -215,7 +218,8 @@ def sft_config(spec: LlamaSpec, *, hf_path: str | None = None, dir: str | None =
         data_path: Chat JSONL / Parquet / HF ``datasets`` directory; None: mock SFT data.
         data_format: ``chat`` (any layout bridge-data reads, chat template applied) or ``squad`` (SQuAD rows as
             prompt / completion).
-        tokenizer_path: HF tokenizer directory for ``data_path`` (default: ``hf_path``).
+        tokenizer_path: HF tokenizer directory for ``data_path`` (default: ``hf_path``); with the mock data, the
+            vocabulary and eod id of its tokens (default: the model's vocabulary).
         packed: Pack sequences into ``seq_length`` rows (offline, first-fit-decreasing).
         seq_length: Row length; None: 4096 (2048 for 405B).
         train_iters: Optimizer steps.
