@@ -319,8 +319,13 @@ def test_sample_counts_resample_shuffled_epochs(tokenizer, tmp_path, write_jsonl
     [({"split": "1,1,1", "valid_path": "v.jsonl"}, "do not also set"), ({"split": "1,x"}, "split must be"),
      ({"pad_to_multiple_of": 5}, "multiple of pad_to_multiple_of"),
      # a row cut to seq_length would be padded past it (to 65 here): refused without seq-length padding too
-     ({"pad_to_multiple_of": 5, "pad_to_seq_length": False}, "multiple of pad_to_multiple_of")],
-    ids=["split-and-valid-path", "bad-split", "seq-not-multiple", "seq-not-multiple-unpadded"],
+     ({"pad_to_multiple_of": 5, "pad_to_seq_length": False}, "multiple of pad_to_multiple_of"),
+     # options that nothing would read
+     ({"packed": True, "pad_to_seq_length": False}, "pad_to_seq_length=False applies to unpacked samples"),
+     ({"separator": " ### "}, r"separator=' ### ' applies without a chat template"),
+     ({"add_bos": False}, "add_bos=False applies without a chat template")],
+    ids=["split-and-valid-path", "bad-split", "seq-not-multiple", "seq-not-multiple-unpadded", "packed-unpadded",
+         "separator-with-template", "add-bos-with-template"],
 )
 def test_finalize_rejects_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -105,6 +105,14 @@ class SFTDataConfig:
             parts = _parse_split(self.split)
             if parts is None:
                 problems.append(f"split must be 3 comma-separated non-negative numbers, got {self.split!r}")
+        if self.packed and not self.pad_to_seq_length:
+            problems.append("pad_to_seq_length=False applies to unpacked samples (packed rows are always seq_length "
+                            "long); set packed=False, or drop pad_to_seq_length")
+        plain = [f"{name}={getattr(self, name)!r}" for name, default in (("separator", "\n"), ("add_bos", True))
+                 if getattr(self, name) != default]
+        if self.use_chat_template and plain:
+            problems.append(f"{', '.join(plain)} applies without a chat template (the template places its own "
+                            "tokens); set use_chat_template=False, or drop it")
         if problems:
             raise ValueError("Invalid SFTDataConfig: " + "; ".join(problems))
         missing = [f"{name} {str(path)!r}" for name, path in
