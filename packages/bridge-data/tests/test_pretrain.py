@@ -260,3 +260,10 @@ def test_mock_with_paths_is_refused():
     cfg = PretrainDataConfig(paths=["a"], seq_length=SEQ, mock=True)
     with pytest.raises(ValueError, match=r"mock is True and paths is set \(\['a'\]\): real data and random mock"):
         cfg.finalize()
+
+
+def test_mock_data_refuses_what_only_real_data_reads(tmp_path):
+    cfg = PretrainDataConfig(seq_length=SEQ, weights=[1.0], split="100,0,0", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"weights=\[1.0\], split='100,0,0', cache_dir='.*' applies to real data "
+                                         r"\(paths\), not to mock data"):
+        cfg.finalize()  # mock: no paths

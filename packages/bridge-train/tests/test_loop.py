@@ -245,9 +245,14 @@ def test_resuming_a_run_saved_on_other_data_says_so(run_config, tmp_path, caplog
         pretrain(run_config(**{"checkpoint.save": ckpt, "checkpoint.load": ckpt, "train.train_iters": 5}))
     assert "other data" not in caplog.text  # the same data: no warning
     caplog.clear()
+    corpus = _indexed_corpus(tmp_path)
     with caplog.at_level("WARNING", logger="bridge"):
-        pretrain(run_config(**{"checkpoint.load": ckpt, "train.train_iters": 6, "dataset.split": "90,10,0"}))
-    assert "which a run on other data saved (dataset.split: '98,1,1' (checkpoint) vs '90,10,0' (config))" in caplog.text
+        pretrain(run_config(**{"checkpoint.load": ckpt, "train.train_iters": 6, "dataset.mock": False,
+                               "dataset.paths": [corpus], "dataset.split": "90,10,0",
+                               "dataset.cache_dir": str(tmp_path / "cache")}))
+    assert (f"which a run on other data saved (dataset.mock: True (checkpoint) vs False (config); dataset.paths: [] "
+            f"(checkpoint) vs {[corpus]!r} (config); dataset.split: '98,1,1' (checkpoint) vs '90,10,0' (config))"
+            ) in caplog.text
     assert "goes on from that run's iteration 5, optimizer and schedule, and skips the first 40 samples" in caplog.text
     assert f"checkpoint.pretrained_checkpoint={ckpt} " in caplog.text
     caplog.clear()

@@ -38,7 +38,7 @@ class PretrainDataConfig:
     """Blend weights, one per path (normalized). None: weight by dataset size."""
 
     split: str = "98,1,1"
-    """Train/valid/test proportions of the documents of every path (ignored for mock data)."""
+    """Train/valid/test proportions of the documents of every path (another split with mock data is refused)."""
 
     seed: int = 1234
     """Seed of megatron-core's document and sample shuffling (and of the mock documents)."""
@@ -83,6 +83,13 @@ class PretrainDataConfig:
         elif self.mock:
             problems.append(f"mock is True and paths is set ({list(self.paths)}): real data and random mock tokens "
                             "at once; set mock=False to train on the paths, or paths=[] for mock data")
+        if self.mock:  # what only real data reads
+            unread = [f"{name}={getattr(self, name)!r}" for name, default in (
+                ("weights", None), ("split", "98,1,1"), ("cache_dir", None), ("num_dataset_builder_threads", 1))
+                if getattr(self, name) != default]
+            if unread:
+                problems.append(f"{', '.join(unread)} applies to real data (paths), not to mock data (every split "
+                                "has mock samples); set paths, or drop it")
         if self.weights is not None and not self.mock:
             if len(self.weights) != len(self.paths):
                 problems.append(f"weights has {len(self.weights)} entries for {len(self.paths)} paths")
