@@ -119,6 +119,8 @@ INVALID = [
      "scheduler.lr_warmup_iters (2) and scheduler.lr_warmup_fraction (0.1) are both set"),
     ("wsd_without_decay_iters", _set(**{"scheduler.lr_decay_style": "WSD"}), 1,
      "scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters >= 1"),
+    ("wsd_decay_iters_without_wsd", _set(**{"scheduler.lr_wsd_decay_iters": 5}), 1,
+     "scheduler.lr_wsd_decay_iters=5 applies to lr_decay_style=WSD, not 'cosine'"),
     ("weight_decay_decreasing", _set(**{"scheduler.start_weight_decay": 0.1, "scheduler.end_weight_decay": 0.0}), 1,
      "scheduler.end_weight_decay (0.0) must be >= scheduler.start_weight_decay (0.1)"),
     ("dataset_missing", _set(dataset=None), 1, "dataset is not set"),

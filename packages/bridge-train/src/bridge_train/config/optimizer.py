@@ -131,6 +131,10 @@ class SchedulerConfig:
         if self.lr_decay_style == "WSD" and (self.lr_wsd_decay_iters is None or self.lr_wsd_decay_iters < 1):
             problems.append(f"{prefix}.lr_decay_style=WSD needs {prefix}.lr_wsd_decay_iters >= 1, got "
                             f"{self.lr_wsd_decay_iters}")
+        problems += [f"{prefix}.{name}={getattr(self, name)!r} applies to lr_decay_style=WSD, not "
+                     f"{self.lr_decay_style!r}; set {prefix}.lr_decay_style=WSD, or drop it" for name, default in
+                     (("lr_wsd_decay_iters", None), ("lr_wsd_decay_style", "exponential"))
+                     if self.lr_decay_style != "WSD" and getattr(self, name) != default]
         if self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler:
             problems.append(f"{prefix}.use_checkpoint_opt_param_scheduler and {prefix}.override_opt_param_scheduler "
                             "are both true; set one to false")
