@@ -63,6 +63,8 @@ def test_bad_settings_fail_with_one_clear_error_and_leave_the_model(ckpt, runtim
     for kwargs, message in [({"dim": 0}, "dim must be a positive integer"), ({"dim": -2}, "dim must be"),
                             ({"alpha": 0}, "alpha must be a finite number > 0"), ({"dropout": 1.5}, "dropout must be a number in"),
                             ({"dropout_position": "mid"}, "dropout_position"),
+                            ({"dropout_position": "post"}, r"dropout_position='post' places a dropout, but "
+                                                           r"LoRA.dropout is 0"),  # (nothing read it)
                             ({"lora_A_init_method": "ones"}, "lora_A_init_method"),
                             ({"target_modules": []}, "target_modules is empty"),
                             ({"target_modules": ["re:("]}, "not a valid regular expression"),

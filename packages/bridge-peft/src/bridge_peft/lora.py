@@ -74,6 +74,9 @@ class LoRA(PEFT):
             raise ValueError(f"{name}.seed must be an integer, got {self.seed!r}")
         if self.dropout_position not in ("pre", "post"):
             raise ValueError(f"{name}.dropout_position must be 'pre' or 'post', got {self.dropout_position!r}")
+        if self.dropout_position == "post" and self.dropout == 0:
+            raise ValueError(f"{name}.dropout_position='post' places a dropout, but {name}.dropout is 0; set "
+                             "dropout > 0, or drop dropout_position")
         for key in ("lora_A_init_method", "lora_B_init_method"):
             if getattr(self, key) not in _INITS:
                 raise ValueError(f"{name}.{key} must be one of {_INITS}, got {getattr(self, key)!r}")
