@@ -139,6 +139,27 @@ def test_compare_refuses_random_input_options_with_a_prompt(option, value, hf_ch
     assert err.count("\n") == 1 and f"{option}: only for the random input" in err and "--prompt" in err
 
 
+def test_compare_with_a_prompt_encodes_it_and_refuses_what_cannot_run(hf_checkpoints, tmp_path, capsys):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(200)} | {"[UNK]": 200}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    ckpt = shutil.copytree(hf_checkpoints["llama"], tmp_path / "with-tokenizer")  # vocab_size 128
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(ckpt)
+    assert main(["compare", str(ckpt), "--prompt", "w1 w2 w3"]) == 0
+    assert "HF vs Megatron logits ((1, 3) tokens" in capsys.readouterr().out
+    for argv, message in [([str(ckpt), "--prompt", ""], "--prompt '' encodes to no tokens"),
+                          ([str(ckpt), "--prompt", "w1 w150"], "encodes to id 150, and the model needs 1+ ids below "
+                                                               "its vocab_size 128"),
+                          ([hf_checkpoints["llama"], "--prompt", "w1"], "--prompt needs the tokenizer of")]:
+        assert main(["compare", *argv]) == 1  # (a raw reshape / index error, or transformers' backend message)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
 def test_threads_is_refused_on_the_model_building_path(hf_checkpoints, tmp_path, capsys):
     assert main(["import", hf_checkpoints["llama"], str(tmp_path / "mc"), "--impl", "local", "--threads", "4"]) == 1
     err = capsys.readouterr().err

@@ -256,6 +256,21 @@ def _cmd_compare(args) -> int:
         raise ValueError(f"{given}: only for the random input; with --prompt the input is the prompt's tokens "
                          f"(drop {given} or --prompt)")
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    if args.prompt is not None:  # before the model is built
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.hf_path)
+        except Exception as err:  # noqa: BLE001 - transformers raises ValueError, OSError, TypeError, ... here
+            detail = " ".join(str(err).split())[:200]
+            raise ValueError(f"--prompt needs the tokenizer of {args.hf_path}, which does not load ({detail}); "
+                             "drop --prompt to compare on random token ids") from None
+        prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        vocab = bridge.hf_config["vocab_size"]
+        if prompt_ids.numel() == 0 or int(prompt_ids.max()) >= vocab:
+            found = "no tokens" if prompt_ids.numel() == 0 else f"id {int(prompt_ids.max())}"
+            raise ValueError(f"--prompt {args.prompt!r} encodes to {found}, and the model needs 1+ ids below its "
+                             f"vocab_size {vocab}; give other text, or drop --prompt to compare on random token ids")
     overrides = _overrides(args)
     dtype = parse_dtype(overrides.get("params_dtype", bridge.to_megatron_provider(load_weights=False).params_dtype))
     overrides["params_dtype"] = dtype
@@ -265,9 +280,7 @@ def _cmd_compare(args) -> int:
     else:
         model = bridge.to_megatron_model(load_weights=True, **overrides)
     if args.prompt is not None:
-        from transformers import AutoTokenizer
-
-        ids = AutoTokenizer.from_pretrained(args.hf_path)(args.prompt, return_tensors="pt").input_ids
+        ids = prompt_ids
     else:
         vocab = bridge.hf_config["vocab_size"]
         shape, seed = (args.batch or 2, args.seq_len or 32), args.seed or 0
