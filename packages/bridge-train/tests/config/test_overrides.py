@@ -106,6 +106,23 @@ def test_a_precision_field_the_recipe_would_undo_is_refused(make_cfg, order):
     assert cfg.model.pipeline_dtype is torch.bfloat16 and cfg.optimizer.initial_loss_scale == 1024
 
 
+def test_a_precision_field_a_file_sets_that_the_recipe_would_undo_is_refused(make_cfg, tmp_path):
+    """A --config file's model.params_dtype under a mixed_precision recipe was undone at finalize(), silently."""
+    (tmp_path / "run.yaml").write_text("mixed_precision: bf16_mixed\nmodel:\n  params_dtype: float16\n")
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(make_cfg(), config_files=[tmp_path / "run.yaml"])
+    assert info.value.problems == [
+        "model.params_dtype (torch.float16) would be set back to torch.bfloat16 by mixed_precision 'bf16_mixed' at "
+        "finalize(); set mixed_precision.params_dtype to it instead, or mixed_precision=null to set the precision "
+        f"fields yourself (from file {str(tmp_path / 'run.yaml')!r})"]
+    cfg = make_cfg()  # a finalized config's own YAML (its precision fields as the recipe set them) applies
+    apply_overrides(cfg, ["mixed_precision=bf16_mixed"])
+    cfg.finalize(world_size=1)
+    cfg.to_yaml(tmp_path / "finalized.yaml")
+    fresh = apply_overrides(make_cfg(), config_files=[tmp_path / "finalized.yaml"]).finalize(world_size=1)
+    assert fresh.model.params_dtype is torch.bfloat16 and fresh.optimizer.bf16
+
+
 BAD = [
     ("unknown_key_sibling", "train.trian_iters=5",
      "unknown key 'train.trian_iters'; did you mean 'train.train_iters'? (from override 'train.trian_iters=5')"),

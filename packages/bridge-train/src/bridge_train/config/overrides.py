@@ -16,7 +16,8 @@ can be added and removed):
 - ``~key`` / ``~key=value``: reset a field to its default (remove a dict entry); with a value, only if the current
   value equals it.
 - A model / optimizer / DDP precision field that the ``mixed_precision`` recipe sets at finalize() is refused
-  when an override changes it to another value (the recipe would undo it): set ``mixed_precision.<field>``.
+  when an override or a file changes it to another value (the recipe would undo it): set
+  ``mixed_precision.<field>``.
 - ``peft=<name>``: a PEFT method registered with :func:`register_peft_method` (a PEFT of that method already
   set stays as it is); ``peft.<field>=...`` edits it.
 """
@@ -164,7 +165,7 @@ def _apply_patches(cfg: ConfigContainer, patches: list[_Patch]) -> list[str]:
                 plan.node(cfg, data, "")
         problems += plan.problems
         for obj, name, value in plan.assignments if not plan.problems else ():
-            if patch.key and getattr(obj, name) != value:  # an override's change (a file carries whole sections)
+            if getattr(obj, name) != value:  # a change (a file carries whole sections: only what it changes)
                 assigned.append((patch.source, obj, name))
             setattr(obj, name, value)
     return problems + _undone_by_mixed_precision(cfg, assigned)
