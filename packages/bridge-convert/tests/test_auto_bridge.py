@@ -120,3 +120,18 @@ def test_threads_is_refused_where_nothing_reads_it(threads, offline, message, hf
     with pytest.raises(ValueError, match=message):
         AutoBridge.export_ckpt(tmp_path / "mc", tmp_path / "hf", offline=offline, threads=threads)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size,message", [(0, "at least one byte, got 0"), ("0KB", "at least one byte"),
+                                          (True, "cannot parse a size from True"), ("lots", "cannot parse")])
+def test_a_bad_max_shard_size_is_refused_before_anything_is_written(size, message, hf_checkpoints, tmp_path,
+                                                                    runtime):
+    bridge = AutoBridge.from_hf_pretrained(hf_checkpoints["llama"])
+    model = bridge.to_megatron_model(load_weights=True)
+    with pytest.raises(ValueError, match=message):  # (0 wrote one file per tensor; text failed once gathering)
+        bridge.save_hf_pretrained(model, tmp_path / "out", max_shard_size=size)
+    AutoBridge.import_ckpt(hf_checkpoints["llama"], tmp_path / "mc")
+    for offline in (True, False):
+        with pytest.raises(ValueError, match=message):
+            AutoBridge.export_ckpt(tmp_path / "mc", tmp_path / "hf", max_shard_size=size, offline=offline)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mc"]

@@ -32,6 +32,7 @@ from .safetensors_io import (
     LazyHFCheckpoint,
     ShardedSafetensorsWriter,
     SourceLayout,
+    parse_size,
     sized_plan,
 )
 
@@ -221,6 +222,8 @@ class AutoBridge:
         and generation config files are written instead of the source checkpoint's (e.g. the ``hf_assets`` of
         the checkpoint a fine-tune wrote, which hold the tokenizer it trained with).
         """
+        if max_shard_size is not None:
+            parse_size(max_shard_size)  # a bad size is refused before anything is gathered
         inputs = [self.hf_path] if self.hf_path is not None else []
         check_output_dir(path, overwrite=overwrite, inputs=inputs)
         state = get_parallel_state()
@@ -418,6 +421,8 @@ class AutoBridge:
         """
         offline = not provider_overrides if offline is None else offline
         _threads_only_offline(offline, threads)
+        if max_shard_size is not None:
+            parse_size(max_shard_size)  # before the model is built
         if offline:
             if provider_overrides:
                 raise ValueError(f"offline export takes no model overrides ({sorted(provider_overrides)}); pass "

@@ -51,16 +51,23 @@ _DTYPES = {
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``"150KB"`` / an int of bytes -> bytes (decimal units, as transformers uses)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
-    if not match:
+    """``"5GB"`` / ``"500MB"`` / ``"150KB"`` / an int of bytes -> bytes (decimal units, as transformers uses).
+
+    Raises:
+        ValueError: for text that is not a size, or a size below one byte.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper()) if isinstance(size, str) else None
+    if isinstance(size, int) and not isinstance(size, bool):
+        nbytes = size
+    elif match:
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[match.group(2) or "B"]
+        nbytes = int(float(match.group(1)) * scale)
+    else:
         raise ValueError(f"cannot parse a size from {size!r}; use e.g. '5GB', '500MB' or a byte count")
-    value, unit = float(match.group(1)), (match.group(2) or "B")
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(value * scale)
+    if nbytes < 1:
+        raise ValueError(f"a size must be at least one byte, got {size!r}")
+    return nbytes
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, str]:

@@ -21,7 +21,7 @@ from ..finite import NonFinite
 from ..hf_config import parse_dtype
 from ..megatron_ckpt import resolve_checkpoint_dir
 from ..outputs import check_output_dir, staged_output_dir
-from ..safetensors_io import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, sized_plan
+from ..safetensors_io import DEFAULT_MAX_SHARD_SIZE, ShardedSafetensorsWriter, parse_size, sized_plan
 from .dist_ckpt import DistCheckpointReader, assemble_region
 from .layout import CheckpointEntry, checkpoint_entries, expected_megatron_shapes, model_config
 from .row_blocks import hf_row_runs, row_blocks
@@ -80,6 +80,8 @@ def export_megatron_checkpoint(megatron_path: str | os.PathLike, hf_path: str | 
     from ..auto_bridge import AutoBridge, record_tensor_dtype
 
     directory = resolve_checkpoint_dir(megatron_path)  # a missing input is the first thing to say
+    if max_shard_size is not None:
+        parse_size(max_shard_size)
     check_output_dir(hf_path, overwrite=overwrite, inputs=[megatron_path])
     bridge = AutoBridge.from_megatron_checkpoint(directory)
     cfg = model_config(bridge.model_bridge, bridge.hf_config)
