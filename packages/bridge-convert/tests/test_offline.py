@@ -371,6 +371,17 @@ def test_a_stored_tied_lm_head_must_equal_the_embedding(same, hf_checkpoints, tm
     if same:
         import_hf_checkpoint(hf, tmp_path / "mc", progress=False)
         bridge.to_megatron_model(load_weights=True)
+        from safetensors.torch import load_file
+
+        for offline in (True, False):  # re-cut by size, the stored copy is written too, next to the embedding
+            AutoBridge.export_ckpt(tmp_path / "mc", tmp_path / f"cut-{offline}", max_shard_size="40KB",
+                                   offline=offline)
+            out = {k: v for f in (tmp_path / f"cut-{offline}").glob("*.safetensors") for k, v in load_file(f).items()}
+            assert torch.equal(out["lm_head.weight"], out[embed])
+        names = sorted(p.name for p in (tmp_path / "cut-True").iterdir())
+        assert len(names) > 4 and names == sorted(p.name for p in (tmp_path / "cut-False").iterdir())
+        for name in names:
+            assert (tmp_path / "cut-True" / name).read_bytes() == (tmp_path / "cut-False" / name).read_bytes(), name
         return
     message = r"lm_head\.weight differs from model\.embed_tokens\.weight, but config\.json ties them"
     with pytest.raises(ValueError, match=message):
