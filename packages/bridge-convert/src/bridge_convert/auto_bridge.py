@@ -215,8 +215,8 @@ class AutoBridge:
         source file, offset and dtype, and the index is copied: unchanged weights give byte-identical files.
         Otherwise, or when ``dtype`` is given, files are cut at ``max_shard_size`` (default 5GB) in ``dtype``
         (default: the model's params dtype). A ``max_shard_size`` given cuts the files at it even when the source
-        layout matches (the tensors keep the source dtypes then). Tensors are written to their final place as they stream in, so memory holds one
-        tensor at a time. All ranks call this; rank 0 writes. The directory appears only when complete: a failure
+        layout matches (the tensors keep the source dtypes then). Tensors are written to their final place as
+        they stream in, so memory holds one tensor at a time. All ranks call this; rank 0 writes. The directory appears only when complete: a failure
         leaves no partial output behind. A non-empty ``path`` is refused unless ``overwrite`` (see
         :mod:`bridge_convert.outputs` for what is never overwritten). ``assets_from``: a directory whose tokenizer
         and generation config files are written instead of the source checkpoint's (e.g. the ``hf_assets`` of
