@@ -319,6 +319,8 @@ def test_cli_help_and_bad_input(tiny_hf, dora_checkpoint, tmp_path, capsys):
     AutoBridge.import_ckpt(tiny_hf, tmp_path / "full")
     fails(["export-adapter", str(tmp_path / "full"), str(tmp_path / "o3")], "not an adapter checkpoint",
           tmp_path / "o3")
+    fails(["merge", str(tmp_path / "full"), str(tmp_path / "o3")], "not an adapter checkpoint",  # not "no base"
+          tmp_path / "o3")
     # a Megatron checkpoint as the base gives the same merged model as the HF directory
     assert main(["merge", dora_checkpoint, str(tmp_path / "m1"), "--base", tiny_hf]) == 0
     assert main(["merge", dora_checkpoint, str(tmp_path / "m2"), "--base", str(tmp_path / "full")]) == 0

@@ -61,7 +61,8 @@ def peft_from_metadata(meta: dict, where: Path):
     entry = meta.get("peft")
     if not isinstance(entry, dict) or "class" not in entry:
         raise ValueError(f"{where} is not an adapter checkpoint: its bridge.json records no PEFT method (write it "
-                         "with bridge-train's finetune and cfg.peft set)")
+                         "with bridge-train's finetune and cfg.peft set; a whole model converts with bridge-convert "
+                         "export)")
     module, _, name = entry["class"].rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -145,8 +146,9 @@ def _recorded_base(ckpt: Path) -> str:
     from bridge_convert.megatron_ckpt import read_checkpoint_metadata, resolve_checkpoint_dir
 
     directory = resolve_checkpoint_dir(ckpt)
-    entry = read_checkpoint_metadata(directory).get("peft")
-    base = entry.get("base") if isinstance(entry, dict) else None
+    meta = read_checkpoint_metadata(directory)
+    peft_from_metadata(meta, directory)  # a full-model checkpoint is named as such, not as one without a base
+    base = meta["peft"].get("base")
     if not base:
         raise ValueError(f"{directory} records no base model (its run started from a provider's own weights or "
                          "random ones, or an older bridge-train saved it): pass --base, the HF directory or Megatron "
