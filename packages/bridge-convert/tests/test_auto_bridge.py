@@ -31,6 +31,31 @@ def test_unsupported_architecture_lists_supported_ones():
                                                   "Qwen3ForCausalLM"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_a_config_without_architectures_converts_by_its_model_type(family, hf_checkpoints, tmp_path, runtime):
+    """transformers' auto classes pick the class by model_type; this said "HF config has no 'architectures'"."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from bridge_convert.testing import assert_same_checkpoint
+
+    src = shutil.copytree(hf_checkpoints[family], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    architecture = config.pop("architectures")[0]
+    (src / "config.json").write_text(json.dumps(config))
+    assert type(AutoModelForCausalLM.from_pretrained(src)).__name__ == architecture  # the oracle's reading
+    AutoBridge.import_ckpt(src, tmp_path / "mc")  # offline
+    AutoBridge.export_ckpt(tmp_path / "mc", tmp_path / "offline")
+    bridge = AutoBridge.from_hf_pretrained(src)
+    bridge.save_hf_pretrained(bridge.to_megatron_model(load_weights=True), tmp_path / "built")
+    for out in ("offline", "built"):
+        assert_same_checkpoint(src, tmp_path / out)
+        assert json.loads((tmp_path / out / "config.json").read_text())["architectures"] == [architecture]
+    with pytest.raises(ValueError, match=r"names no architecture \('architectures'\) and model_type 'gpt2' is none"):
+        AutoBridge.from_hf_config({"model_type": "gpt2"})
+
+
 def test_missing_and_unexpected_tensors_are_named(tmp_path, runtime):
     path = tmp_path / "hf"
     save_tiny_hf_checkpoint(path, "llama")

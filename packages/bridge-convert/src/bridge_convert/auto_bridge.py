@@ -25,7 +25,7 @@ from .megatron_ckpt import (
     save_checkpoint,
 )
 from .outputs import CONVERTED_MARKER, OutputError, check_output_dir, staged_output_dir
-from .registry import get_bridge, supported_architectures
+from .registry import bridge_for_config, get_bridge, supported_architectures
 from .runtime import get_parallel_state, log_rank0
 from .safetensors_io import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -99,11 +99,9 @@ class AutoBridge:
     """
 
     def __init__(self, hf_config: dict[str, Any], hf_path: str | os.PathLike | None = None) -> None:
-        architectures = hf_config.get("architectures") or []
-        if not architectures:
-            raise ValueError(f"HF config has no 'architectures' entry; supported: {supported_architectures()}")
-        self.model_bridge = get_bridge(architectures[0])
+        self.model_bridge = bridge_for_config(hf_config)
         self.hf_config = dict(hf_config)
+        self.hf_config.setdefault("architectures", [self.model_bridge.hf_architecture])  # exports name it
         self.hf_path = Path(hf_path) if hf_path is not None else None
         self._source_layout: SourceLayout | None = None
 
@@ -144,7 +142,11 @@ class AutoBridge:
     @classmethod
     def supports(cls, config) -> bool:
         raw = config if isinstance(config, dict) else config.to_dict()
-        return bool(raw.get("architectures")) and raw["architectures"][0] in supported_architectures()
+        try:
+            bridge_for_config(raw)
+        except ValueError:
+            return False
+        return True
 
     def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
         """A ``GPTModelProvider`` for this model; with ``load_weights`` its models come with the HF weights."""

@@ -43,6 +43,8 @@ class ModelBridge:
         provider_to_config: pure function, (provider, source HF config dict or None) -> HF config dict.
         ignore_hf: glob patterns of HF tensors to skip on import (e.g. persisted rotary buffers).
         tied_aliases: HF names that duplicate another tensor when embeddings are tied (``lm_head.weight``).
+        hf_model_type: the config's ``model_type``, which names the architecture of a config.json without
+            ``architectures`` (as transformers' auto classes read it); None: such configs are refused.
     """
 
     hf_architecture: str
@@ -51,6 +53,7 @@ class ModelBridge:
     provider_to_config: Callable[[GPTModelProvider, dict[str, Any] | None], dict[str, Any]]
     ignore_hf: tuple[str, ...] = ()
     tied_aliases: dict[str, str] = field(default_factory=lambda: {"lm_head.weight": "model.embed_tokens.weight"})
+    hf_model_type: str | None = None
 
     def mappings_for(self, provider: GPTModelProvider) -> tuple[Mapping, ...]:
         """The table for this provider: with tied embeddings the output layer mirrors the input embedding."""

@@ -34,6 +34,7 @@ def llama_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] 
 
 LLAMA = ModelBridge(
     hf_architecture="LlamaForCausalLM",
+    hf_model_type="llama",
     mappings=dense_decoder_mappings(),
     config_to_provider=llama_config_to_provider,
     provider_to_config=llama_provider_to_config,

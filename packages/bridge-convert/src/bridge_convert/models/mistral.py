@@ -47,6 +47,7 @@ def mistral_provider_to_config(provider: GPTModelProvider, source: dict[str, Any
 
 MISTRAL = ModelBridge(
     hf_architecture="MistralForCausalLM",
+    hf_model_type="mistral",
     mappings=dense_decoder_mappings(),
     config_to_provider=mistral_config_to_provider,
     provider_to_config=mistral_provider_to_config,

@@ -53,6 +53,7 @@ def qwen3_provider_to_config(provider: GPTModelProvider, source: dict[str, Any] 
 
 QWEN2 = ModelBridge(
     hf_architecture="Qwen2ForCausalLM",
+    hf_model_type="qwen2",
     mappings=dense_decoder_mappings(qkv_bias=True),
     config_to_provider=qwen2_config_to_provider,
     provider_to_config=qwen2_provider_to_config,
@@ -61,6 +62,7 @@ QWEN2 = ModelBridge(
 
 QWEN3 = ModelBridge(
     hf_architecture="Qwen3ForCausalLM",
+    hf_model_type="qwen3",
     mappings=dense_decoder_mappings(qk_norm=True),
     config_to_provider=qwen3_config_to_provider,
     provider_to_config=qwen3_provider_to_config,

@@ -15,7 +15,7 @@ from ..finite import NonFinite
 from ..hf_config import dtype_to_hf, load_hf_config, parse_dtype
 from ..megatron_ckpt import FORMAT_VERSION, HF_ASSET_FILES, HF_ASSETS_DIR, METADATA_FILE, TRACKER_FILE
 from ..outputs import CONVERTED_MARKER, check_output_dir, staged_output_dir
-from ..registry import get_bridge
+from ..registry import bridge_for_config
 from ..safetensors_io import LazyHFCheckpoint, SourceLayout
 from .dist_ckpt import ChunkSpec, ObjectSpec, write_dist_checkpoint
 from .layout import (
@@ -195,8 +195,7 @@ def import_hf_checkpoint(hf_path: str | os.PathLike, megatron_path: str | os.Pat
     hf_path = Path(hf_path)
     config = load_hf_config(hf_path)  # a missing input is the first thing to say
     check_output_dir(megatron_path, overwrite=overwrite, inputs=[hf_path])
-    architectures = config.get("architectures") or [None]
-    bridge = get_bridge(architectures[0])
+    bridge = bridge_for_config(config)
     cfg = model_config(bridge, config)
     params_dtype = parse_dtype(dtype) if dtype is not None else cfg.params_dtype
     reader = LazyHFCheckpoint(hf_path)
