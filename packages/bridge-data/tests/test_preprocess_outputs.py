@@ -257,3 +257,11 @@ def test_eod_token_with_the_null_tokenizer_is_a_usage_error(tmp_path, capsys):
         main(["preprocess", "-i", _ids_jsonl(tmp_path / "in.jsonl"), "-o", str(tmp_path / "c"),
               "--null-vocab-size", "100", "--eod-token", "5"])
     assert info.value.code == 2 and "--eod-token needs --tokenizer" in capsys.readouterr().err
+
+
+def test_eod_token_without_appending_an_eod_is_a_usage_error(tmp_path, capsys, tokenizer_dir):
+    """It was accepted and ignored (no eod is written)."""
+    assert main(["preprocess", "-i", _ids_jsonl(tmp_path / "in.jsonl"), "-o", str(tmp_path / "c"),
+                 "--tokenizer", tokenizer_dir, "--eod-token", "</s>", "--no-append-eod"]) == 1
+    assert "append_eod is False (--no-append-eod) appends none; drop one" in capsys.readouterr().err
+    assert not list(tmp_path.glob("c*"))

@@ -83,6 +83,9 @@ class PreprocessConfig:
             problems.append(f"workers must be >= 1, got {self.workers}")
         if self.chunk_size < 1:
             problems.append(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if not self.append_eod and getattr(self.tokenizer, "eod_token", None) is not None:
+            problems.append(f"tokenizer.eod_token ({self.tokenizer.eod_token!r}, --eod-token) names the token appended "
+                            "after each document, but append_eod is False (--no-append-eod) appends none; drop one")
         if not self.output_prefix or os.fspath(self.output_prefix).endswith(("/", ".bin", ".idx")):
             problems.append(f"output_prefix must be a path prefix without .bin/.idx, got {self.output_prefix!r}")
         if problems:
