@@ -73,8 +73,9 @@ def test_build_tokenizer_missing_directory_names_path(tmp_path):
         ({"tokenizer_type": "hf"}, "needs path"),
         ({"tokenizer_type": "null"}, "needs vocab_size"),
         ({"tokenizer_type": "null", "vocab_size": 10, "path": "/x"}, "takes no path"),
+        ({"tokenizer_type": "hf", "path": "/x", "vocab_size": 10}, "takes no vocab_size"),  # (it was ignored)
     ],
-    ids=["hf-without-path", "null-without-vocab", "null-with-path"],
+    ids=["hf-without-path", "null-without-vocab", "null-with-path", "hf-with-vocab"],
 )
 def test_finalize_rejects_inconsistent_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -47,6 +47,9 @@ class TokenizerConfig:
         problems = []
         if self.tokenizer_type == "hf" and not self.path:
             problems.append("tokenizer_type='hf' needs path (a local HF tokenizer directory)")
+        if self.tokenizer_type == "hf" and self.vocab_size is not None:
+            problems.append(f"tokenizer_type='hf' takes no vocab_size (the tokenizer's own is used), got "
+                            f"{self.vocab_size}")
         if self.tokenizer_type == "null":
             if self.vocab_size is None:
                 problems.append("tokenizer_type='null' needs vocab_size")
