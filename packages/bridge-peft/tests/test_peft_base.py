@@ -59,6 +59,12 @@ def test_targets_excludes_freeze_and_counts(ckpt, runtime):
     assert all(not p.requires_grad for n, p in model[0].named_parameters() if ".adapter." not in n)
 
 
+def _linear_names(model) -> list[str]:
+    from bridge_peft.matching import linear_layer_names
+
+    return linear_layer_names(model[0].config)
+
+
 def test_bad_settings_fail_with_one_clear_error_and_leave_the_model(ckpt, runtime):
     for kwargs, message in [({"dim": 0}, "dim must be a positive integer"), ({"dim": -2}, "dim must be"),
                             ({"alpha": 0}, "alpha must be a finite number > 0"), ({"dropout": 1.5}, "dropout must be a number in"),
@@ -93,6 +99,10 @@ def test_bad_settings_fail_with_one_clear_error_and_leave_the_model(ckpt, runtim
     with pytest.raises(ValueError, match=r"LoRA: exclude_modules \['\*\.linear_qkv'\] removes every layer "
                                          r"target_modules \['linear_qkv'\] matches: nothing would be adapted"):
         LoRA(target_modules=["linear_qkv"], exclude_modules=["*.linear_qkv"])(model)  # applied 0 adapters
+    with pytest.raises(ValueError, match=r"LoRA.exclude_modules \['\*\.layers\.9\.\*'\] match no linear layer"):
+        LoRA(exclude_modules=["*.layers.1.*", "*.layers.9.*"])(model)  # a layer the model lacks excluded nothing
+    with pytest.raises(ValueError, match=r"LoRA.exclude_modules \['linear_q'\] match no linear layer"):
+        LoRA(exclude_modules=["linear_q"]).check_target_names(_linear_names(model))  # by name, no model
     with pytest.raises(ValueError, match=r"\['linear_qkv'\] are fused layers, which CanonicalLoRA targets by their "
                                          r"parts: linear_qkv -> linear_q / linear_k / linear_v"):
         CanonicalLoRA(target_modules=["linear_qkv"])(model)

@@ -139,7 +139,8 @@ class PEFT:
     Args:
         target_modules: names or patterns (see :mod:`bridge_peft.matching`) of the linear layers to adapt.
             Every entry must match at least one layer of the model.
-        exclude_modules: names or patterns of layers to leave alone even when a target matches them.
+        exclude_modules: names or patterns of layers to leave alone even when a target matches them; every
+            entry must match at least one linear layer (a misspelled one excluded nothing).
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -222,13 +223,17 @@ class PEFT:
         if type(self).targets.__module__.split(".")[0] != "bridge_peft":
             return
         hits = dict.fromkeys(self.target_modules, 0)
+        excluded = dict.fromkeys(self.exclude_modules, 0)
         kept = 0
         for name in names:
             found = self.targets(name, None)
             for pattern, _ in found:
                 hits[pattern] += 1
+            for pattern in excluded:
+                excluded[pattern] += matches(name, [pattern])
             kept += bool(found) and not matches(name, self.exclude_modules)
         self._raise_unmatched([p for p, n in hits.items() if n == 0], names)
+        self._raise_unmatched([p for p, n in excluded.items() if n == 0], names, field="exclude_modules")
         self._raise_all_excluded(kept)
 
     def _raise_all_excluded(self, kept: int) -> None:
@@ -237,7 +242,7 @@ class PEFT:
                              f"target_modules {self.target_modules} matches: nothing would be adapted (and nothing "
                              "trained)")
 
-    def _raise_unmatched(self, missing: list[str], linear_names: list[str]) -> None:
+    def _raise_unmatched(self, missing: list[str], linear_names: list[str], field: str = "target_modules") -> None:
         if not missing:
             return
         examples = ", ".join(sorted(set(linear_names))[:6]) or "none on this rank"
@@ -250,7 +255,7 @@ class PEFT:
             hint += (f"; {fused} are fused layers, which {type(self).__name__} targets by their parts: "
                      + ", ".join(f"{m.rpartition('.')[2]} -> {' / '.join(_FUSED_PARTS[m.rpartition('.')[2]])}"
                                  for m in fused))
-        raise ValueError(f"{type(self).__name__}.target_modules {missing} match no linear layer of the model "
+        raise ValueError(f"{type(self).__name__}.{field} {missing} match no linear layer of the model "
                          f"(linear layers are named like: {examples}); fix the name or pattern{hint}")
 
     def check_targets(self, model) -> None:
@@ -277,6 +282,7 @@ class PEFT:
         """``(module, global name, projections)`` of every layer to adapt; raises for refused or unmatched targets."""
         plan: list[tuple[nn.Module, str, tuple[str, ...]]] = []
         hits = dict.fromkeys(self.target_modules, 0)
+        excluded = dict.fromkeys(self.exclude_modules, 0)
         linear_names: list[str] = []
         refused: list[str] = []
         for chunk in chunks:
@@ -285,6 +291,8 @@ class PEFT:
                 if not _is_parallel_linear(module):
                     continue
                 linear_names.append(name)
+                for pattern in excluded:
+                    excluded[pattern] += matches(name, [pattern])
                 if hasattr(module, ADAPTER_ATTR):
                     raise ValueError(f"{name} already has an adapter: apply a PEFT method to a model only once")
                 found = self.targets(name, module)
@@ -301,8 +309,10 @@ class PEFT:
         refused = _gather_messages(refused)  # the output layer lives on the last pipeline stage only
         if refused:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(refused))
-        totals = _all_reduce_counts([*hits.values(), len(plan)])
+        totals = _all_reduce_counts([*hits.values(), *excluded.values(), len(plan)])
         self._raise_unmatched([p for p, n in zip(hits, totals) if n == 0], linear_names)
+        self._raise_unmatched([p for p, n in zip(excluded, totals[len(hits):]) if n == 0], linear_names,
+                              field="exclude_modules")
         self._raise_all_excluded(totals[-1])
         return plan
 
