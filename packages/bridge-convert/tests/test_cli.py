@@ -31,6 +31,14 @@ def test_roundtrip_reports_bit_exact(hf_checkpoints, tmp_path, capsys):
     assert "identical tensors: 21/21" in out and "result: bit-exact" in out
 
 
+def test_roundtrip_through_a_narrower_dtype_says_why_it_mismatches(hf_checkpoints, tmp_path, capsys):
+    assert main(["roundtrip", hf_checkpoints["llama"], str(tmp_path / "bf16"), "--dtype", "bf16"]) == 1
+    out = capsys.readouterr().out  # (a bare MISMATCH before)
+    assert "note: --dtype bf16 cannot hold every float32 weight: they are rounded" in out and "MISMATCH" in out
+    assert main(["roundtrip", hf_checkpoints["llama"], str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_float32_weights_under_a_bfloat16_config(hf_checkpoints, tmp_path, capsys, caplog):
     """A checkpoint saved in float32 whose config.json says bfloat16: roundtrip checks the mapping in the stored
     dtype (bit-exact), and import, which follows the config, says that it rounds and how to keep every bit."""
