@@ -37,7 +37,12 @@ def _reduce_losses(run: TrainingRun, losses: list[dict[str, torch.Tensor]]) -> d
     megatron-core's reporting form: the sum over all tokens divided by their number).
     """
     keys = ("lm loss", *_extra_loss_keys(run, losses))
-    sums = _loss_sums(run, losses, keys, same_keys=True).tolist()  # one copy to the host
+    *sums, other_keys = _loss_sums(run, losses, keys, same_keys=True).tolist()  # one copy to the host
+    if other_keys > 0:
+        from .forward_step import ForwardStepSignatureError
+
+        raise ForwardStepSignatureError(f"the loss function must report the keys of the first iteration, "
+                                        f"{list(keys)}, every time (the loop logs each); it reported others")
     return {key: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] > 0 else float("nan") for i, key in enumerate(keys)}
 
 
@@ -69,7 +74,8 @@ def _extra_loss_keys(run: TrainingRun, losses: list) -> list[str]:
 def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]], keys: tuple[str, ...] = ("lm loss",),
                same_keys: bool = False) -> torch.Tensor:
     """``(sum of micro-batch means or of token losses, their count)`` of each of ``keys`` (``lm loss`` first) over
-    micro-batches and data-parallel ranks; ``same_keys``: every loss dict must have exactly ``keys``."""
+    micro-batches and data-parallel ranks, then a flag (> 0) when a loss dict's keys were not exactly ``keys``
+    (``same_keys``; the caller checks it on the host copy it makes anyway: no sync of its own)."""
     state = run.parallel
     value = torch.zeros(2 * len(keys) + 1, dtype=torch.float64, device=state.device)  # the last: other keys seen
     bad_key = state.is_last_pp_stage and bool(losses) and (not isinstance(losses[0], dict)
@@ -97,12 +103,7 @@ def _loss_sums(run: TrainingRun, losses: list[dict[str, torch.Tensor]], keys: tu
             "; the loop reduces, logs and checks that key")
     if state.dp_size > 1 or state.cp_size > 1:
         dist.all_reduce(value, group=state.dp_group(with_context_parallel=True))
-    if value[-1] > 0:
-        from .forward_step import ForwardStepSignatureError
-
-        raise ForwardStepSignatureError(f"the loss function must report the keys of the first iteration, "
-                                        f"{list(keys)}, every time (the loop logs each); it reported others")
-    return value[:-1]
+    return value
 
 
 def _grads_finite(run: TrainingRun) -> bool:
@@ -191,7 +192,7 @@ def evaluate(run: TrainingRun, forward_step: Callable) -> float:
             micro_batch_size=run.schedule_micro_batch_size, decoder_seq_length=run.schedule_seq_length,
             forward_only=True,
         )
-        total += _loss_sums(run, losses)  # summed whole: an average of per-batch ratios weighs tokens unequally
+        total += _loss_sums(run, losses)[:2]  # summed whole: an average of per-batch ratios weighs tokens unequally
         run.train_state.consumed_valid_samples += cfg.train.global_batch_size
     for chunk in run.model:
         chunk.train()
