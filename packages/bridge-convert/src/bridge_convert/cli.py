@@ -219,9 +219,9 @@ def _cmd_roundtrip(args) -> int:
             overrides["params_dtype"] = next(iter(stored))
         rounded = []
     else:  # a parameter dtype that cannot hold every stored value: the round trip is lossy by construction
-        params = parse_dtype(overrides["params_dtype"])
-        rounded = sorted(str(d).removeprefix("torch.") for d in stored
-                         if d != params and not (params == torch.float32 and d in (torch.bfloat16, torch.float16)))
+        from .offline.importer import rounded_dtypes
+
+        rounded = rounded_dtypes(stored, parse_dtype(overrides["params_dtype"]))
     model = bridge.to_megatron_model(load_weights=True, wrap_with_ddp=False, **overrides)
     bridge.save_hf_pretrained(model, args.out_path, overwrite=args.overwrite)
     import torch.distributed as dist
@@ -265,6 +265,7 @@ def _cmd_compare(args) -> int:
         raise ValueError(f"{given}: only for the random input; with --prompt the input is the prompt's tokens "
                          f"(drop {given} or --prompt)")
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    vocab = bridge.hf_config["vocab_size"]
     if args.prompt is not None:  # before the model is built
         from transformers import AutoTokenizer
 
@@ -275,7 +276,6 @@ def _cmd_compare(args) -> int:
             raise ValueError(f"--prompt needs the tokenizer of {args.hf_path}, which does not load ({detail}); "
                              "drop --prompt to compare on random token ids") from None
         prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-        vocab = bridge.hf_config["vocab_size"]
         if prompt_ids.numel() == 0 or int(prompt_ids.max()) >= vocab:
             found = "no tokens" if prompt_ids.numel() == 0 else f"id {int(prompt_ids.max())}"
             raise ValueError(f"--prompt {args.prompt!r} encodes to {found}, and the model needs 1+ ids below its "
@@ -291,7 +291,6 @@ def _cmd_compare(args) -> int:
     if args.prompt is not None:
         ids = prompt_ids
     else:
-        vocab = bridge.hf_config["vocab_size"]
         shape, seed = (args.batch or 2, args.seq_len or 32), args.seed or 0
         ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
     megatron = forward_logits(model, ids)

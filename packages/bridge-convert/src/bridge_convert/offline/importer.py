@@ -27,16 +27,21 @@ from .layout import (
 )
 from .row_blocks import megatron_row_sources, source_blocks
 
-__all__ = ["import_hf_checkpoint", "warn_if_rounded"]
+__all__ = ["import_hf_checkpoint", "rounded_dtypes", "warn_if_rounded"]
 
 logger = logging.getLogger(__name__)
 _WIDER = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
 
+def rounded_dtypes(stored: set[torch.dtype], params_dtype: torch.dtype) -> list[str]:
+    """The stored weight dtypes (by name) that ``params_dtype`` cannot hold every value of."""
+    return sorted(dtype_to_hf(d) for d in stored if d != params_dtype and (d, params_dtype) not in _WIDER)
+
+
 def warn_if_rounded(stored: set[torch.dtype], params_dtype: torch.dtype) -> None:
     """Say so when the config's dtype is narrower than the stored weights (a checkpoint saved in float32 whose
     config.json says bfloat16): converting to it rounds them, which no later export undoes."""
-    narrower = sorted(dtype_to_hf(d) for d in stored if d != params_dtype and (d, params_dtype) not in _WIDER)
+    narrower = rounded_dtypes(stored, params_dtype)
     if narrower:
         logger.warning("the HF config.json says %s but the weights are stored as %s: converting them to %s rounds "
                        "them; pass --dtype %s (dtype=%r) to keep every bit", dtype_to_hf(params_dtype),
